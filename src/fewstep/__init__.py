@@ -1,0 +1,22 @@
+"""fewstep: few-step decoding and distillation for diffusion language models (LLaDA, Dream).
+
+Public API::
+
+    model = fewstep.load_model("path/to/LLaDA-8B-Instruct", dtype="bfloat16", device="cuda")
+    tok = fewstep.load_tokenizer("path/to/LLaDA-8B-Instruct")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load_model", "load_tokenizer"]
+
+
+def __getattr__(name: str):
+    # Lazy imports keep `import fewstep` (and `fewstep --help`) free of torch.
+    if name in ("load_model", "load_tokenizer"):
+        from fewstep.models import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module 'fewstep' has no attribute {name!r}")

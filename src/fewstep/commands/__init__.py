@@ -1,0 +1,1 @@
+"""Command implementations of the ``fewstep`` CLI, one module per command."""

@@ -1,0 +1,199 @@
+"""What every fewstep model shares: its output, its KV cache, and the logit alignment.
+
+A fewstep model is a plain ``torch.nn.Module`` (see ``llada.py`` and ``dream.py``) with
+
+* ``forward(input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+  use_cache=False, replace_position=None, logits_range=None) -> ModelOutput`` returning the
+  checkpoint's **raw** logits (Dream's are not shifted), so they can be compared with the official code;
+* ``config`` with ``vocab_size``, ``mask_token_id``, ``eos_token_id``, ``pad_token_id`` and
+  ``max_sequence_length``;
+* ``logit_shift``: 0 if position ``i``'s token is predicted by the logits at ``i`` (LLaDA), 1 if it is
+  predicted by the logits at ``i - 1`` (Dream keeps its autoregressive parent's alignment).
+
+The decoding engine never looks at the architecture: it calls :meth:`DiffusionLM.denoise`, which
+returns logits already aligned with the positions they predict, for the whole canvas or for a window.
+
+KV cache semantics (Fast-dLLM's, generalised to batches): keys are cached **after** RoPE (rotating a
+key depends only on its own position, so this equals the reference, which re-rotates the whole cache
+every call), per layer as ``[B, n_kv_heads, L, head_dim]``.
+
+* prefix mode (``past_key_values`` given, ``replace_position`` None): the new keys/values are appended
+  after the cached ones and the queries take the positions that follow the cache;
+* dual mode (``replace_position`` given): the new keys/values are written **in place** into the cached
+  tensors at the marked columns, the queries take those columns' positions, and attention runs over
+  the whole (updated) cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class KVCache:
+    """Per-layer cached keys and values, each ``[B, n_kv_heads, L, head_dim]`` (keys after RoPE)."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def length(self) -> int:
+        """Number of cached positions."""
+        return 0 if not self.layers else self.layers[0][0].shape[-2]
+
+    def truncate(self, length: int) -> KVCache:
+        """A cache holding only the first ``length`` positions (views, no copy)."""
+        return KVCache([(k[:, :, :length], v[:, :, :length]) for k, v in self.layers])
+
+    def select_rows(self, rows: torch.Tensor) -> KVCache:
+        """A cache for a subset of the batch rows (used when finished rows leave the batch)."""
+        return KVCache([(k[rows], v[rows]) for k, v in self.layers])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+@dataclass
+class ModelOutput:
+    """What a fewstep model returns: ``logits`` [B, L, V] and, with ``use_cache``, the new cache."""
+
+    logits: torch.Tensor
+    past_key_values: KVCache | None = None
+
+
+def replace_columns(replace_position: torch.Tensor | None) -> torch.Tensor | None:
+    """The column indices marked by a dual-cache ``replace_position`` mask ([L] or [B, L], same in all rows)."""
+    if replace_position is None:
+        return None
+    if replace_position.dim() == 2:
+        if replace_position.shape[0] > 1 and not bool((replace_position == replace_position[:1]).all()):
+            raise ValueError("replace_position must mark the same columns in every row of the batch")
+        replace_position = replace_position[0]
+    return replace_position.nonzero(as_tuple=True)[0]
+
+
+def resolve_positions(
+    batch: int,
+    query_len: int,
+    past_len: int,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    columns: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """RoPE positions ``[B, Tq]`` of the query tokens.
+
+    Without an attention mask, positions are the column indices (the reference behaviour). With one
+    (left padding), a row's positions are counted from its first real token, so a padded row sees
+    exactly the positions it would see alone; RoPE being relative, this only changes rounding.
+    """
+    if position_ids is not None:
+        return position_ids.to(device)
+    if columns is not None:
+        cols = columns.to(device)
+    else:
+        cols = torch.arange(past_len, past_len + query_len, device=device)
+    if attention_mask is None:
+        return cols.unsqueeze(0).expand(batch, -1)
+    offset = (attention_mask == 0).long().cumsum(-1)  # pads before (and at) each column
+    # Left padding: every pad precedes the real tokens, so the offset of a real column is the pad count.
+    pads = offset.gather(1, cols.unsqueeze(0).expand(batch, -1))
+    return (cols.unsqueeze(0) - pads).clamp_min(0)
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None, key_len: int) -> torch.Tensor | None:
+    """SDPA boolean mask ``[B, 1, 1, Lk]`` (True = attend) from a 2-D padding mask; None if nothing is padded."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape[-1] != key_len:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[-1]} positions but the keys span {key_len} "
+            "(with a KV cache, pass the mask of the whole canvas)"
+        )
+    if bool(attention_mask.all()):
+        return None  # the reference treats an all-ones mask as no mask
+    return attention_mask.bool()[:, None, None, :]
+
+
+class DiffusionLM(nn.Module):
+    """Base class of fewstep's native models: shared logit alignment and device/dtype helpers."""
+
+    logit_shift: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def denoise(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        cache: KVCache | None = None,
+        cache_mode: str = "none",
+        use_cache: bool = False,
+        logits_start: int | None = None,
+        logits_end: int | None = None,
+    ) -> ModelOutput:
+        """Logits aligned with the positions they predict, for the canvas columns ``[logits_start, logits_end)``.
+
+        ``input_ids`` is always the **whole** canvas ``[B, N]`` and ``attention_mask`` its padding mask.
+        ``cache_mode`` says which columns are run through the network:
+
+        * ``"none"``: all of them (``cache`` ignored); with ``use_cache`` the full cache is returned;
+        * ``"prefix"``: ``cache`` holds columns ``[0, start)``; columns ``[start, N)`` are run;
+        * ``"dual"``: ``cache`` holds all ``N`` columns; columns ``[start, end)`` are run and their
+          keys/values are written into ``cache`` in place.
+
+        For a model with ``logit_shift = 1`` (Dream) the window is silently extended one column to the
+        left so that every requested column has its predicting logits; column 0 reuses its own logits,
+        as the reference samplers do.
+        """
+        n = input_ids.shape[1]
+        end = n if end is None else end
+        logits_start = start if logits_start is None else logits_start
+        logits_end = (end if cache_mode == "dual" else n) if logits_end is None else logits_end
+        s = self.logit_shift
+        if cache_mode == "none":
+            run_start, run_end, past, replace = 0, n, None, None
+        elif cache_mode == "prefix":
+            run_start = max(start - s, 0)
+            if cache is None or cache.length < run_start:
+                raise ValueError("prefix mode needs a cache covering the columns before the window")
+            past = cache.truncate(run_start)
+            run_end, replace = n, None
+        elif cache_mode == "dual":
+            run_start, run_end = max(start - s, 0), end
+            if cache is None or cache.length != n:
+                raise ValueError("dual mode needs a cache covering the whole canvas")
+            past = cache
+            replace = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
+            replace[run_start:run_end] = True
+        else:
+            raise ValueError(f"cache_mode must be 'none', 'prefix' or 'dual', got {cache_mode!r}")
+        # raw logits needed: [logits_start - s, logits_end - s), clipped at column 0
+        need_lo = max(logits_start - s, 0)
+        need_hi = logits_end - s
+        out = self(
+            input_ids[:, run_start:run_end],
+            attention_mask=attention_mask,
+            past_key_values=past,
+            use_cache=use_cache,
+            replace_position=replace,
+            logits_range=(need_lo - run_start, max(need_hi, need_lo + 1) - run_start),
+        )
+        logits = out.logits
+        if s and logits_start == 0:
+            logits = torch.cat([logits[:, :1], logits], dim=1)
+        return ModelOutput(logits=logits[:, : logits_end - logits_start], past_key_values=out.past_key_values)

@@ -1,0 +1,283 @@
+"""Load and save Hugging Face checkpoint folders with fewstep's native models.
+
+``load_model(path)`` reads ``config.json``, picks the architecture from ``model_type`` (``llada`` or
+``Dream``), builds the module on the ``meta`` device (no memory), allocates it once on the target device
+and dtype, and copies the weights in tensor by tensor from memory-mapped safetensors shards (single
+``model.safetensors`` or sharded with ``model.safetensors.index.json``). The weights are therefore never
+held twice. Every user mistake is a one-line ``ValueError`` / ``FileNotFoundError`` that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.models.base import DiffusionLM
+from fewstep.models.dream import DreamConfig, DreamModel
+from fewstep.models.llada import LLaDAConfig, LLaDAModel
+
+ARCHITECTURES: dict[str, tuple[type, type]] = {
+    "llada": (LLaDAConfig, LLaDAModel),
+    "dream": (DreamConfig, DreamModel),
+}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+_SAFE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"`` / ``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return _DTYPES[key]
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict, with clear errors for a missing folder or file."""
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist (pass a local checkpoint folder)")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{str(folder)!r} is a file; pass the checkpoint folder that holds config.json")
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"no config.json in {str(folder)!r}: is this a Hugging Face checkpoint folder?")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_file} is not valid JSON: {exc}") from None
+
+
+def architecture_of(cfg: dict[str, Any]) -> str:
+    """``"llada"`` or ``"dream"`` from ``model_type`` / ``architectures``; ValueError for anything else."""
+    mt = str(cfg.get("model_type", "")).lower()
+    archs = [str(a) for a in cfg.get("architectures") or []]
+    if mt == "llada" or "LLaDAModelLM" in archs:
+        return "llada"
+    if mt == "dream" or "DreamModel" in archs:
+        return "dream"
+    raise ValueError(
+        f"unknown model_type {cfg.get('model_type')!r} (architectures {archs}); fewstep supports "
+        "LLaDA (model_type 'llada') and Dream (model_type 'Dream')"
+    )
+
+
+def weight_files(folder: Path) -> dict[str, list[str]]:
+    """Map each safetensors file in ``folder`` to the tensor names it should hold."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ValueError(f"{index} is not a valid safetensors index ({exc})") from None
+        files: dict[str, list[str]] = defaultdict(list)
+        for key, fname in weight_map.items():
+            files[fname].append(key)
+        for fname in files:
+            if not (folder / fname).is_file():
+                raise FileNotFoundError(f"shard {fname} listed in {index.name} is missing from {folder}")
+        return dict(files)
+    single = folder / "model.safetensors"
+    candidates = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+    if not candidates:
+        extra = " (found pytorch_model*.bin: convert it to safetensors first)" if list(folder.glob("*.bin")) else ""
+        raise FileNotFoundError(
+            f"no weights in {str(folder)!r}: expected model.safetensors or "
+            f"model.safetensors.index.json with its shards{extra}"
+        )
+    from safetensors import safe_open
+
+    out = {}
+    for f in candidates:
+        with safe_open(str(f), framework="pt") as st:
+            out[f.name] = list(st.keys())
+    return out
+
+
+def checkpoint_dtype(folder: Path, files: dict[str, list[str]]) -> torch.dtype:
+    """The dtype the checkpoint stores its (floating) tensors in."""
+    import struct
+
+    fname = next(iter(files))
+    with open(folder / fname, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(n))
+    for key, meta in header.items():
+        if key != "__metadata__" and meta.get("dtype") in _SAFE_DTYPES:
+            return _SAFE_DTYPES[meta["dtype"]]
+    return torch.float32
+
+
+def check_device_dtype(device: torch.device, dtype: torch.dtype) -> None:
+    """Fail early, with the fix, when the device is absent or cannot run the dtype."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' requested but MPS is not available; use --device cpu")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU cannot run bfloat16; load with dtype float16 or float32")
+    try:
+        a = torch.ones(2, 2, dtype=dtype, device=device)
+        torch.nn.functional.scaled_dot_product_attention(a[None, None], a[None, None], a[None, None])
+        _ = a @ a
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device {device} cannot run dtype {dtype} ({str(exc).splitlines()[0]}); choose another --dtype"
+        ) from None
+
+
+def build_model(cfg: dict[str, Any] | LLaDAConfig | DreamConfig) -> DiffusionLM:
+    """An uninitialised (meta-device) model for a config dict or config object."""
+    if isinstance(cfg, dict):
+        config_cls, model_cls = ARCHITECTURES[architecture_of(cfg)]
+        cfg = config_cls.from_dict(cfg)
+    model_cls = LLaDAModel if isinstance(cfg, LLaDAConfig) else DreamModel
+    with torch.device("meta"):
+        return model_cls(cfg)
+
+
+def load_model(
+    path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> DiffusionLM:
+    """Load a LLaDA or Dream checkpoint folder into fewstep's native model, in eval mode.
+
+    ``dtype`` None keeps the checkpoint's own dtype. Weights are copied tensor by tensor from
+    memory-mapped shards into a model allocated once, so peak memory stays close to the weight bytes.
+    """
+    from safetensors import safe_open
+
+    folder = Path(path)
+    cfg = read_config(folder)
+    arch = architecture_of(cfg)
+    files = weight_files(folder)
+    dtype = parse_dtype(dtype) or checkpoint_dtype(folder, files)
+    device = torch.device(device)
+    check_device_dtype(device, dtype)
+    model = build_model(cfg).to(dtype)  # still on the meta device: no memory yet
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    expected = {model.checkpoint_key(k): k for k in params}
+    found = {k for keys in files.values() for k in keys}
+    missing = sorted(set(expected) - found)
+    unexpected = sorted(k for k in found - set(expected) if not k.endswith("rotary_emb.inv_freq"))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        raise ValueError(
+            f"checkpoint {str(folder)!r} does not match the {arch} architecture of its config.json: " + "; ".join(parts)
+        )
+    with torch.no_grad():
+        for fname, keys in files.items():
+            with safe_open(str(folder / fname), framework="pt", device="cpu") as st:
+                for key in keys:
+                    if key not in expected:
+                        continue
+                    param = params[expected[key]]
+                    shape = tuple(st.get_slice(key).get_shape())
+                    if shape != tuple(param.shape):
+                        raise ValueError(
+                            f"tensor {key} has shape {list(shape)} in the checkpoint but the config "
+                            f"implies {list(param.shape)}"
+                        )
+                    param.copy_(st.get_tensor(key))
+    model.eval()
+    model.requires_grad_(False)
+    model.checkpoint_path = str(folder)
+    return model
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def save_model(
+    model: DiffusionLM, path: str | os.PathLike, max_shard_bytes: int | None = None, dtype: torch.dtype | None = None
+) -> None:
+    """Save a native model as a Hugging Face folder in the official layout (config.json + safetensors)."""
+    from safetensors.torch import save_file
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_dict()
+    tensors = {}
+    for k, p in model.state_dict().items():
+        t = p.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[model.checkpoint_key(k)] = t.contiguous().cpu()
+    stored = next(iter(tensors.values())).dtype
+    cfg["torch_dtype"] = str(stored).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if max_shard_bytes is None:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's tokenizer through ``AutoTokenizer`` (offline, no remote code).
+
+    LLaDA's tokenizer does not register its mask token; fewstep sets it from ``config.json`` so that
+    ``tokenizer.mask_token_id`` is always the diffusion mask id. Dream folders whose tokenizer needs
+    remote code fall back to transformers' Qwen2 tokenizer over the same ``vocab.json``/``merges.txt``.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {str(folder)!r} does not exist")
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise FileNotFoundError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {str(folder)!r}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as exc:
+        if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+            raise ValueError(f"could not load the tokenizer in {folder}: {exc}") from None
+        from transformers import Qwen2TokenizerFast
+
+        tok = Qwen2TokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    cfg_file = folder / "config.json"
+    if tok.mask_token is None and cfg_file.is_file():
+        mask_id = json.loads(cfg_file.read_text()).get("mask_token_id")
+        if mask_id is not None and mask_id < len(tok):
+            tok.mask_token = tok.convert_ids_to_tokens(int(mask_id))
+    return tok

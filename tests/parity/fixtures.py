@@ -1,0 +1,64 @@
+"""Discovery of parity fixture directories and of their oracle items.
+
+By default the suite runs over the repo's copies of the shared fixtures (``tests/fixtures``). When
+``FEWSTEP_FIXTURES`` is set (directories separated by ``os.pathsep``) it runs over those instead.
+Nothing here hard-codes an id or a shape: everything is read from ``config.json``, ``oracles.json``
+and ``oracle_arrays.npz`` of each directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DEFAULT_DIRS = [Path(__file__).resolve().parent.parent / "fixtures" / n for n in ("llada-tiny-a", "dream-tiny-a")]
+
+
+def fixture_dirs() -> list[Path]:
+    env = os.environ.get("FEWSTEP_FIXTURES")
+    if env:
+        return [Path(p) for p in env.split(os.pathsep) if p]
+    return DEFAULT_DIRS
+
+
+@functools.cache
+def oracles(d: Path) -> dict:
+    return json.loads((d / "oracles.json").read_text())
+
+
+@functools.cache
+def config(d: Path) -> dict:
+    return json.loads((d / "config.json").read_text())
+
+
+@functools.cache
+def arrays(d: Path) -> dict[str, np.ndarray]:
+    f = d / "oracle_arrays.npz"
+    if not f.is_file():
+        return {}
+    with np.load(f) as z:
+        return {k: z[k] for k in z.files}
+
+
+@functools.cache
+def model(d: Path):
+    import fewstep
+
+    return fewstep.load_model(d, dtype="float32")
+
+
+def params(items_of) -> list:
+    """``pytest.param(dir, item, id=f"{dir.name}-{item_id}")`` for every item of every fixture directory.
+
+    ``items_of(dir)`` yields ``(item_id, item)`` pairs.
+    """
+    out = []
+    for d in fixture_dirs():
+        for item_id, item in items_of(d):
+            out.append(pytest.param(d, item, id=f"{d.name}-{item_id}"))
+    return out
