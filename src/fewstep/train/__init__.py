@@ -1,0 +1,1 @@
+"""One trainer for pretraining and distillation, on accelerate + peft."""

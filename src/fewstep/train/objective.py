@@ -1,0 +1,60 @@
+"""The interface between the one trainer (``fewstep.train``) and a training objective.
+
+Pretraining (LLaDA's masked-diffusion loss) and each distillation method (``fewstep.distill.dparallel``,
+``fewstep.distill.cd4lm``) are objectives. The trainer owns everything else: data loading, devices
+(``accelerate``), LoRA (``peft``), optimiser and schedule, gradient accumulation, checkpoints and
+resume, logging and the loss curve. An objective owns how a batch is built from tokenized examples
+(padding, masking) and how the loss is computed from model outputs. The losses themselves are pure
+functions of logits, labels and masks, living next to the objective, so they can be unit-tested
+without a trainer.
+
+An example is a dict with ``prompt_ids`` and ``response_ids`` (lists of token ids, response without
+padding) plus whatever else the data carries. Randomness (masks) must come from the ``generator``
+the trainer passes, so that a resumed run continues the same random stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SpecialIds:
+    """Token ids an objective needs; read from the checkpoint config / tokenizer, never hard-coded."""
+
+    mask: int
+    eos: int
+    pad: int
+
+
+class Objective:
+    """Base class of training objectives. Subclasses set ``name`` and implement ``collate`` and ``loss``."""
+
+    name: str = "objective"
+    #: True if ``loss`` needs a frozen teacher (CD4LM). With LoRA the trainer passes the base model with
+    #: its adapter disabled (no second copy); with full fine-tuning a separate frozen copy.
+    needs_teacher: bool = False
+
+    def __init__(self, ids: SpecialIds, max_length: int):
+        self.ids = ids
+        self.max_length = max_length
+
+    def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Turn tokenized examples into a batch of tensors (the same for every process)."""
+        raise NotImplementedError
+
+    def loss(
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        *,
+        step: int,
+        max_steps: int,
+        teacher: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The scalar loss to minimise and a dict of floats to log (loss components, schedule values)."""
+        raise NotImplementedError
