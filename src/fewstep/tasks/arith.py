@@ -28,7 +28,6 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass
-from typing import Union
 
 NAME = "arith"
 FINAL = "####"
@@ -37,7 +36,7 @@ OPS = ("+", "-")
 COMMUTATIVE = {"+"}
 
 # An expression tree: an int leaf, or (op, left, right).
-Expr = Union[int, tuple]
+Expr = int | tuple
 
 
 @dataclass(frozen=True)

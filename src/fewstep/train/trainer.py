@@ -154,6 +154,9 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(mixed_precision="bf16" if config.bf16 else "no")
         acc = self.accelerator
         world = acc.num_processes
+        from accelerate.utils import set_seed
+
+        set_seed(config.seed, device_specific=True)  # global RNGs (dropout etc.): saved and restored with checkpoints
         if config.batch_size % (world * config.grad_accum):
             raise ValueError(
                 f"batch_size {config.batch_size} is not divisible by processes ({world}) x grad_accum "
@@ -188,6 +191,7 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.window: list[dict[str, float]] = []  # per-step logs since the last history record
         self.elapsed = 0.0
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -200,6 +204,7 @@ class Trainer:
         self.accelerator.load_state(str(found / "accelerate"))
         self.step = int(state["step"])
         self.history = list(state["history"])
+        self.window = list(state.get("window", []))
         self.elapsed = float(state.get("elapsed", 0.0))
         return True
 
@@ -218,10 +223,7 @@ class Trainer:
         acc.save_state(str(tmp / "accelerate"))
         self.export(tmp / "hf", merge_lora=False)
         if acc.is_main_process:
-            ckpt.write_state(
-                tmp,
-                {"step": self.step, "history": self.history, "elapsed": self.elapsed, "config": self.cfg.to_dict()},
-            )
+            ckpt.write_state(tmp, self.state_dict())
             if final.exists():
                 import shutil
 
@@ -231,6 +233,16 @@ class Trainer:
             self.write_logs()
         acc.wait_for_everyone()
         return final
+
+    def state_dict(self) -> dict[str, Any]:
+        """What ``trainer_state.json`` holds besides the accelerate state."""
+        return {
+            "step": self.step,
+            "history": self.history,
+            "window": self.window,
+            "elapsed": self.elapsed,
+            "config": self.cfg.to_dict(),
+        }
 
     def export(self, folder: Path, merge_lora: bool = True) -> None:
         """Write an HF folder of the current weights (+ tokenizer). With LoRA: the adapter in
@@ -308,7 +320,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {self.objective.name}", unit="step")
-        window: list[dict[str, float]] = []
+        window = self.window
         t_start = time.time() - self.elapsed
         while self.step < cfg.max_steps:
             logs = self.train_step()
@@ -318,7 +330,7 @@ class Trainer:
                 rec = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
                 rec.update(step=self.step, seconds=round(self.elapsed, 2))
                 self.history.append(rec)
-                window = []
+                window.clear()
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
             if bar is not None:
@@ -329,15 +341,7 @@ class Trainer:
                     extra = self.on_checkpoint(self.step, folder / "hf")
                     if extra:
                         self.history[-1].update(extra)
-                        ckpt.write_state(
-                            folder,
-                            {
-                                "step": self.step,
-                                "history": self.history,
-                                "elapsed": self.elapsed,
-                                "config": self.cfg.to_dict(),
-                            },
-                        )
+                        ckpt.write_state(folder, self.state_dict())
                         self.write_logs()
         if bar is not None:
             bar.close()
