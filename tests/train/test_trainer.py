@@ -86,7 +86,7 @@ def test_data_order_covers_each_epoch_once():
 
 
 def test_gradient_accumulation_matches_the_full_batch(task_dir, tmp_path):
-    tok, examples, cfg, obj = _setup(task_dir)
+    _tok, examples, cfg, obj = _setup(task_dir)
     weights = []
     for accum in (1, 4):
         model = init_model(cfg, seed=0)
@@ -142,7 +142,7 @@ def test_lora_trains_only_the_adapter_and_exports_a_merged_model(task_dir, tmp_p
 
 
 def test_teacher_for_lora_is_the_base_without_a_copy(task_dir, tmp_path):
-    tok, examples, cfg, obj = _setup(task_dir)
+    _tok, examples, cfg, obj = _setup(task_dir)
     obj.needs_teacher = True
     model = init_model(cfg, seed=0)
     x = torch.randint(5, 30, (2, 12))
