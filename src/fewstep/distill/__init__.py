@@ -1,1 +1,1 @@
-"""fewstep.distill"""
+"""Distillation objectives, one module per paper: `dparallel` (certainty forcing), `cd4lm` (DSCD)."""

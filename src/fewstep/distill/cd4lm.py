@@ -37,6 +37,32 @@ from fewstep.train.objective import Objective, SpecialIds
 
 IGNORE = -100
 
+#: The reference training recipe (``run_training.sh``, ``configs/``): full fine-tuning of LLaDA-8B-Instruct
+#: with a frozen copy as teacher, DeepSpeed ZeRO-2 on 8 GPUs (effective batch 64), AdamW (0.9, 0.999,
+#: eps 1e-8), LR warmed up over 200 steps then constant, early stopping on the eval loss (every 50 steps,
+#: patience 15). The README says T = 2.0 (the script's argparse default is 3.0).
+REFERENCE_RECIPE: dict[str, Any] = {
+    "max_length": 512,
+    "temperature": 2.0,
+    "initial_lambda": 0.9,
+    "final_lambda": 0.5,
+    "lambda_warmup_ratio": 0.1,
+    "clamp_max": 5.0,
+    "lora": False,
+    "lr": 5e-6,
+    "lr_schedule": "constant_with_warmup",
+    "warmup_steps": 200,
+    "weight_decay": 0.01,
+    "max_grad_norm": 1.0,
+    "epochs": 10,
+    "per_device_batch": 2,
+    "grad_accum": 4,
+    "num_processes": 8,
+    "eval_every": 50,
+    "early_stopping_patience": 15,
+    "dtype": "bfloat16",
+}
+
 
 # -- masker ----------------------------------------------------------------------------------------------
 

@@ -37,6 +37,48 @@ from fewstep.train.objective import Objective, SpecialIds
 LLADA_DEFAULTS: dict[str, Any] = {"block_size": 32, "entropy_weight": 2.0, "temperature": 0.5, "max_length": 384}
 DREAM_DEFAULTS: dict[str, Any] = {"block_size": None, "entropy_weight": 1.0, "temperature": 0.5, "max_length": 384}
 
+#: The reference training recipes (``LLaDA/configs/config_lora_llada.yaml``, ``Dream/configs/config_lora_dream.yaml``),
+#: for 8 GPUs (effective batch 64 sequences). The LLaDA config lists seven LoRA targets, but LLaDA names
+#: its attention output / MLP gate / MLP down projection ``attn_out`` / ``ff_proj`` / ``ff_out``, so only
+#: the four listed here are adapted in the reference (peft silently ignores names that match nothing).
+#: Dream (Qwen2 names) gets all seven.
+REFERENCE_RECIPES: dict[str, dict[str, Any]] = {
+    "llada": {
+        **LLADA_DEFAULTS,
+        "lora_r": 128,
+        "lora_alpha": 128,
+        "lora_dropout": 0.0,
+        "lora_targets": ["q_proj", "k_proj", "v_proj", "up_proj"],
+        "lr": 2e-5,
+        "lr_schedule": "constant",
+        "warmup_ratio": 0.0,
+        "weight_decay": 0.01,
+        "max_grad_norm": 1.0,
+        "epochs": 6,
+        "per_device_batch": 1,
+        "grad_accum": 8,
+        "num_processes": 8,
+        "dtype": "bfloat16",
+    },
+    "dream": {
+        **DREAM_DEFAULTS,
+        "lora_r": 32,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "lr": 2e-5,
+        "lr_schedule": "cosine",
+        "warmup_ratio": 0.05,
+        "weight_decay": 0.01,
+        "max_grad_norm": 1.0,
+        "epochs": 3,
+        "per_device_batch": 1,
+        "grad_accum": 8,
+        "num_processes": 8,
+        "dtype": "bfloat16",
+    },
+}
+
 
 @dataclass
 class ComplementaryMasks:
