@@ -152,10 +152,10 @@ def complementary_masks(
         raise ValueError(f"{len(prompt_lengths)} prompt lengths for a batch of {b}")
     view_id = mask_id if view_mask_id is None else view_mask_id
     threshold = bernoulli_threshold(mask_ratio, eps).to(input_ids.device)
-    mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    mask_rev = torch.zeros_like(input_ids, dtype=torch.bool)
     if reference:
         return _reference_masks(input_ids, prompt_lengths, mask_id, view_id, rng, generator, block_size, threshold)
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    mask_rev = torch.zeros_like(input_ids, dtype=torch.bool)
     future = torch.zeros_like(input_ids, dtype=torch.bool)
     for i, p in enumerate(prompt_lengths):
         span = active_span(p, length, block_size, rng)
