@@ -229,3 +229,12 @@ def test_loss_decreases_on_the_fixture_model(tiny_llada):
     # is not monotone; the cross-entropy is, and the total ends well below where it started.
     assert all(b < a for a, b in itertools.pairwise(ces)), ces
     assert totals[-1] < 0.85 * totals[0], totals
+
+
+def test_objective_registry():
+    from fewstep.distill import METHODS, objective_class
+
+    assert objective_class("dparallel") is DParallelObjective
+    assert [objective_class(m).name for m in METHODS] == list(METHODS)
+    with pytest.raises(ValueError, match="unknown distillation method"):
+        objective_class("nope")

@@ -189,8 +189,14 @@ def _student_for(case: dict, base: torch.nn.Module) -> torch.nn.Module:
     if not found:
         return base
     student = copy.deepcopy(base)
+    named = dict(student.named_parameters())
+    name = found.group(1)
+    # The name may be the module path or the checkpoint key (e.g. ``model.transformer.ff_out.weight``).
+    key = name if name in named else student.module_key(name) or student.module_key(f"model.transformer.{name}")
+    if key not in named:
+        raise AssertionError(f"the case negates {name!r}, which this model does not have")
     with torch.no_grad():
-        dict(student.named_parameters())[found.group(1)].neg_()
+        named[key].neg_()
     return student
 
 
