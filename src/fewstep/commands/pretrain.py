@@ -97,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
     accelerator.wait_for_everyone()
     tok = fewstep.load_tokenizer(args.tokenizer)
     ids = special_ids(tok)
-    records = read_jsonl(args.data)
-    examples = tokenize_pairs(records, tok)
+    examples = tokenize_pairs(read_jsonl(args.data), tok)
     longest = max(len(e["response_ids"]) for e in examples)
     gen_length = args.gen_length or longest + 1
     if longest > gen_length:

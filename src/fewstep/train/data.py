@@ -33,19 +33,27 @@ def read_jsonl(path: str | os.PathLike, fields: tuple[str, ...] = ("prompt", "re
     return out
 
 
-def tokenize_pairs(records: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
-    """``{"prompt_ids", "response_ids"}`` per record, without special tokens (the objective adds EOS)."""
-    prompts = tokenizer([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
-    responses = tokenizer([r["response"] for r in records], add_special_tokens=False)["input_ids"]
+def tokenize_pairs(records: list[dict[str, Any]], tokenizer: Any, chunk: int = 8192) -> list[dict[str, Any]]:
+    """``{"prompt_ids", "response_ids"}`` per record, without special tokens (the objective adds EOS).
+
+    Tokenizes in chunks and keeps only the ids (as compact ``array('i')``), so memory stays small
+    for large files.
+    """
+    from array import array
+
     unk = getattr(tokenizer, "unk_token_id", None)
     examples = []
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        if not p:
-            raise ValueError(f"record {i + 1}: empty prompt")
-        if unk is not None and (unk in p or unk in r):
-            raise ValueError(
-                f"record {i + 1}: words outside the tokenizer's vocabulary "
-                f"({records[i]['prompt']!r} -> {records[i]['response']!r}); use a matching tokenizer"
-            )
-        examples.append({"prompt_ids": list(p), "response_ids": list(r)})
+    for start in range(0, len(records), chunk):
+        part = records[start : start + chunk]
+        prompts = tokenizer([r["prompt"] for r in part], add_special_tokens=False)["input_ids"]
+        responses = tokenizer([r["response"] for r in part], add_special_tokens=False)["input_ids"]
+        for i, (p, r) in enumerate(zip(prompts, responses), start):
+            if not p:
+                raise ValueError(f"record {i + 1}: empty prompt")
+            if unk is not None and (unk in p or unk in r):
+                raise ValueError(
+                    f"record {i + 1}: words outside the tokenizer's vocabulary "
+                    f"({records[i]['prompt']!r} -> {records[i]['response']!r}); use a matching tokenizer"
+                )
+            examples.append({"prompt_ids": array("i", p), "response_ids": array("i", r)})
     return examples
