@@ -50,7 +50,16 @@ def test_every_generated_example_is_valid_and_in_range():
         assert str(evaluate(tree)) == p.gold
         words = set(p.prompt.split()) | set(p.response.split())
         assert words <= set(cfg.vocabulary())
-        assert len(p.response.split()) <= 25  # 4 steps at most: fits one block of 32
+        assert len(p.response.split()) <= 31  # 5 steps at most: fits one block of 32
+        assert "(" not in p.prompt  # the default shape is a left-to-right chain
+
+
+def test_tree_shape_generates_valid_bracketed_problems():
+    cfg = ArithConfig(shape="tree", max_leaves=5)
+    problems = generate("train", 500, seed=2, cfg=cfg)
+    assert any("(" in p.prompt for p in problems)
+    assert all(verify(p.prompt, p.response) for p in problems)
+    assert max(n_derivations(parse(p.prompt)) for p in problems) >= 8  # order choices on top of swaps
 
 
 def test_training_answers_have_several_forms():

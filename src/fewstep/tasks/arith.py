@@ -43,8 +43,9 @@ Expr = int | tuple
 class ArithConfig:
     """Knobs of the problem distribution. The defaults are the shipped task (docs/embedded.md)."""
 
+    shape: str = "chain"  # "chain": left to right, no brackets; "tree": random bracketing
     min_leaves: int = 3
-    max_leaves: int = 5
+    max_leaves: int = 6
     max_leaf: int = 9  # leaves are 1..max_leaf
     max_value: int = 20  # every intermediate value lies in 0..max_value
     p_swap: float = 0.5  # probability that a '+' step writes its operands swapped
@@ -52,6 +53,8 @@ class ArithConfig:
     test_permille: int = 100  # share of the problem space reserved for the test split (by prompt hash)
 
     def __post_init__(self) -> None:
+        if self.shape not in ("chain", "tree"):
+            raise ValueError(f"shape must be 'chain' or 'tree', got {self.shape!r}")
         if not 2 <= self.min_leaves <= self.max_leaves:
             raise ValueError("need 2 <= min_leaves <= max_leaves")
         if not 1 <= self.max_leaf <= self.max_value:
@@ -181,6 +184,11 @@ def _replace(e: Expr, path: tuple, value: int) -> Expr:
 
 # -- generation -------------------------------------------------------------------------------------
 def _random_tree(rng: random.Random, n_leaves: int, cfg: ArithConfig) -> Expr:
+    if cfg.shape == "chain":
+        e: Expr = rng.randint(1, cfg.max_leaf)
+        for _ in range(n_leaves - 1):
+            e = (rng.choice(OPS), e, rng.randint(1, cfg.max_leaf))
+        return e
     if n_leaves == 1:
         return rng.randint(1, cfg.max_leaf)
     k = rng.randint(1, n_leaves - 1)
