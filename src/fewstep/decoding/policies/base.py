@@ -21,7 +21,7 @@ vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -122,6 +122,8 @@ class Policy:
 
     def describe(self) -> str:
         """``name:key=value,...`` with every option that differs from its default."""
+        if not is_dataclass(self):
+            return self.name or type(self).__name__
         args = []
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
