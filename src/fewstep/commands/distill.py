@@ -275,7 +275,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=args.cpu)
+    # cpu=True on a machine without GPU, so that torchrun processes form a gloo group
+    cpu = args.cpu or not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=cpu)
     main = accelerator.is_main_process
     if args.overwrite and out.exists() and main:
         shutil.rmtree(out)

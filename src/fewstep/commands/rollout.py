@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         prompt_field=args.prompt_field,
         protocol=args.protocol,
     )
-    state = PartialState(cpu=args.cpu)
+    # cpu=True on a machine without GPU, so that torchrun processes form a gloo group
+    state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     main = state.is_main_process
     out = Path(args.out)
     if args.overwrite and out.exists() and main:
