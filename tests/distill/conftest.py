@@ -62,8 +62,14 @@ def arith_rollouts(arith_teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("rollouts")
     records, verifier = load_prompts("arith", limit=48)
     cfg = RolloutConfig(
-        out_dir=str(out), model=str(arith_teacher), prompts="arith", gen_length=32, batch_size=16, keep="all",
-        verifier=verifier, limit=48,
+        out_dir=str(out),
+        model=str(arith_teacher),
+        prompts="arith",
+        gen_length=32,
+        batch_size=16,
+        keep="all",
+        verifier=verifier,
+        limit=48,
     )
     run_rollout(cfg, fewstep.load_model(arith_teacher), fewstep.load_tokenizer(arith_teacher), records, progress=False)
     return out

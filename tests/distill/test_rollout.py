@@ -168,7 +168,9 @@ def _cmd(teacher, out, *extra):
 def test_sigkill_and_restart_lose_no_record_and_write_none_twice(arith_teacher, tmp_path):
     assert main(_cmd(arith_teacher, tmp_path / "ref")[3:]) == 0
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen(_cmd(arith_teacher, tmp_path / "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd(arith_teacher, tmp_path / "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     index = tmp_path / "run" / "shard-00000-of-00001.progress.json"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

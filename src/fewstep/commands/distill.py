@@ -117,7 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the rollout's gen_length, else longest response + 1)",
     )
     obj.add_argument(
-        "--temperature", type=float, default=None, help="dparallel: entropy temperature (0.5); cd4lm: KL temperature (2.0)"
+        "--temperature",
+        type=float,
+        default=None,
+        help="dparallel: entropy temperature (0.5); cd4lm: KL temperature (2.0)",
     )
     obj.add_argument("--block-size", type=int, default=None, help="dparallel block (LLaDA 32; 0 = none, Dream's)")
     obj.add_argument("--entropy-weight", type=float, default=None, help="dparallel: weight w (LLaDA 2, Dream 1)")
@@ -312,8 +315,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--lora-targets applies to --finetune lora")
     teacher = None
     if objective.needs_teacher and lora is None:
-        # a separate frozen copy, loaded as the original checkpoint (bf16 under --bf16)
-        teacher = fewstep.load_model(model_dir, dtype="bfloat16" if args.bf16 else dtype, device="cpu")
+        teacher = frozen_teacher(model_dir, "bfloat16" if args.bf16 else dtype)
     train_cfg = TrainConfig(
         out_dir=str(out),
         max_steps=max_steps,
@@ -349,7 +351,8 @@ def run(args: argparse.Namespace) -> int:
     if found is not None:
         saved = ckpt.read_state(found)["config"]
         keys = ("batch_size", "seed", "lr", "schedule", "warmup_steps", "max_steps", "grad_accum", "lora", "extra")
-        mismatch = [k for k in keys if saved.get(k) != train_cfg.to_dict()[k]]
+        now = json.loads(json.dumps(train_cfg.to_dict()))  # tuples -> lists, as stored
+        mismatch = [k for k in keys if saved.get(k) != now[k]]
         if mismatch:
             raise ValueError(
                 f"{out} holds a run with different settings ({', '.join(mismatch)}); use another --out or --overwrite"
@@ -358,11 +361,7 @@ def run(args: argparse.Namespace) -> int:
         if main:
             print(f"fewstep distill: resuming {out} from step {trainer.step}")
     if main:
-        what = (
-            f"LoRA r={lora.r} on {','.join(lora.roles)} ({n_targets} modules)"
-            if lora
-            else "full fine-tuning"
-        )
+        what = f"LoRA r={lora.r} on {','.join(lora.roles)} ({n_targets} modules)" if lora else "full fine-tuning"
         teacher_note = ""
         if objective.needs_teacher:
             teacher_note = ", teacher = base with adapter disabled" if lora else ", teacher = frozen copy"
@@ -380,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
 
             _cast_weights(out, save_dtype)
         info = {
-            "command": "fewstep " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "command": command_line(args),
             "method": args.method,
             "base_model": str(model_dir),
             "finetune": finetune,
@@ -411,11 +410,43 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The full ``fewstep distill`` command of a run (every option spelled out, defaults included)."""
+    parts = ["fewstep", "distill"]
+    for key, value in vars(args).items():
+        if key == "command" or value is None or value is False:
+            continue
+        flag = "--" + {"lam": "lambda"}.get(key, key).replace("_", "-")
+        parts += [flag] if value is True else [flag, shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def frozen_teacher(model_dir: Path, dtype: str):
+    """CD4LM's teacher for full fine-tuning: a separate copy of the original checkpoint, frozen, in eval
+    mode (with LoRA the trainer uses the base model with its adapter disabled instead: no copy)."""
+    import fewstep
+
+    teacher = fewstep.load_model(model_dir, dtype=dtype, device="cpu")
+    return teacher.eval().requires_grad_(False)
+
+
 def _hparams(objective) -> dict[str, Any]:
-    keys = (
-        "block_size temperature entropy_weight mask_ratio reference_masking lam initial_lambda final_lambda "
-        "lambda_warmup_ratio clamp_max mask_padding train_on_pad_id per_sequence max_length"
-    ).split()
+    keys = [
+        "block_size",
+        "temperature",
+        "entropy_weight",
+        "mask_ratio",
+        "reference_masking",
+        "lam",
+        "initial_lambda",
+        "final_lambda",
+        "lambda_warmup_ratio",
+        "clamp_max",
+        "mask_padding",
+        "train_on_pad_id",
+        "per_sequence",
+        "max_length",
+    ]
     return {k: getattr(objective, k) for k in keys if hasattr(objective, k)}
 
 

@@ -466,7 +466,12 @@ def run_rollout(
             f"({ctx}); lower --gen-length or drop long prompts"
         )
     prompt_hash = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
-    manifest = {"config": cfg.identity(), "world_size": world, "n_prompts": len(records), "prompts_sha256_16": prompt_hash}
+    manifest = {
+        "config": cfg.identity(),
+        "world_size": world,
+        "n_prompts": len(records),
+        "prompts_sha256_16": prompt_hash,
+    }
     path = out / MANIFEST
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -549,7 +554,9 @@ def run_rollout(
         if bar is not None:
             s = summarize(writer.stats)
             bar.update(len(idx))
-            bar.set_postfix(kept=f"{s['acceptance']:.1%}", nfe=f"{s['mean_nfe']:.1f}", tok_s=f"{s['tokens_per_second']:.0f}")
+            bar.set_postfix(
+                kept=f"{s['acceptance']:.1%}", nfe=f"{s['mean_nfe']:.1f}", tok_s=f"{s['tokens_per_second']:.0f}"
+            )
         if on_batch is not None:
             on_batch(k)
     if bar is not None:
