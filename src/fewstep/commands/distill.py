@@ -306,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
     warmup = args.warmup_steps
     if warmup is None:
         warmup = recipe["warmup"] if recipe["warmup"] >= 1 else round(recipe["warmup"] * max_steps)
+    n_params = count_parameters(model)
     lora, n_targets = None, 0
     if finetune == "lora":
         roles = lora_roles(args.lora_targets, arch)
@@ -366,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
         if objective.needs_teacher:
             teacher_note = ", teacher = base with adapter disabled" if lora else ", teacher = frozen copy"
         print(
-            f"fewstep distill: {args.method} on {arch} ({count_parameters(trainer.base_model):,} parameters), {what}"
+            f"fewstep distill: {args.method} on {arch} ({n_params:,} parameters), {what}"
             f"{teacher_note}; {n:,} examples, max length {max_length}, {max_steps} steps of {args.batch_size} "
             f"on {accelerator.device} x{accelerator.num_processes}"
         )
