@@ -224,3 +224,60 @@ def test_cli_validation(arith_teacher, arith_rollouts, tmp_path, capsys):
     capsys.readouterr()
     assert main([*base, "--lora-r", "2", "--seed", "3"]) == 2
     assert "different settings (seed" in capsys.readouterr().err
+
+
+def test_dream_gets_dreams_recipe_and_all_seven_projections(arith_teacher, arith_rollouts, tmp_path):
+    dream = REPO / "tests" / "fixtures" / "dream-tiny-a"  # vocabulary 512 covers the arith tokenizer's ids
+    out = tmp_path / "dream"
+    args = _distill(dream, arith_rollouts, out, "dparallel", "--tokenizer", str(arith_teacher), "--lora-r", "2")
+    assert main([*args, "--lora-targets", "dparallel", "--max-steps", "2"]) == 0
+    info = json.loads((out / "training.json").read_text())
+    hp = info["objective_hparams"]
+    assert hp["block_size"] is None and hp["entropy_weight"] == 1.0 and hp["temperature"] == 0.5
+    assert info["schedule"] == "cosine" and info["lr"] == 1e-3  # --lr given; the schedule from the Dream recipe
+    names = {
+        k.split(".lora_")[0].rsplit(".", 1)[-1] for k in load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    }
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    fewstep.load_model(out)
+
+
+@pytest.mark.parametrize("name", ["ddp_8gpu", "fsdp_8gpu", "deepspeed_zero2_8gpu"])
+def test_shipped_accelerate_configs_parse(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(REPO / "configs" / "accelerate" / f"{name}.yaml"))
+    assert cfg.num_processes == 8 and cfg.num_machines == 1 and str(cfg.mixed_precision) == "bf16"
+    kind = {"ddp_8gpu": "MULTI_GPU", "fsdp_8gpu": "FSDP", "deepspeed_zero2_8gpu": "DEEPSPEED"}[name]
+    assert str(cfg.distributed_type).endswith(kind)
+    if kind == "FSDP":
+        assert cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] in {"LLaDABlock", "DreamLayer"}
+        from fewstep.models import llada
+
+        assert hasattr(llada, cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
+    if kind == "DEEPSPEED":
+        assert cfg.deepspeed_config["zero_stage"] == 2 and cfg.deepspeed_config["gradient_accumulation_steps"] == 1
+
+
+def test_gradient_checkpointing_and_bf16(arith_teacher, arith_rollouts, tmp_path):
+    common = ("--lora-r", "4", "--max-steps", "3", "--log-every", "1", "--save-every", "100")
+    logs = {}
+    from accelerate.state import AcceleratorState
+
+    for name, extra in {"plain": (), "ckpt": ("--gradient-checkpointing",), "bf16": ("--bf16",)}.items():
+        AcceleratorState._reset_state(True)  # accelerate's process-wide state fixes the precision once
+        try:
+            assert main(_distill(arith_teacher, arith_rollouts, tmp_path / name, "dparallel", *common, *extra)) == 0
+        finally:
+            AcceleratorState._reset_state(True)
+        logs[name] = [json.loads(x)["loss"] for x in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+    # recomputing activations changes nothing (the adapters still get their gradients: same trajectory)
+    assert logs["ckpt"] == pytest.approx(logs["plain"], rel=1e-5)
+    a, b = (
+        load_file(str(tmp_path / "plain" / "model.safetensors")),
+        load_file(str(tmp_path / "ckpt" / "model.safetensors")),
+    )
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # bf16 autocast: the same trajectory to bf16 precision
+    assert logs["bf16"] == pytest.approx(logs["plain"], rel=5e-2)
+    assert logs["bf16"] != logs["plain"]
