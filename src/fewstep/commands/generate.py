@@ -34,7 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="threshold:0.9", metavar="NAME[:ARGS]", help="unmasking policy")
     parser.add_argument("--cache", default="none", choices=["none", "prefix", "dual"], help="KV cache mode")
     parser.add_argument("--gen-length", type=int, default=128, help="tokens to generate")
-    parser.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block length")
+    parser.add_argument(
+        "--block-length",
+        type=int,
+        default=None,
+        help="semi-autoregressive block length (default: 32, or gen-length if smaller)",
+    )
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling policies (row i uses seed+i)")
     parser.add_argument(
@@ -156,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.trace_json:
         doc = trace_json(out, tokenizer, prompts)
-        doc.update(model=str(model_dir), gen_length=args.gen_length, block_length=args.block_length)
+        doc.update(model=str(model_dir), gen_length=args.gen_length, block_length=args.block_length or "default")
         Path(args.trace_json).write_text(json.dumps(doc, indent=1) + "\n")
     summary = {
         "policy": out.policy,

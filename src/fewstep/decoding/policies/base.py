@@ -231,8 +231,13 @@ def top_k_mask(scores: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, descen
 
 
 def first_best(scores: torch.Tensor, mask: torch.Tensor, descending: bool = True) -> torch.Tensor:
-    """Mask of each row's single best candidate (rows without candidates: none)."""
-    return top_k_mask(scores, torch.ones(scores.shape[0], dtype=torch.long, device=scores.device), mask, descending)
+    """Mask of each row's single best candidate (ties: lower position; rows without candidates: none)."""
+    worst = float("-inf") if descending else float("inf")
+    s = scores.masked_fill(~mask, worst)
+    best = s.argmax(-1) if descending else s.argmin(-1)
+    out = torch.zeros_like(mask)
+    out[torch.arange(mask.shape[0], device=mask.device), best] = True
+    return out & mask.any(-1, keepdim=True)
 
 
 def even_quota(counts: torch.Tensor, steps: int) -> torch.Tensor:
