@@ -98,6 +98,8 @@ class Policy:
     """Base class of the unmasking rules. Subclasses are dataclasses whose fields are the rule's options."""
 
     name: ClassVar[str] = ""
+    #: one line for ``--help`` and docs
+    summary: ClassVar[str] = ""
     #: the option a bare value sets in the ``"name:value"`` form (e.g. ``threshold:0.9``)
     positional: ClassVar[str | None] = None
 

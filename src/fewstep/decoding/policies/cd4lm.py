@@ -67,6 +67,7 @@ class CADPolicy(Policy):
     takes whatever ``torch.topk`` returns over a vector of -inf values (CPU tie order).
     """
 
+    summary = "CD4LM Confidence-Adaptive Decoding: min..max tokens above the threshold, EOS gating"
     name = "cad"
     positional = "threshold"
 
