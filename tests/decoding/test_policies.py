@@ -219,7 +219,7 @@ def test_dream_scores_rank_confident_first(alg):
 def test_scores_are_computed_in_chunks(monkeypatch):
     z = torch.randn(1, 16, V)
     ref = ConfidenceThresholdPolicy(0.3).select(z, state([1] * 16))
-    monkeypatch.setattr(base, "CHUNK_BYTES", 3 * V * 8)  # 3 candidate rows per chunk
+    monkeypatch.setattr(base, "CHUNK_BYTES", {"cpu": 3 * V * 8, "default": 3 * V * 8})  # 3 rows per chunk
     got = ConfidenceThresholdPolicy(0.3).select(z, state([1] * 16))
     assert torch.equal(ref.commit, got.commit) and torch.equal(ref.tokens, got.tokens)
 
