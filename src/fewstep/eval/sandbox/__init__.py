@@ -97,14 +97,17 @@ class RunResult:
     @property
     def reason(self) -> str:
         """One line saying why the run passed or failed."""
-        if self.error is not None:
-            return f"sandbox error: {self.error}"
         if self.timed_out:
             return f"timeout after {self.duration:.3g} s"
         if self.oom_killed:
             return "memory limit exceeded (killed by the cgroup OOM killer)"
+        if self.error is not None:
+            return f"sandbox error: {self.error}"
         if self.signal is not None:
-            name = signal.Signals(self.signal).name if self.signal in signal.Signals._value2member_map_ else self.signal
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
             return f"killed by {name}"
         last = _last_error_line(self.stderr)
         if self.exit_code == 0:
@@ -330,6 +333,8 @@ class Sandbox:
                 "bwrap_argv": _bwrap_argv(workdir) if mode == "bwrap" else None,
                 "expose": _interpreter_paths(self.python) if mode == "namespaces" and uid is not None else [],
             }
+            if not os.access(self.python, os.X_OK):
+                return RunResult(None, error=f"interpreter not found or not executable: {self.python}", isolation=mode)
             proc = subprocess.Popen(
                 [self.python, "-I", "-S", "-B", LAUNCHER, json.dumps(cfg)],
                 stdin=subprocess.DEVNULL,
@@ -350,7 +355,9 @@ class Sandbox:
                 exit_code=status.get("exit"),
                 signal=status.get("signal"),
                 timed_out=bool(status.get("timed_out")),
-                oom_killed=oom and not status.get("timed_out") and status.get("exit") != 0,
+                oom_killed=oom
+                and not status.get("timed_out")
+                and status.get("exit") != 0,  # an OOM kill the program survived is no failure
                 error=status.get("error"),
                 stdout=out[0].decode("utf-8", "replace"),
                 stderr=err[0].decode("utf-8", "replace"),
@@ -367,6 +374,8 @@ class Sandbox:
                 group.kill_all()
             if uid is not None:
                 _kill_uid(uid)
+                if mode != "namespaces":
+                    _remove_files_of(uid)
             if proc is not None:
                 proc.wait()
             if group is not None:
@@ -481,14 +490,40 @@ def _kill_uid(uid: int) -> None:
         time.sleep(0.002)
 
 
-def _remove_tree(path: str) -> None:
-    def fix(func: Callable[..., Any], p: str, _exc: Any) -> None:
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
-            func(p)
+SHARED_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 
-    shutil.rmtree(path, onerror=fix)
+
+def _remove_files_of(uid: int) -> None:
+    """Without a mount namespace a program may write to world-writable folders: remove what its uid left there."""
+    for d in SHARED_WRITABLE_DIRS:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(d):
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_uid == uid:
+                        if entry.is_dir(follow_symlinks=False):
+                            _remove_tree(entry.path)
+                        else:
+                            os.unlink(entry.path)
+
+
+def _remove_tree(path: str) -> None:
+    """Delete a folder tree; permissions are only ever relaxed inside it, never on its parents."""
+    root = os.path.abspath(path)
+    if not os.path.lexists(root):
+        return
+
+    def fix(func: Callable[..., Any], p: str, _exc: Any) -> None:
+        parent = os.path.dirname(os.path.abspath(p))
+        if parent == root or parent.startswith(root + os.sep):
+            with contextlib.suppress(OSError):
+                os.chmod(parent, 0o700)
+                func(p)
+
+    if os.path.isdir(root) and not os.path.islink(root):
+        shutil.rmtree(root, onerror=fix)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(root)
 
 
 __all__ = ["ISOLATIONS", "GiB", "KiB", "Limits", "MiB", "RunResult", "Sandbox"]

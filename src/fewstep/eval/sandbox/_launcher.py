@@ -115,9 +115,17 @@ def _drop_capabilities():
     _libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), 0, 0, 0)
 
 
+def _set_oom_score(value):
+    try:
+        _write("/proc/self/oom_score_adj", str(value))
+    except OSError:
+        pass  # lowering needs privileges; without them the score simply stays as it was
+
+
 def _exec_program(cfg):
     """In the forked child: limits, identity, then execve. Never returns."""
     try:
+        _set_oom_score(1000)
         lim = cfg["limits"]
         stdin = cfg.get("stdin")
         fd = os.open(stdin if stdin else os.devnull, os.O_RDONLY)
@@ -455,6 +463,7 @@ def main():
             os._exit(1)  # the harness is already gone
         for cgroup in cfg.get("cgroups", []):
             _write(os.path.join(cgroup, "cgroup.procs"), str(os.getpid()))
+        _set_oom_score(-1000)  # the OOM killer should pick the program, never the launcher or PID 1
         mode = cfg["mode"]
         if mode == "bwrap":
             inner = {**cfg, "mode": "process", "cgroups": [], "parent_pid": None}
