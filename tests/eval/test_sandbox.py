@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import time
 import uuid
@@ -24,17 +23,14 @@ SMALL = Limits(timeout=2.0, memory=256 * MiB, processes=16, file_size=1 * MiB, o
 IS_ROOT = os.geteuid() == 0
 
 
-def _interpreter_for(isolation: str) -> str | None:
-    """An interpreter the sandbox can start under ``isolation`` (the unprivileged uid may not reach ours)."""
-    candidates = [sys.executable, shutil.which("python3"), "/usr/bin/python3", "/usr/local/bin/python3"]
-    for python in dict.fromkeys(c for c in candidates if c):
-        box = Sandbox(SMALL, isolation=isolation, python=python)
-        try:
-            box.resolve()
-            return python
-        except RuntimeError:
-            continue
-    return None
+def _usable(isolation: str, **kw) -> Sandbox | None:
+    """A sandbox with this isolation, or None when the machine does not offer it."""
+    box = Sandbox(SMALL, isolation=isolation, **kw)
+    try:
+        box.resolve()
+    except RuntimeError:
+        return None
+    return box
 
 
 _BOXES: dict[str, Sandbox | None] = {}
@@ -44,8 +40,7 @@ _BOXES: dict[str, Sandbox | None] = {}
 def box(request) -> Sandbox:
     iso = request.param
     if iso not in _BOXES:
-        python = _interpreter_for(iso)
-        _BOXES[iso] = None if python is None else Sandbox(SMALL, isolation=iso, python=python)
+        _BOXES[iso] = _usable(iso)
     if _BOXES[iso] is None:
         why = "bubblewrap is not installed" if iso == "bwrap" and not shutil.which("bwrap") else "not usable here"
         pytest.skip(f"isolation {iso!r}: {why}")
@@ -246,10 +241,10 @@ def test_no_network(box):
     port = server.getsockname()[1]
     try:
         program = (
-            "import socket\nfor addr in [('127.0.0.1', %d), ('1.1.1.1', 53)]:\n"
+            f"import socket\nfor addr in [('127.0.0.1', {port}), ('1.1.1.1', 53)]:\n"
             "    s = socket.socket()\n    s.settimeout(1)\n"
             "    try:\n        s.connect(addr)\n        print('connected', addr)\n"
-            "    except OSError as e:\n        print('refused', e.errno)" % port
+            "    except OSError as e:\n        print('refused', e.errno)"
         )
         res = box.run(program)
         assert res.passed
@@ -279,10 +274,9 @@ def test_parallel_workers_keep_order(box):
 
 def test_namespaces_read_only_fallback_by_remount():
     """Kernels without mount_setattr: per-mount bind-remounts give the same read-only file system."""
-    python = _interpreter_for("namespaces")
-    if python is None:
+    box = _usable("namespaces", force_remount=True)
+    if box is None:
         pytest.skip("namespaces isolation is not usable here")
-    box = Sandbox(SMALL, isolation="namespaces", python=python, force_remount=True)
     with tempfile.TemporaryDirectory() as shared:
         os.chmod(shared, 0o1777)
         target = os.path.join(shared, "escaped")
@@ -299,9 +293,9 @@ def test_limits_are_validated():
 
 
 def test_describe_names_every_layer():
-    python = _interpreter_for("namespaces") or _interpreter_for("process")
-    if python is None:
+    box = _usable("auto")
+    if box is None:
         pytest.skip("no usable isolation")
-    layers = Sandbox(SMALL, python=python).describe()
-    assert set(layers) == {"isolation", "user", "cgroup", "network", "filesystem", "kill"}
+    layers = box.describe()
+    assert set(layers) == {"isolation", "interpreter", "user", "cgroup", "network", "filesystem", "kill"}
     assert layers["isolation"] in ("namespaces", "bwrap", "process")

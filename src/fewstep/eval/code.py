@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,9 +42,15 @@ def _normalise(text: str) -> str:
     return text.strip() + "\n"
 
 
+def _parse(code: str) -> ast.Module:
+    with warnings.catch_warnings():  # generated code is full of invalid escapes; that is not our concern
+        warnings.simplefilter("ignore")
+        return ast.parse(code)
+
+
 def _parses(code: str) -> bool:
     try:
-        ast.parse(code)
+        _parse(code)
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return False
     return True
@@ -102,7 +109,7 @@ def sanitize(
     window = longest_valid_window(_normalise(text))
     if not window.strip():
         return ""
-    tree = ast.parse(window)
+    tree = _parse(window)
     imports: list[ast.stmt] = []
     definitions: dict[str, ast.stmt] = {}
     for node in tree.body:
@@ -141,7 +148,7 @@ def humaneval_roots(record: dict[str, Any]) -> list[str]:
     correct answer to that problem would fail.
     """
     try:
-        used = _names_used(ast.parse(record["test"]), attribute_edges=False)
+        used = _names_used(_parse(record["test"]), attribute_edges=False)
     except SyntaxError:
         used = set()
     return [record["entry_point"], *sorted(used)]

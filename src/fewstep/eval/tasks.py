@@ -75,6 +75,11 @@ def _or_none(text: str) -> str | None:
     return text if text.strip() else None
 
 
+def _humaneval_extract(record: dict[str, Any], response: str) -> str | None:
+    solution = code.humaneval_solution(record, response)
+    return solution if f"def {record['entry_point']}(" in solution else None  # the prompt alone has no body
+
+
 TASKS: dict[str, Task] = {}
 
 
@@ -112,7 +117,7 @@ register_task(
         "code",
         "HumanEval (164 Python functions); ids are task_id",
         load=datasets.load_humaneval,
-        extract=lambda r, resp: _or_none(code.humaneval_solution(r, resp)),
+        extract=_humaneval_extract,
         program=code.humaneval_test_program,
     )
 )

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fewstep.eval.sandbox import _cgroups
+from fewstep.eval.sandbox import _cgroups, _launcher
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 ISOLATIONS = ("auto", "namespaces", "bwrap", "process")
@@ -137,13 +137,15 @@ class Sandbox:
     """Runs Python programs in isolation. Thread-safe: :meth:`run_many` runs several at once.
 
     ``isolation``: one of :data:`ISOLATIONS`. ``cgroups``: ``None`` uses them where they can be
-    created, ``False`` never. ``python``: the interpreter that runs programs (default: this one, so the
-    same packages are importable).
+    created, ``False`` never. ``python``: the interpreter that runs programs; ``None`` (default) means
+    this one (same packages importable) or, when the unprivileged sandbox uid cannot start it under the
+    chosen isolation (e.g. a virtual environment under a 0700 ``/root`` without namespaces), the
+    system's ``python3`` (the benchmarks' programs need only the standard library).
     """
 
     limits: Limits = field(default_factory=Limits)
     isolation: str = "auto"
-    python: str = field(default_factory=lambda: sys.executable)
+    python: str | None = None
     cgroups: bool | None = None
     force_remount: bool = False  # test hook: use bind-remounts instead of mount_setattr
 
@@ -151,6 +153,7 @@ class Sandbox:
         if self.isolation not in ISOLATIONS:
             raise ValueError(f"unknown sandbox isolation {self.isolation!r} (choose one of {', '.join(ISOLATIONS)})")
         self._resolved: str | None = None
+        self._python: str = self.python or sys.executable
         self._cgroup_layout: _cgroups.CgroupLayout | None = None
         self._lock = threading.Lock()
 
@@ -170,26 +173,35 @@ class Sandbox:
                         _cgroups.prune_stale(self._cgroup_layout)
                     elif self.cgroups:
                         raise RuntimeError("cgroups were requested but no writable memory+pids cgroup was found")
-                candidates = ["namespaces", "bwrap", "process"] if self.isolation == "auto" else [self.isolation]
+                isolations = ["namespaces", "bwrap", "process"] if self.isolation == "auto" else [self.isolation]
+                pythons = [self.python] if self.python else _default_interpreters()
                 failures = []
-                for name in candidates:
-                    probe = self._probe(name)
-                    if probe.ok:
-                        self._resolved = name
-                        break
-                    failures.append(f"{name}: {probe.detail}")
-                else:
-                    raise RuntimeError("no usable sandbox isolation: " + "; ".join(failures))
+                for name in isolations:
+                    for python in pythons:
+                        probe = self._probe(name, python)
+                        if probe.ok:
+                            self._resolved, self._python = name, python
+                            return name
+                        failures.append(f"{name} with {python}: {probe.detail}")
+                raise RuntimeError("no usable sandbox isolation: " + "; ".join(failures))
             return self._resolved
 
-    def _probe(self, name: str) -> _Probe:
-        key = (name, self.python, os.geteuid(), self.force_remount)
+    @property
+    def interpreter(self) -> str:
+        """The interpreter programs run with (after :meth:`resolve`)."""
+        self.resolve()
+        return self._python
+
+    def _probe(self, name: str, python: str) -> _Probe:
+        key = (name, python, os.geteuid(), self.force_remount)
         with _PROBE_LOCK:
             if key not in _PROBES:
                 if name == "bwrap" and shutil.which("bwrap") is None:
                     _PROBES[key] = _Probe(False, "bubblewrap (bwrap) is not installed")
                 else:
-                    res = self._run(name, "print('fewstep-sandbox-ok')", Limits(timeout=30), cgroup=False)
+                    res = self._run(
+                        name, "print('fewstep-sandbox-ok')", Limits(timeout=30), cgroup=False, python=python
+                    )
                     ok = res.passed and res.stdout.strip() == "fewstep-sandbox-ok"
                     _PROBES[key] = _Probe(ok, "ok" if ok else res.reason + " " + res.stderr.strip()[-300:])
             return _PROBES[key]
@@ -199,6 +211,7 @@ class Sandbox:
         iso = self.resolve()
         layers = {
             "isolation": iso,
+            "interpreter": self._python,
             "user": (
                 "fresh unprivileged uid/gid per program (harness is root)"
                 if self.is_root
@@ -268,7 +281,9 @@ class Sandbox:
         files: dict[str, str | bytes] | None = None,
         stdin: str | bytes | None = None,
         cgroup: bool = True,
+        python: str | None = None,
     ) -> RunResult:
+        python = python or self._python
         workdir = tempfile.mkdtemp(prefix="fewstep-sandbox-")
         uid = UID_BASE + secrets.randbelow(1 << 24) if self.is_root else None
         group: _cgroups.ProgramCgroup | None = None
@@ -312,7 +327,7 @@ class Sandbox:
                 "mode": mode,
                 "userns": mode == "namespaces" and not self.is_root,
                 "workdir": workdir,
-                "argv": [self.python, "-s", "-B", PROGRAM_NAME],
+                "argv": [python, "-s", "-B", PROGRAM_NAME],
                 "env": env,
                 "timeout": limits.timeout,
                 "limits": {
@@ -330,13 +345,13 @@ class Sandbox:
                 "parent_pid": os.getpid(),
                 "stdin": os.path.join(workdir, ".stdin") if stdin is not None else None,
                 "force_remount": self.force_remount,
-                "bwrap_argv": _bwrap_argv(workdir) if mode == "bwrap" else None,
-                "expose": _interpreter_paths(self.python) if mode == "namespaces" and uid is not None else [],
+                "bwrap_argv": _bwrap_argv(workdir, python, uid is not None) if mode == "bwrap" else None,
+                "expose": _interpreter_paths(python) if mode == "namespaces" and uid is not None else [],
             }
-            if not os.access(self.python, os.X_OK):
-                return RunResult(None, error=f"interpreter not found or not executable: {self.python}", isolation=mode)
+            if not os.access(python, os.X_OK):
+                return RunResult(None, error=f"interpreter not found or not executable: {python}", isolation=mode)
             proc = subprocess.Popen(
-                [self.python, "-I", "-S", "-B", LAUNCHER, json.dumps(cfg)],
+                [python, "-I", "-S", "-B", LAUNCHER, json.dumps(cfg)],
                 stdin=subprocess.DEVNULL,
                 stdout=out_w,
                 stderr=err_w,
@@ -386,6 +401,15 @@ class Sandbox:
             _remove_tree(workdir)
 
 
+def _default_interpreters() -> list[str]:
+    """This interpreter first, then the system's python3 (readable by any uid on standard installs)."""
+    found = [sys.executable]
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.access(candidate, os.X_OK) and os.path.realpath(candidate) != os.path.realpath(sys.executable):
+            found.append(candidate)
+    return found
+
+
 _INTERPRETER_PATHS: dict[str, list[str]] = {}
 
 
@@ -412,7 +436,7 @@ def _interpreter_paths(python: str) -> list[str]:
     return _INTERPRETER_PATHS[python]
 
 
-def _bwrap_argv(workdir: str) -> list[str]:
+def _bwrap_argv(workdir: str, python: str, drop_uid: bool) -> list[str]:
     argv = [shutil.which("bwrap") or "bwrap"]
     if os.geteuid() == 0:  # no user namespace: the launcher inside drops to the sandbox uid itself
         argv += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
@@ -420,6 +444,13 @@ def _bwrap_argv(workdir: str) -> list[str]:
         argv += ["--unshare-all"]
     argv += ["--die-with-parent", "--new-session"]
     argv += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/dev/shm"]
+    if drop_uid:  # hide folders the sandbox uid may not traverse, except the interpreter's own
+        plan = _launcher._blocked_ancestors(_interpreter_paths(python), workdir)
+        for parent in dict.fromkeys(p for p, _ in plan):
+            argv += ["--tmpfs", parent]
+            for child in (c for p, c in plan if p == parent):
+                argv += ["--ro-bind", os.path.join(parent, child), os.path.join(parent, child)]
+            argv += ["--remount-ro", parent]
     argv += ["--bind", workdir, workdir, "--hostname", "sandbox", "--"]
     return argv
 

@@ -116,10 +116,9 @@ def _drop_capabilities():
 
 
 def _set_oom_score(value):
-    try:
+    # lowering needs privileges; without them the score simply stays as it was
+    with contextlib.suppress(OSError):
         _write("/proc/self/oom_score_adj", str(value))
-    except OSError:
-        pass  # lowering needs privileges; without them the score simply stays as it was
 
 
 def _exec_program(cfg):
