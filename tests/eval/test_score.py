@@ -141,3 +141,16 @@ def test_missing_file_and_no_out(tmp_path, capsys):
     assert main(["score", "--task", "gsm8k", "--predictions", preds]) == 0
     assert capsys.readouterr().out.strip().startswith("gsm8k: accuracy 0.0000 (0/1 scored)")
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_embedded_task_is_registered_and_verified_step_by_step(tmp_path, capsys):
+    task = get_task("arith")
+    assert len(task.records) == 512 and task.records[0]["id"] == "arith-test-000000"
+    rows = [{"id": r["id"], "response": r["response"]} for r in task.records]
+    summary, _, _ = _score(tmp_path, "arith", rows, capsys)
+    assert summary == {"task": "arith", "n": 512, "correct": 512, "accuracy": 1.0}
+    rec = task.records[0]  # '7 - ( 4 + 2 ) ?'
+    right_value_wrong_steps = {"id": rec["id"], "response": "7 - 4 = 3 , 3 + 2 = 5 #### 1"}
+    summary, records, _ = _score(tmp_path, "arith", [right_value_wrong_steps], capsys)
+    assert summary["correct"] == 0 and records[0]["extracted"] == "1"
+    assert "does not reduce" in records[0]["reason"] or "false" in records[0]["reason"]

@@ -55,6 +55,9 @@ def _short(text: str, n: int = 80) -> str:
 
 
 def score_math(task: Task, record: dict[str, Any], response: str) -> ScoredRecord:
+    if task.judge is not None:
+        extracted, ok, reason = task.judge(record, response)
+        return ScoredRecord(record["id"], extracted, ok, reason)
     extracted = task.extract(record, response)
     if extracted is None:
         return ScoredRecord(record["id"], None, False, "no final answer found in the response")

@@ -35,6 +35,9 @@ class Task:
     program: Callable[[dict[str, Any], str], str] | None = field(default=None, repr=False)
     gold: Callable[[dict[str, Any]], str] | None = field(default=None, repr=False)
     eval_split: Callable[[dict[str, Any]], bool] | None = field(default=None, repr=False)
+    # judge(record, response) -> (extracted, passed, reason): replaces extract + check for tasks whose
+    # verdict needs the whole response (the embedded task verifies every step of the derivation)
+    judge: Callable[[dict[str, Any], str], tuple[str | None, bool, str]] | None = field(default=None, repr=False)
 
     @cached_property
     def records(self) -> list[dict[str, Any]]:
@@ -142,6 +145,48 @@ register_task(
         program=code.mbpp_test_program,
     )
 )
+
+
+EMBEDDED_TEST_SIZE = 512  # the test set `fewstep task` writes by default (seed 0)
+
+
+def _register_embedded() -> None:
+    """The embedded synthetic task (``fewstep.tasks``), scored by its own step-by-step verifier."""
+    from fewstep.eval.protocols import Prompt, Protocol, register_protocol
+    from fewstep.tasks import arith
+
+    def load() -> list[dict[str, Any]]:
+        return [p.to_json() for p in arith.generate("test", EMBEDDED_TEST_SIZE, seed=0)]
+
+    def judge(record: dict[str, Any], response: str) -> tuple[str | None, bool, str]:
+        verdict = arith.verify(record["prompt"], response)
+        return verdict.answer, verdict.correct, "correct" if verdict.correct else verdict.reason
+
+    register_task(
+        Task(
+            arith.NAME,
+            "math",
+            f"embedded synthetic task: {EMBEDDED_TEST_SIZE} held-out +/- expressions (seed 0), every step verified; "
+            "ids are arith-test-NNNNNN",
+            load=load,
+            extract=lambda r, resp: arith.extract_answer(resp),
+            check=lambda r, extracted: extracted == r["gold"],
+            gold=lambda r: r["gold"],
+            judge=judge,
+        )
+    )
+    register_protocol(
+        Protocol(
+            "plain",
+            arith.NAME,
+            "the prompt as raw text (the tiny models are trained without a chat template)",
+            "fewstep embedded task",
+            lambda r: Prompt(text=r["prompt"]),
+        )
+    )
+
+
+_register_embedded()
 
 
 def get_task(name: str) -> Task:
