@@ -146,3 +146,19 @@ def test_cut_at_stop_and_unknown_protocol():
     with pytest.raises(ValueError, match="unknown prompt protocol"):
         get_protocol("gsm8k", "nope")
     assert set(TASKS) >= {"gsm8k", "math500", "humaneval", "mbpp", "mbpp-sanitized"}
+
+
+def test_answer_prefix_protocols_score_end_to_end():
+    """With a gen_prefix, scoring sees prefix + generated text; the gold completions must pass."""
+    from fewstep.eval.scoring import score
+
+    he = get_task("humaneval")
+    rec = he.get("HumanEval/2")
+    p = get_protocol("humaneval", "dparallel-dream")(rec)
+    he_resp = p.gen_prefix + cut_at_stop(rec["canonical_solution"] + "\n```\nThis works.", p.stop)
+    mb = get_task("mbpp")
+    mrec = mb.get(11)
+    q = get_protocol("mbpp", "dparallel-dream")(mrec)
+    mb_resp = q.gen_prefix + cut_at_stop(mrec["code"] + "\n```\nDone.", q.stop)
+    assert [s.passed for s in score(he, [(rec, he_resp)])] == [True]
+    assert [s.passed for s in score(mb, [(mrec, mb_resp)])] == [True]

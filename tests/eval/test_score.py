@@ -123,7 +123,11 @@ def test_code_failures_carry_reasons(tmp_path, capsys):
         ("gsm8k", ['{"id": 0, "response": 5}'], "'response' must be a string"),
         ("gsm8k", ["[1, 2]"], "expected a JSON object"),
         ("gsm8k", [], "no predictions"),
-        ("gsm9k", ['{"id": 0, "response": "a"}'], "unknown task 'gsm9k' (known: arith, gsm8k, humaneval, math500, mbpp"),
+        (
+            "gsm9k",
+            ['{"id": 0, "response": "a"}'],
+            "unknown task 'gsm9k' (known: arith, gsm8k, humaneval, math500, mbpp",
+        ),
     ],
 )
 def test_bad_input_exits_with_one_line(tmp_path, capsys, task, lines, message):
