@@ -303,9 +303,12 @@ class Sandbox:
                     os.chown(p, uid, uid)
             if cgroup and self._cgroup_layout is not None:
                 # headroom for the launcher and PID 1 (two small Python processes)
-                group = _cgroups.ProgramCgroup.create(
-                    self._cgroup_layout, limits.memory + 64 * MiB, limits.processes + 4
-                )
+                try:
+                    group = _cgroups.ProgramCgroup.create(
+                        self._cgroup_layout, limits.memory + 64 * MiB, limits.processes + 4
+                    )
+                except OSError as exc:  # never run without a layer that the probe found
+                    return RunResult(None, error=f"could not create the program's cgroup: {exc}", isolation=mode)
             env = {
                 "PATH": "/usr/local/bin:/usr/bin:/bin",
                 "HOME": workdir,
