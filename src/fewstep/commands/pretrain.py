@@ -1,15 +1,243 @@
-"""`fewstep pretrain`: not yet available (see the project's issues)."""
+"""`fewstep pretrain`: train a masked-diffusion LM from scratch with LLaDA's objective.
+
+Takes a JSONL of prompt/response pairs, a model config (preset name or config.json) and a tokenizer
+folder; writes a Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer files,
+README.md model card, loss.png, train_log.jsonl) and resumable checkpoints under OUT/checkpoints/.
+Runs through `accelerate`: plain `fewstep pretrain ...` uses one device; `accelerate launch
+--config_file CFG -m fewstep pretrain ...` runs DDP / FSDP / DeepSpeed with the same flags.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  fewstep task --out data/arith
+  fewstep pretrain --data data/arith/train.jsonl --tokenizer data/arith/tokenizer \\
+      --model-config llada-tiny --gen-length 64 --max-steps 8000 --out runs/teacher
+  # killed? run the same command again: it resumes from the last checkpoint.
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """This command takes no arguments yet."""
+    parser.epilog = EPILOG
+    parser.add_argument("--data", required=True, help="JSONL with 'prompt' and 'response' string fields")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer folder (tokenizer.json + tokenizer_config.json)")
+    parser.add_argument(
+        "--model-config", default="llada-tiny", help="preset name (llada-tiny, llada-small) or a config.json"
+    )
+    parser.add_argument("--out", required=True, help="run folder: final HF checkpoint + checkpoints/ for resuming")
+    parser.add_argument(
+        "--gen-length",
+        type=int,
+        default=None,
+        help="pad every response with EOS to this many tokens (default: longest response + 1)",
+    )
+    parser.add_argument("--max-steps", type=int, default=1000, help="optimiser steps")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch (sequences per optimiser step)")
+    parser.add_argument(
+        "--grad-accum", type=int, default=1, help="gradient accumulation micro-steps per optimiser step"
+    )
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    parser.add_argument(
+        "--schedule", choices=["constant", "cosine", "linear"], default="constant", help="LR schedule after the warm-up"
+    )
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR / peak LR for cosine and linear")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
+    parser.add_argument("--eps", type=float, default=1e-3, help="t ~ U(eps, 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and the masks")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision) through accelerate")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    parser.add_argument("--keep-checkpoints", type=int, default=2)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument(
+        "--save-dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the final model.safetensors"
+    )
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete an existing run folder instead of resuming from its last checkpoint",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Say clearly that the command is not built yet."""
-    print("fewstep pretrain: not yet available in this version of fewstep.")
-    return 1
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from accelerate import Accelerator
+
+    import fewstep
+    from fewstep.tasks.tokenizer import special_ids
+    from fewstep.train import checkpoint as ckpt
+    from fewstep.train.data import read_jsonl, tokenize_pairs
+    from fewstep.train.mdm import MaskedDiffusionObjective
+    from fewstep.train.objective import SpecialIds
+    from fewstep.train.presets import count_parameters, init_model, model_config
+    from fewstep.train.trainer import TrainConfig, Trainer
+
+    out = Path(args.out)
+    command = "fewstep pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=args.cpu)
+    main = accelerator.is_main_process
+    if args.overwrite and out.exists() and main:
+        shutil.rmtree(out)
+    accelerator.wait_for_everyone()
+    tok = fewstep.load_tokenizer(args.tokenizer)
+    ids = special_ids(tok)
+    records = read_jsonl(args.data)
+    examples = tokenize_pairs(records, tok)
+    longest = max(len(e["response_ids"]) for e in examples)
+    gen_length = args.gen_length or longest + 1
+    if longest > gen_length:
+        raise ValueError(f"the longest response has {longest} tokens, more than --gen-length {gen_length}")
+    cfg = model_config(args.model_config, ids, len(tok))
+    longest_prompt = max(len(e["prompt_ids"]) for e in examples)
+    max_len = longest_prompt + gen_length
+    if max_len > int(cfg.get("max_sequence_length", max_len)):
+        raise ValueError(f"prompt + generation is {max_len} tokens, over the model's max_sequence_length")
+    model = init_model(cfg, args.seed)
+    objective = MaskedDiffusionObjective(
+        SpecialIds(mask=ids["mask"], eos=ids["eos"], pad=ids["pad"]), max_len, gen_length=gen_length, eps=args.eps
+    )
+    train_cfg = TrainConfig(
+        out_dir=str(out),
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        schedule=args.schedule,
+        grad_clip=args.grad_clip,
+        seed=args.seed,
+        bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
+        log_every=args.log_every,
+        progress=not args.no_progress,
+        extra={"objective": "mdm", "gen_length": gen_length, "eps": args.eps, "data": str(args.data)},
+    )
+    trainer = Trainer(model, objective, examples, train_cfg, tokenizer=tok, accelerator=accelerator)
+    found = ckpt.latest_checkpoint(out)
+    if found is not None:
+        saved = ckpt.read_state(found)["config"]
+        mismatch = [
+            k for k in ("batch_size", "seed", "lr", "schedule", "warmup_steps") if saved.get(k) != getattr(train_cfg, k)
+        ]
+        if mismatch:
+            raise ValueError(
+                f"{out} holds a run with different settings ({', '.join(mismatch)}); use another --out or --overwrite"
+            )
+        trainer.resume()
+        if main:
+            print(f"fewstep pretrain: resuming {out} from step {trainer.step}")
+    if main:
+        print(
+            f"fewstep pretrain: {count_parameters(model):,} parameters, {len(examples):,} examples, "
+            f"gen length {gen_length}, {args.max_steps} steps of {args.batch_size} on {accelerator.device} "
+            f"x{accelerator.num_processes}"
+        )
+    summary = trainer.train()
+    save_dtype = torch.bfloat16 if args.save_dtype == "bfloat16" else None
+    trainer.export(out)
+    if main:
+        if save_dtype is not None:
+            _cast_weights(out, save_dtype)
+        data_hash = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()[:16]
+        info = {
+            "command": command or f"fewstep pretrain --data {args.data} ...",
+            "seed": args.seed,
+            "data": str(args.data),
+            "data_sha256_16": data_hash,
+            "n_examples": len(examples),
+            "gen_length": gen_length,
+            "parameters": count_parameters(model),
+            "steps": summary["steps"],
+            "batch_size": args.batch_size,
+            "final_loss": summary["final_loss"],
+            "train_seconds": summary["seconds"],
+            "device": f"{accelerator.device} x{accelerator.num_processes}",
+            "torch_threads": torch.get_num_threads(),
+        }
+        (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_model_card(out, info, cfg)
+        trainer.write_logs()
+        print(
+            f"fewstep pretrain: done, {summary['steps']} steps in {summary['seconds']:.0f} s, "
+            f"final loss {summary['final_loss']:.4f}; model in {out}"
+        )
+    return 0
+
+
+def _cast_weights(folder: Path, dtype) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "model.safetensors"
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(f)).items()}
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def write_model_card(folder: Path, info: dict, cfg: dict) -> None:
+    """README.md of the checkpoint: what it is and exactly how it was made."""
+    arch = cfg.get("model_type", "llada")
+    lines = [
+        "---",
+        "library_name: fewstep",
+        "tags: [diffusion-language-model, masked-diffusion, llada]",
+        "---",
+        "",
+        f"# {folder.name}",
+        "",
+        f"A {arch} masked-diffusion language model trained from scratch with `fewstep pretrain` "
+        "(LLaDA's objective: t ~ U(eps, 1), response tokens masked with probability t, cross-entropy on "
+        "the masked tokens weighted by 1/t; prompts never masked; answers padded with EOS).",
+        "",
+        "Load it with `fewstep.load_model(path)` and `fewstep.load_tokenizer(path)`.",
+        "",
+        "## Training",
+        "",
+        "```bash",
+        info["command"],
+        "```",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    for k in (
+        "seed",
+        "data",
+        "data_sha256_16",
+        "n_examples",
+        "gen_length",
+        "parameters",
+        "steps",
+        "batch_size",
+        "final_loss",
+        "train_seconds",
+        "device",
+        "torch_threads",
+    ):
+        v = info.get(k)
+        if isinstance(v, float):
+            v = f"{v:.4f}" if k == "final_loss" else f"{v:.0f}"
+        lines.append(f"| {k} | {v} |")
+    lines += ["", "The loss curve is `loss.png`; per-step logs are in `train_log.jsonl`.", ""]
+    (folder / "README.md").write_text("\n".join(lines))

@@ -2,15 +2,16 @@
 
 ``load_model(path)`` reads ``config.json``, picks the architecture from ``model_type`` (``llada`` or
 ``Dream``), builds the module on the ``meta`` device (no memory), allocates it once on the target device
-and dtype, and copies the weights in tensor by tensor from memory-mapped safetensors shards (single
-``model.safetensors`` or sharded with ``model.safetensors.index.json``). The weights are therefore never
-held twice. Every user mistake is a one-line ``ValueError`` / ``FileNotFoundError`` that says how to fix it.
+and dtype, and streams the weights in tensor by tensor from the safetensors shards (single
+``model.safetensors`` or sharded with ``model.safetensors.index.json``), reading each tensor's bytes
+straight into its parameter. The weights are therefore never held twice (no mmap, no staging copy). Every user mistake is a one-line ``ValueError`` / ``FileNotFoundError`` that says how to fix it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -101,27 +102,57 @@ def weight_files(folder: Path) -> dict[str, list[str]]:
             f"no weights in {str(folder)!r}: expected model.safetensors or "
             f"model.safetensors.index.json with its shards{extra}"
         )
-    from safetensors import safe_open
+    return {f.name: [k for k in read_header(f)[0] if k != "__metadata__"] for f in candidates}
 
-    out = {}
-    for f in candidates:
-        with safe_open(str(f), framework="pt") as st:
-            out[f.name] = list(st.keys())
-    return out
+
+def read_header(file: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and the byte offset where its data section starts."""
+    with open(file, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{file} is not a safetensors file (too short)")
+        n = struct.unpack("<Q", raw)[0]
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{file} is not a safetensors file (bad header)") from None
+    return header, 8 + n
 
 
 def checkpoint_dtype(folder: Path, files: dict[str, list[str]]) -> torch.dtype:
     """The dtype the checkpoint stores its (floating) tensors in."""
-    import struct
-
-    fname = next(iter(files))
-    with open(folder / fname, "rb") as fh:
-        n = struct.unpack("<Q", fh.read(8))[0]
-        header = json.loads(fh.read(n))
+    header, _ = read_header(folder / next(iter(files)))
     for key, meta in header.items():
         if key != "__metadata__" and meta.get("dtype") in _SAFE_DTYPES:
             return _SAFE_DTYPES[meta["dtype"]]
     return torch.float32
+
+
+def read_into(fh, offset: int, nbytes: int, src_dtype: torch.dtype, dst: torch.Tensor, chunk: int = 64 << 20) -> None:
+    """Stream one tensor's bytes from an open file straight into ``dst``.
+
+    Same dtype on the CPU: the bytes are read directly into the parameter's memory (no copy, no mmap, so
+    the weights are never resident twice). Otherwise chunks are read, converted and copied.
+    """
+    flat = dst.view(-1)
+    fh.seek(offset)
+    if dst.device.type == "cpu" and dst.dtype == src_dtype and dst.is_contiguous():
+        view = memoryview(flat.view(torch.uint8).numpy())
+        got = fh.readinto(view)
+        if got != nbytes:
+            raise ValueError(f"truncated safetensors file {fh.name}: expected {nbytes} bytes, got {got}")
+        return
+    itemsize = torch.empty((), dtype=src_dtype).element_size()
+    step = max(chunk // itemsize, 1)
+    done = 0
+    total = nbytes // itemsize
+    while done < total:
+        n = min(step, total - done)
+        buf = bytearray(n * itemsize)
+        if fh.readinto(buf) != len(buf):
+            raise ValueError(f"truncated safetensors file {fh.name}")
+        flat[done : done + n].copy_(torch.frombuffer(buf, dtype=src_dtype))
+        done += n
 
 
 def check_device_dtype(device: torch.device, dtype: torch.dtype) -> None:
@@ -162,8 +193,6 @@ def load_model(
     ``dtype`` None keeps the checkpoint's own dtype. Weights are copied tensor by tensor from
     memory-mapped shards into a model allocated once, so peak memory stays close to the weight bytes.
     """
-    from safetensors import safe_open
-
     folder = Path(path)
     cfg = read_config(folder)
     arch = architecture_of(cfg)
@@ -189,18 +218,24 @@ def load_model(
         )
     with torch.no_grad():
         for fname, keys in files.items():
-            with safe_open(str(folder / fname), framework="pt", device="cpu") as st:
+            header, data_start = read_header(folder / fname)
+            with open(folder / fname, "rb", buffering=0) as fh:
                 for key in keys:
                     if key not in expected:
                         continue
+                    meta = header.get(key)
+                    if meta is None:
+                        raise ValueError(f"tensor {key} is listed for {fname} but is not in that file")
                     param = params[expected[key]]
-                    shape = tuple(st.get_slice(key).get_shape())
-                    if shape != tuple(param.shape):
+                    if tuple(meta["shape"]) != tuple(param.shape):
                         raise ValueError(
-                            f"tensor {key} has shape {list(shape)} in the checkpoint but the config "
+                            f"tensor {key} has shape {list(meta['shape'])} in the checkpoint but the config "
                             f"implies {list(param.shape)}"
                         )
-                    param.copy_(st.get_tensor(key))
+                    if meta["dtype"] not in _SAFE_DTYPES:
+                        raise ValueError(f"tensor {key} has unsupported dtype {meta['dtype']} (expected F32/BF16/F16)")
+                    start, end = meta["data_offsets"]
+                    read_into(fh, data_start + start, end - start, _SAFE_DTYPES[meta["dtype"]], param.data)
     model.eval()
     model.requires_grad_(False)
     model.checkpoint_path = str(folder)

@@ -38,10 +38,26 @@ class Objective:
     #: True if ``loss`` needs a frozen teacher (CD4LM). With LoRA the trainer passes the base model with
     #: its adapter disabled (no second copy); with full fine-tuning a separate frozen copy.
     needs_teacher: bool = False
+    #: 0 if position i's token is predicted by the logits at i (LLaDA), 1 if by the logits at i-1
+    #: (Dream). The trainer sets it from the model before training (see :meth:`logits`).
+    logit_shift: int = 0
 
     def __init__(self, ids: SpecialIds, max_length: int):
         self.ids = ids
         self.max_length = max_length
+
+    def logits(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits aligned with the positions they predict, through ``model``'s own ``forward``.
+
+        Objectives must call the model they are given (it may be wrapped by DDP/FSDP/peft, whose hooks
+        run in ``forward``), never ``model.denoise``; this applies Dream's one-position shift here.
+        """
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        if self.logit_shift:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
 
     def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Turn tokenized examples into a batch of tensors (the same for every process)."""

@@ -1,0 +1,379 @@
+"""CD4LM: Discrete-Space Consistency Distillation (DSCD, arXiv 2601.02236).
+
+A student learns to be trajectory-invariant: from a heavily masked state ``x_S`` it should predict the
+distribution a **frozen teacher** predicts from a less masked state ``x_T`` of the same sequence (the
+teacher's masks are a random subset of the student's), plus a reconstruction cross-entropy on the
+true tokens:
+
+    L = λ·clamp(T²·KL(softmax(z_T/T) ‖ softmax(z_S/T)), 0, 5) + (1 − λ)·clamp(CE(z_S, x0), 0, 5)
+
+over the student-masked answer positions, with λ following a cosine schedule with warm-up (0.9 → 0.5).
+
+Pieces, each usable alone: :func:`mask_ratios` and :func:`nested_mask_counts` / :func:`nested_masks`
+(the masker), :func:`collate_nested` (the reference collator on token ids), :func:`consistency_kl`,
+:func:`reconstruction_ce`, :func:`consistency_loss` (clamps and NaN guards) and
+:func:`lambda_cosine_schedule`. :class:`CD4LMObjective` wires them for the trainer.
+
+Quirks kept from the reference collator (``ConsistencyDistillationCollator``), documented in
+``docs/distillation.md``: labels are -100 on **every token equal to the pad id** (with LLaDA that is
+EOS, so an EOS inside an answer is never a loss position; ``train_on_pad_id=True`` keeps real tokens
+and drops only the padding), and the student attention mask is ``x_S != pad``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewstep.distill.dparallel import logit_shift_of, python_rng
+from fewstep.train.objective import Objective, SpecialIds
+
+IGNORE = -100
+
+#: The reference training recipe (``run_training.sh``, ``configs/``): full fine-tuning of LLaDA-8B-Instruct
+#: with a frozen copy as teacher, DeepSpeed ZeRO-2 on 8 GPUs (effective batch 64), AdamW (0.9, 0.999,
+#: eps 1e-8), LR warmed up over 200 steps then constant, early stopping on the eval loss (every 50 steps,
+#: patience 15). The README says T = 2.0 (the script's argparse default is 3.0).
+REFERENCE_RECIPE: dict[str, Any] = {
+    "max_length": 512,
+    "temperature": 2.0,
+    "initial_lambda": 0.9,
+    "final_lambda": 0.5,
+    "lambda_warmup_ratio": 0.1,
+    "clamp_max": 5.0,
+    "lora": False,
+    "lr": 5e-6,
+    "lr_schedule": "constant_with_warmup",
+    "warmup_steps": 200,
+    "weight_decay": 0.01,
+    "max_grad_norm": 1.0,
+    "epochs": 10,
+    "per_device_batch": 2,
+    "grad_accum": 4,
+    "num_processes": 8,
+    "eval_every": 50,
+    "early_stopping_patience": 15,
+    "dtype": "bfloat16",
+}
+
+
+# -- masker ----------------------------------------------------------------------------------------------
+
+
+def mask_ratios(rng: random.Random) -> tuple[float, float]:
+    """Student ratio ``r_S ~ U(0.40, 0.90)``, teacher ratio ``clip(r_S·U(0.30, 0.70), 0.10, 0.60)``."""
+    r_s = rng.uniform(0.40, 0.90)
+    u = rng.uniform(0.30, 0.70)
+    return r_s, max(0.10, min(0.60, r_s * u))
+
+
+def nested_mask_counts(answer_len: int, r_s: float, r_t: float) -> tuple[int, int]:
+    """How many answer tokens the student and the teacher mask (``n_T <= n_S <= L``).
+
+    Answers shorter than 20 tokens cap ``r_S`` at 0.5 (``r_T`` is not recomputed); answers of at most 10
+    tokens get exactly 2 student masks and 1 teacher mask; otherwise ``n_S = max(⌊L·r_S⌋, 2, ⌈0.1·L⌉)``
+    and ``n_T = min(⌊L·r_T⌋, n_S)``. Both are finally capped by ``L``.
+    """
+    if answer_len <= 0:
+        return 0, 0
+    if answer_len < 20:
+        r_s = min(r_s, 0.50)
+    if answer_len <= 10:
+        n_s, n_t = 2, 1
+    else:
+        r_s, r_t = max(0.0, min(1.0, r_s)), max(0.0, min(1.0, r_t))
+        n_s = max(int(answer_len * r_s), max(2, math.ceil(0.10 * answer_len)))
+        n_t = min(int(answer_len * r_t), n_s)
+    n_s = min(n_s, answer_len)
+    return n_s, min(n_t, n_s)
+
+
+def nested_masks(
+    length: int, cond_len: int, r_s: float, r_t: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean student and teacher masks ``[length]`` over the answer ``[cond_len, length)``.
+
+    One ``torch.randperm`` of the answer positions (none if nothing is masked): the student masks its
+    first ``n_S`` entries, the teacher the first ``n_T`` of those, so teacher ⊆ student.
+    """
+    student = torch.zeros(length, dtype=torch.bool)
+    teacher = torch.zeros(length, dtype=torch.bool)
+    answer_len = length - cond_len
+    n_s, n_t = nested_mask_counts(answer_len, r_s, r_t)
+    if n_s == 0:
+        return student, teacher
+    picked = cond_len + torch.randperm(answer_len, generator=generator)[:n_s]
+    student[picked] = True
+    teacher[picked[:n_t]] = True
+    return student, teacher
+
+
+def collate_nested(
+    sequences: Sequence[Sequence[int]],
+    cond_lens: Sequence[int],
+    *,
+    mask_id: int,
+    pad_id: int,
+    rng: random.Random,
+    generator: torch.Generator | None = None,
+    train_on_pad_id: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The nested-masking batch of the reference collator, from token ids.
+
+    ``sequences`` are the clean ``x0`` (question then answer, no padding), ``cond_lens`` the answer
+    starts. Per example, in order: two ``rng.uniform`` draws (:func:`mask_ratios`), then one
+    ``torch.randperm`` when something is masked. Right-padded with ``pad_id`` to the longest sequence.
+
+    Returns ``input_ids`` (``x_S``), ``attention_mask`` (``x_S != pad``, as the reference),
+    ``teacher_consistency_input_ids`` (``x_T``), ``labels`` (``x0`` on the student masks, -100
+    elsewhere, on the question and on pad-id tokens; with ``train_on_pad_id`` only the padding beyond
+    each sequence is dropped), ``answer_start_indices`` and ``lengths`` (the unpadded lengths).
+    """
+    b = len(sequences)
+    width = max((len(s) for s in sequences), default=0)
+    x0 = torch.full((b, width), pad_id, dtype=torch.long)
+    student = torch.zeros((b, width), dtype=torch.bool)
+    teacher = torch.zeros((b, width), dtype=torch.bool)
+    real = torch.zeros((b, width), dtype=torch.bool)
+    for i, (seq, cond) in enumerate(zip(sequences, cond_lens)):
+        n = len(seq)
+        x0[i, :n] = torch.tensor(list(seq), dtype=torch.long)
+        real[i, :n] = True
+        r_s, r_t = mask_ratios(rng)
+        if n > cond:
+            student[i, :n], teacher[i, :n] = nested_masks(n, cond, r_s, r_t, generator)
+    x_s = x0.masked_fill(student, mask_id)
+    x_t = x0.masked_fill(teacher, mask_id)
+    labels = x0.clone()
+    for i, cond in enumerate(cond_lens):
+        labels[i, :cond] = IGNORE
+    labels[~real] = IGNORE
+    if not train_on_pad_id:
+        labels[x0 == pad_id] = IGNORE
+    labels[~student] = IGNORE
+    return {
+        "input_ids": x_s,
+        "attention_mask": (x_s != pad_id).long(),
+        "teacher_consistency_input_ids": x_t,
+        "labels": labels,
+        "answer_start_indices": torch.tensor(list(cond_lens), dtype=torch.long),
+        "lengths": real.sum(dim=1),
+    }
+
+
+# -- losses: pure functions of logits and labels ---------------------------------------------------------
+
+
+def _align(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if shift == 0:
+        return logits, labels
+    if shift != 1:
+        raise ValueError(f"logit shift must be 0 or 1, got {shift}")
+    return logits[:, :-1], labels[:, 1:]
+
+
+def reconstruction_ce(student_logits: torch.Tensor, labels: torch.Tensor, shift: int = 0) -> torch.Tensor:
+    """Mean cross-entropy over ``labels != -100`` (NaN when there is none, as ``CrossEntropyLoss``)."""
+    lg, lb = _align(student_logits, labels, shift)
+    active = lb != IGNORE
+    if not bool(active.any()):
+        return lg.sum() * float("nan")
+    return F.cross_entropy(lg[active].float(), lb[active])
+
+
+def consistency_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 2.0,
+    shift: int = 0,
+) -> torch.Tensor:
+    """``T² · (1/N) Σ KL(softmax(z_T/T) ‖ softmax(z_S/T))`` over the ``N`` positions with a label
+    (``batchmean`` over the active rows); 0 when ``N = 0``. The teacher logits carry no gradient."""
+    lg, lb = _align(student_logits, labels, shift)
+    tg, _ = _align(teacher_logits, labels, shift)
+    active = lb != IGNORE
+    if not bool(active.any()):
+        return torch.zeros((), device=lg.device, dtype=torch.float32)
+    log_q = F.log_softmax(lg[active].float() / temperature, dim=-1)
+    p = F.softmax(tg[active].detach().float() / temperature, dim=-1)
+    return F.kl_div(log_q, p, reduction="batchmean") * temperature**2
+
+
+@dataclass
+class ConsistencyLoss:
+    """The total and its clamped and unclamped components; ``skipped`` when a NaN guard fired."""
+
+    total: torch.Tensor
+    consistency: torch.Tensor
+    reconstruction: torch.Tensor
+    consistency_unclamped: torch.Tensor
+    reconstruction_unclamped: torch.Tensor
+    lam: float
+    skipped: bool = False
+
+    def log_dict(self) -> dict[str, float]:
+        """Floats for the trainer's log."""
+        return {
+            "loss": float(self.total.detach()),
+            "consistency": float(self.consistency.detach()),
+            "reconstruction": float(self.reconstruction.detach()),
+            "consistency_unclamped": float(self.consistency_unclamped.detach()),
+            "reconstruction_unclamped": float(self.reconstruction_unclamped.detach()),
+            "lambda": self.lam,
+            "skipped_nan": float(self.skipped),
+        }
+
+
+def _zero_like_graph(logits: torch.Tensor) -> torch.Tensor:
+    """A zero loss with a (zero) gradient path to the logits, even if they hold NaN/inf."""
+    return (torch.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0) * 0.0).sum()
+
+
+def consistency_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lam: float,
+    temperature: float = 2.0,
+    clamp_max: float | None = 5.0,
+    shift: int = 0,
+) -> ConsistencyLoss:
+    """``λ·clamp(L_cons) + (1 − λ)·clamp(L_rec)`` with the reference's clamps and NaN guards.
+
+    A clamped term has zero gradient while it is above ``clamp_max`` (``None`` disables the clamps).
+    Guard 1: non-finite student logits give a zero loss (zero gradient). Guard 2: a non-finite total
+    (for example no label at all, where the CE is NaN) gives a zero loss and zero components.
+    """
+    nan = torch.tensor(float("nan"))
+    if not bool(torch.isfinite(student_logits).all()):
+        zero = _zero_like_graph(student_logits)
+        return ConsistencyLoss(zero, zero.detach(), zero.detach(), nan, nan, lam, skipped=True)
+    cons = consistency_kl(student_logits, teacher_logits, labels, temperature, shift)
+    rec = reconstruction_ce(student_logits, labels, shift)
+    cons_c, rec_c = cons, rec
+    if clamp_max is not None:
+        cons_c, rec_c = cons.clamp(0.0, clamp_max), rec.clamp(0.0, clamp_max)
+    total = lam * cons_c + (1 - lam) * rec_c
+    if not bool(torch.isfinite(total)):
+        zero = _zero_like_graph(student_logits)
+        return ConsistencyLoss(zero, zero.detach(), zero.detach(), cons.detach(), rec.detach(), lam, skipped=True)
+    return ConsistencyLoss(total, cons_c, rec_c, cons.detach(), rec.detach(), lam)
+
+
+def lambda_cosine_schedule(
+    step: int, max_steps: int, warmup_ratio: float = 0.1, initial: float = 0.9, final: float = 0.5
+) -> float:
+    """λ at optimizer step ``step``: ``initial`` during the first ``warmup_ratio`` of training, then a
+    half-cosine from ``initial`` to ``final`` at ``max_steps`` (ascending or descending)."""
+    if max_steps <= 0:
+        raise ValueError(f"max_steps must be positive, got {max_steps}")
+    progress = step / max_steps
+    if progress < warmup_ratio:
+        return initial
+    s = (progress - warmup_ratio) / (1 - warmup_ratio)
+    return initial + (final - initial) * (1 - 0.5 * (1 + math.cos(math.pi * s)))
+
+
+# -- the objective ---------------------------------------------------------------------------------------
+
+
+class CD4LMObjective(Objective):
+    """DSCD for the trainer: nested-mask collate, student and frozen-teacher forwards, clamped loss.
+
+    ``collate``: ``x0 = prompt + response`` (as given, no EOS appended: the reference trains on raw
+    ``"{question} {answer}"`` text), truncated to ``max_length``, answer start = ``len(prompt)``, padded
+    to the longest row. ``lam`` fixes λ; otherwise :func:`lambda_cosine_schedule` runs over the trainer's
+    optimizer steps. ``mask_padding=False`` runs both models on the padded canvas without an attention
+    mask, which is what the reference computes (its LLaDA ignores the mask); ``True`` masks the padding
+    beyond each row for both student and teacher.
+    """
+
+    name = "cd4lm"
+    needs_teacher = True
+
+    def __init__(
+        self,
+        ids: SpecialIds,
+        max_length: int = 512,
+        *,
+        temperature: float = 2.0,
+        lam: float | None = None,
+        initial_lambda: float = 0.9,
+        final_lambda: float = 0.5,
+        lambda_warmup_ratio: float = 0.1,
+        clamp_max: float | None = 5.0,
+        mask_padding: bool = False,
+        train_on_pad_id: bool = False,
+    ):
+        super().__init__(ids, max_length)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.lam = lam
+        self.initial_lambda, self.final_lambda = initial_lambda, final_lambda
+        self.lambda_warmup_ratio = lambda_warmup_ratio
+        self.clamp_max = clamp_max
+        self.mask_padding = mask_padding
+        self.train_on_pad_id = train_on_pad_id
+
+    def current_lambda(self, step: int, max_steps: int) -> float:
+        """The fixed λ, or the cosine schedule's value at ``step``."""
+        if self.lam is not None:
+            return self.lam
+        return lambda_cosine_schedule(
+            step, max(max_steps, 1), self.lambda_warmup_ratio, self.initial_lambda, self.final_lambda
+        )
+
+    def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Nested student/teacher masks with the trainer's generator (see :func:`collate_nested`)."""
+        seqs = [[*ex["prompt_ids"], *ex["response_ids"]][: self.max_length] for ex in examples]
+        conds = [min(len(ex["prompt_ids"]), self.max_length) for ex in examples]
+        return collate_nested(
+            seqs,
+            conds,
+            mask_id=self.ids.mask,
+            pad_id=self.ids.pad,
+            rng=python_rng(generator),
+            generator=generator,
+            train_on_pad_id=self.train_on_pad_id,
+        )
+
+    def loss(
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        *,
+        step: int = 0,
+        max_steps: int = 1,
+        teacher: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Student forward on ``x_S``, teacher forward on ``x_T`` under ``no_grad``, :func:`consistency_loss`."""
+        if teacher is None:
+            raise ValueError("CD4LM needs a frozen teacher model")
+        attn = None
+        if self.mask_padding:
+            width = batch["input_ids"].shape[1]
+            lengths = batch["lengths"].to(batch["input_ids"].device)
+            attn = (torch.arange(width, device=lengths.device)[None] < lengths[:, None]).long()
+        student_logits = model(input_ids=batch["input_ids"], attention_mask=attn).logits
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=batch["teacher_consistency_input_ids"], attention_mask=attn).logits
+        out = consistency_loss(
+            student_logits,
+            teacher_logits,
+            batch["labels"],
+            lam=self.current_lambda(step, max_steps),
+            temperature=self.temperature,
+            clamp_max=self.clamp_max,
+            shift=logit_shift_of(model),
+        )
+        return out.total, out.log_dict()

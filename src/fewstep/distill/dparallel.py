@@ -1,0 +1,420 @@
+"""dParallel: certainty-forcing distillation (Chen et al., arXiv 2509.26488, ICLR 2026).
+
+The student (LoRA on the teacher itself) is trained on the teacher's own semi-autoregressive outputs
+with two complementary masked views of every sequence:
+
+* **Masking** (:func:`complementary_masks`): pick a random response block; earlier blocks (and the
+  prompt) stay clean, later blocks are fully masked (inputs only, never in the loss), and inside the
+  block a Bernoulli(0.5005) mask ``s`` gives view 1 (positions ``s``) and its complement view 2
+  (positions ``~s``). Dream uses no blocks: the whole response is the active span.
+* **Loss** (:func:`certainty_forcing_loss`): per view, cross-entropy on the masked positions plus the
+  entropy of ``softmax(z / τ_H)`` averaged over the masked positions the student already predicts
+  correctly (argmax of the untempered logits equals the label); ``L = CE_1 + CE_2 + w·(H_1 + H_2)``.
+
+Every loss is a pure function of logits, labels and masks. Randomness comes from an explicit Python
+``random.Random`` (the block index, drawn with ``randint`` as the reference does) and an explicit
+``torch.Generator`` (the Bernoulli draws).
+
+``reference=True`` reproduces ``forward_process_semi_ar`` of the official code exactly, including the
+batch bugs that are harmless at its batch size of 1 (see :func:`complementary_masks`); the parity
+suite checks it against the recorded oracles. The default is the intended per-row semantics; at batch
+size 1 both give identical masks from the same random streams.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewstep.train.objective import Objective, SpecialIds
+
+#: The reference's hyper-parameters (``config_lora_{llada,dream}.yaml`` and ``DLMTrainer``).
+LLADA_DEFAULTS: dict[str, Any] = {"block_size": 32, "entropy_weight": 2.0, "temperature": 0.5, "max_length": 384}
+DREAM_DEFAULTS: dict[str, Any] = {"block_size": None, "entropy_weight": 1.0, "temperature": 0.5, "max_length": 384}
+
+#: The reference training recipes (``LLaDA/configs/config_lora_llada.yaml``, ``Dream/configs/config_lora_dream.yaml``),
+#: for 8 GPUs (effective batch 64 sequences). The LLaDA config lists seven LoRA targets, but LLaDA names
+#: its attention output / MLP gate / MLP down projection ``attn_out`` / ``ff_proj`` / ``ff_out``, so only
+#: the four listed here are adapted in the reference (peft silently ignores names that match nothing).
+#: Dream (Qwen2 names) gets all seven.
+REFERENCE_RECIPES: dict[str, dict[str, Any]] = {
+    "llada": {
+        **LLADA_DEFAULTS,
+        "lora_r": 128,
+        "lora_alpha": 128,
+        "lora_dropout": 0.0,
+        "lora_targets": ["q_proj", "k_proj", "v_proj", "up_proj"],
+        "lr": 2e-5,
+        "lr_schedule": "constant",
+        "warmup_ratio": 0.0,
+        "weight_decay": 0.01,
+        "max_grad_norm": 1.0,
+        "epochs": 6,
+        "per_device_batch": 1,
+        "grad_accum": 8,
+        "num_processes": 8,
+        "dtype": "bfloat16",
+    },
+    "dream": {
+        **DREAM_DEFAULTS,
+        "lora_r": 32,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "lr": 2e-5,
+        "lr_schedule": "cosine",
+        "warmup_ratio": 0.05,
+        "weight_decay": 0.01,
+        "max_grad_norm": 1.0,
+        "epochs": 3,
+        "per_device_batch": 1,
+        "grad_accum": 8,
+        "num_processes": 8,
+        "dtype": "bfloat16",
+    },
+}
+
+
+@dataclass
+class ComplementaryMasks:
+    """Both views of a batch. ``mask``/``mask_rev`` are the loss positions (bool ``[B, L]``)."""
+
+    noisy: torch.Tensor
+    noisy_rev: torch.Tensor
+    mask: torch.Tensor
+    mask_rev: torch.Tensor
+
+
+def bernoulli_threshold(mask_ratio: float = 0.5, eps: float = 1e-3) -> torch.Tensor:
+    """``(1 - eps)·ratio + eps`` in float32, computed as the reference does (0.5005 by default)."""
+    return (1 - eps) * torch.tensor(mask_ratio, dtype=torch.float32) + eps
+
+
+def active_span(prompt_len: int, length: int, block_size: int | None, rng: random.Random) -> tuple[int, int] | None:
+    """The active span ``[a, e)`` of one row, or None when the row has no response (``length <= P``).
+
+    With blocks: ``k ~ U{0..⌊R/b⌋}`` (``rng.randint``), ``a = P + k·b``, ``e = a + b`` except for the
+    last index, whose span runs to the end (the ragged tail, possibly empty). Without blocks (Dream) the
+    whole response is active and ``rng`` is not used.
+    """
+    response = length - prompt_len
+    if response <= 0:
+        return None
+    if block_size is None:
+        return prompt_len, length
+    max_blocks = response // block_size
+    k = rng.randint(0, max_blocks)
+    start = prompt_len + k * block_size
+    return start, (length if k == max_blocks else start + block_size)
+
+
+def complementary_masks(
+    input_ids: torch.Tensor,
+    prompt_lengths: torch.Tensor | list[int],
+    *,
+    mask_id: int,
+    rng: random.Random,
+    generator: torch.Generator | None = None,
+    block_size: int | None = 32,
+    mask_ratio: float = 0.5,
+    eps: float = 1e-3,
+    reference: bool = False,
+    view_mask_id: int | None = None,
+) -> ComplementaryMasks:
+    """Semi-autoregressive complementary masking of a clean batch ``input_ids`` ``[B, L]``.
+
+    Random draws, in order, for each row ``i``: ``rng.randint`` for the block (not with
+    ``block_size=None``), then ``torch.rand`` for the Bernoulli draws of the span, so both modes consume
+    the streams in the reference's order.
+
+    Default (intended semantics): every row gets its own span; inside it view 1 masks ``s`` and view 2
+    masks ``~s`` (the views partition the span); every position after the span is set to ``mask_id`` in
+    both views (input only); positions before the span are clean. Rows without a response stay clean.
+
+    ``reference=True`` reproduces the official ``forward_process_semi_ar`` bit for bit: the Bernoulli
+    draws are ``torch.rand((B, span))`` per row and row ``i``'s span columns are written into **every**
+    row (spans of different rows overlap and accumulate, prompts of other rows can be masked); the views
+    are rebuilt from the accumulated masks after each row, so only the **last** row (with a response)
+    keeps its future masking. ``view_mask_id`` is the id written at the span masks (the reference writes a
+    literal, LLaDA-8B's mask id, whatever ``mask_id`` is; default ``mask_id``); ``mask_id`` is written at
+    the future positions.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
+    b, length = input_ids.shape
+    prompt_lengths = [int(p) for p in (prompt_lengths.tolist() if torch.is_tensor(prompt_lengths) else prompt_lengths)]
+    if len(prompt_lengths) != b:
+        raise ValueError(f"{len(prompt_lengths)} prompt lengths for a batch of {b}")
+    view_id = mask_id if view_mask_id is None else view_mask_id
+    threshold = bernoulli_threshold(mask_ratio, eps).to(input_ids.device)
+    if reference:
+        return _reference_masks(input_ids, prompt_lengths, mask_id, view_id, rng, generator, block_size, threshold)
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    mask_rev = torch.zeros_like(input_ids, dtype=torch.bool)
+    future = torch.zeros_like(input_ids, dtype=torch.bool)
+    for i, p in enumerate(prompt_lengths):
+        span = active_span(p, length, block_size, rng)
+        if span is None:
+            continue
+        a, e = span
+        s = torch.rand(e - a, generator=generator, device=input_ids.device) < threshold
+        mask[i, a:e] = s
+        mask_rev[i, a:e] = ~s
+        future[i, e:] = True
+    noisy = torch.where(mask, view_id, input_ids).masked_fill(future, mask_id)
+    noisy_rev = torch.where(mask_rev, view_id, input_ids).masked_fill(future, mask_id)
+    return ComplementaryMasks(noisy, noisy_rev, mask, mask_rev)
+
+
+def _reference_masks(
+    input_ids: torch.Tensor,
+    prompt_lengths: list[int],
+    mask_id: int,
+    view_id: int,
+    rng: random.Random,
+    generator: torch.Generator | None,
+    block_size: int | None,
+    threshold: torch.Tensor,
+) -> ComplementaryMasks:
+    """The official batch loop, quirks included (see :func:`complementary_masks`)."""
+    b, length = input_ids.shape
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    mask_rev = torch.zeros_like(input_ids, dtype=torch.bool)
+    noisy, noisy_rev = input_ids.clone(), input_ids.clone()
+    for i, p in enumerate(prompt_lengths):
+        span = active_span(p, length, block_size, rng)
+        if span is None:
+            continue
+        a, e = span
+        s = torch.rand((b, e - a), generator=generator, device=input_ids.device) < threshold
+        mask[:, a:e] = s  # every row gets row i's span
+        mask_rev[:, a:e] = ~s
+        noisy = torch.where(mask, view_id, input_ids)  # rebuilt: earlier rows lose their future masking
+        noisy[i, e:] = mask_id
+        noisy_rev = torch.where(mask_rev, view_id, input_ids)
+        noisy_rev[i, e:] = mask_id
+    return ComplementaryMasks(noisy, noisy_rev, mask, mask_rev)
+
+
+# -- losses: pure functions of logits, labels and masks -------------------------------------------------
+
+
+def align(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, shift: int = 0):
+    """Align logits with the tokens they predict: ``shift=1`` (Dream) drops the last logit column and
+    the first label/mask column; ``shift=0`` (LLaDA) returns the inputs unchanged."""
+    if shift == 0:
+        return logits, labels, mask
+    if shift != 1:
+        raise ValueError(f"logit shift must be 0 or 1, got {shift}")
+    return logits[:, :-1], labels[:, 1:], mask[:, 1:]
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the masked positions (``1/|A|``, no ELBO weight); a zero with a graph if
+    nothing is masked. Computed in float32 on the selected rows."""
+    if not bool(mask.any()):
+        return 0.0 * logits.sum()
+    return F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum") / mask.sum()
+
+
+def correct_positions(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked positions whose untempered argmax equals the label (a non-differentiable selection)."""
+    return (logits.argmax(dim=-1) == labels) & mask
+
+
+def entropy(logits: torch.Tensor, temperature: float = 0.5, eps: float = 1e-12) -> torch.Tensor:
+    """``-Σ p log(p + eps)`` of ``p = softmax(logits / temperature)`` over the last dim, in float32."""
+    p = F.softmax(logits.float() / temperature, dim=-1)
+    return -(p * torch.log(p + eps)).sum(dim=-1)
+
+
+def certainty_forcing_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, temperature: float = 0.5, eps: float = 1e-12
+) -> tuple[torch.Tensor, int]:
+    """Mean tempered entropy over the correctly predicted masked positions, and their count.
+
+    Gradients flow through the entropy only; a zero with a graph when no masked position is correct.
+    """
+    correct = correct_positions(logits, labels, mask)
+    n = int(correct.sum())
+    if n == 0:
+        return 0.0 * logits.sum(), 0
+    return entropy(logits[correct], temperature, eps).sum() / n, n
+
+
+@dataclass
+class CertaintyForcingLoss:
+    """The total and its components (tensors with graphs; counts as ints)."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    ce_rev: torch.Tensor
+    entropy: torch.Tensor
+    entropy_rev: torch.Tensor
+    num_correct: int
+    num_correct_rev: int
+
+    def log_dict(self) -> dict[str, float]:
+        """Floats for the trainer's log."""
+        return {
+            "loss": float(self.total.detach()),
+            "ce": float(self.ce.detach()),
+            "ce_rev": float(self.ce_rev.detach()),
+            "entropy": float(self.entropy.detach()),
+            "entropy_rev": float(self.entropy_rev.detach()),
+            "num_correct": float(self.num_correct),
+            "num_correct_rev": float(self.num_correct_rev),
+        }
+
+
+def certainty_forcing_loss(
+    logits: torch.Tensor,
+    logits_rev: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    mask_rev: torch.Tensor,
+    *,
+    temperature: float = 0.5,
+    entropy_weight: float = 2.0,
+    shift: int = 0,
+    eps: float = 1e-12,
+) -> CertaintyForcingLoss:
+    """``CE_1 + CE_2 + w·(H_1 + H_2)`` from the raw logits of both views, the clean labels and the masks.
+
+    Each view is normalised by its own counts. ``shift`` is the model's logit shift (Dream: 1).
+    """
+    lg, lb, m = align(logits, labels, mask, shift)
+    lg_r, lb_r, m_r = align(logits_rev, labels, mask_rev, shift)
+    ce, ce_rev = masked_cross_entropy(lg, lb, m), masked_cross_entropy(lg_r, lb_r, m_r)
+    ent, n = certainty_forcing_entropy(lg, lb, m, temperature, eps)
+    ent_rev, n_rev = certainty_forcing_entropy(lg_r, lb_r, m_r, temperature, eps)
+    total = ce + ce_rev + entropy_weight * (ent + ent_rev)
+    return CertaintyForcingLoss(total, ce, ce_rev, ent, ent_rev, n, n_rev)
+
+
+# -- the objective ---------------------------------------------------------------------------------------
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / accelerate / peft wrappers (used to read attributes like ``logit_shift``)."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            break
+    return model
+
+
+def logit_shift_of(model: nn.Module) -> int:
+    """0 for LLaDA-style models, 1 for Dream-style (token ``i`` predicted at ``i - 1``)."""
+    return int(getattr(unwrap(model), "logit_shift", 0))
+
+
+def pad_fixed(ids: list[int], length: int, pad_id: int) -> list[int]:
+    """Right-pad with ``pad_id`` to exactly ``length`` tokens, or truncate."""
+    return (list(ids) + [pad_id] * max(length - len(ids), 0))[:length]
+
+
+def python_rng(generator: torch.Generator) -> random.Random:
+    """A ``random.Random`` seeded from ``generator`` (so a resumed generator resumes both streams)."""
+    return random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
+
+
+class DParallelObjective(Objective):
+    """dParallel certainty forcing for the trainer: collate masks both views, loss runs two forwards.
+
+    ``collate``: ``prompt + response + [EOS]``, right-padded with EOS to exactly ``max_length`` (or
+    truncated), as the reference does (the EOS padding is part of the response and is trained on);
+    then both views are masked with the trainer's generator. ``block_size=None`` is Dream's whole-
+    response masking (``DREAM_DEFAULTS``). ``reference_masking`` switches to the official batch loop
+    (``view_mask_id`` as in :func:`complementary_masks`).
+    """
+
+    name = "dparallel"
+    needs_teacher = False
+
+    def __init__(
+        self,
+        ids: SpecialIds,
+        max_length: int = 384,
+        *,
+        block_size: int | None = 32,
+        temperature: float = 0.5,
+        entropy_weight: float = 2.0,
+        mask_ratio: float = 0.5,
+        eps: float = 1e-3,
+        reference_masking: bool = False,
+        view_mask_id: int | None = None,
+    ):
+        super().__init__(ids, max_length)
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"block_size must be a positive integer or None, got {block_size}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.block_size = block_size
+        self.temperature = temperature
+        self.entropy_weight = entropy_weight
+        self.mask_ratio = mask_ratio
+        self.eps = eps
+        self.reference_masking = reference_masking
+        self.view_mask_id = view_mask_id
+
+    def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Fixed-length EOS-padded clean ids, prompt lengths and both masked views."""
+        eos = self.ids.eos
+        rows = [pad_fixed([*ex["prompt_ids"], *ex["response_ids"], eos], self.max_length, eos) for ex in examples]
+        input_ids = torch.tensor(rows, dtype=torch.long)
+        prompt_lengths = torch.tensor([len(ex["prompt_ids"]) for ex in examples], dtype=torch.long)
+        views = complementary_masks(
+            input_ids,
+            prompt_lengths,
+            mask_id=self.ids.mask,
+            rng=python_rng(generator),
+            generator=generator,
+            block_size=self.block_size,
+            mask_ratio=self.mask_ratio,
+            eps=self.eps,
+            reference=self.reference_masking,
+            view_mask_id=self.view_mask_id,
+        )
+        return {
+            "input_ids": input_ids,
+            "prompt_lengths": prompt_lengths,
+            "noisy": views.noisy,
+            "noisy_rev": views.noisy_rev,
+            "mask": views.mask,
+            "mask_rev": views.mask_rev,
+        }
+
+    def loss(
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        *,
+        step: int = 0,
+        max_steps: int = 1,
+        teacher: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Two forwards (one per view) and :func:`certainty_forcing_loss`."""
+        logits = model(input_ids=batch["noisy"]).logits
+        logits_rev = model(input_ids=batch["noisy_rev"]).logits
+        out = certainty_forcing_loss(
+            logits,
+            logits_rev,
+            batch["input_ids"],
+            batch["mask"],
+            batch["mask_rev"],
+            temperature=self.temperature,
+            entropy_weight=self.entropy_weight,
+            shift=logit_shift_of(model),
+        )
+        return out.total, out.log_dict()

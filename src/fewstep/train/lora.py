@@ -1,0 +1,124 @@
+"""LoRA through ``peft``, with target modules named by *role* and mapped per architecture.
+
+Reference recipes list Llama/Qwen projection names (``q_proj ... down_proj``). On Dream (Qwen2
+naming) all seven exist; on LLaDA only ``q_proj, k_proj, v_proj, up_proj`` do, because LLaDA calls the
+attention output ``attn_out``, the MLP gate ``ff_proj`` and the MLP down projection ``ff_out``
+(checkpoints.md section 5). So dParallel's LLaDA recipe effectively adapts {q, k, v, up} only. fewstep
+names roles and maps them, so "all seven" really means all seven on both architectures, and the
+dParallel-LLaDA set is reproduced by asking for the roles ``q k v up``. A bare ``ff_out`` would also
+match LLaDA's LM head (``ff_out`` at the top level); the regexes below are anchored to the blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+# role -> regex for the module's qualified name (peft full-matches a string target against names).
+_ROLE_PATTERNS: dict[str, dict[str, str]] = {
+    "llada": {
+        "q": r"blocks\.\d+\.q_proj",
+        "k": r"blocks\.\d+\.k_proj",
+        "v": r"blocks\.\d+\.v_proj",
+        "o": r"blocks\.\d+\.attn_out",
+        "gate": r"blocks\.\d+\.ff_proj",
+        "up": r"blocks\.\d+\.up_proj",
+        "down": r"blocks\.\d+\.ff_out",
+    },
+    "dream": {
+        "q": r"layers\.\d+\.self_attn\.q_proj",
+        "k": r"layers\.\d+\.self_attn\.k_proj",
+        "v": r"layers\.\d+\.self_attn\.v_proj",
+        "o": r"layers\.\d+\.self_attn\.o_proj",
+        "gate": r"layers\.\d+\.mlp\.gate_proj",
+        "up": r"layers\.\d+\.mlp\.up_proj",
+        "down": r"layers\.\d+\.mlp\.down_proj",
+    },
+}
+#: The reference recipes' target lists, as roles (what they *meant*: all seven projections).
+ALL_ROLES = ROLES
+#: What dParallel's LLaDA config *actually* adapts (four of its seven names exist in LLaDA).
+DPARALLEL_LLADA_ROLES = ("q", "k", "v", "up")
+
+
+@dataclass
+class LoraSpec:
+    """LoRA settings: rank ``r``, ``alpha``, ``dropout`` and the projection ``roles`` to adapt."""
+
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    roles: tuple[str, ...] = field(default=ALL_ROLES)
+
+    def __post_init__(self) -> None:
+        bad = [r for r in self.roles if r not in ROLES]
+        if bad or not self.roles:
+            raise ValueError(f"unknown LoRA roles {bad}; choose from {', '.join(ROLES)}")
+        if self.r < 1:
+            raise ValueError("LoRA rank must be >= 1")
+
+
+def target_regex(architecture: str, roles: tuple[str, ...] | list[str]) -> str:
+    """One regex matching the modules of ``roles`` in ``architecture`` (``"llada"`` or ``"dream"``)."""
+    if architecture not in _ROLE_PATTERNS:
+        raise ValueError(f"no LoRA role map for architecture {architecture!r}")
+    pats = _ROLE_PATTERNS[architecture]
+    return "(" + "|".join(pats[r] for r in roles) + ")"
+
+
+def target_modules(model: nn.Module, roles: tuple[str, ...] | list[str]) -> list[str]:
+    """The qualified names of ``model``'s modules that ``roles`` select (for logs and tests)."""
+    import re
+
+    pattern = re.compile(target_regex(model.architecture, roles))
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
+
+
+def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
+    """Wrap ``model`` in a ``peft`` LoRA model (base weights frozen, adapters trainable)."""
+    from peft import LoraConfig, get_peft_model
+
+    names = target_modules(model, spec.roles)
+    if not names:
+        raise ValueError(f"LoRA roles {spec.roles} match no module of this {model.architecture} model")
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=target_regex(model.architecture, spec.roles),
+        bias="none",
+    )
+    model.requires_grad_(True)
+    return get_peft_model(model, config)
+
+
+def is_peft(model: nn.Module) -> bool:
+    """True for a ``peft`` wrapper."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+class AdapterDisabledTeacher(nn.Module):
+    """The frozen base model behind a LoRA model, without a second copy of its weights.
+
+    Calling it runs the peft model with its adapter disabled and without gradients: exactly the
+    pretrained weights. The peft model is held outside the module tree (not a submodule), so it is
+    not registered, saved or prepared twice.
+    """
+
+    def __init__(self, peft_model: nn.Module):
+        super().__init__()
+        self._ref = [peft_model]
+
+    def forward(self, *args, **kwargs):
+        model = self._ref[0]
+        import torch
+
+        with torch.no_grad(), model.disable_adapter():
+            return model(*args, **kwargs)

@@ -1,0 +1,34 @@
+"""Shared fixtures for the trainer tests: a task folder and a very small LLaDA config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+TINY = {
+    "model_type": "llada",
+    "d_model": 32,
+    "n_layers": 2,
+    "n_heads": 2,
+    "mlp_hidden_size": 64,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-5,
+    "max_sequence_length": 128,
+}
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory):
+    """train.jsonl (256 examples), test.jsonl and tokenizer/ written by the task's own functions."""
+    from fewstep.tasks.arith import ArithConfig, generate
+    from fewstep.tasks.tokenizer import build_word_tokenizer
+
+    d = tmp_path_factory.mktemp("arith")
+    for split, n in (("train", 256), ("test", 16)):
+        with open(d / f"{split}.jsonl", "w") as fh:
+            for p in generate(split, n, seed=0):
+                fh.write(json.dumps(p.to_json()) + "\n")
+    build_word_tokenizer(ArithConfig().vocabulary(), d / "tokenizer")
+    (d / "tiny.json").write_text(json.dumps(TINY))
+    return d
