@@ -76,6 +76,23 @@ def test_llada_quota_and_past_schedule():
     assert sel.commit.tolist() == [[True, True, True, False]]
 
 
+def test_llada_eos_options():
+    eos, eot = 5, 6
+    z = logits_for([[0.9, 0.6, 0.8]], token=eos)
+    z[0, 2] = logits_for([[0.8]], token=eot)[0, 0]
+    z[0, 1] = logits_for([[0.6]], token=2)[0, 0]
+    st = state([1, 1, 1], eos=(eos, eot), memory={"quota": torch.tensor([[2]])})
+    plain = LowConfidencePolicy(steps=1).select(z, st)
+    assert plain.commit.tolist() == [[True, False, True]] and plain.tokens[0, 0] == eos
+    # logits_eos_inf: EOS can never be predicted (the second choice wins at position 0)
+    no_eos = LowConfidencePolicy(steps=1, suppress_eos=True).select(z, st)
+    assert no_eos.tokens[0, 0] != eos and no_eos.tokens[0, 2] == eot
+    # confidence_eos_eot_inf: EOS / EOT predictions keep their token but rank last
+    low = LowConfidencePolicy(steps=1, eos_low_confidence=True).select(z, st)
+    # the only non-EOS prediction is now the most confident; the two EOS/EOT ones tie at 0 (left first)
+    assert low.commit.tolist() == [[True, True, False]] and low.tokens[0, 0] == eos
+
+
 def test_llada_steps_must_divide_blocks():
     with pytest.raises(ValueError, match=r"steps \(6\) must be divisible by the number of blocks \(4"):
         LowConfidencePolicy(steps=6).validate(32, 8)
@@ -202,7 +219,7 @@ def test_dream_scores_rank_confident_first(alg):
 def test_scores_are_computed_in_chunks(monkeypatch):
     z = torch.randn(1, 16, V)
     ref = ConfidenceThresholdPolicy(0.3).select(z, state([1] * 16))
-    monkeypatch.setattr(base, "CHUNK_BYTES", 3 * V * 8)  # 3 candidate rows per chunk
+    monkeypatch.setattr(base, "CHUNK_BYTES", {"cpu": 3 * V * 8, "default": 3 * V * 8})  # 3 rows per chunk
     got = ConfidenceThresholdPolicy(0.3).select(z, state([1] * 16))
     assert torch.equal(ref.commit, got.commit) and torch.equal(ref.tokens, got.tokens)
 

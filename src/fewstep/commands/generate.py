@@ -25,23 +25,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fewstep.decoding.policies import policy_help
 
     parser.epilog = EPILOG.format(policies=policy_help())
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # defaults are written in the help texts
     parser.add_argument("--model", required=True, metavar="PATH", help="checkpoint folder (LLaDA or Dream)")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT", help="prompt text (repeat for a batch)")
     src.add_argument(
         "--prompt-ids", action="append", metavar="IDS", help="prompt as space-separated token ids (repeatable)"
     )
-    parser.add_argument("--policy", default="threshold:0.9", metavar="NAME[:ARGS]", help="unmasking policy")
-    parser.add_argument("--cache", default="none", choices=["none", "prefix", "dual"], help="KV cache mode")
-    parser.add_argument("--gen-length", type=int, default=128, help="tokens to generate")
-    parser.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block length")
-    parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling policies (row i uses seed+i)")
+    parser.add_argument(
+        "--policy",
+        default="threshold:0.9",
+        metavar="NAME[:ARGS]",
+        help="unmasking policy (default: threshold:0.9; names below)",
+    )
+    parser.add_argument(
+        "--cache", default="none", choices=["none", "prefix", "dual"], help="KV cache mode (default: none)"
+    )
+    parser.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default: 128)")
+    parser.add_argument(
+        "--block-length",
+        type=int,
+        default=None,
+        help="semi-autoregressive block length (default: 32, or gen-length if smaller)",
+    )
+    parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (default: 0, off)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for sampling policies; prompt i uses seed+i (default: torch's global RNG)",
+    )
     parser.add_argument(
         "--no-early-stop",
         dest="early_stop",
         action="store_false",
-        help="keep decoding after EOS (the reference samplers' behaviour)",
+        help="keep decoding after EOS (the reference samplers' behaviour; default: stop a prompt at EOS)",
     )
     parser.add_argument(
         "--no-chat-template", dest="chat", action="store_false", help="tokenize the prompt as plain text"
@@ -156,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.trace_json:
         doc = trace_json(out, tokenizer, prompts)
-        doc.update(model=str(model_dir), gen_length=args.gen_length, block_length=args.block_length)
+        doc.update(model=str(model_dir), gen_length=args.gen_length, block_length=args.block_length or "default")
         Path(args.trace_json).write_text(json.dumps(doc, indent=1) + "\n")
     summary = {
         "policy": out.policy,

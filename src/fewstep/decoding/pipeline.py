@@ -157,6 +157,7 @@ def generate(
     callback: Callable[[StepEvent], None] | None = None,
     trace: bool = False,
     quirk_cache_extra_nfe: bool = False,
+    quirk_mask_prediction: bool = False,
     max_steps_per_block: int | None = None,
 ) -> GenerateOutput:
     """Generate ``gen_length`` tokens after each prompt with a diffusion LM and an unmasking policy.
@@ -185,6 +186,11 @@ def generate(
         quirk_cache_extra_nfe: Fast-dLLM's / dParallel's cached samplers test for block completion only
             after a cached forward, so a block finished by its first (full) forward costs one more,
             useless, forward. Off by default; parity tests turn it on.
+        quirk_mask_prediction: the reference samplers let the mask token itself win the argmax;
+            committing it changes nothing and the position stays masked (a loop that waits for the
+            block to finish can then stall). By default fewstep never predicts the mask token (its
+            logit is set to the dtype's minimum, which leaves every other probability unchanged up to
+            rounding); parity tests turn the quirk on.
         max_steps_per_block: safety limit on forwards per block (default ``4 * block_length + 64``);
             exceeding it raises ``RuntimeError`` (a policy that never commits would loop forever).
     """
@@ -242,6 +248,7 @@ def generate(
         trace=trace,
         callback=callback,
         quirk_cache_extra_nfe=quirk_cache_extra_nfe,
+        suppress_mask=not quirk_mask_prediction,
         limit=max_steps_per_block or 4 * block_length + 64,
     )
     return run.run()
@@ -268,11 +275,13 @@ class _Run:
         trace,
         callback,
         quirk_cache_extra_nfe,
+        suppress_mask,
         limit,
     ):
         self.model, self.policy, self.cache, self.cfg_scale = model, policy, cache, cfg_scale
         self.mask_id, self.eos, self.fill_id, self.rng = mask_id, eos, fill_id, rng
         self.callback, self.quirk_extra_nfe, self.limit = callback, quirk_cache_extra_nfe, limit
+        self.suppress_mask = suppress_mask
         self.G, self.L = gen_length, block_length
         self.num_blocks = gen_length // block_length
         B, P = ids.shape
@@ -412,6 +421,8 @@ class _Run:
         if cfg:
             cond, uncond = logits.chunk(2)
             logits = uncond + (self.cfg_scale + 1) * (cond - uncond)
+        if self.suppress_mask:
+            logits[..., self.mask_id] = torch.finfo(logits.dtype).min
         return logits
 
     def early_stop(self, rows: torch.Tensor) -> None:

@@ -118,7 +118,7 @@ def policy_help() -> str:
     """One line per policy: name, its main option and its options with their defaults."""
     lines = []
     for name, cls in POLICIES.items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        doc = cls.summary or (cls.__doc__ or "").strip().splitlines()[0]
         opts = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
         lines.append(f"  {name}: {doc}\n      options: {opts}")
     return "\n".join(lines)

@@ -19,12 +19,13 @@ from fewstep.decoding.policies.base import (
     Policy,
     Selection,
     StepState,
+    _chunks,
     check_choice,
     check_range,
     entropy,
+    gumbel_argmax,
     random_scores,
     ranks,
-    sample_candidates,
     scatter,
     token_probs,
 )
@@ -67,6 +68,7 @@ class CADPolicy(Policy):
     takes whatever ``torch.topk`` returns over a vector of -inf values (CPU tie order).
     """
 
+    summary = "CD4LM Confidence-Adaptive Decoding: min..max tokens above the threshold, EOS gating"
     name = "cad"
     positional = "threshold"
 
@@ -108,15 +110,25 @@ class CADPolicy(Policy):
 
     def select(self, logits: torch.Tensor, state: StepState) -> Selection:
         mask = state.mask
-        z = stabilise(logits[mask])
-        x0 = sample_candidates(z, state, self.temperature, noise_dtype=torch.float32)
+        z = logits[mask]
+        noise = None
+        if self.temperature > 0:
+            noise = state.rng.uniform(state.rows, state.counts, z.shape[-1], torch.float32)
+        x0, score, i = [], [], 0
+        for c in _chunks(z, itemsize=4):  # stabilise and score chunk by chunk (bounded temporaries)
+            c = stabilise(c)
+            n = c.shape[0]
+            x0.append(c.argmax(-1) if noise is None else gumbel_argmax(c, self.temperature, noise[i : i + n]))
+            if self.selection == "entropy":
+                score.append(-entropy(c, None, 1e-10))  # negative entropy, <= 0
+            elif self.selection == "confidence":
+                score.append(token_probs(c, x0[-1], None))
+            i += n
+        x0 = torch.cat(x0) if x0 else z.new_empty(0, dtype=torch.long)
         if self.remasking == "random" or self.selection == "random":
             score = random_scores(state)
         else:
-            if self.selection == "entropy":
-                score = -entropy(z, None, 1e-10)  # negative entropy, <= 0
-            else:
-                score = token_probs(z, x0, None)
+            score = torch.cat(score) if score else z.new_empty(0, dtype=torch.float32)
         tokens = scatter(x0, mask, state.mask_id)
         conf = scatter(score, mask, float("-inf"))
         raw = conf

@@ -38,6 +38,7 @@ class EntropyThresholdPolicy(Policy):
     replaces the entropies with uniform scores, as the reference does.
     """
 
+    summary = "dParallel entropy threshold (LLaDA numerics): lowest entropy + every H <= threshold"
     name = "entropy"
     positional = "threshold"
 
@@ -77,6 +78,7 @@ class DreamEntropyThresholdPolicy(EntropyThresholdPolicy):
     candidate is always committed. Threshold 0.5 and block length 32 are its defaults.
     """
 
+    summary = "dParallel entropy threshold (Dream numerics): lowest entropy + every H < threshold"
     name = "entropy-dream"
 
     probs_dtype: str = "logits"

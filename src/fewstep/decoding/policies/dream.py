@@ -66,6 +66,7 @@ class DreamPolicy(Policy):
     * ``threshold``: for ``confidence_threshold`` only (Dream's default 0.9).
     """
 
+    summary = "Dream diffusion_generate: entropy, maskgit_plus, topk_margin or confidence_threshold"
     name = "dream"
     positional = "alg"
 

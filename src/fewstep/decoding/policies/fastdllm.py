@@ -46,6 +46,7 @@ class ConfidenceThresholdPolicy(Policy):
     are the paper's (``threshold`` 0.9, greedy, float64 confidence).
     """
 
+    summary = "Fast-dLLM confidence threshold: every mask with c >= threshold, always the top-1"
     name = "threshold"
     positional = "threshold"
 
@@ -76,6 +77,7 @@ class FactorPolicy(Policy):
     fails it commits all of them. Off by default (the paper's rule).
     """
 
+    summary = "Fast-dLLM factor rule: the largest n with (n + 1)(1 - c_(n)) <= factor"
     name = "factor"
     positional = "factor"
 

@@ -67,6 +67,7 @@ class LowConfidencePolicy(Policy):
     block is done, which is the default here.
     """
 
+    summary = "LLaDA fixed steps: an even per-step quota of the most confident (or random) masks"
     name = "llada"
     positional = "steps"
 
