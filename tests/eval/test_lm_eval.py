@@ -239,6 +239,46 @@ def test_launcher_runs_lm_eval_cli(model_dir, task_dir, tmp_path, monkeypatch):
     assert info["generate_until"]["requests"] == 2
 
 
+DIST_SCRIPT = """
+import json, sys, torch
+torch.set_num_threads(1)
+import lm_eval
+from lm_eval.tasks import TaskManager
+from fewstep.eval.lm_eval import FewstepLM
+model_dir, task_dir, out = sys.argv[1:4]
+lm = FewstepLM(pretrained=model_dir, policy="threshold:0.5", block_length=8, batch_size=2, stats_path=out + "/stats.jsonl")
+tm = TaskManager(include_path=task_dir, include_defaults=False)
+res = lm_eval.simple_evaluate(model=lm, tasks=["fewstep_arith_gen"], task_manager=tm)
+if res is not None:  # rank 0 gathers every rank's samples
+    samples = {s["doc_id"]: s["resps"][0][0] for s in res["samples"]["fewstep_arith_gen"]}
+    json.dump({"world_size": lm.world_size, "samples": samples}, open(out + "/rank0.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_shard_the_documents(model_dir, loaded, problems, task_dir, tmp_path):
+    """Two CPU processes (torchrun + accelerate, gloo): each generates its rank's share, rank 0 gets all."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "dist.py"
+    script.write_text(DIST_SCRIPT)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(
+        [*cmd, str(model_dir), str(task_dir), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "rank0.json").read_text())
+    assert got["world_size"] == 2
+    model, tok = loaded
+    ref = reference(model, tok, [p.prompt for p in problems], "threshold:0.5")
+    assert [got["samples"][str(i)] for i in range(len(problems))] == [r[0] for r in ref]
+    per_rank = [len((tmp_path / f"stats.rank{r}.jsonl").read_text().splitlines()) for r in (0, 1)]
+    assert per_rank == [3, 3]
+
+
 def test_launcher_argv():
     assert lm_eval_argv(["--tasks", "gsm8k"]) == ["lm-eval", "--tasks", "gsm8k", "--model", "fewstep"]
     assert lm_eval_argv(["run", "--model", "hf"]) == ["lm-eval", "run", "--model", "hf"]

@@ -17,7 +17,7 @@ def lm_eval_argv(args: list[str]) -> list[str]:
     """lm-eval's argv for ``args``: ``--model fewstep`` added to a run that names no model."""
     args = list(args)
     is_run = not args or args[0] not in LM_EVAL_SUBCOMMANDS[1:]
-    named = any(a in ("--model", "-m") or a.startswith("--model=") for a in args)
+    named = any(a in ("--model", "-M", "-m") or a.startswith("--model=") for a in args)
     if is_run and args and not named and not any(a in ("-h", "--help") for a in args):
         args += ["--model", "fewstep"]
     return ["lm-eval", *args]
