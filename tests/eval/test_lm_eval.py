@@ -281,8 +281,31 @@ def test_two_processes_under_accelerate_shard_the_documents(model_dir, loaded, p
 
 def test_launcher_argv():
     assert lm_eval_argv(["--tasks", "gsm8k"]) == ["lm-eval", "--tasks", "gsm8k", "--model", "fewstep"]
-    assert lm_eval_argv(["run", "--model", "hf"]) == ["lm-eval", "run", "--model", "hf"]
-    assert lm_eval_argv(["ls", "tasks"]) == ["lm-eval", "ls", "tasks"]
+    assert lm_eval_argv(["run", "--model", "hf"], "T") == ["lm-eval", "run", "--model", "hf", "--include_path", "T"]
+    assert lm_eval_argv(["ls", "tasks"], "T") == ["lm-eval", "ls", "tasks", "--include_path", "T"]
+    assert lm_eval_argv(["--tasks", "x", "--include_path=/mine"], "T")[-2:] == ["--model", "fewstep"]
+    assert lm_eval_argv(["run", "--help"], "T") == ["lm-eval", "run", "--help"]
+
+
+@pytest.mark.parametrize(
+    ("task", "protocol", "chat"), [("gsm8k_dparallel", "dparallel", True), ("gsm8k_fewstep", "fastdllm-5shot", False)]
+)
+def test_shipped_gsm8k_tasks_prompt_like_fewstep_eval(model_dir, task, protocol, chat):
+    """fewstep's offline GSM8K task files give lm-eval the prompts of `fewstep eval --protocol ...`."""
+    from fewstep.eval import get_protocol, get_task
+    from fewstep.eval.lm_eval import TASKS_DIR
+
+    lm = FewstepLM(pretrained=str(model_dir), block_length=BLOCK, gen_length=GEN_LENGTH, batch_size=2)
+    res = lm_eval.simple_evaluate(
+        model=lm, tasks=[task], task_manager=task_manager(TASKS_DIR), limit=2, apply_chat_template=chat
+    )
+    records = get_task("gsm8k").eval_records(2)
+    for s in res["samples"][task]:
+        want = get_protocol("gsm8k", protocol)(records[s["doc_id"]]).render(lm.tokenizer)
+        assert s["arguments"][0][0] == want
+        assert s["arguments"][0][1]["until"] == ["Question:", "</s>", "<|im_end|>"]
+    assert {s["doc_id"] for s in res["samples"][task]} == {0, 1}  # (one sample per document and filter)
+    assert "exact_match,flexible-extract" in res["results"][task]
 
 
 def test_bad_arguments_fail_with_a_clear_message(model_dir, loaded):

@@ -11,8 +11,14 @@ same arguments as ``lm-eval``), or from Python::
     results = lm_eval.simple_evaluate(model=lm, tasks=["gsm8k"], apply_chat_template=True)
     print(lm.speed_summary())
 
+Task files for GSM8K over the copies shipped in fewstep (no download) live in :data:`TASKS_DIR`:
+``gsm8k_fewstep`` (lm-eval's ``gsm8k``) and ``gsm8k_dparallel`` (dParallel's 0-shot ``\\boxed{}``
+prompt); the launcher adds that folder to lm-eval's ``--include_path``.
+
 See docs/evaluation.md ("lm-evaluation-harness").
 """
+
+from pathlib import Path
 
 from fewstep.eval.lm_eval.adapter import FewstepLM
 from fewstep.eval.lm_eval.likelihood import (
@@ -23,7 +29,10 @@ from fewstep.eval.lm_eval.likelihood import (
     mc_loss_samples,
 )
 
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+
 __all__ = [
+    "TASKS_DIR",
     "FewstepLM",
     "exact_elbo",
     "greedy_suffix_matches",
