@@ -1,15 +1,98 @@
-"""`fewstep eval`: not yet available (see the project's issues)."""
+"""`fewstep eval`: generate a benchmark's answers with the decoding engine, score them, measure speed.
+
+Writes DIR/records.jsonl (one line per record: id, response, extracted, passed, reason, nfe,
+gen_tokens, tokens_per_step, latency_s), DIR/summary.json and DIR/config.json. A killed run resumes
+where it stopped when started again with the same settings and --out.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+EPILOG = """\
+examples:
+  fewstep eval --model /models/LLaDA-8B-Instruct --task gsm8k --policy llada:steps=256 --gen-length 256 --out runs/base
+  fewstep eval --model /models/LLaDA-8B-Instruct --task gsm8k --policy threshold:0.9 --cache dual --out runs/fast \\
+      --baseline runs/base
+  fewstep eval --model fewstep-teacher --task arith --policy entropy:0.5 --gen-length 64 --limit 100
+
+tasks: gsm8k, math500, humaneval, mbpp (test split), mbpp-sanitized, arith (embedded). Prompt protocols
+(--protocol): dparallel (default), dparallel-dream, cd4lm, fastdllm-5shot (gsm8k), completion
+(humaneval), plain (arith); see docs/evaluation.md.
+"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """This command takes no arguments yet."""
+    """Flags of ``fewstep eval``."""
+    parser.epilog = EPILOG
+    parser.add_argument("--model", required=True, metavar="PATH", help="checkpoint folder (LLaDA or Dream)")
+    parser.add_argument("--task", required=True, help="benchmark (see below)")
+    parser.add_argument("--policy", default="threshold:0.9", metavar="NAME[:ARGS]", help="unmasking policy")
+    parser.add_argument("--cache", default="none", choices=["none", "prefix", "dual"], help="KV cache mode")
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N records")
+    parser.add_argument("--out", default="eval-out", metavar="DIR", help="output folder (resumed if it exists)")
+    parser.add_argument("--protocol", default=None, help="prompt protocol (default: the task's default)")
+    parser.add_argument("--gen-length", type=int, default=256, help="tokens to generate")
+    parser.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block length")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument(
+        "--no-early-stop", dest="early_stop", action="store_false", help="keep decoding blocks after EOS"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling policies")
+    parser.add_argument(
+        "--baseline", metavar="DIR", default=None, help="earlier eval folder: report the speedup over it"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="code tasks: sandboxed programs run in parallel")
+    parser.add_argument("--timeout", type=float, default=10.0, help="code tasks: wall-clock seconds per program")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Say clearly that the command is not built yet."""
-    print("fewstep eval: not yet available in this version of fewstep.")
-    return 1
+    """Run (or resume) the evaluation and print its summary."""
+    from fewstep.eval.runner import EvalSettings, run_eval
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be at least 1")
+    settings = EvalSettings(
+        model=args.model,
+        task=args.task,
+        policy=args.policy,
+        cache=args.cache,
+        protocol=args.protocol,
+        gen_length=args.gen_length,
+        block_length=args.block_length,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        out=args.out,
+        device=args.device,
+        dtype=args.dtype,
+        early_stop=args.early_stop,
+        seed=args.seed,
+        baseline=args.baseline,
+        workers=args.workers,
+        timeout=args.timeout,
+        progress=not args.no_progress,
+    )
+    from pathlib import Path
+
+    from fewstep.eval.tasks import get_task
+
+    get_task(args.task)  # unknown task: one-line error before loading anything
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"model folder {args.model!r} does not exist")
+    s = run_eval(settings)
+    metric = "pass@1" if get_task(args.task).kind == "code" else "accuracy"
+    line = (
+        f"{s['task']}: {metric} {s['accuracy']:.4f} ({s['correct']}/{s['n']}) · NFE {s['mean_nfe']:.1f} · "
+        f"{s['tokens_per_step']:.2f} tokens/step · {s['latency_per_sample_s']:.3f} s/sample · "
+        f"{s['tokens_per_s']:.1f} tokens/s · {s['device']} {s['dtype']} batch {s['batch_size']}"
+    )
+    if s.get("speedup"):
+        line += f" · speedup {s['speedup']:.2f}x (NFE {s['nfe_reduction']:.2f}x fewer)"
+    print(line)
+    for w in s.get("warnings", []):
+        print(f"warning: {w}")
+    print(f"records: {Path(args.out) / 'records.jsonl'} · summary: {Path(args.out) / 'summary.json'}")
+    return 0

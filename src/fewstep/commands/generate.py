@@ -1,15 +1,226 @@
-"""`fewstep generate`: not yet available (see the project's issues)."""
+"""`fewstep generate`: answer prompts with a diffusion LM, a chosen unmasking policy and cache mode."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EPILOG = """\
+policies (--policy NAME, NAME:VALUE or NAME:key=value,...):
+{policies}
+
+examples:
+  fewstep generate --model /models/LLaDA-8B-Instruct --prompt "What is 7*8?" --policy threshold:0.9 --cache dual
+  fewstep generate --model M --prompt "..." --policy llada:steps=128 --gen-length 128 --block-length 32
+  fewstep generate --model M --prompt "..." --policy cad:threshold=0.95,max_tokens=32 --trace
+  fewstep generate --model M --prompt-ids "5 17 42" --policy entropy:0.5 --trace-json trace.json
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """This command takes no arguments yet."""
+    """Flags of ``fewstep generate``."""
+    from fewstep.decoding.policies import policy_help
+
+    parser.epilog = EPILOG.format(policies=policy_help())
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # defaults are written in the help texts
+    parser.add_argument("--model", required=True, metavar="PATH", help="checkpoint folder (LLaDA or Dream)")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", metavar="TEXT", help="prompt text (repeat for a batch)")
+    src.add_argument(
+        "--prompt-ids", action="append", metavar="IDS", help="prompt as space-separated token ids (repeatable)"
+    )
+    parser.add_argument(
+        "--policy",
+        default="threshold:0.9",
+        metavar="NAME[:ARGS]",
+        help="unmasking policy (default: threshold:0.9; names below)",
+    )
+    parser.add_argument(
+        "--cache", default="none", choices=["none", "prefix", "dual"], help="KV cache mode (default: none)"
+    )
+    parser.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default: 128)")
+    parser.add_argument(
+        "--block-length",
+        type=int,
+        default=None,
+        help="semi-autoregressive block length (default: 32, or gen-length if smaller)",
+    )
+    parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (default: 0, off)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for sampling policies; prompt i uses seed+i (default: torch's global RNG)",
+    )
+    parser.add_argument(
+        "--no-early-stop",
+        dest="early_stop",
+        action="store_false",
+        help="keep decoding after EOS (the reference samplers' behaviour; default: stop a prompt at EOS)",
+    )
+    parser.add_argument(
+        "--no-chat-template", dest="chat", action="store_false", help="tokenize the prompt as plain text"
+    )
+    parser.add_argument("--tokenizer", metavar="PATH", default=None, help="tokenizer folder (default: --model)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--trace", action="store_true", help="show the canvas filling step by step")
+    parser.add_argument("--trace-json", metavar="FILE", default=None, help="save the step trace as JSON")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
+
+
+def _load_tokenizer(path: Path, required: bool):
+    from fewstep.models import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except (FileNotFoundError, ValueError) as exc:
+        if required:
+            raise ValueError(f"{exc} (pass --tokenizer PATH, or give --prompt-ids)") from None
+        return None
+
+
+def _encode(tokenizer, text: str, chat: bool) -> list[int]:
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in some versions
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer(text)["input_ids"]]
+
+
+def _answer_text(tokenizer, ids: list[int], stop: tuple[int, ...]) -> str:
+    """The answer up to (not including) its first EOS / end-of-turn token."""
+    cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
+    if tokenizer is None:
+        return " ".join(map(str, ids[:cut]))
+    return tokenizer.decode(ids[:cut], skip_special_tokens=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Say clearly that the command is not built yet."""
-    print("fewstep generate: not yet available in this version of fewstep.")
-    return 1
+    """Load the model, generate, print answers with NFE, tokens/step and time."""
+    import torch
+
+    import fewstep
+    from fewstep.decoding import parse_policy, stop_ids
+    from fewstep.decoding.trace import render_row, trace_json
+
+    policy = parse_policy(args.policy)  # fail fast on a bad spec, before loading a model
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder {str(model_dir)!r} does not exist")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+    tokenizer = _load_tokenizer(Path(args.tokenizer or model_dir), required=args.prompt is not None)
+    if args.prompt is not None:
+        prompts = list(args.prompt)
+        rows = [_encode(tokenizer, p, args.chat) for p in prompts]
+    else:
+        try:
+            rows = [[int(t) for t in s.replace(",", " ").split()] for s in args.prompt_ids]
+        except ValueError:
+            raise ValueError("--prompt-ids expects space-separated integers") from None
+        prompts = [" ".join(map(str, r)) for r in rows]
+    if any(not r for r in rows):
+        raise ValueError("empty prompt")
+
+    t0 = time.perf_counter()
+    model = fewstep.load_model(model_dir, dtype=dtype, device=device)
+    load_s = time.perf_counter() - t0
+    stop = stop_ids(model, tokenizer)
+    vocab = model.config.vocab_size
+    bad = [t for r in rows for t in r if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token ids must be in [0, {vocab - 1}]; got {bad[:5]}")
+
+    progress, callback = _progress(len(rows) * args.gen_length, quiet=args.json)
+    t1 = time.perf_counter()
+    try:
+        out = fewstep.generate(
+            model,
+            rows,
+            policy,
+            gen_length=args.gen_length,
+            block_length=args.block_length,
+            cache=args.cache,
+            cfg_scale=args.cfg_scale,
+            tokenizer=tokenizer,
+            early_stop=args.early_stop,
+            seed=args.seed,
+            trace=args.trace or args.trace_json is not None,
+            callback=callback,
+        )
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+    finally:
+        if progress is not None:
+            progress.stop()
+    gen_s = time.perf_counter() - t1
+
+    results = []
+    for i, prompt in enumerate(prompts):
+        nfe = int(out.nfe[i])
+        committed = sum(out.tokens_per_step[i])
+        results.append(
+            {
+                "prompt": prompt,
+                "answer": _answer_text(tokenizer, out.answers[i].tolist(), stop),
+                "nfe": nfe,
+                "tokens_per_step": committed / max(nfe, 1),
+            }
+        )
+    if args.trace_json:
+        doc = trace_json(out, tokenizer, prompts)
+        doc.update(model=str(model_dir), gen_length=args.gen_length, block_length=args.block_length or "default")
+        Path(args.trace_json).write_text(json.dumps(doc, indent=1) + "\n")
+    summary = {
+        "policy": out.policy,
+        "cache": args.cache,
+        "seconds": gen_s,
+        "load_seconds": load_s,
+        "tokens_per_second": sum(sum(t) for t in out.tokens_per_step) / max(gen_s, 1e-9),
+    }
+    if args.json:
+        print(json.dumps({**summary, "results": results}, indent=1))
+        return 0
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    for i, r in enumerate(results):
+        if args.trace:
+            console.rule(f"trace, prompt {i + 1}" if len(results) > 1 else "trace")
+            render_row(out, i, tokenizer, model.config.mask_token_id, console)
+        if len(results) > 1:
+            console.print(f"[bold]prompt {i + 1}:[/bold] {r['prompt']}")
+        console.print(r["answer"], markup=False)
+        console.print(
+            f"[dim]NFE {r['nfe']} · {r['tokens_per_step']:.2f} tokens/step · policy {out.policy} · cache {args.cache}[/dim]"
+        )
+    console.print(
+        f"[dim]{gen_s:.2f} s generation ({summary['tokens_per_second']:.1f} tokens/s) · {load_s:.2f} s model load[/dim]"
+    )
+    if args.trace_json:
+        console.print(f"[dim]trace saved to {args.trace_json}[/dim]")
+    return 0
+
+
+def _progress(total: int, quiet: bool):
+    """A rich progress bar on stderr (committed tokens), only on an interactive terminal."""
+    if quiet or not sys.stderr.isatty():
+        return None, None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("decoding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)
+    )
+    task = progress.add_task("decoding", total=total)
+    progress.start()
+
+    def callback(event) -> None:
+        progress.advance(task, sum(len(p) for p in event.positions))
+
+    return progress, callback

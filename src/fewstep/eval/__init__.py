@@ -1,1 +1,32 @@
-"""fewstep.eval"""
+"""fewstep.eval: benchmarks, prompt protocols, answer extraction, the code sandbox, eval and sweeps.
+
+* :mod:`fewstep.eval.datasets`: loaders of the shipped GSM8K, MATH-500, HumanEval and MBPP files.
+* :mod:`fewstep.eval.tasks`: the task registry (:func:`get_task`), ids, extraction and checking.
+* :mod:`fewstep.eval.protocols`: the papers' prompt protocols (:func:`get_protocol`).
+* :mod:`fewstep.eval.sandbox`: :class:`Sandbox`, isolated execution of generated code.
+* :mod:`fewstep.eval.scoring`: :func:`score` responses (``fewstep score``).
+* :mod:`fewstep.eval.runner` / :mod:`fewstep.eval.sweep`: ``fewstep eval`` and ``fewstep sweep``.
+
+See docs/evaluation.md.
+"""
+
+from fewstep.eval.protocols import Prompt, get_protocol
+from fewstep.eval.sandbox import Limits, RunResult, Sandbox
+from fewstep.eval.scoring import ScoredRecord, Summary, score, summarize
+from fewstep.eval.tasks import TASKS, Task, get_task, register_task
+
+__all__ = [
+    "TASKS",
+    "Limits",
+    "Prompt",
+    "RunResult",
+    "Sandbox",
+    "ScoredRecord",
+    "Summary",
+    "Task",
+    "get_protocol",
+    "get_task",
+    "register_task",
+    "score",
+    "summarize",
+]

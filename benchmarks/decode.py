@@ -1,0 +1,356 @@
+"""Decoding benchmark: every policy x cache mode at batch 1 and 32, the engine's own cost, and the
+dual / prefix KV cache against no cache at 256 new tokens. Results: a printed table and JSON.
+
+Sections (all measured side by side in one run, same process, same thread count):
+
+* ``policies``: a *trained* model (default: the repo's tiny LLaDA fixture, whose confidences are
+  those of a real masked-diffusion model, so NFE and tokens/step are meaningful) on 32 prompts of its
+  training distribution. For each policy x cache x batch {1, 32}: mean NFE per row, tokens per step,
+  wall-clock, tokens/s, speedup over the one-token-per-step baseline (LLaDA, ``steps = gen_length``,
+  no cache, same batch) and the fraction of the time spent outside ``model.forward``.
+* ``overhead``: the engine's cost per step with the real LLaDA vocabulary (126,464 entries), measured
+  with a null model whose forward is a free slice of fixed logits; set against the measured forward
+  time of the ``cache`` section's synthetic model at batch 32 (dual cache, the cheapest forward).
+* ``cache``: a synthetic random LLaDA with LLaDA-8B's widths (d_model 4096, 32 heads, MLP 12288,
+  vocabulary 126,464) but few layers; batch 1, 256 new tokens in blocks of 32, a fixed number of steps
+  per block (random weights make threshold rules commit one token per step, which would only make the
+  run longer without changing the per-forward costs compared here).
+
+    python benchmarks/decode.py                      # everything (about 15 minutes on one CPU core)
+    python benchmarks/decode.py --sections policies  # one section
+    python benchmarks/decode.py --quick              # seconds; a smoke run with tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+import fewstep  # noqa: E402
+from fewstep.decoding import generate  # noqa: E402
+from fewstep.models import KVCache, LLaDAConfig, LLaDAModel, ModelOutput  # noqa: E402
+
+BASELINE = "llada"  # steps = gen_length: one token per step
+POLICIES = [
+    "llada:steps={half}",
+    "threshold:0.9",
+    "factor:1.0",
+    "entropy:0.5",
+    "entropy-dream:0.5",
+    "cad:threshold=0.95,max_tokens=32",
+    "dream:alg=confidence_threshold,steps={half}",
+]
+CACHES = ["none", "prefix", "dual"]
+LLADA_VOCAB = 126464
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class ForwardTimer:
+    """Wraps ``model.forward`` and accumulates the seconds spent inside it."""
+
+    def __init__(self, model):
+        self.model, self.seconds, self.calls = model, 0.0, 0
+        self._orig = model.forward
+        model.forward = self._timed
+
+    def _timed(self, *args, **kwargs):
+        sync(self.model.device)
+        t = time.perf_counter()
+        out = self._orig(*args, **kwargs)
+        sync(self.model.device)
+        self.seconds += time.perf_counter() - t
+        self.calls += 1
+        return out
+
+    @contextmanager
+    def measure(self):
+        self.seconds, self.calls = 0.0, 0
+        yield self
+
+
+def timed_generate(model, timer, prompts, spec, **kw):
+    """Run ``generate`` and return (output, wall seconds, forward seconds)."""
+    sync(model.device)
+    with timer.measure():
+        t = time.perf_counter()
+        out = generate(model, prompts, spec, **kw)
+        sync(model.device)
+        wall = time.perf_counter() - t
+    return out, wall, timer.seconds
+
+
+def synthetic_llada(d_model, n_layers, n_heads, mlp, vocab, seed=0, dtype=torch.float32) -> LLaDAModel:
+    """A random-weight LLaDA (tied embeddings, to save memory; the cost per token is the same)."""
+    cfg = LLaDAConfig(
+        d_model=d_model,
+        n_heads=n_heads,
+        n_layers=n_layers,
+        vocab_size=vocab,
+        mlp_hidden_size=mlp,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        mask_token_id=vocab - 2,
+        eos_token_id=vocab - 4,
+        pad_token_id=vocab - 4,
+        weight_tying=True,
+    )
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = LLaDAModel(cfg)
+    model.init_weights(seed=seed)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# section 1: policies x caches x batch on a trained model
+# ---------------------------------------------------------------------------------------------------
+
+
+def task_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    """Prompts like the tiny fixture's training data: 6-14 content tokens in [0, 100)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(100) for _ in range(rng.randint(6, 14))] for _ in range(n)]
+
+
+def section_policies(args) -> dict:
+    model_dir = Path(args.model)
+    model = fewstep.load_model(model_dir, dtype="float32", device=args.device)
+    timer = ForwardTimer(model)
+    G, L = args.gen_length, args.block_length
+    prompts = task_prompts(args.batch)
+    specs = [BASELINE] + [p.format(half=G // 2) for p in POLICIES]
+    rows = []
+    print(f"\n== policies: {model_dir.name} ({n_params(model):,} params), gen {G}, block {L} ==")
+    for batch in (1, args.batch):
+        for cache in CACHES:
+            for spec in specs:
+                generate(model, prompts[:batch], spec, gen_length=G, block_length=L, cache=cache)  # warm-up
+                wall = fwd = 0.0
+                nfe, tokens = [], 0
+                groups = [
+                    prompts[i : i + batch] for i in range(0, args.batch if batch > 1 else args.single_runs, batch)
+                ]
+                for group in groups:
+                    out, w, f = timed_generate(model, timer, group, spec, gen_length=G, block_length=L, cache=cache)
+                    wall, fwd = wall + w, fwd + f
+                    nfe += out.nfe.tolist()
+                    tokens += sum(sum(t) for t in out.tokens_per_step)
+                rows.append(
+                    {
+                        "batch": batch,
+                        "cache": cache,
+                        "policy": spec,
+                        "nfe": sum(nfe) / len(nfe),
+                        "tokens_per_step": tokens / sum(nfe),
+                        "seconds": wall,
+                        "prompts": len(nfe),
+                        "tokens_per_s": tokens / wall,
+                        "outside_forward": 1 - fwd / wall,
+                    }
+                )
+    for r in rows:
+        base = next(b for b in rows if b["batch"] == r["batch"] and b["cache"] == "none" and b["policy"] == BASELINE)
+        r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+    print_table(
+        rows,
+        ["batch", "cache", "policy", "nfe", "tokens_per_step", "seconds", "tokens_per_s", "speedup", "outside_forward"],
+    )
+    b1 = {(r["cache"], r["policy"]): r["tokens_per_s"] for r in rows if r["batch"] == 1}
+    scaling = {
+        f"{c}|{p}": r["tokens_per_s"] / b1[(c, p)]
+        for r in rows
+        if r["batch"] > 1
+        for c, p in [(r["cache"], r["policy"])]
+    }
+    print(
+        f"batch {args.batch} / batch 1 throughput: min {min(scaling.values()):.1f}x, max {max(scaling.values()):.1f}x"
+    )
+    return {"model": str(model_dir), "params": n_params(model), "gen_length": G, "block_length": L, "rows": rows,
+            "batch_scaling": scaling}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# section 2: engine cost per step with a real vocabulary (null model)
+# ---------------------------------------------------------------------------------------------------
+
+
+class NullModel(torch.nn.Module):
+    """Answers every forward with a slice of fixed logits: the loop's cost without the network's."""
+
+    logit_shift = 0
+
+    def __init__(self, vocab: int, batch: int, block: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(batch, block, vocab, generator=g)
+        # a spread of confidences: a boosted token per position, boost ~ U(8, 18) nats
+        top = torch.randint(vocab - 8, (batch, block), generator=g)
+        boost = 8 + 10 * torch.rand(batch, block, generator=g)
+        logits.scatter_add_(-1, top[..., None], boost[..., None])
+        self.logits = logits
+        self.config = LLaDAConfig(
+            d_model=8, n_heads=1, n_layers=0, vocab_size=vocab, mlp_hidden_size=8, rope_theta=1.0,
+            rms_norm_eps=1e-5, mask_token_id=vocab - 2, eos_token_id=vocab - 4, pad_token_id=vocab - 4,
+        )  # fmt: skip
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.dummy.device
+
+    def forward(self, input_ids, **_):
+        return ModelOutput(logits=self.logits[: input_ids.shape[0]])
+
+    def denoise(self, input_ids, attention_mask=None, **kw):
+        return self(input_ids)
+
+
+def section_overhead(args, forward_b32: float | None) -> dict:
+    V, L = args.vocab, args.block_length
+    null = NullModel(V, args.batch, L)
+    timer = ForwardTimer(null)
+    prompts = task_prompts(args.batch)
+    rows = []
+    print(f"\n== engine overhead: null model, vocabulary {V:,}, one block of {L} ==")
+    generate(null, prompts[:1], BASELINE, gen_length=L, block_length=L)  # warm-up
+    for batch in (1, args.batch):
+        for spec in [BASELINE] + [p.format(half=L // 2) for p in POLICIES]:
+            _, wall, fwd = timed_generate(null, timer, prompts[:batch], spec, gen_length=L, block_length=L)
+            steps = timer.calls
+            row = {"batch": batch, "policy": spec, "steps": steps, "ms_per_step": 1000 * (wall - fwd) / steps}
+            if forward_b32 is not None and batch == args.batch:
+                row["fraction_vs_synthetic_dual_b32"] = row["ms_per_step"] / (row["ms_per_step"] + 1000 * forward_b32)
+            rows.append(row)
+    print_table(rows, list(rows[-1]))
+    return {"vocab": V, "block_length": L, "synthetic_dual_forward_b32_s": forward_b32, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------------
+# section 3: KV caches at 256 new tokens on a synthetic model with real widths
+# ---------------------------------------------------------------------------------------------------
+
+
+def section_cache(args) -> tuple[dict, float | None]:
+    s = args.synthetic
+    model = synthetic_llada(s["d_model"], s["n_layers"], s["n_heads"], s["mlp"], args.vocab)
+    timer = ForwardTimer(model)
+    G, L, P = args.cache_gen_length, args.block_length, args.prompt_length
+    spec = f"llada:steps={args.cache_steps}"
+    prompt = [list(range(1, P + 1))]
+    print(
+        f"\n== caches: synthetic LLaDA {n_params(model) / 1e6:.0f}M params (d_model {s['d_model']}, "
+        f"{s['n_layers']} layers, vocab {args.vocab:,}), prompt {P}, gen {G}, block {L}, {spec} =="
+    )
+    generate(model, prompt, "llada:steps=1", gen_length=L, block_length=L, cache="dual")  # warm-up
+    rows = []
+    for cache in CACHES:
+        out, wall, fwd = timed_generate(model, timer, prompt, spec, gen_length=G, block_length=L, cache=cache)
+        rows.append({"cache": cache, "nfe": int(out.nfe[0]), "seconds": wall, "tokens_per_s": G / wall,
+                     "outside_forward": 1 - fwd / wall})  # fmt: skip
+        print(f"  {cache:6s} nfe {rows[-1]['nfe']:3d}  {wall:8.1f} s", flush=True)
+    for r in rows:
+        r["speedup_vs_none"] = rows[0]["seconds"] / r["seconds"]
+    print_table(rows, list(rows[0]))
+    forward_b32 = None
+    if args.batch > 1:  # one dual-cache forward at batch 32 (the cheapest forward: worst case for overhead)
+        ids = torch.full((args.batch, P + G), model.config.mask_token_id)
+        ids[:, :P] = torch.arange(1, P + 1)
+        cfg = model.config  # a cache of the right shape; its content does not change the cost
+        shape = (args.batch, cfg.kv_heads, P + G, cfg.head_dim)
+        cache = KVCache([(torch.randn(shape), torch.randn(shape)) for _ in range(cfg.n_layers)])
+        with torch.no_grad():
+            t = time.perf_counter()
+            model.denoise(ids, start=P, end=P + L, cache=cache, cache_mode="dual", logits_start=P, logits_end=P + L)
+            forward_b32 = time.perf_counter() - t
+        print(f"  one dual-cache forward at batch {args.batch}: {forward_b32:.2f} s")
+    return {"model": {**s, "vocab": args.vocab, "params": n_params(model)}, "prompt_length": P, "gen_length": G,
+            "block_length": L, "policy": spec, "rows": rows, "dual_forward_b32_s": forward_b32}, forward_b32  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)), flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default="policies,cache,overhead", help="comma-separated: policies, cache, overhead")
+    p.add_argument(
+        "--model", default=str(ROOT / "tests" / "fixtures" / "llada-tiny-a"), help="trained model (policies)"
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--single-runs", type=int, default=8, help="prompts run one by one for the batch-1 rows")
+    p.add_argument("--gen-length", type=int, default=64)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--cache-gen-length", type=int, default=256)
+    p.add_argument("--cache-steps", type=int, default=32, help="fixed steps for the cache section (4 per block)")
+    p.add_argument("--prompt-length", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=LLADA_VOCAB)
+    p.add_argument("--layers", type=int, default=2, help="layers of the synthetic model (LLaDA-8B has 32)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.synthetic = {"d_model": 4096, "n_layers": args.layers, "n_heads": 32, "mlp": 12288}
+    if args.quick:
+        args.batch, args.single_runs, args.gen_length, args.block_length = 4, 2, 16, 8
+        args.cache_gen_length, args.cache_steps, args.prompt_length, args.vocab = 32, 8, 8, 1024
+        args.synthetic = {"d_model": 64, "n_layers": 1, "n_heads": 4, "mlp": 128}
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    result = {
+        "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
+                 "device": args.device, "cpu": platform.processor() or platform.machine()},
+        "quick": args.quick,
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    if "policies" in sections:
+        result["policies"] = section_policies(args)
+    forward_b32 = None
+    if "cache" in sections:
+        result["cache"], forward_b32 = section_cache(args)
+    if "overhead" in sections:
+        result["overhead"] = section_overhead(args, forward_b32)
+    result["total_seconds"] = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nresults written to {out} ({result['total_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Unmasking policies (one file per paper family) and the ``"name:args"`` policy parser.
+
+=================  =========================================================  ==============================
+name               rule                                                       class
+=================  =========================================================  ==============================
+``llada``          LLaDA fixed steps, low-confidence / random remasking        :class:`LowConfidencePolicy`
+``threshold``      Fast-dLLM confidence threshold (top-1 always)              :class:`ConfidenceThresholdPolicy`
+``factor``         Fast-dLLM factor rule                                      :class:`FactorPolicy`
+``entropy``        dParallel entropy threshold (LLaDA numerics)               :class:`EntropyThresholdPolicy`
+``entropy-dream``  dParallel entropy threshold (Dream semi-AR numerics)       :class:`DreamEntropyThresholdPolicy`
+``cad``            CD4LM Confidence-Adaptive Decoding                         :class:`CADPolicy`
+``dream``          Dream diffusion_generate (entropy, maskgit_plus, ...)      :class:`DreamPolicy`
+=================  =========================================================  ==============================
+
+A spec is ``NAME``, ``NAME:VALUE`` (sets the policy's main option, e.g. ``threshold:0.9``,
+``llada:64``, ``dream:maskgit_plus``) or ``NAME:key=value,key=value`` (e.g.
+``cad:threshold=0.95,max_tokens=32``). Tuples are written with ``/`` (``eos_ids=508/509``); ``none``
+sets an optional value to None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from fewstep.decoding.policies.base import Policy, Selection, StepState
+from fewstep.decoding.policies.cd4lm import CADPolicy
+from fewstep.decoding.policies.dparallel import DreamEntropyThresholdPolicy, EntropyThresholdPolicy
+from fewstep.decoding.policies.dream import DreamPolicy
+from fewstep.decoding.policies.fastdllm import ConfidenceThresholdPolicy, FactorPolicy
+from fewstep.decoding.policies.llada import LowConfidencePolicy
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls
+    for cls in (
+        LowConfidencePolicy,
+        ConfidenceThresholdPolicy,
+        FactorPolicy,
+        EntropyThresholdPolicy,
+        DreamEntropyThresholdPolicy,
+        CADPolicy,
+        DreamPolicy,
+    )
+}
+
+__all__ = [
+    "POLICIES",
+    "CADPolicy",
+    "ConfidenceThresholdPolicy",
+    "DreamEntropyThresholdPolicy",
+    "DreamPolicy",
+    "EntropyThresholdPolicy",
+    "FactorPolicy",
+    "LowConfidencePolicy",
+    "Policy",
+    "Selection",
+    "StepState",
+    "parse_policy",
+    "policy_help",
+]
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _convert(cls: type[Policy], key: str, text: str, annotation: str):
+    """Convert ``text`` to the type named by a dataclass field annotation (a string)."""
+    text = text.strip()
+    where = f"{cls.name}.{key}"
+    if text.lower() in ("none", "null") and "None" in annotation:
+        return None
+    base = annotation.replace(" | None", "").strip()
+    try:
+        if base == "bool":
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError
+        if base == "int":
+            return int(text)
+        if base == "float":
+            return float(text)
+        if base.startswith("tuple[int"):
+            return tuple(int(t) for t in re.split(r"[/+\s]+", text) if t)
+        return text
+    except ValueError:
+        raise ValueError(f"{where} expects {annotation}; got {text!r}") from None
+
+
+def parse_policy(spec: str | Policy) -> Policy:
+    """A policy instance from ``NAME[:VALUE | :key=value,...]`` (instances pass through unchanged)."""
+    if isinstance(spec, Policy):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"policy must be a Policy or a string NAME[:ARGS]; got {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip().lower().replace("_", "-")
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; valid names: {', '.join(POLICIES)}")
+    cls = POLICIES[name]
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for part in (p for p in rest.split(",") if p.strip()):
+        if "=" in part:
+            key, _, value = part.partition("=")
+            key = key.strip().replace("-", "_")
+        elif cls.positional is not None and not kwargs:
+            key, value = cls.positional, part
+        else:
+            raise ValueError(f"policy {name!r}: expected key=value, got {part!r}")
+        if key not in types:
+            raise ValueError(f"policy {name!r} has no option {key!r}; options: {', '.join(types)}")
+        kwargs[key] = _convert(cls, key, value, str(types[key]))
+    return cls(**kwargs)
+
+
+def policy_help() -> str:
+    """One line per policy: name, its main option and its options with their defaults."""
+    lines = []
+    for name, cls in POLICIES.items():
+        doc = cls.summary or (cls.__doc__ or "").strip().splitlines()[0]
+        opts = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        lines.append(f"  {name}: {doc}\n      options: {opts}")
+    return "\n".join(lines)

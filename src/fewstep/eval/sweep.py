@@ -1,0 +1,207 @@
+"""`fewstep sweep` as a library: a policy over a grid of values (and models), the accuracy/NFE Pareto
+frontier as a PNG, and d3LLM's AUP score.
+
+AUP (Accuracy Under Parallelism; Qian et al., "AUP: when Accuracy Meets Parallelism in Diffusion
+Language Models", hao-ai-lab blog, 2025, the d3LLM leaderboard metric): for points
+``(rho_i, y_i)`` sorted by parallelism ``rho`` (tokens per forward) with accuracy ``y`` in percent,
+keep the points with ``y_i >= y_1 - 5`` and compute
+
+    AUP = rho_1 y_1 + 1/2 sum_{i>=2} (rho_i - rho_{i-1}) (y_i W(y_i) + y_{i-1} W(y_{i-1})),
+    W(y) = min(exp(-alpha (1 - y / y_max)), 1),  alpha = 3,
+
+where ``y_max`` is the highest accuracy achieved on the task (default: the best point of the sweep).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from fewstep.eval.runner import EvalSettings, run_eval
+
+AUP_ALPHA = 3.0
+AUP_WINDOW = 5.0  # points more than 5 accuracy points below the least parallel one are dropped
+
+
+def aup(points: Sequence[tuple[float, float]], y_max: float | None = None, alpha: float = AUP_ALPHA) -> float:
+    """d3LLM's AUP of ``(tokens per forward, accuracy in %)`` points (formula in the module docstring)."""
+    pts = sorted((float(r), float(y)) for r, y in points)
+    if not pts:
+        raise ValueError("AUP needs at least one (parallelism, accuracy) point")
+    y_min = pts[0][1] - AUP_WINDOW
+    pts = [p for p in pts if p[1] >= y_min]
+    top = max(y for _, y in pts) if y_max is None else float(y_max)
+    if top <= 0:
+        return 0.0
+
+    def weight(y: float) -> float:
+        return min(math.exp(-alpha * (1.0 - y / top)), 1.0)
+
+    r1, y1 = pts[0]
+    total = r1 * y1
+    for (r0, y0), (r, y) in itertools.pairwise(pts):
+        total += 0.5 * (r - r0) * (y * weight(y) + y0 * weight(y0))
+    return total
+
+
+def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (lower NFE, higher accuracy), by NFE."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    frontier, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            frontier.append(i)
+            best = points[i][1]
+    return frontier
+
+
+@dataclass
+class SweepPoint:
+    model: str
+    policy: str
+    value: str | None  # the swept value (None for the baseline)
+    out: str
+    accuracy: float
+    mean_nfe: float
+    tokens_per_step: float
+    latency_per_sample_s: float
+    speedup: float | None
+    n: int
+
+
+def policy_spec(policy: str, value: str) -> str:
+    """``threshold`` + ``0.7`` -> ``threshold:threshold=0.7``; extra ``key=value`` options are kept."""
+    from fewstep.decoding.policies import POLICIES
+
+    name, _, rest = policy.partition(":")
+    cls = POLICIES.get(name.strip().lower().replace("_", "-"))
+    if cls is None:
+        raise ValueError(f"unknown policy {name!r}; valid names: {', '.join(POLICIES)}")
+    if cls.positional is None:
+        raise ValueError(f"policy {cls.name!r} has no main option to sweep")
+    extra = [p for p in rest.split(",") if p.strip()]
+    return f"{cls.name}:" + ",".join([f"{cls.positional}={value}", *extra])
+
+
+def _tag(path: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).resolve().name) or "model"
+
+
+def run_sweep(
+    base: EvalSettings,
+    models: Sequence[str],
+    policy: str,
+    values: Sequence[str],
+    out: str | Path,
+    baseline_policy: str | None = None,
+    y_max: float | None = None,
+) -> dict[str, Any]:
+    """Evaluate every (model, value) (each resumable on its own), then write sweep.json and frontier.png."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    points: list[SweepPoint] = []
+    tags = {m: _tag(m) for m in models}
+    if len(set(tags.values())) < len(tags):
+        tags = {m: f"{i}-{t}" for i, (m, t) in enumerate(tags.items())}
+    for model in models:
+        baseline_dir = None
+        if baseline_policy:
+            baseline_dir = out / tags[model] / "baseline"
+            s = run_eval(replace(base, model=model, policy=baseline_policy, out=str(baseline_dir), baseline=None))
+            points.append(_point(model, baseline_policy, None, baseline_dir, s))
+        for value in values:
+            spec = policy_spec(policy, value)
+            run_dir = out / tags[model] / re.sub(r"[^A-Za-z0-9._=-]+", "_", spec)
+            settings = replace(
+                base,
+                model=model,
+                policy=spec,
+                out=str(run_dir),
+                baseline=str(baseline_dir) if baseline_dir else None,
+            )
+            points.append(_point(model, spec, value, run_dir, run_eval(settings)))
+    result = summarize_sweep(points, base.task, policy, y_max)
+    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_frontier(points, result, out / "frontier.png", base.task, policy)
+    result["png"] = str(out / "frontier.png")
+    return result
+
+
+def _point(model: str, spec: str, value: str | None, run_dir: Path, s: dict[str, Any]) -> SweepPoint:
+    return SweepPoint(
+        model=model,
+        policy=spec,
+        value=value,
+        out=str(run_dir),
+        accuracy=s["accuracy"],
+        mean_nfe=s["mean_nfe"],
+        tokens_per_step=s["tokens_per_step"],
+        latency_per_sample_s=s["latency_per_sample_s"],
+        speedup=s.get("speedup"),
+        n=s["n"],
+    )
+
+
+def summarize_sweep(points: Sequence[SweepPoint], task: str, policy: str, y_max: float | None) -> dict[str, Any]:
+    """Per model: its points, the Pareto frontier (accuracy vs NFE) and AUP over all its points."""
+    models: dict[str, Any] = {}
+    top = y_max if y_max is not None else max(100 * p.accuracy for p in points)
+    for model in dict.fromkeys(p.model for p in points):
+        mine = [p for p in points if p.model == model]
+        front = pareto_frontier([(p.mean_nfe, p.accuracy) for p in mine])
+        models[model] = {
+            "points": [vars(p) for p in mine],
+            "frontier": [mine[i].policy for i in front],
+            # AUP of the swept curve (the baseline run is a point of its own, not part of the curve)
+            "aup": aup([(p.tokens_per_step, 100 * p.accuracy) for p in mine if p.value is not None], y_max=top),
+        }
+    return {"task": task, "policy": policy, "aup_y_max": top, "aup_alpha": AUP_ALPHA, "models": models}
+
+
+def plot_frontier(points: Sequence[SweepPoint], result: dict[str, Any], path: Path, task: str, policy: str) -> None:
+    """Accuracy against mean NFE, one colour per model, the Pareto frontier as a step line, values annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    top = 0.0
+    for k, (model, info) in enumerate(result["models"].items()):
+        colour = f"C{k}"
+        mine = [p for p in points if p.model == model]
+        front = [mine[i] for i in pareto_frontier([(p.mean_nfe, p.accuracy) for p in mine])]
+        ax.step(
+            [p.mean_nfe for p in front],
+            [100 * p.accuracy for p in front],
+            where="post",
+            color=colour,
+            alpha=0.5,
+            lw=1.5,
+        )
+        for p in mine:
+            y = 100 * p.accuracy
+            top = max(top, y)
+            marker = "s" if p.value is None else "o"
+            ax.scatter([p.mean_nfe], [y], color=colour, marker=marker, zorder=3, s=40 if p in front else 22)
+            text = "baseline" if p.value is None else p.value
+            ax.annotate(text, (p.mean_nfe, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.plot([], [], color=colour, marker="o", label=f"{Path(model).name} (AUP {info['aup']:.1f})")
+    ax.set_ylim(0, min(100.0, top + 10.0) if top > 0 else 10.0)
+    nfes = [p.mean_nfe for p in points if p.mean_nfe]
+    if nfes and max(nfes) / min(nfes) > 8:
+        ax.set_xscale("log")
+    ax.set_xlabel("mean NFE per sample (lower is faster)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{task}: {policy} sweep; line = Pareto frontier, square = baseline", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,32 @@
+"""`benchmarks/decode.py --quick` runs end to end and writes a complete JSON (tiny sizes, seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_decode_benchmark_quick(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "benchmarks" / "decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "decode.json"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = res["policies"]["rows"]
+    specs = {r["policy"] for r in rows}
+    assert len(specs) == 1 + len(bench.POLICIES) and {r["cache"] for r in rows} == {"none", "prefix", "dual"}
+    assert {r["batch"] for r in rows} == {1, 4}
+    for r in rows:
+        assert r["nfe"] >= 1 and 0 <= r["outside_forward"] < 1 and r["tokens_per_s"] > 0
+        if r["policy"] == bench.BASELINE and r["cache"] == "none":
+            assert r["speedup"] == 1.0
+        if r["policy"] == "llada:steps=8":  # half the steps: exactly half the baseline's NFE
+            assert r["nfe"] == 8 and r["tokens_per_step"] == 2
+    assert [r["cache"] for r in res["cache"]["rows"]] == ["none", "prefix", "dual"]
+    assert all(r["nfe"] == 8 for r in res["cache"]["rows"])
+    assert all(r["ms_per_step"] > 0 for r in res["overhead"]["rows"])
+    assert "tokens_per_s" in capsys.readouterr().out
