@@ -1,0 +1,227 @@
+"""The embedded demo: every shipped model x every decoding policy on held-out problems, table and Pareto plot.
+
+``fewstep demo`` is a thin CLI over :func:`run_demo`, :func:`format_table` and :func:`plot_pareto`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fewstep.tasks import GEN_LENGTH, NAME
+
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class PolicyFamily:
+    """A decoding rule and the settings swept for the Pareto plot (``default`` goes in the table)."""
+
+    key: str
+    label: str
+    specs: tuple[str, ...]
+    default: str
+
+
+def policy_families(gen_length: int = GEN_LENGTH) -> list[PolicyFamily]:
+    """The policies the demo runs. Each rule gets its authors' default and a sweep around it."""
+    steps = [s for s in (32, 16, 8, 4, 2) if s < gen_length]
+    return [
+        PolicyFamily(BASELINE, "LLaDA, 1 token per step", (BASELINE,), BASELINE),
+        PolicyFamily(
+            "llada", "LLaDA, fixed fewer steps", tuple(f"llada:steps={s}" for s in steps), f"llada:steps={steps[1]}"
+        ),
+        PolicyFamily(
+            "threshold",
+            "Fast-dLLM confidence threshold",
+            tuple(f"threshold:{t}" for t in (0.99, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3)),
+            "threshold:0.9",
+        ),
+        PolicyFamily(
+            "entropy",
+            "dParallel entropy threshold",
+            tuple(f"entropy:{t}" for t in (0.05, 0.1, 0.2, 0.35, 0.5, 0.8, 1.2)),
+            "entropy:0.5",
+        ),
+        PolicyFamily(
+            "cad", "CD4LM confidence-adaptive", tuple(f"cad:{t}" for t in (0.99, 0.95, 0.9, 0.8, 0.7, 0.5)), "cad:0.95"
+        ),
+    ]
+
+
+def engine_spec(spec: str, gen_length: int) -> str:
+    """The decoding-engine policy string of a demo policy name (the baseline is LLaDA with one token per step)."""
+    return f"llada:steps={gen_length}" if spec == BASELINE else spec
+
+
+def shipped_models(root: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
+    """``(name, folder)`` of every checkpoint shipped in the package: the teacher first, then the students."""
+    if root is None:
+        import fewstep
+
+        root = Path(fewstep.__file__).parent / "assets" / "models"
+    root = Path(root)
+    found = sorted(d for d in root.iterdir() if (d / "config.json").is_file()) if root.is_dir() else []
+    found.sort(key=lambda d: (d.name != "teacher", d.name))
+    return [(d.name, d) for d in found]
+
+
+def run_demo(
+    models: Sequence[tuple[str, Path]],
+    problems: Sequence[Any],
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    gen_length: int = GEN_LENGTH,
+    block_length: int | None = None,
+    families: Sequence[PolicyFamily] | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (model, policy setting): accuracy, mean NFE, tokens per step, seconds, speedups.
+
+    Speedups are over the teacher's baseline row (the first model's), in NFE and in wall time.
+    """
+    import fewstep
+    from fewstep.tasks import BLOCK_LENGTH
+    from fewstep.tasks.evaluate import evaluate_policy
+
+    block_length = block_length or BLOCK_LENGTH
+    families = list(families or policy_families(gen_length))
+    rows: list[dict[str, Any]] = []
+    for name, folder in models:
+        model = fewstep.load_model(folder, device=device)
+        tok = fewstep.load_tokenizer(folder)
+        for fam in families:
+            for spec in fam.specs:
+
+                def tick(k: int, _n=name, _s=spec) -> None:
+                    if progress is not None:
+                        progress(f"{_n} {_s}", k)
+
+                res, _ = evaluate_policy(
+                    model,
+                    tok,
+                    problems,
+                    engine_spec(spec, gen_length),
+                    gen_length=gen_length,
+                    block_length=block_length,
+                    batch_size=batch_size,
+                    progress=tick,
+                )
+                rows.append(
+                    {
+                        "model": name,
+                        "policy": spec,
+                        "family": fam.key,
+                        "accuracy": res.accuracy,
+                        "mean_nfe": res.mean_nfe,
+                        "tokens_per_step": res.tokens_per_step,
+                        "seconds": res.seconds,
+                    }
+                )
+    base = next((r for r in rows if r["policy"] == BASELINE), rows[0])
+    for r in rows:
+        r["speedup_nfe"] = base["mean_nfe"] / r["mean_nfe"] if r["mean_nfe"] else math.inf
+        r["speedup_wall"] = base["seconds"] / r["seconds"] if r["seconds"] else math.inf
+    return rows
+
+
+def table_rows(rows: Sequence[dict[str, Any]], families: Sequence[PolicyFamily] | None = None) -> list[dict]:
+    """The rows shown in the printed table: per model, each family's default setting and 1 step per block."""
+    families = list(families or policy_families())
+    shown = {f.default for f in families}
+    shown |= {f"llada:steps={GEN_LENGTH // 32}"}
+    return [r for r in rows if r["policy"] in shown]
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table (also used in the README)."""
+    head = ["model", "policy", "accuracy", "mean NFE", "tokens/step", "seconds", "speedup NFE", "speedup wall"]
+    lines = [head]
+    for r in rows:
+        lines.append(
+            [
+                r["model"],
+                r["policy"],
+                f"{100 * r['accuracy']:.1f}%",
+                f"{r['mean_nfe']:.2f}",
+                f"{r['tokens_per_step']:.2f}",
+                f"{r['seconds']:.1f}",
+                f"{r['speedup_nfe']:.1f}x",
+                f"{r['speedup_wall']:.1f}x",
+            ]
+        )
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    out = []
+    for j, line in enumerate(lines):
+        out.append(
+            "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+        )
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
+    """Accuracy against mean NFE (log scale): one panel per model, a curve per policy family, baseline marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fams = [f for f in policy_families() if f.key != BASELINE]
+    colors = {"llada": "tab:gray", "threshold": "tab:blue", "entropy": "tab:green", "cad": "tab:red"}
+    base = next((r for r in rows if r["policy"] == BASELINE and r["model"] == models[0]), None)
+    n = len(models)
+    cols = min(n, 2)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.4 * cols, 4.4 * nrows), dpi=110, squeeze=False)
+    nfes = [r["mean_nfe"] for r in rows if r["mean_nfe"] > 0]
+    lo, hi = min(nfes) / 1.3, max(nfes) * 1.3
+    for ax, model in zip(axes.flat, models):
+        mine = [r for r in rows if r["model"] == model]
+        for fam in fams:
+            pts = sorted((r["mean_nfe"], 100 * r["accuracy"]) for r in mine if r["family"] == fam.key)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=4, lw=1.6, color=colors.get(fam.key), label=fam.label)
+        own = next((r for r in mine if r["policy"] == BASELINE), None)
+        if base is not None:
+            ax.scatter(
+                [base["mean_nfe"]],
+                [100 * base["accuracy"]],
+                marker="*",
+                s=220,
+                color="black",
+                zorder=5,
+                label="teacher baseline (1 token/step)",
+            )
+            ax.axhline(100 * base["accuracy"], color="black", lw=0.8, ls="--", alpha=0.5)
+        if own is not None and own is not base:
+            ax.scatter(
+                [own["mean_nfe"]],
+                [100 * own["accuracy"]],
+                marker="*",
+                s=120,
+                color="tab:purple",
+                zorder=5,
+                label=f"{model} at 1 token/step",
+            )
+        ax.set_xscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(-3, 103)
+        ax.set_title(model)
+        ax.set_xlabel("mean NFE per answer (log scale)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(title or f"{NAME}: accuracy vs NFE (top-left is better)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
