@@ -73,6 +73,10 @@ def test_lr_schedules():
     assert lr_factor(60, c) == pytest.approx(0.55)
     c.schedule = "constant"
     assert lr_factor(100, c) == 1.0
+    w = TrainConfig(out_dir="x", max_steps=100, warmup_steps=10, schedule="wsd", decay_steps=20, min_lr_ratio=0.1)
+    assert lr_factor(79, w) == 1.0
+    assert lr_factor(89, w) == pytest.approx(0.55)
+    assert lr_factor(99, w) == pytest.approx(0.1)
     with pytest.raises(ValueError):
         TrainConfig(out_dir="x", max_steps=10, schedule="step")
 

@@ -46,9 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     parser.add_argument(
-        "--schedule", choices=["constant", "cosine", "linear"], default="constant", help="LR schedule after the warm-up"
+        "--schedule",
+        choices=["constant", "cosine", "linear", "wsd"],
+        default="constant",
+        help="LR schedule after the warm-up",
     )
     parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument(
+        "--decay-steps",
+        type=int,
+        default=0,
+        help="with --schedule wsd: cosine decay to min-lr-ratio over the last N steps",
+    )
     parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR / peak LR for cosine and linear")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
@@ -107,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     max_len = longest_prompt + gen_length
     if max_len > int(cfg.get("max_sequence_length", max_len)):
         raise ValueError(f"prompt + generation is {max_len} tokens, over the model's max_sequence_length")
+    data_hash = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()[:16]
     model = init_model(cfg, args.seed)
     objective = MaskedDiffusionObjective(
         SpecialIds(mask=ids["mask"], eos=ids["eos"], pad=ids["pad"]), max_len, gen_length=gen_length, eps=args.eps
@@ -121,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps,
         schedule=args.schedule,
+        decay_steps=args.decay_steps,
         grad_clip=args.grad_clip,
         seed=args.seed,
         bf16=args.bf16,
@@ -129,22 +140,45 @@ def run(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         log_every=args.log_every,
         progress=not args.no_progress,
-        extra={"objective": "mdm", "gen_length": gen_length, "eps": args.eps, "data": str(args.data)},
+        extra={
+            "objective": "mdm",
+            "gen_length": gen_length,
+            "eps": args.eps,
+            "data": str(args.data),
+            "data_sha256_16": data_hash,
+            "n_examples": len(examples),
+        },
     )
     trainer = Trainer(model, objective, examples, train_cfg, tokenizer=tok, accelerator=accelerator)
     found = ckpt.latest_checkpoint(out)
     if found is not None:
         saved = ckpt.read_state(found)["config"]
-        mismatch = [
-            k for k in ("batch_size", "seed", "lr", "schedule", "warmup_steps") if saved.get(k) != getattr(train_cfg, k)
+        now = train_cfg.to_dict()
+        # Settings that define the data stream and the model cannot change in a resumed run ...
+        hard = [k for k in ("batch_size", "seed") if saved.get(k) != now[k]]
+        hard += [
+            k
+            for k in ("gen_length", "data_sha256_16", "n_examples")
+            if saved["extra"].get(k) is not None and saved["extra"].get(k) != now["extra"][k]
         ]
-        if mismatch:
+        if hard:
             raise ValueError(
-                f"{out} holds a run with different settings ({', '.join(mismatch)}); use another --out or --overwrite"
+                f"{out} holds a run with different settings ({', '.join(hard)}); use another --out or --overwrite"
             )
         trainer.resume()
+        # ... the optimisation schedule may (to extend a run or add a final decay); say so.
+        soft = [
+            f"{k} {saved.get(k)} -> {now[k]}"
+            for k in ("max_steps", "lr", "schedule", "warmup_steps", "decay_steps", "min_lr_ratio", "weight_decay")
+            if saved.get(k, now[k]) != now[k]
+        ]
         if main:
             print(f"fewstep pretrain: resuming {out} from step {trainer.step}")
+            if soft:
+                print("fewstep pretrain: continuing with changed settings: " + "; ".join(soft))
+    if trainer.step >= args.max_steps and main:
+        print(f"fewstep pretrain: the run is already at step {trainer.step} (--max-steps {args.max_steps})")
+    trainer.invocations.append({"command": command or "fewstep pretrain (API)", "start_step": trainer.step})
     if main:
         print(
             f"fewstep pretrain: {count_parameters(model):,} parameters, {len(examples):,} examples, "
@@ -157,9 +191,9 @@ def run(args: argparse.Namespace) -> int:
     if main:
         if save_dtype is not None:
             _cast_weights(out, save_dtype)
-        data_hash = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()[:16]
         info = {
             "command": command or f"fewstep pretrain --data {args.data} ...",
+            "invocations": trainer.invocations,
             "seed": args.seed,
             "data": str(args.data),
             "data_sha256_16": data_hash,
@@ -214,8 +248,15 @@ def write_model_card(folder: Path, info: dict, cfg: dict) -> None:
         "## Training",
         "",
         "```bash",
-        info["command"],
+        *[
+            (f"# from step {inv['start_step']}:\n" if len(info["invocations"]) > 1 else "") + inv["command"]
+            for inv in info["invocations"]
+        ],
         "```",
+        "",
+        "Re-running these commands in order reproduces the weights exactly (resumes are deterministic)."
+        if len(info["invocations"]) > 1
+        else "",
         "",
         "| | |",
         "|---|---|",

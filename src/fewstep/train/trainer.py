@@ -32,7 +32,7 @@ from fewstep.train import checkpoint as ckpt
 from fewstep.train.lora import AdapterDisabledTeacher, LoraSpec, apply_lora, is_peft
 from fewstep.train.objective import Objective
 
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = ("constant", "cosine", "linear", "wsd")
 
 
 @dataclass
@@ -52,6 +52,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 100
     schedule: str = "constant"
+    decay_steps: int = 0  # "wsd": cosine decay over the last decay_steps (warmup-stable-decay)
     grad_clip: float = 1.0
     seed: int = 0
     bf16: bool = False
@@ -72,6 +73,8 @@ class TrainConfig:
             raise ValueError("batch_size and grad_accum must be >= 1")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
+        if self.decay_steps < 0 or self.decay_steps > self.max_steps:
+            raise ValueError("decay_steps must lie in 0..max_steps")
         if self.save_every < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("save_every, log_every and keep_checkpoints must be >= 1")
         self.betas = tuple(self.betas)
@@ -88,8 +91,14 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     lo = cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        start = cfg.max_steps - cfg.decay_steps
+        if step < start or cfg.decay_steps <= 0:
+            return 1.0
+        progress = min(1.0, (step - start + 1) / cfg.decay_steps)
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     if cfg.schedule == "cosine":
         return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
     return lo + (1 - lo) * (1 - progress)
@@ -199,6 +208,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.window: list[dict[str, float]] = []  # per-step logs since the last history record
+        self.invocations: list[dict[str, Any]] = []  # commands that produced this run, with their start step
         self.elapsed = 0.0
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -212,6 +222,7 @@ class Trainer:
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.window = list(state.get("window", []))
+        self.invocations = list(state.get("invocations", []))
         self.elapsed = float(state.get("elapsed", 0.0))
         return True
 
@@ -247,6 +258,7 @@ class Trainer:
             "step": self.step,
             "history": self.history,
             "window": self.window,
+            "invocations": self.invocations,
             "elapsed": self.elapsed,
             "config": self.cfg.to_dict(),
         }
