@@ -302,6 +302,10 @@ def load_tokenizer(path: str | os.PathLike):
         raise FileNotFoundError(f"tokenizer folder {str(folder)!r} does not exist")
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         raise FileNotFoundError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {str(folder)!r}")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers warns that it does not know model_type "llada": we know
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (ValueError, OSError, KeyError) as exc:
@@ -310,6 +314,8 @@ def load_tokenizer(path: str | os.PathLike):
         from transformers import Qwen2TokenizerFast
 
         tok = Qwen2TokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     cfg_file = folder / "config.json"
     if tok.mask_token is None and cfg_file.is_file():
         mask_id = json.loads(cfg_file.read_text()).get("mask_token_id")
