@@ -318,6 +318,60 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
         print("  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)), flush=True)
 
 
+def markdown(result: dict) -> str:
+    """The README tables of a results JSON (``--report``)."""
+    out = []
+    if "policies" in result:
+        rows = result["policies"]["rows"]
+
+        def get(b, c, p):
+            return next(x for x in rows if x["batch"] == b and x["cache"] == c and x["policy"] == p)
+
+        big = max(r["batch"] for r in rows)
+        out += [
+            f"| policy | NFE | tokens/step | b1 none | b1 dual | b{big} none | b{big} prefix | b{big} dual "
+            f"| outside forward, b{big} none / dual |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for p in dict.fromkeys(r["policy"] for r in rows):
+            a = get(big, "none", p)
+            cells = [
+                f"{get(b, c, p)['tokens_per_s']:.0f} ({get(b, c, p)['speedup']:.1f}x)"
+                for b, c in [(1, "none"), (1, "dual"), (big, "none"), (big, "prefix"), (big, "dual")]
+            ]
+            out.append(
+                f"| `{p}` | {a['nfe']:.1f} | {a['tokens_per_step']:.2f} | "
+                + " | ".join(cells)
+                + f" | {100 * a['outside_forward']:.0f} % / {100 * get(big, 'dual', p)['outside_forward']:.0f} % |"
+            )
+        sc = result["policies"]["batch_scaling"].values()
+        out += ["", f"batch {big} / batch 1 throughput: {min(sc):.1f}x to {max(sc):.1f}x", ""]
+    if "overhead" in result:
+        o = result["overhead"]["rows"]
+        big = max(r["batch"] for r in o)
+        out += [f"| policy | ms/step, batch 1 | ms/step, batch {big} | share of a batch-{big} dual forward |",
+                "| --- | --- | --- | --- |"]  # fmt: skip
+        for p in dict.fromkeys(r["policy"] for r in o):
+            a = next(r for r in o if r["policy"] == p and r["batch"] == 1)
+            b = next(r for r in o if r["policy"] == p and r["batch"] == big)
+            share = b.get("fraction_vs_synthetic_dual_b32")
+            share = "" if share is None else f"{100 * share:.1f} %"
+            out.append(f"| `{p}` | {a['ms_per_step']:.1f} | {b['ms_per_step']:.0f} | {share} |")
+        out.append("")
+    if "cache" in result:
+        c = result["cache"]
+        out += ["| cache | NFE | wall s | speedup | robust s | robust speedup | outside forward |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for r in c["rows"]:
+            rs = r.get("robust_seconds")
+            out.append(
+                f"| {r['cache']} | {r['nfe']} | {r['seconds']:.1f} | {r['speedup_vs_none']:.2f}x | "
+                + (f"{rs:.1f} | {r['robust_speedup_vs_none']:.2f}x" if rs else "- | -")
+                + f" | {100 * r['outside_forward']:.2f} % |"
+            )
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default="policies,cache,overhead", help="comma-separated: policies, cache, overhead")
@@ -337,7 +391,11 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=2, help="layers of the synthetic model (LLaDA-8B has 32)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
+    p.add_argument("--report", metavar="JSON", help="print the markdown tables of a results file and exit")
     args = p.parse_args(argv)
+    if args.report:
+        print(markdown(json.loads(Path(args.report).read_text())))
+        return 0
     torch.set_num_threads(args.threads)
     args.synthetic = {"d_model": 4096, "n_layers": args.layers, "n_heads": 32, "mlp": 12288}
     if args.quick:
