@@ -21,6 +21,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("generate", "generate", "Generate an answer for one prompt with a chosen unmasking policy and cache."),
     ("eval", "eval", "Generate and score a benchmark (GSM8K, MATH500, HumanEval, MBPP, chain) with speed metrics."),
     ("score", "score", "Score a predictions JSONL against a benchmark, without any model."),
+    ("lm-eval", "lm_eval", "Run lm-evaluation-harness tasks with the fewstep model (any policy and cache)."),
     ("sweep", "sweep", "Sweep a policy's threshold, draw the accuracy/NFE Pareto frontier and report AUP."),
     ("pretrain", "pretrain", "Train a masked-diffusion LM from scratch on prompt/response JSONL (LLaDA objective)."),
     ("rollout", "rollout", "Let a teacher answer a prompt set and keep verified answers (self-distillation data)."),

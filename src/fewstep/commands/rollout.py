@@ -1,15 +1,181 @@
-"""`fewstep rollout`: not yet available (see the project's issues)."""
+"""`fewstep rollout`: the teacher answers a prompt set; verified answers become distillation data.
+
+Writes OUT/shard-RRRRR-of-WWWWW.jsonl (one per process) with records ``{"id", "prompt", "response",
+"correct", "question", "nfe", "tokens_per_step", "response_tokens", "finished", "seconds", ...}`` and
+OUT/rollout.json (settings and summary). ``fewstep distill --data OUT`` reads the shards. Killed? Run
+the same command again: it continues where it stopped, without losing or repeating a record.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+from pathlib import Path
+
+EPILOG = """\
+prompt sets (--prompts NAME, or a JSONL file with a "prompt" field per line):
+{sets}
+
+verifiers (--verifier NAME): {verifiers}
+
+examples:
+  # the embedded task: the tiny teacher answers 8192 train prompts, keep the verified answers
+  fewstep rollout --model runs/teacher --prompts arith --out data/rollouts --gen-length 64
+  # dParallel's data recipe on LLaDA-8B-Instruct, 8 GPUs (each process writes its own shard)
+  accelerate launch --num_processes 8 -m fewstep rollout --model /models/LLaDA-8B-Instruct \\
+      --prompts gsm8k --out data/llada-gsm8k --policy llada --gen-length 256 --block-length 32 --batch-size 32
+  # any prompts, no verifier: keep everything
+  fewstep rollout --model M --prompts prompts.jsonl --keep all --out data/r
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """This command takes no arguments yet."""
+    from fewstep.decoding.policies import policy_help
+    from fewstep.distill import rollout as ro
+
+    sets = "\n".join(f"  {n}: {ro._PROMPT_SETS[n].description}" for n in ro.prompt_set_names())
+    parser.epilog = EPILOG.format(sets=sets, verifiers=", ".join([*ro.verifier_names(), "none"]))
+    parser.epilog += "\npolicies (--policy):\n" + policy_help()
+    parser.add_argument("--model", required=True, metavar="PATH", help="teacher checkpoint folder (LLaDA or Dream)")
+    parser.add_argument("--prompts", required=True, metavar="NAME|JSONL", help="a prompt set name or a JSONL file")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (shards + rollout.json)")
+    parser.add_argument("--policy", default="llada", metavar="NAME[:ARGS]", help="decoding policy of the teacher")
+    parser.add_argument(
+        "--gen-length",
+        type=int,
+        default=None,
+        help="answer length in tokens (default: the model's training gen_length if recorded, else 256)",
+    )
+    parser.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block length")
+    parser.add_argument("--cache", choices=["none", "prefix", "dual"], default="none", help="KV cache mode")
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (per process)")
+    parser.add_argument(
+        "--keep",
+        choices=["correct", "all", "incorrect"],
+        default=None,
+        help="which answers to write (default: correct when a verifier exists, else all)",
+    )
+    parser.add_argument(
+        "--verifier", default=None, metavar="NAME", help="answer checker (default: the prompt set's; 'none' to skip)"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--seed", type=int, default=0, help="prompt set seed; sampling seed of prompt i is seed + i")
+    parser.add_argument(
+        "--chat-template",
+        dest="chat",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="wrap prompts in the tokenizer's chat template (auto: when it has one)",
+    )
+    parser.add_argument("--protocol", default=None, help="prompt protocol of a benchmark prompt set (e.g. dparallel)")
+    parser.add_argument("--prompt-field", default="prompt", help="JSONL field holding the prompt text")
+    parser.add_argument(
+        "--no-early-stop",
+        dest="early_stop",
+        action="store_false",
+        help="decode every block even after EOS (same answers, more NFE)",
+    )
+    parser.add_argument(
+        "--no-sort", dest="sort", action="store_false", help="keep the prompt order (default: batch by length)"
+    )
+    parser.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer folder (default: --model)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: this process's accelerate device)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing output folder first")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def default_gen_length(model_dir: Path) -> int:
+    """The generation length the model was trained with (``training.json``), else dParallel's 256."""
+    info = model_dir / "training.json"
+    if info.is_file():
+        try:
+            g = json.loads(info.read_text()).get("gen_length")
+        except json.JSONDecodeError:
+            g = None
+        if isinstance(g, int) and g > 0:
+            return g
+    return 256
 
 
 def run(args: argparse.Namespace) -> int:
-    """Say clearly that the command is not built yet."""
-    print("fewstep rollout: not yet available in this version of fewstep.")
-    return 1
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from accelerate import PartialState
+
+    import fewstep
+    from fewstep.decoding import parse_policy
+    from fewstep.distill import rollout as ro
+
+    parse_policy(args.policy)
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder {str(model_dir)!r} does not exist")
+    records, default_verifier = ro.load_prompts(
+        args.prompts, limit=args.limit, seed=args.seed, prompt_field=args.prompt_field, protocol=args.protocol
+    )
+    verifier = default_verifier if args.verifier is None else (None if args.verifier == "none" else args.verifier)
+    if verifier is not None:
+        ro.get_verifier(verifier)  # unknown name -> one-line error before loading the model
+    keep = args.keep or ("correct" if verifier else "all")
+    gen_length = args.gen_length or default_gen_length(model_dir)
+    cfg = ro.RolloutConfig(
+        out_dir=args.out,
+        model=str(model_dir.resolve()),
+        prompts=args.prompts if args.prompts in ro.prompt_set_names() else str(Path(args.prompts).resolve()),
+        policy=args.policy,
+        gen_length=gen_length,
+        block_length=min(args.block_length, gen_length),
+        cache=args.cache,
+        batch_size=args.batch_size,
+        keep=keep,
+        verifier=verifier,
+        limit=args.limit,
+        seed=args.seed,
+        chat=args.chat,
+        early_stop=args.early_stop,
+        sort_by_length=args.sort,
+        prompt_field=args.prompt_field,
+        protocol=args.protocol,
+    )
+    # cpu=True on a machine without GPU, so that torchrun processes form a gloo group
+    state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
+    main = state.is_main_process
+    out = Path(args.out)
+    if args.overwrite and out.exists() and main:
+        shutil.rmtree(out)
+    state.wait_for_everyone()
+    device = args.device or state.device
+    dtype = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+    tokenizer = fewstep.load_tokenizer(args.tokenizer or model_dir)
+    model = fewstep.load_model(model_dir, dtype=dtype, device=device)
+    if main:
+        print(
+            f"fewstep rollout: {len(records):,} prompts, policy {args.policy}, gen {gen_length} / block "
+            f"{cfg.block_length}, keep {keep} (verifier {verifier or 'none'}), {state.num_processes} process(es)"
+        )
+    summary = ro.run_rollout(
+        cfg,
+        model,
+        tokenizer,
+        records,
+        rank=state.process_index,
+        world=state.num_processes,
+        progress=not args.no_progress,
+        barrier=state.wait_for_everyone,
+    )
+    if main:
+        acc = summary["accuracy"]
+        print(
+            f"fewstep rollout: kept {summary['kept']:,} of {summary['prompts']:,} answers "
+            f"({summary['acceptance']:.1%}"
+            + (f"; teacher accuracy {acc:.1%}" if acc is not None else "")
+            + f"), mean NFE {summary['mean_nfe']:.1f}, {summary['tokens_per_step']:.2f} tokens/step, "
+            f"{summary['prompts_per_second']:.1f} prompts/s; data in {out}"
+        )
+    return 0

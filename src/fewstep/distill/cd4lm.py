@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewstep.distill.dparallel import logit_shift_of, python_rng
-from fewstep.train.objective import Objective, SpecialIds
+from fewstep.train.objective import Objective, SpecialIds, mean_over_rows
 
 IGNORE = -100
 
@@ -294,7 +294,10 @@ class CD4LMObjective(Objective):
     to the longest row. ``lam`` fixes λ; otherwise :func:`lambda_cosine_schedule` runs over the trainer's
     optimizer steps. ``mask_padding=False`` runs both models on the padded canvas without an attention
     mask, which is what the reference computes (its LLaDA ignores the mask); ``True`` masks the padding
-    beyond each row for both student and teacher.
+    beyond each row for both student and teacher. ``per_sequence``: clamp and normalise each sequence
+    on its own and average over sequences (independent of how a batch is split over processes /
+    micro-batches); False computes the means over all labelled positions of the micro-batch, as the
+    reference does.
     """
 
     name = "cd4lm"
@@ -313,6 +316,7 @@ class CD4LMObjective(Objective):
         clamp_max: float | None = 5.0,
         mask_padding: bool = False,
         train_on_pad_id: bool = False,
+        per_sequence: bool = False,
     ):
         super().__init__(ids, max_length)
         if temperature <= 0:
@@ -324,6 +328,7 @@ class CD4LMObjective(Objective):
         self.clamp_max = clamp_max
         self.mask_padding = mask_padding
         self.train_on_pad_id = train_on_pad_id
+        self.per_sequence = per_sequence
 
     def current_lambda(self, step: int, max_steps: int) -> float:
         """The fixed λ, or the cosine schedule's value at ``step``."""
@@ -367,13 +372,20 @@ class CD4LMObjective(Objective):
         student_logits = model(input_ids=batch["input_ids"], attention_mask=attn).logits
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch["teacher_consistency_input_ids"], attention_mask=attn).logits
-        out = consistency_loss(
-            student_logits,
-            teacher_logits,
-            batch["labels"],
-            lam=self.current_lambda(step, max_steps),
-            temperature=self.temperature,
-            clamp_max=self.clamp_max,
-            shift=logit_shift_of(model),
-        )
-        return out.total, out.log_dict()
+        kw = {
+            "lam": self.current_lambda(step, max_steps),
+            "temperature": self.temperature,
+            "clamp_max": self.clamp_max,
+            "shift": logit_shift_of(model),
+        }
+        labels = batch["labels"]
+        if not self.per_sequence:
+            out = consistency_loss(student_logits, teacher_logits, labels, **kw)
+            return out.total, out.log_dict()
+
+        def row(i: int) -> tuple[torch.Tensor, dict[str, float]]:
+            r = slice(i, i + 1)
+            out = consistency_loss(student_logits[r], teacher_logits[r], labels[r], **kw)
+            return out.total, out.log_dict()
+
+        return mean_over_rows(labels.shape[0], row)

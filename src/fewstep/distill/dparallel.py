@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.train.objective import Objective, SpecialIds
+from fewstep.train.objective import Objective, SpecialIds, mean_over_rows
 
 #: The reference's hyper-parameters (``config_lora_{llada,dream}.yaml`` and ``DLMTrainer``).
 LLADA_DEFAULTS: dict[str, Any] = {"block_size": 32, "entropy_weight": 2.0, "temperature": 0.5, "max_length": 384}
@@ -336,7 +336,10 @@ class DParallelObjective(Objective):
     truncated), as the reference does (the EOS padding is part of the response and is trained on);
     then both views are masked with the trainer's generator. ``block_size=None`` is Dream's whole-
     response masking (``DREAM_DEFAULTS``). ``reference_masking`` switches to the official batch loop
-    (``view_mask_id`` as in :func:`complementary_masks`).
+    (``view_mask_id`` as in :func:`complementary_masks`). ``per_sequence``: normalise each sequence by
+    its own counts and average over sequences (the reference's loss at its batch size of 1 per device,
+    and independent of how a batch is split over processes / micro-batches); False computes each view's
+    means over all masked positions of the micro-batch.
     """
 
     name = "dparallel"
@@ -354,6 +357,7 @@ class DParallelObjective(Objective):
         eps: float = 1e-3,
         reference_masking: bool = False,
         view_mask_id: int | None = None,
+        per_sequence: bool = False,
     ):
         super().__init__(ids, max_length)
         if block_size is not None and block_size < 1:
@@ -367,6 +371,7 @@ class DParallelObjective(Objective):
         self.eps = eps
         self.reference_masking = reference_masking
         self.view_mask_id = view_mask_id
+        self.per_sequence = per_sequence
 
     def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Fixed-length EOS-padded clean ids, prompt lengths and both masked views."""
@@ -407,14 +412,15 @@ class DParallelObjective(Objective):
         """Two forwards (one per view) and :func:`certainty_forcing_loss`."""
         logits = model(input_ids=batch["noisy"]).logits
         logits_rev = model(input_ids=batch["noisy_rev"]).logits
-        out = certainty_forcing_loss(
-            logits,
-            logits_rev,
-            batch["input_ids"],
-            batch["mask"],
-            batch["mask_rev"],
-            temperature=self.temperature,
-            entropy_weight=self.entropy_weight,
-            shift=logit_shift_of(model),
-        )
-        return out.total, out.log_dict()
+        kw = {"temperature": self.temperature, "entropy_weight": self.entropy_weight, "shift": logit_shift_of(model)}
+        ids, mask, mask_rev = batch["input_ids"], batch["mask"], batch["mask_rev"]
+        if not self.per_sequence:
+            out = certainty_forcing_loss(logits, logits_rev, ids, mask, mask_rev, **kw)
+            return out.total, out.log_dict()
+
+        def row(i: int) -> tuple[torch.Tensor, dict[str, float]]:
+            r = slice(i, i + 1)
+            out = certainty_forcing_loss(logits[r], logits_rev[r], ids[r], mask[r], mask_rev[r], **kw)
+            return out.total, out.log_dict()
+
+        return mean_over_rows(ids.shape[0], row)

@@ -26,7 +26,8 @@ every call), per layer as ``[B, n_kv_heads, L, head_dim]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,10 +121,118 @@ def key_padding_mask(attention_mask: torch.Tensor | None, key_len: int) -> torch
     return attention_mask.bool()[:, None, None, :]
 
 
+class ConfigFields:
+    """Shared config.json plumbing of the architecture configs (dataclasses with an ``extra`` dict)."""
+
+    @classmethod
+    def split_known(cls, cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(values of the dataclass fields present in ``cfg``, every other key) of a config.json dict."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        known = {k: cfg[k] for k in names if k in cfg and cfg[k] is not None}
+        return known, {k: v for k, v in cfg.items() if k not in names}
+
+    def fields_dict(self) -> dict[str, Any]:
+        """``extra`` updated with every dataclass field: the base of a config.json."""
+        out = dict(self.extra)
+        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        return out
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as LLaDA and Qwen2/Dream compute it: fp32 statistics, cast back, then times the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer of one forward needs besides its activations."""
+
+    positions: torch.Tensor  # [B, T] RoPE positions of the query tokens
+    mask: torch.Tensor | None  # SDPA key-padding mask [B, 1, 1, Lk] or None
+    past: KVCache | None  # cache to extend (prefix) or to write into (dual)
+    columns: torch.Tensor | None  # dual mode: the cache columns the queries replace
+
+
+def attention_inputs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    past_key_values: KVCache | list | None,
+    replace_position: torch.Tensor | None,
+) -> AttentionInputs:
+    """Resolve the cache mode, the query positions and the padding mask of one forward."""
+    B, T = input_ids.shape
+    if past_key_values is not None and not isinstance(past_key_values, KVCache):
+        past_key_values = KVCache(list(past_key_values))
+    columns = replace_columns(replace_position)
+    past_len = 0 if past_key_values is None or columns is not None else past_key_values.length
+    key_len = past_key_values.length if columns is not None else past_len + T
+    positions = resolve_positions(B, T, past_len, attention_mask, position_ids, columns, input_ids.device)
+    return AttentionInputs(positions, key_padding_mask(attention_mask, key_len), past_key_values, columns)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    past: tuple[torch.Tensor, torch.Tensor] | None,
+    columns: torch.Tensor | None,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Bidirectional attention of rotated ``q`` [B, H, T, D] over ``k``/``v`` [B, Hkv, T, D] and the cache.
+
+    Prefix mode appends to ``past``; dual mode writes ``k``/``v`` into ``past`` in place at ``columns``.
+    Returns the attention output ``[B, H, T, D]`` and this layer's full keys/values (the new cache).
+    GQA repeats each key/value head for ``H / Hkv`` consecutive query heads.
+    """
+    if past is not None and columns is not None:
+        past[0][:, :, columns] = k
+        past[1][:, :, columns] = v
+        k, v = past
+    elif past is not None:
+        k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+    present = (k, v)
+    heads = q.shape[1]
+    if k.shape[1] != heads:
+        r = heads // k.shape[1]
+        k = k.repeat_interleave(r, dim=1, output_size=heads)
+        v = v.repeat_interleave(r, dim=1, output_size=heads)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    return out, present
+
+
 class DiffusionLM(nn.Module):
     """Base class of fewstep's native models: shared logit alignment and device/dtype helpers."""
 
     logit_shift: int = 0
+
+    gradient_checkpointing: bool = False
+
+    def run_layers(
+        self, layers: nn.ModuleList, x: torch.Tensor, ctx: AttentionInputs, *args: Any
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Run ``layer(x, *args, mask, past_i, columns)`` for each layer, with gradient checkpointing when
+        training with it enabled; returns the output and every layer's keys/values."""
+        presents = []
+        for i, layer in enumerate(layers):
+            past = None if ctx.past is None else ctx.past[i]
+            call_args = (x, *args, ctx.mask, past, ctx.columns)
+            if self.gradient_checkpointing and self.training:
+                x, present = torch.utils.checkpoint.checkpoint(layer, *call_args, use_reentrant=False)
+            else:
+                x, present = layer(*call_args)
+            presents.append(present)
+        return x, presents
 
     @property
     def device(self) -> torch.device:

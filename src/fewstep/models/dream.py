@@ -24,25 +24,18 @@ Checkpoint key map (Qwen2 names)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.models.base import (
-    DiffusionLM,
-    KVCache,
-    ModelOutput,
-    key_padding_mask,
-    replace_columns,
-    resolve_positions,
-)
+from fewstep.models.base import ConfigFields, DiffusionLM, KVCache, ModelOutput, RMSNorm, attend, attention_inputs
 
 
 @dataclass
-class DreamConfig:
+class DreamConfig(ConfigFields):
     """The config.json fields that define the network (Qwen2 names plus ``mask_token_id``)."""
 
     hidden_size: int
@@ -84,9 +77,8 @@ class DreamConfig:
             raise ValueError(f"unsupported Dream variant: rope_scaling={scaling!r} (fewstep supports none)")
         if cfg.get("use_sliding_window"):
             raise ValueError("unsupported Dream variant: use_sliding_window=true (fewstep supports false)")
-        names = {f.name for f in fields(cls)} - {"extra"}
-        kwargs = {k: cfg[k] for k in names if k in cfg and cfg[k] is not None}
-        return cls(**kwargs, extra={k: v for k, v in cfg.items() if k not in names})
+        kwargs, extra = cls.split_known(cfg)
+        return cls(**kwargs, extra=extra)
 
     @property
     def head_dim(self) -> int:
@@ -101,26 +93,10 @@ class DreamConfig:
         return self.max_position_embeddings
 
     def to_dict(self) -> dict[str, Any]:
-        out = dict(self.extra)
-        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        out = self.fields_dict()
         out.setdefault("architectures", ["DreamModel"])
         out.update(hidden_act="silu", num_key_value_heads=self.kv_heads)
         return out
-
-
-class RMSNorm(nn.Module):
-    """Qwen2 RMSNorm: fp32 statistics, cast back, then times the weight."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -156,18 +132,7 @@ class DreamAttention(nn.Module):
         v = self.v_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
         q = (q * cos) + (rotate_half(q) * sin)
         k = (k * cos) + (rotate_half(k) * sin)
-        if past is not None and columns is not None:
-            past[0][:, :, columns] = k
-            past[1][:, :, columns] = v
-            k, v = past
-        elif past is not None:
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        present = (k, v)
-        if cfg.kv_heads != cfg.num_attention_heads:
-            r = cfg.num_attention_heads // cfg.kv_heads
-            k = k.repeat_interleave(r, dim=1, output_size=cfg.num_attention_heads)
-            v = v.repeat_interleave(r, dim=1, output_size=cfg.num_attention_heads)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
+        att, present = attend(q, k, v, past, columns, attn_mask)  # GQA, prefix/dual cache, padding
         att = att.transpose(1, 2).contiguous().view(B, T, cfg.hidden_size)
         return self.o_proj(att), present
 
@@ -213,7 +178,6 @@ class DreamModel(DiffusionLM):
         self.lm_head = (
             None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
-        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -227,26 +191,10 @@ class DreamModel(DiffusionLM):
         **_: Any,
     ) -> ModelOutput:
         """Run the network; arguments as in :meth:`fewstep.models.llada.LLaDAModel.forward`."""
-        B, T = input_ids.shape
-        if past_key_values is not None and not isinstance(past_key_values, KVCache):
-            past_key_values = KVCache(list(past_key_values))
-        columns = replace_columns(replace_position)
-        past_len = 0 if past_key_values is None or columns is not None else past_key_values.length
-        key_len = past_key_values.length if columns is not None else past_len + T
-        positions = resolve_positions(B, T, past_len, attention_mask, position_ids, columns, input_ids.device)
-        attn_mask = key_padding_mask(attention_mask, key_len)
+        ctx = attention_inputs(input_ids, attention_mask, position_ids, past_key_values, replace_position)
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        presents = []
-        for i, layer in enumerate(self.layers):
-            past = None if past_key_values is None else past_key_values[i]
-            if self.gradient_checkpointing and self.training:
-                x, present = torch.utils.checkpoint.checkpoint(
-                    layer, x, cos, sin, attn_mask, past, columns, use_reentrant=False
-                )
-            else:
-                x, present = layer(x, cos, sin, attn_mask, past, columns)
-            presents.append(present)
+        cos, sin = rope_cos_sin(ctx.positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        x, presents = self.run_layers(self.layers, x, ctx, cos, sin)
         if logits_range is not None:
             x = x[:, logits_range[0] : logits_range[1]]
         x = self.norm(x)

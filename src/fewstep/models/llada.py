@@ -34,27 +34,20 @@ The module names equal the checkpoint names without the ``model.transformer.`` p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.models.base import (
-    DiffusionLM,
-    KVCache,
-    ModelOutput,
-    key_padding_mask,
-    replace_columns,
-    resolve_positions,
-)
+from fewstep.models.base import ConfigFields, DiffusionLM, KVCache, ModelOutput, RMSNorm, attend, attention_inputs
 
 CHECKPOINT_PREFIX = "model.transformer."
 
 
 @dataclass
-class LLaDAConfig:
+class LLaDAConfig(ConfigFields):
     """The config.json fields that define the network. Architectural keys are required, never guessed:
     the official ``ModelConfig`` defaults describe a different (OLMo) model."""
 
@@ -105,13 +98,12 @@ class LLaDAConfig:
             bad.append("include_qkv_bias=true (fewstep supports false)")
         if bad:
             raise ValueError("unsupported LLaDA variant: " + "; ".join(bad))
-        names = {f.name for f in fields(cls)} - {"extra"}
-        kwargs = {k: cfg[k] for k in names if k in cfg and cfg[k] is not None}
+        kwargs, extra = cls.split_known(cfg)
         if "mlp_hidden_size" not in kwargs:
             kwargs["mlp_hidden_size"] = int(cfg["mlp_ratio"] * cfg["d_model"])
         if cfg.get("multi_query_attention"):
             kwargs["n_kv_heads"] = 1
-        return cls(**kwargs, extra={k: v for k, v in cfg.items() if k not in names})
+        return cls(**kwargs, extra=extra)
 
     @property
     def head_dim(self) -> int:
@@ -128,8 +120,7 @@ class LLaDAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A config.json in the official layout (loadable by the official code and by fewstep)."""
-        out = dict(self.extra)
-        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        out = self.fields_dict()
         out.setdefault("architectures", ["LLaDAModelLM"])
         out.update(
             block_type="llama",
@@ -149,21 +140,6 @@ class LLaDAConfig:
             embedding_size=self.padded_vocab,
         )
         return out
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm with fp32 statistics; the normalised activations are cast back before the weight multiply."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
 
 
 class RotaryEmbedding:
@@ -227,7 +203,6 @@ class LLaDABlock(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        key_positions: torch.Tensor | None,
         attn_mask: torch.Tensor | None,
         past: tuple[torch.Tensor, torch.Tensor] | None,
         columns: torch.Tensor | None,
@@ -240,18 +215,7 @@ class LLaDABlock(nn.Module):
         v = self.v_proj(h).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
         q = self.rope.apply(q, positions, cfg.rope_full_precision)
         k = self.rope.apply(k, positions, cfg.rope_full_precision)
-        if past is not None and columns is not None:  # dual cache: write the window in place
-            past[0][:, :, columns] = k
-            past[1][:, :, columns] = v
-            k, v = past
-        elif past is not None:  # prefix cache: append
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        present = (k, v)
-        if cfg.kv_heads != cfg.n_heads:
-            r = cfg.n_heads // cfg.kv_heads
-            k = k.repeat_interleave(r, dim=1, output_size=cfg.n_heads)
-            v = v.repeat_interleave(r, dim=1, output_size=cfg.n_heads)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
+        att, present = attend(q, k, v, past, columns, attn_mask)  # GQA, prefix/dual cache, padding
         att = att.transpose(1, 2).contiguous().view(B, T, cfg.d_model)
         x = x + self.attn_out(att)
         h = self.ff_norm(x)
@@ -273,7 +237,6 @@ class LLaDAModel(DiffusionLM):
         self.blocks = nn.ModuleList(LLaDABlock(config, self.rope) for _ in range(config.n_layers))
         self.ln_f = RMSNorm(config.d_model, config.rms_norm_eps)
         self.ff_out = None if config.weight_tying else nn.Linear(config.d_model, config.padded_vocab, bias=False)
-        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -292,25 +255,8 @@ class LLaDAModel(DiffusionLM):
         ``replace_position`` select the cache mode (see ``base.py``). ``logits_range=(a, b)`` computes
         the LM head only for query positions ``[a, b)`` (saves memory with large vocabularies).
         """
-        B, T = input_ids.shape
-        if past_key_values is not None and not isinstance(past_key_values, KVCache):
-            past_key_values = KVCache(list(past_key_values))
-        columns = replace_columns(replace_position)
-        past_len = 0 if past_key_values is None or columns is not None else past_key_values.length
-        key_len = past_key_values.length if columns is not None else past_len + T
-        positions = resolve_positions(B, T, past_len, attention_mask, position_ids, columns, input_ids.device)
-        attn_mask = key_padding_mask(attention_mask, key_len)
-        x = self.wte(input_ids)
-        presents = []
-        for i, block in enumerate(self.blocks):
-            past = None if past_key_values is None else past_key_values[i]
-            if self.gradient_checkpointing and self.training:
-                x, present = torch.utils.checkpoint.checkpoint(
-                    block, x, positions, None, attn_mask, past, columns, use_reentrant=False
-                )
-            else:
-                x, present = block(x, positions, None, attn_mask, past, columns)
-            presents.append(present)
+        ctx = attention_inputs(input_ids, attention_mask, position_ids, past_key_values, replace_position)
+        x, presents = self.run_layers(self.blocks, self.wte(input_ids), ctx, ctx.positions)
         if logits_range is not None:
             x = x[:, logits_range[0] : logits_range[1]]
         x = self.ln_f(x)

@@ -15,6 +15,7 @@ the trainer passes, so that a resumed run continues the same random stream.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,3 +75,26 @@ class Objective:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The scalar loss to minimise and a dict of floats to log (loss components, schedule values)."""
         raise NotImplementedError
+
+
+def mean_over_rows(
+    rows: int, loss_of_row: Callable[[int], tuple[torch.Tensor, dict[str, float]]]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The mean over ``rows`` of per-row losses and logs (``loss_of_row(i)`` sees row ``i`` alone).
+
+    Objectives use it for per-sequence normalisation: each sequence's loss is normalised by its own
+    counts and the batch loss is the mean over sequences, so the loss and its gradient do not depend on
+    how a global batch is split into processes and micro-batches (a token mean over a micro-batch
+    does). The forwards stay batched; only the (cheap) loss is computed row by row.
+    """
+    if rows < 1:
+        raise ValueError("mean_over_rows needs at least one row")
+    total, logs = None, {}
+    for i in range(rows):
+        loss, parts = loss_of_row(i)
+        total = loss if total is None else total + loss
+        for k, v in parts.items():
+            logs[k] = logs.get(k, 0.0) + v / rows
+    total = total / rows
+    logs["loss"] = float(total.detach())
+    return total, logs

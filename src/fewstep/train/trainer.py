@@ -188,6 +188,13 @@ class Trainer:
             lr=config.lr,
             betas=config.betas,
         )
+        self.deepspeed = getattr(acc.state, "deepspeed_plugin", None) is not None
+        if self.deepspeed:  # no dataloader to infer from; the trainer accumulates (and scales) itself
+            ds = acc.state.deepspeed_plugin.deepspeed_config
+            ds.update(train_micro_batch_size_per_gpu=self.micro, gradient_accumulation_steps=1)
+            ds["train_batch_size"] = self.micro * world
+            if config.grad_clip > 0:
+                ds["gradient_clipping"] = config.grad_clip
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -294,6 +301,8 @@ class Trainer:
                 k: v.to(acc.device) for k, v in _split_rows(batch, chunk * self.micro, (chunk + 1) * self.micro).items()
             }
             sync = a == cfg.grad_accum - 1
+            if self.deepspeed:  # DeepSpeed steps inside backward at an accumulation boundary
+                acc.gradient_state._set_sync_gradients(sync)
             ctx = acc.no_sync(self.model) if not sync else _nullcontext()
             with ctx, acc.autocast():
                 loss, parts = self.objective.loss(
@@ -303,7 +312,9 @@ class Trainer:
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
         if cfg.grad_clip > 0:
-            logs["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)  # DeepSpeed: its own clip's norm
+            if norm is not None:
+                logs["grad_norm"] = float(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         logs = {k: _mean_across(acc, v) for k, v in logs.items()}

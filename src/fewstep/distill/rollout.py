@@ -1,0 +1,585 @@
+"""Teacher rollouts: self-distillation data as dParallel uses it (algorithms.md section 3.2).
+
+The teacher answers a prompt set with a chosen decoding policy (batched through
+:func:`fewstep.generate`), each answer is checked by the prompt set's verifier where one exists, and
+the answers are kept or dropped as configured (``correct``, ``all``, ``incorrect``). The output is a
+folder of JSONL shards whose records carry ``prompt`` and ``response`` (what ``fewstep distill``
+reads), the verdict and generation statistics.
+
+Prompt sets and verifiers are small registries, so a benchmark becomes a rollout source with one
+line: :func:`register_verifier` maps a name to ``verify(record, response) -> bool``;
+:func:`register_prompt_set` maps a name to a loader of prompt records and its default verifier. The
+embedded task (``arith``) is registered here; ``gsm8k`` and ``math`` verifiers delegate to the
+evaluation harness's answer extraction (:func:`task_verifier`), and the ``gsm8k`` prompt set is the
+GSM8K train split under an evaluation prompt protocol (:func:`eval_prompt_records`).
+
+Resumability. Each process writes its own shard ``shard-RRRRR-of-WWWWW.jsonl`` and a progress index
+``shard-RRRRR-of-WWWWW.progress.json``. After each batch the kept records are appended to the shard
+and fsync'ed, then the index (batches done, shard size in bytes, running statistics) is replaced
+atomically (temporary file + ``os.replace``). A restarted run truncates the shard to the size the
+index recorded (dropping the records of a batch whose index update never happened) and continues
+with the next batch: a run killed at any moment (SIGKILL included) loses no finished record and
+writes none twice. Sampling seeds are per prompt (``seed + prompt index``), so a regenerated batch
+is the batch that was lost, and the results do not depend on the batch size or the number of
+processes.
+
+Multi-process (``accelerate launch`` / ``torchrun``): prompts are ordered (by token length when
+``sort_by_length``, which keeps batches tight) and process ``r`` of ``W`` takes every ``W``-th prompt
+starting at ``r`` (a disjoint, balanced slice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+Record = dict[str, Any]
+Verifier = Callable[[Record, str], bool]
+KEEP_MODES = ("correct", "all", "incorrect")
+CHAT_MODES = ("auto", "on", "off")
+MANIFEST = "rollout.json"
+
+# -- registries ------------------------------------------------------------------------------------------
+
+_VERIFIERS: dict[str, Callable[[], Verifier]] = {}
+
+
+def register_verifier(name: str, factory: Callable[[], Verifier]) -> None:
+    """Register a verifier by name. ``factory()`` builds ``verify(record, response) -> bool`` lazily (it
+    may import heavy modules); ``record`` is the prompt record (its ``prompt`` and gold fields)."""
+    _VERIFIERS[name] = factory
+
+
+def verifier_names() -> list[str]:
+    return sorted(_VERIFIERS)
+
+
+def get_verifier(name: str) -> Verifier:
+    """The verifier registered as ``name`` (ValueError listing the known names otherwise)."""
+    if name not in _VERIFIERS:
+        raise ValueError(f"unknown verifier {name!r} (known: {', '.join(verifier_names())}, none)")
+    return _VERIFIERS[name]()
+
+
+@dataclass
+class PromptSet:
+    """A named prompt source: ``load(limit, seed, protocol)`` returns prompt records, ``verifier`` names
+    their checker (``protocol`` picks a prompt format where the set has several; None is its default).
+
+    A record holds ``id``, ``prompt`` (the question text) and whatever its verifier reads (``gold``,
+    ``target``, ...). Optional: ``messages`` (chat turns, rendered with the tokenizer's chat template
+    instead of ``prompt``), ``raw`` (True: never apply a chat template), ``gen_prefix`` (text the answer
+    starts with, appended to the rendered prompt), ``stop`` (strings the response is cut at).
+    """
+
+    name: str
+    description: str
+    load: Callable[[int | None, int, str | None], list[Record]] = field(repr=False)
+    verifier: str | None = None
+
+
+_PROMPT_SETS: dict[str, PromptSet] = {}
+
+
+def register_prompt_set(prompt_set: PromptSet) -> PromptSet:
+    _PROMPT_SETS[prompt_set.name] = prompt_set
+    return prompt_set
+
+
+def prompt_set_names() -> list[str]:
+    return sorted(_PROMPT_SETS)
+
+
+# -- the embedded task -------------------------------------------------------------------------------------
+
+#: Prompts drawn from the embedded task's train split when no ``--limit`` is given.
+ARITH_DEFAULT_PROMPTS = 8192
+
+
+def _arith_load(limit: int | None, seed: int, protocol: str | None = None) -> list[Record]:
+    from fewstep.tasks.arith import generate
+
+    if protocol is not None:
+        raise ValueError("the arith prompt set has a single prompt format (no --protocol)")
+
+    problems = generate("train", ARITH_DEFAULT_PROMPTS if limit is None else limit, seed=seed)
+    return [{"id": p.id, "prompt": p.prompt, "gold": p.gold} for p in problems]
+
+
+def _arith_verifier() -> Verifier:
+    from fewstep.tasks.arith import verify
+
+    return lambda record, response: bool(verify(record["prompt"], response))
+
+
+register_verifier("arith", _arith_verifier)
+register_prompt_set(
+    PromptSet(
+        "arith",
+        f"the embedded task's train split (distinct prompts, generated with --seed; {ARITH_DEFAULT_PROMPTS} "
+        "unless --limit)",
+        _arith_load,
+        "arith",
+    )
+)
+
+# -- benchmarks through the evaluation harness ---------------------------------------------------------------
+
+
+def _eval_tasks():
+    try:
+        from fewstep.eval import tasks
+    except ImportError:
+        raise ValueError(
+            "this prompt set / verifier needs fewstep's evaluation harness (fewstep.eval.tasks), which this "
+            "installation lacks"
+        ) from None
+    return tasks
+
+
+def task_verifier(task: Any) -> Verifier:
+    """A verifier from an evaluation task (a name in ``fewstep.eval.tasks`` or a task object): the task's
+    ``extract(record, response)`` then ``check(record, extracted)``. A record's ``gold`` is copied to the
+    fields the benchmarks' checkers read (``target`` for GSM8K, ``answer`` for MATH) when they are absent."""
+    if isinstance(task, str):
+        task = _eval_tasks().get_task(task)
+    if getattr(task, "check", None) is None:
+        raise ValueError(f"task {getattr(task, 'name', task)!r} has no answer checker (code tasks need a sandbox)")
+
+    def verify(record: Record, response: str) -> bool:
+        if "gold" in record:
+            record = {"target": record["gold"], "answer": record["gold"], **record}
+        extracted = task.extract(record, response)
+        return extracted is not None and bool(task.check(record, extracted))
+
+    return verify
+
+
+def eval_prompt_records(rows: Sequence[Record], task: Any, protocol: str | None = None) -> list[Record]:
+    """Prompt records from benchmark rows through an evaluation task's prompt protocol (chat messages or
+    raw text, generation prefix and stop strings, as :meth:`Task.prompt` builds them)."""
+    out = []
+    for row in rows:
+        p = task.prompt(row, protocol)
+        rec = {**row, "id": str(row.get("id", len(out)))}
+        if p.messages is not None:
+            rec["messages"] = [dict(m) for m in p.messages]
+            rec["prompt"] = p.messages[-1]["content"]
+        else:
+            rec["prompt"], rec["raw"] = p.text, True
+        if p.gen_prefix:
+            rec["gen_prefix"] = p.gen_prefix
+        if p.stop:
+            rec["stop"] = list(p.stop)
+        out.append(rec)
+    return out
+
+
+def _gsm8k_train(limit: int | None, seed: int, protocol: str | None = None) -> list[Record]:
+    tasks = _eval_tasks()
+    from fewstep.eval import datasets
+
+    rows = datasets.load_gsm8k("train")
+    rows = rows if limit is None else rows[:limit]
+    return eval_prompt_records(rows, tasks.get_task("gsm8k"), protocol)
+
+
+register_verifier("gsm8k", lambda: task_verifier("gsm8k"))
+register_verifier("math", lambda: task_verifier("math500"))
+register_prompt_set(
+    PromptSet("gsm8k", "GSM8K train split (7,473), prompted as --protocol (evaluation harness)", _gsm8k_train, "gsm8k")
+)
+
+# -- prompts -----------------------------------------------------------------------------------------------
+
+
+def load_prompts(
+    source: str, *, limit: int | None = None, seed: int = 0, prompt_field: str = "prompt", protocol: str | None = None
+) -> tuple[list[Record], str | None]:
+    """Prompt records of a registered prompt set or a JSONL file, and the default verifier name.
+
+    A JSONL line is an object with a string ``prompt_field``; its other fields are kept (a verifier may
+    read them). Records get ``id`` = their line number when they have none.
+    """
+    if source in _PROMPT_SETS:
+        ps = _PROMPT_SETS[source]
+        return ps.load(limit, seed, protocol), ps.verifier
+    if protocol is not None:
+        raise ValueError("--protocol applies to a named prompt set, not to a JSONL file")
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"prompts {source!r} are neither a prompt set ({', '.join(prompt_set_names())}) nor a JSONL file"
+        )
+    records = []
+    with open(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get(prompt_field), str):
+                raise ValueError(f"{path}:{n}: expected an object with a string field {prompt_field!r}")
+            rec = dict(rec)
+            rec["prompt"] = rec[prompt_field]
+            rec["id"] = str(rec.get("id", n))
+            records.append(rec)
+            if limit is not None and len(records) >= limit:
+                break
+    if not records:
+        raise ValueError(f"{path} holds no prompts")
+    return records, None
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(record: Record, tokenizer: Any, chat: str = "auto") -> str:
+    """The exact text the model conditions on: the chat template around the prompt (``chat="on"``, or
+    ``"auto"`` when the tokenizer has one and the record is not ``raw``), else the prompt itself; plus
+    the record's ``gen_prefix``."""
+    if chat not in CHAT_MODES:
+        raise ValueError(f"chat must be one of {', '.join(CHAT_MODES)}; got {chat!r}")
+    messages = record.get("messages")
+    use = chat == "on" or (chat == "auto" and has_chat_template(tokenizer) and not record.get("raw"))
+    if messages is not None and chat != "off" and not use:
+        raise ValueError(f"prompt {record.get('id')!r} is a chat conversation but the tokenizer has no chat template")
+    if use:
+        if not has_chat_template(tokenizer):
+            raise ValueError("--chat-template on, but the tokenizer has no chat template")
+        turns = messages or [{"role": "user", "content": record["prompt"]}]
+        text = tokenizer.apply_chat_template(list(turns), tokenize=False, add_generation_prompt=True)
+    else:
+        text = record["prompt"]
+    return text + record.get("gen_prefix", "")
+
+
+def cut_at(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    end = len(text)
+    for s in stops:
+        i = text.find(s) if s else -1
+        if i != -1:
+            end = min(end, i)
+    return text[:end]
+
+
+# -- the run -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RolloutConfig:
+    """Settings of a rollout run (what ``rollout.json`` records; a resumed run must match them)."""
+
+    out_dir: str
+    model: str
+    prompts: str
+    policy: str = "llada"
+    gen_length: int = 256
+    block_length: int = 32
+    cache: str = "none"
+    batch_size: int = 32
+    keep: str = "correct"
+    verifier: str | None = None
+    limit: int | None = None
+    seed: int = 0
+    chat: str = "auto"
+    early_stop: bool = True
+    sort_by_length: bool = True
+    prompt_field: str = "prompt"
+    protocol: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep not in KEEP_MODES:
+            raise ValueError(f"keep must be one of {', '.join(KEEP_MODES)}; got {self.keep!r}")
+        if self.keep != "all" and self.verifier is None:
+            raise ValueError(f"--keep {self.keep} needs a verifier, and these prompts have none: pass --keep all")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("limit must be >= 1")
+        if self.chat not in CHAT_MODES:
+            raise ValueError(f"chat must be one of {', '.join(CHAT_MODES)}; got {self.chat!r}")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that must not change between a run and its resumption."""
+        return {k: v for k, v in asdict(self).items() if k != "out_dir"}
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}"
+
+
+def shard_files(folder: str | os.PathLike) -> list[Path]:
+    """The JSONL shards of a rollout folder, in rank order."""
+    return sorted(Path(folder).glob("shard-*-of-*.jsonl"))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Replace ``path`` with ``obj`` as JSON so a reader (or a crash) sees the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(obj, indent=1) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _new_stats() -> dict[str, float]:
+    return {"prompts": 0, "kept": 0, "correct": 0, "verified": 0, "nfe": 0, "tokens": 0, "seconds": 0.0}
+
+
+class ShardWriter:
+    """One process's shard and its progress index (see the module docstring for the protocol)."""
+
+    def __init__(self, folder: Path, rank: int, world: int):
+        self.path = folder / f"{shard_name(rank, world)}.jsonl"
+        self.index = folder / f"{shard_name(rank, world)}.progress.json"
+        self.batches_done = 0
+        self.stats = _new_stats()
+        size = 0
+        if self.index.is_file():
+            state = json.loads(self.index.read_text())
+            self.batches_done, size, self.stats = int(state["batches_done"]), int(state["bytes"]), state["stats"]
+        on_disk = self.path.stat().st_size if self.path.exists() else 0
+        if on_disk < size:
+            raise ValueError(f"{self.path} is shorter than its progress index records: the run folder is damaged")
+        with open(self.path, "ab") as fh:  # drop records of a batch whose index update never happened
+            fh.truncate(size)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.bytes = size
+
+    def commit(self, records: list[Record], stats: dict[str, float]) -> None:
+        """Append ``records`` durably, then advance the index by one batch."""
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+        with open(self.path, "ab") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.bytes += len(data)
+        self.batches_done += 1
+        for k, v in stats.items():
+            self.stats[k] += v
+        write_json_atomic(self.index, {"batches_done": self.batches_done, "bytes": self.bytes, "stats": self.stats})
+
+
+def summarize(stats: dict[str, float], seconds: float | None = None) -> dict[str, float]:
+    """Rates from summed statistics: acceptance, accuracy, mean NFE, tokens per step, and throughput over
+    ``seconds`` (default: the summed generation time)."""
+    n = max(stats["prompts"], 1)
+    seconds = stats["seconds"] if seconds is None else seconds
+    return {
+        "prompts": int(stats["prompts"]),
+        "kept": int(stats["kept"]),
+        "acceptance": stats["kept"] / n,
+        "accuracy": stats["correct"] / stats["verified"] if stats["verified"] else None,
+        "mean_nfe": stats["nfe"] / n,
+        "tokens_per_step": stats["tokens"] / max(stats["nfe"], 1),
+        "prompts_per_second": stats["prompts"] / max(seconds, 1e-9),
+        "tokens_per_second": stats["tokens"] / max(seconds, 1e-9),
+        "seconds": round(seconds, 3),
+    }
+
+
+def _keep(mode: str, correct: bool | None) -> bool:
+    return mode == "all" or (mode == "correct" and correct is True) or (mode == "incorrect" and correct is False)
+
+
+def prepare_prompts(
+    records: list[Record], tokenizer: Any, chat: str, vocab_size: int
+) -> tuple[list[str], list[list[int]]]:
+    """Rendered prompt texts and their token ids (no special tokens added: a chat template writes its own)."""
+    texts = [render_prompt(r, tokenizer, chat) for r in records]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for r, t, row in zip(records, texts, ids):
+        if not row:
+            raise ValueError(f"prompt {r['id']!r} is empty")
+        if unk is not None and unk in row:
+            raise ValueError(f"prompt {r['id']!r} has words outside the tokenizer's vocabulary: {t[:80]!r}")
+        if max(row) >= vocab_size:
+            raise ValueError(f"prompt {r['id']!r} has token ids beyond the model's vocabulary ({vocab_size})")
+    return texts, [list(map(int, row)) for row in ids]
+
+
+def process_order(lengths: Sequence[int], sort_by_length: bool, rank: int, world: int) -> list[int]:
+    """Prompt indices this process answers, in order: every ``world``-th of the (length-sorted) order."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i)) if sort_by_length else list(range(len(lengths)))
+    return order[rank::world]
+
+
+def run_rollout(
+    cfg: RolloutConfig,
+    model: Any,
+    tokenizer: Any,
+    records: list[Record],
+    *,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+    barrier: Callable[[], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Answer ``records`` with ``model`` and write this process's shard; returns the run summary.
+
+    The manifest ``rollout.json`` is written by rank 0 (``barrier`` synchronises processes); a folder
+    holding a run with other settings is refused. ``on_batch(k)`` is called after batch ``k`` is
+    committed (tests use it).
+    """
+    import torch
+
+    import fewstep
+    from fewstep.decoding import parse_policy, stop_ids
+
+    barrier = barrier or (lambda: None)
+    out = Path(cfg.out_dir)
+    policy = parse_policy(cfg.policy)  # fail fast on a bad spec
+    verify = get_verifier(cfg.verifier) if cfg.verifier else None
+    texts, ids = prepare_prompts(records, tokenizer, cfg.chat, int(model.config.vocab_size))
+    longest = max(len(r) for r in ids)
+    ctx = getattr(model.config, "max_sequence_length", None)
+    if ctx is not None and longest + cfg.gen_length > ctx:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) + gen_length ({cfg.gen_length}) exceeds the model's context "
+            f"({ctx}); lower --gen-length or drop long prompts"
+        )
+    prompt_hash = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    manifest = {
+        "config": cfg.identity(),
+        "world_size": world,
+        "n_prompts": len(records),
+        "prompts_sha256_16": prompt_hash,
+    }
+    path = out / MANIFEST
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            old = json.loads(path.read_text())
+            diff = [k for k in manifest if old.get(k) != manifest[k]]
+            diff += [f"config.{k}" for k in manifest["config"] if old.get("config", {}).get(k) != manifest["config"][k]]
+            if diff:
+                raise ValueError(
+                    f"{out} holds a rollout with other settings ({', '.join(d for d in diff if d != 'config')}); "
+                    "use another --out or --overwrite"
+                )
+        else:
+            write_json_atomic(path, manifest)
+    barrier()
+    writer = ShardWriter(out, rank, world)
+    mine = process_order([len(r) for r in ids], cfg.sort_by_length, rank, world)
+    batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+    stop = stop_ids(model, tokenizer)
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        done = sum(len(b) for b in batches[: writer.batches_done])
+        bar = tqdm(total=len(mine), initial=done, desc="rollout", unit="prompt", dynamic_ncols=True)
+    for k in range(writer.batches_done, len(batches)):
+        idx = batches[k]
+        t0 = time.perf_counter()
+        gen = fewstep.generate(
+            model,
+            [ids[i] for i in idx],
+            policy,
+            gen_length=cfg.gen_length,
+            block_length=min(cfg.block_length, cfg.gen_length),
+            cache=cfg.cache,
+            tokenizer=tokenizer,
+            early_stop=cfg.early_stop,
+            seed=[cfg.seed + i for i in idx],
+        )
+        if str(model.device).startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        kept, stats = [], _new_stats()
+        answers = gen.answers.tolist()
+        for j, i in enumerate(idx):
+            row = answers[j]
+            cut = next((p for p, t in enumerate(row) if t in stop), None)
+            text = tokenizer.decode(row[: len(row) if cut is None else cut], skip_special_tokens=True)
+            text = cut_at(text, records[i].get("stop", ()))
+            full = records[i].get("gen_prefix", "") + text
+            correct = bool(verify(records[i], full)) if verify is not None else None
+            nfe = int(gen.nfe[j])
+            committed = sum(gen.tokens_per_step[j])
+            stats["prompts"] += 1
+            stats["nfe"] += nfe
+            stats["tokens"] += committed
+            stats["verified"] += correct is not None
+            stats["correct"] += bool(correct)
+            if not _keep(cfg.keep, correct):
+                continue
+            stats["kept"] += 1
+            rec = {
+                "id": records[i]["id"],
+                "prompt": texts[i],
+                "response": text,
+                "correct": correct,
+                "question": records[i]["prompt"],
+                "nfe": nfe,
+                "tokens_per_step": round(committed / max(nfe, 1), 4),
+                "response_tokens": len(row) if cut is None else cut,
+                "finished": cut is not None,
+                "seconds": round(seconds / len(idx), 6),
+            }
+            for g in ("gold", "target", "answer"):
+                if g in records[i] and g not in rec:
+                    rec[g] = records[i][g]
+            kept.append(rec)
+        stats["seconds"] = seconds
+        writer.commit(kept, stats)
+        if bar is not None:
+            s = summarize(writer.stats)
+            bar.update(len(idx))
+            bar.set_postfix(
+                kept=f"{s['acceptance']:.1%}", nfe=f"{s['mean_nfe']:.1f}", tok_s=f"{s['tokens_per_second']:.0f}"
+            )
+        if on_batch is not None:
+            on_batch(k)
+    if bar is not None:
+        bar.close()
+    barrier()
+    summary = collect_summary(out, world)
+    if rank == 0:
+        manifest["summary"] = summary
+        write_json_atomic(path, manifest)
+    return summary
+
+
+def collect_summary(folder: str | os.PathLike, world: int) -> dict[str, Any]:
+    """Summed statistics of every process's progress index, as rates (:func:`summarize`)."""
+    total = _new_stats()
+    seconds = 0.0
+    for r in range(world):
+        index = Path(folder) / f"{shard_name(r, world)}.progress.json"
+        if not index.is_file():
+            continue
+        stats = json.loads(index.read_text())["stats"]
+        for k, v in stats.items():
+            total[k] += v
+        seconds = max(seconds, stats["seconds"])
+    # processes run in parallel: throughput over the slowest one's generation time
+    return {**summarize(total, seconds), "processes": world}
