@@ -30,3 +30,6 @@ def test_decode_benchmark_quick(tmp_path, capsys):
     assert all(r["nfe"] == 8 for r in res["cache"]["rows"])
     assert all(r["ms_per_step"] > 0 for r in res["overhead"]["rows"])
     assert "tokens_per_s" in capsys.readouterr().out
+    assert bench.main(["--report", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "| `llada:steps=8` | 8.0 | 2.00 |" in report and "robust speedup" in report

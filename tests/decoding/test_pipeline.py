@@ -231,10 +231,10 @@ def test_public_api():
         ({"cfg_scale": -1.0}, "cfg_scale must be >= 0"),
         ({"attention_mask": torch.tensor([[1] * 9 + [0]])}, "attention_mask must describe left padding"),
         ({"seed": [1, 2]}, "seed must be an int or one int per row"),
+        ({"input_ids": [[1, 2, 10**6]]}, r"input_ids must be token ids in \[0, 511\]"),
     ],
 )
 def test_bad_arguments(kwargs, match):
-    kw = {"policy": "threshold", "gen_length": 32, **kwargs}
-    prompt = torch.tensor([prompts(LLADA)[0]])
+    kw = {"policy": "threshold", "gen_length": 32, "input_ids": torch.tensor([prompts(LLADA)[0]]), **kwargs}
     with pytest.raises(ValueError, match=match):
-        generate(model(LLADA), prompt, **kw)
+        generate(model(LLADA), **kw)

@@ -17,7 +17,7 @@ everything after it; ``dual`` also keeps the keys/values after the block and run
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,8 +63,7 @@ class GenerateOutput:
     policy: str
     cache: str
     trace: list[dict[str, Any]] | None = None
-    finished_early: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    finished_early: torch.Tensor | None = None  # [B], with early_stop: rows that stopped at an EOS
 
     @property
     def answers(self) -> torch.Tensor:
@@ -89,9 +88,6 @@ def stop_ids(model, tokenizer=None) -> tuple[int, ...]:
             ids.append(tokenizer.eos_token_id)
         vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
         ids.extend(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-        for t in getattr(tokenizer, "additional_special_tokens", None) or []:
-            if t in END_OF_TURN_TOKENS and t in vocab:
-                ids.append(vocab[t])
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
@@ -225,6 +221,8 @@ def generate(
     pad_id = cfg.pad_token_id if getattr(cfg, "pad_token_id", None) is not None else (fill_id or 0)
     ids, am = _prepare_inputs(input_ids, attention_mask, pad_id, device)
     B, P = ids.shape
+    if bool(((ids < 0) | (ids >= vocab)).any()):
+        raise ValueError(f"input_ids must be token ids in [0, {vocab - 1}] (the vocabulary)")
     N = P + gen_length
     max_len = getattr(cfg, "max_sequence_length", None)
     if max_len is not None and max_len < N:
