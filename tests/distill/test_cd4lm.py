@@ -238,3 +238,32 @@ def test_loss_decreases_on_the_fixture_model(tiny_llada):
         losses.append(float(loss.detach()))
     assert all(b < a for a, b in itertools.pairwise(losses)), losses
     assert not any(p.grad is not None for p in teacher.parameters()), "the teacher stays frozen"
+
+
+def test_eos_pad_gives_the_llada_sft_canvas(tiny_llada):
+    """``eos_pad_to=G``: every answer is EOS-padded to G tokens, the EOS tail is masked and trained on
+    like any answer token, the prompt never; without it the canvas is the raw text (the reference)."""
+    c = tiny_llada.config
+    obj = _objective(tiny_llada, eos_pad_to=16)
+    batch = obj.collate(_examples(), torch.Generator().manual_seed(0))
+    assert batch["input_ids"].shape == (2, 6 + 16)
+    assert batch["lengths"].tolist() == [6 + 16, 3 + 16]
+    for row, (ex, n) in enumerate(zip(_examples(), batch["lengths"].tolist())):
+        p = len(ex["prompt_ids"])
+        clean = batch["teacher_consistency_input_ids"][row, :n].clone()
+        student = batch["input_ids"][row, :n]
+        labels = batch["labels"][row, :n]
+        assert (labels[:p] == IGNORE).all()
+        # where the student sees a mask, the label is the clean token, EOS included
+        masked = student == c.mask_token_id
+        assert (labels[masked] != IGNORE).all() and (labels[~masked] == IGNORE).all()
+        expected = torch.tensor(
+            [*ex["prompt_ids"], *ex["response_ids"]] + [c.eos_token_id] * (16 - len(ex["response_ids"]))
+        )
+        visible = clean != c.mask_token_id
+        assert torch.equal(clean[visible], expected[visible])
+        assert torch.equal(labels[masked], expected[masked])
+    raw = _objective(tiny_llada).collate(_examples(), torch.Generator().manual_seed(0))
+    assert raw["lengths"].tolist() == [18, 10]
+    with pytest.raises(ValueError):
+        _objective(tiny_llada, eos_pad_to=0)

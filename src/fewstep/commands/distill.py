@@ -134,6 +134,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     obj.add_argument("--lambda-warmup-ratio", type=float, default=0.1, help="cd4lm: flat share before the cosine")
     obj.add_argument("--clamp-max", type=float, default=5.0, help="cd4lm: clamp of each loss term (0 disables)")
     obj.add_argument("--mask-padding", action="store_true", help="cd4lm: attention mask over the padding")
+    obj.add_argument(
+        "--eos-pad",
+        action="store_true",
+        help="cd4lm: pad each answer with EOS to --gen-length (LLaDA's SFT canvas; the reference trains on the "
+        "raw text). Use it for models trained on EOS-padded answers, like fewstep's tiny teacher",
+    )
     obj.add_argument("--train-on-pad-id", action="store_true", help="cd4lm: keep in-answer tokens equal to the pad id")
 
     sys_ = parser.add_argument_group("precision, checkpoints, devices")
@@ -201,7 +207,7 @@ def lora_roles(spec: str, architecture: str) -> tuple[str, ...]:
     return roles
 
 
-def build_objective(args: argparse.Namespace, architecture: str, ids, max_length: int):
+def build_objective(args: argparse.Namespace, architecture: str, ids, max_length: int, gen_length: int | None = None):
     """The objective of ``--method`` with the flags' hyper-parameters (papers' defaults per architecture)."""
     from fewstep.distill import objective_class
     from fewstep.distill.dparallel import DREAM_DEFAULTS, LLADA_DEFAULTS
@@ -235,6 +241,7 @@ def build_objective(args: argparse.Namespace, architecture: str, ids, max_length
         mask_padding=args.mask_padding,
         train_on_pad_id=args.train_on_pad_id,
         per_sequence=per_sequence,
+        eos_pad_to=gen_length if args.eos_pad else None,
     )
 
 
@@ -298,7 +305,9 @@ def run(args: argparse.Namespace) -> int:
     if mask_id is None or eos_id is None:
         raise ValueError("the tokenizer/config define no mask or EOS token")
     pad_id = ids["pad"] if ids["pad"] is not None else eos_id
-    objective = build_objective(args, arch, SpecialIds(mask=int(mask_id), eos=int(eos_id), pad=int(pad_id)), max_length)
+    objective = build_objective(
+        args, arch, SpecialIds(mask=int(mask_id), eos=int(eos_id), pad=int(pad_id)), max_length, gen_length
+    )
 
     n = len(examples)
     epochs = args.epochs if args.epochs is not None else recipe["epochs"]
@@ -446,6 +455,7 @@ def _hparams(objective) -> dict[str, Any]:
         "mask_padding",
         "train_on_pad_id",
         "per_sequence",
+        "eos_pad_to",
         "max_length",
     ]
     return {k: getattr(objective, k) for k in keys if hasattr(objective, k)}
