@@ -140,6 +140,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cd4lm: pad each answer with EOS to --gen-length (LLaDA's SFT canvas; the reference trains on the "
         "raw text). Use it for models trained on EOS-padded answers, like fewstep's tiny teacher",
     )
+    obj.add_argument(
+        "--teacher-visible",
+        choices=["logits", "token"],
+        default="logits",
+        help="cd4lm: consistency target where only the student is masked: the teacher's output at that visible "
+        "position (reference) or the token the teacher sees there",
+    )
     obj.add_argument("--train-on-pad-id", action="store_true", help="cd4lm: keep in-answer tokens equal to the pad id")
 
     sys_ = parser.add_argument_group("precision, checkpoints, devices")
@@ -242,6 +249,7 @@ def build_objective(args: argparse.Namespace, architecture: str, ids, max_length
         train_on_pad_id=args.train_on_pad_id,
         per_sequence=per_sequence,
         eos_pad_to=gen_length if args.eos_pad else None,
+        teacher_visible=args.teacher_visible,
     )
 
 
@@ -456,6 +464,7 @@ def _hparams(objective) -> dict[str, Any]:
         "train_on_pad_id",
         "per_sequence",
         "eos_pad_to",
+        "teacher_visible",
         "max_length",
     ]
     return {k: getattr(objective, k) for k in keys if hasattr(objective, k)}

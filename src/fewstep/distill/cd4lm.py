@@ -286,6 +286,28 @@ def lambda_cosine_schedule(
 # -- the objective ---------------------------------------------------------------------------------------
 
 
+def visible_token_targets(
+    teacher_logits: torch.Tensor, teacher_input_ids: torch.Tensor, labels: torch.Tensor, mask_id: int, shift: int = 0
+) -> torch.Tensor:
+    """Teacher logits with every labelled position the teacher *sees* replaced by a one-hot on its token.
+
+    On ``M_S \\ M_T`` the teacher is shown the answer token itself; the reference distils the teacher's
+    raw output there, an input position the masked-diffusion objective never trains. A masked-diffusion
+    denoiser's estimate of a visible token is that token, so this is the consistency target the idea
+    asks for (``--teacher-visible token``). Logit rows are aligned with ``shift`` like the losses.
+    """
+    visible = (teacher_input_ids != mask_id) & (labels != IGNORE)
+    targets = labels.clamp_min(0)
+    if shift:
+        vis = torch.zeros_like(visible)
+        vis[:, :-1] = visible[:, 1:]
+        tgt = torch.zeros_like(targets)
+        tgt[:, :-1] = targets[:, 1:]
+        visible, targets = vis, tgt
+    onehot = F.one_hot(targets, teacher_logits.shape[-1]).to(teacher_logits.dtype) * 1e4
+    return torch.where(visible[..., None], onehot, teacher_logits)
+
+
 class CD4LMObjective(Objective):
     """DSCD for the trainer: nested-mask collate, student and frozen-teacher forwards, clamped loss.
 
@@ -294,7 +316,10 @@ class CD4LMObjective(Objective):
     to the longest row. ``eos_pad_to=G`` instead appends EOS until the answer is ``G`` tokens long, the
     canvas LLaDA's SFT (and dParallel) trains on and decoding uses: a model that has only seen
     EOS-padded answers reads a short raw canvas badly (fewstep's tiny teacher: cross-entropy 11.4 on
-    the raw canvas against 0.09 on the padded one), so distil such a model with it. ``lam`` fixes λ; otherwise :func:`lambda_cosine_schedule` runs over the trainer's
+    the raw canvas against 0.09 on the padded one), so distil such a model with it.
+    ``teacher_visible="token"``: on the student-only masks the teacher sees the answer token, and the
+    target there becomes that token (:func:`visible_token_targets`) instead of the teacher's raw output
+    at a visible position (the reference, ``"logits"``). ``lam`` fixes λ; otherwise :func:`lambda_cosine_schedule` runs over the trainer's
     optimizer steps. ``mask_padding=False`` runs both models on the padded canvas without an attention
     mask, which is what the reference computes (its LLaDA ignores the mask); ``True`` masks the padding
     beyond each row for both student and teacher. ``per_sequence``: clamp and normalise each sequence
@@ -321,6 +346,7 @@ class CD4LMObjective(Objective):
         train_on_pad_id: bool = False,
         per_sequence: bool = False,
         eos_pad_to: int | None = None,
+        teacher_visible: str = "logits",
     ):
         super().__init__(ids, max_length)
         if temperature <= 0:
@@ -336,6 +362,9 @@ class CD4LMObjective(Objective):
         if eos_pad_to is not None and eos_pad_to < 1:
             raise ValueError(f"eos_pad_to must be >= 1, got {eos_pad_to}")
         self.eos_pad_to = eos_pad_to
+        if teacher_visible not in ("logits", "token"):
+            raise ValueError(f"teacher_visible must be 'logits' or 'token', got {teacher_visible!r}")
+        self.teacher_visible = teacher_visible
 
     def current_lambda(self, step: int, max_steps: int) -> float:
         """The fixed λ, or the cosine schedule's value at ``step``."""
@@ -393,6 +422,10 @@ class CD4LMObjective(Objective):
             "shift": logit_shift_of(model),
         }
         labels = batch["labels"]
+        if self.teacher_visible == "token":
+            teacher_logits = visible_token_targets(
+                teacher_logits, batch["teacher_consistency_input_ids"], labels, self.ids.mask, kw["shift"]
+            )
         if not self.per_sequence:
             out = consistency_loss(student_logits, teacher_logits, labels, **kw)
             return out.total, out.log_dict()
