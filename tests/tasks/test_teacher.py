@@ -54,7 +54,20 @@ def test_teacher_accuracy_and_the_few_step_gap(teacher):
 
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "fewstep", "demo", "--n", "6", "--batch-size", "6", "--out", str(out), "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fewstep",
+        "demo",
+        "--n",
+        "6",
+        "--batch-size",
+        "6",
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+    ]
     env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -138,6 +138,47 @@ def table_rows(rows: Sequence[dict[str, Any]], families: Sequence[PolicyFamily] 
     return [r for r in rows if r["policy"] in shown]
 
 
+def fewest_nfe_at_baseline_accuracy(rows: Sequence[dict[str, Any]], tolerance: float = 0.01) -> list[dict[str, Any]]:
+    """Per model, the setting with the fewest mean NFE whose accuracy is within ``tolerance`` of the
+    teacher's one-token-per-step baseline (None when no setting gets there).
+
+    Each entry: ``model``, ``row`` (or None), ``baseline_accuracy`` and ``vs_teacher``: how many times
+    fewer NFE than the teacher's best training-free setting at that accuracy (the teacher row itself: 1).
+    """
+    if not rows:
+        return []
+    teacher = rows[0]["model"]
+    base = next((r for r in rows if r["model"] == teacher and r["policy"] == BASELINE), rows[0])
+    floor = base["accuracy"] - tolerance
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ok = [r for r in rows if r["model"] == model and r["accuracy"] >= floor - 1e-12]
+        out.append({"model": model, "row": min(ok, key=lambda r: r["mean_nfe"]) if ok else None})
+    best_teacher = out[0]["row"]
+    for entry in out:
+        row = entry["row"]
+        entry["baseline_accuracy"] = base["accuracy"]
+        entry["vs_teacher"] = best_teacher["mean_nfe"] / row["mean_nfe"] if row and best_teacher else None
+    return out
+
+
+def format_summary(rows: Sequence[dict[str, Any]], tolerance: float = 0.01) -> str:
+    """One line per model: its fewest-NFE setting within ``tolerance`` of the teacher baseline's accuracy."""
+    lines = []
+    summary = fewest_nfe_at_baseline_accuracy(rows, tolerance)
+    for entry in summary:
+        row = entry["row"]
+        if row is None:
+            lines.append(f"{entry['model']}: no setting within {100 * tolerance:.0f} point of the baseline")
+            continue
+        extra = "" if entry is summary[0] else f", {entry['vs_teacher']:.2f}x fewer than the teacher's best"
+        lines.append(
+            f"{entry['model']}: {row['policy']} {100 * row['accuracy']:.1f}% at {row['mean_nfe']:.2f} NFE "
+            f"({row['speedup_nfe']:.1f}x fewer than the baseline{extra})"
+        )
+    return "\n".join(lines)
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table (also used in the README)."""
     head = ["model", "policy", "accuracy", "mean NFE", "tokens/step", "seconds", "speedup NFE", "speedup wall"]
