@@ -18,7 +18,7 @@ import sys
 # (command, module under fewstep.commands, one-line help). The order is the order of `--help`.
 COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "demo", "Evaluate the embedded tiny teacher and students with every policy: accuracy vs NFE."),
-    ("generate", "generate", "Generate an answer for one prompt with a chosen unmasking policy and cache."),
+    ("generate", "generate", "Generate answers for one or more prompts with a chosen unmasking policy and cache."),
     ("eval", "eval", "Generate and score a benchmark (GSM8K, MATH500, HumanEval, MBPP, chain) with speed metrics."),
     ("score", "score", "Score a predictions JSONL against a benchmark, without any model."),
     ("lm-eval", "lm_eval", "Run lm-evaluation-harness tasks with the fewstep model (any policy and cache)."),

@@ -159,3 +159,17 @@ def test_cpu_generation_is_deterministic_under_seed(model_dir, capsys):
     a = json.loads(run_cli(capsys, *argv)[1])["results"]
     b = json.loads(run_cli(capsys, *argv)[1])["results"]
     assert a == b
+
+
+def test_default_model_is_the_shipped_teacher(capsys):
+    """No --model: the embedded teacher answers (a correct, verified derivation); a wrong name lists the
+    shipped ones."""
+    from fewstep.tasks import verify
+
+    prompt = "3 + 4 - 2 + 8 - 1 ?"
+    code, out, _ = run_cli(capsys, "--prompt", prompt, "--gen-length", 64, "--no-chat-template", "--json")
+    assert code == 0
+    answer = json.loads(out)["results"][0]["answer"]
+    assert verify(prompt, answer).correct, answer
+    code, _, err = run_cli(capsys, "--model", "no-such-model", "--prompt-ids", "1")
+    assert code == 2 and "shipped models: teacher" in err

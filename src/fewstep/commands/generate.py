@@ -26,7 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.epilog = EPILOG.format(policies=policy_help())
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # defaults are written in the help texts
-    parser.add_argument("--model", required=True, metavar="PATH", help="checkpoint folder (LLaDA or Dream)")
+    parser.add_argument(
+        "--model",
+        default="teacher",
+        metavar="PATH",
+        help="checkpoint folder (LLaDA or Dream), or the name of a model shipped with fewstep: "
+        "teacher, dparallel, dparallel-control, cd4lm (default: teacher)",
+    )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT", help="prompt text (repeat for a batch)")
     src.add_argument(
@@ -72,6 +78,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
 
 
+def resolve_model(spec: str) -> Path:
+    """A checkpoint folder, or a shipped model's folder when ``spec`` names one and no such folder exists."""
+    from fewstep.tasks.demo import shipped_models
+
+    path = Path(spec)
+    if path.is_dir():
+        return path
+    shipped = dict(shipped_models())
+    if spec in shipped:
+        return shipped[spec]
+    names = ", ".join(shipped) or "none"
+    raise FileNotFoundError(f"model folder {spec!r} does not exist (shipped models: {names})")
+
+
 def _load_tokenizer(path: Path, required: bool):
     from fewstep.models import load_tokenizer
 
@@ -109,9 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from fewstep.decoding.trace import render_row, trace_json
 
     policy = parse_policy(args.policy)  # fail fast on a bad spec, before loading a model
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model folder {str(model_dir)!r} does not exist")
+    model_dir = resolve_model(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
     tokenizer = _load_tokenizer(Path(args.tokenizer or model_dir), required=args.prompt is not None)
