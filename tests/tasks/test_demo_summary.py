@@ -38,3 +38,11 @@ def test_summary_lines():
     assert "1.38x fewer than the teacher's best" in text[1]
     assert text[2] == "weak: no setting within 1 point of the baseline"
     assert fewest_nfe_at_baseline_accuracy([]) == [] and format_summary([]) == ""
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    from fewstep.tasks.demo import pareto_front
+
+    pts = [(6.0, 97.0), (4.0, 90.0), (5.0, 89.0), (4.0, 92.0), (8.0, 96.0), (2.0, 20.0), (9.0, 99.0)]
+    assert pareto_front(pts) == [(2.0, 20.0), (4.0, 92.0), (6.0, 97.0), (9.0, 99.0)]
+    assert pareto_front([]) == []
