@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny import tiny_arith_checkpoint
+
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "llada-tiny-a"
 
 
@@ -16,39 +18,12 @@ def tiny_llada():
     return fewstep.load_model(FIXTURE, dtype="float32")
 
 
-TINY_LLADA = {
-    "model_type": "llada",
-    "d_model": 32,
-    "n_layers": 2,
-    "n_heads": 2,
-    "mlp_hidden_size": 64,
-    "rope_theta": 10000.0,
-    "rms_norm_eps": 1e-5,
-    "max_sequence_length": 128,
-}
-
-
 @pytest.fixture(scope="session")
 def arith_teacher(tmp_path_factory):
     """A random tiny LLaDA checkpoint with the embedded task's word tokenizer (training.json: gen_length 32)."""
     import json
 
-    from fewstep.models.loading import save_model
-    from fewstep.tasks.arith import ArithConfig
-    from fewstep.tasks.tokenizer import build_word_tokenizer, special_ids
-    from fewstep.train.presets import init_model
-
-    folder = tmp_path_factory.mktemp("teacher")
-    tok = build_word_tokenizer(ArithConfig().vocabulary(), folder)
-    ids = special_ids(tok)
-    cfg = {
-        **TINY_LLADA,
-        "vocab_size": len(tok),
-        "mask_token_id": ids["mask"],
-        "eos_token_id": ids["eos"],
-        "pad_token_id": ids["pad"],
-    }
-    save_model(init_model(cfg, seed=0), folder)
+    folder = tiny_arith_checkpoint(tmp_path_factory.mktemp("teacher"))
     (folder / "training.json").write_text(json.dumps({"gen_length": 32}))
     return folder
 

@@ -127,7 +127,8 @@ def test_generate_until_is_fewstep_generate(model_dir, loaded, problems, task_di
     # per-request NFE, in the stats file, the adapter's summary and lm-eval's results config
     by_doc = {s["doc_id"]: s for s in lm.generation_stats}
     assert [by_doc[i]["nfe"] for i in range(len(problems))] == [r[2] for r in ref]
-    assert len({r[2] for r in ref}) > 1 and all(r[2] < GEN_LENGTH for r in ref)
+    # NFE is per request: it varies, and early stop ends some requests before the full length
+    assert len({r[2] for r in ref}) > 1 and any(r[2] < GEN_LENGTH for r in ref)
     lines = [json.loads(line) for line in stats.read_text().splitlines()]
     assert sorted(x["nfe"] for x in lines) == sorted(r[2] for r in ref)
     assert all(x["latency_s"] > 0 and x["batch_rows"] in (2, 4) for x in lines)

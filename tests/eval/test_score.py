@@ -153,8 +153,8 @@ def test_embedded_task_is_registered_and_verified_step_by_step(tmp_path, capsys)
     rows = [{"id": r["id"], "response": r["response"]} for r in task.records]
     summary, _, _ = _score(tmp_path, "arith", rows, capsys)
     assert summary == {"task": "arith", "n": 512, "correct": 512, "accuracy": 1.0}
-    rec = task.records[0]  # '7 - ( 4 + 2 ) ?'
-    right_value_wrong_steps = {"id": rec["id"], "response": "7 - 4 = 3 , 3 + 2 = 5 #### 1"}
+    rec = task.records[0]  # '1 + 5 + 1 + 7 - 8 ?' = 6
+    right_value_wrong_steps = {"id": rec["id"], "response": "1 + 5 = 6 , 6 + 1 = 8 , 8 + 7 = 14 , 14 - 8 = 6 #### 6"}
     summary, records, _ = _score(tmp_path, "arith", [right_value_wrong_steps], capsys)
-    assert summary["correct"] == 0 and records[0]["extracted"] == "1"
+    assert summary["correct"] == 0 and records[0]["extracted"] == "6"
     assert "does not reduce" in records[0]["reason"] or "false" in records[0]["reason"]

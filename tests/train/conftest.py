@@ -6,16 +6,7 @@ import json
 
 import pytest
 
-TINY = {
-    "model_type": "llada",
-    "d_model": 32,
-    "n_layers": 2,
-    "n_heads": 2,
-    "mlp_hidden_size": 64,
-    "rope_theta": 10000.0,
-    "rms_norm_eps": 1e-5,
-    "max_sequence_length": 128,
-}
+from tests.tiny import TINY_LLADA as TINY
 
 
 @pytest.fixture(scope="session")
