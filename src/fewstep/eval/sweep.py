@@ -188,20 +188,25 @@ def plot_frontier(points: Sequence[SweepPoint], result: dict[str, Any], path: Pa
         for p in mine:
             y = 100 * p.accuracy
             top = max(top, y)
+            on_front = p in front
             marker = "s" if p.value is None else "o"
-            ax.scatter([p.mean_nfe], [y], color=colour, marker=marker, zorder=3, s=40 if p in front else 22)
-            text = "baseline" if p.value is None else p.value
-            ax.annotate(text, (p.mean_nfe, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.scatter([p.mean_nfe], [y], color=colour, marker=marker, zorder=3, s=40 if on_front else 22)
+            if on_front and p.value is not None:  # dominated points are in the table; labels would collide
+                ax.annotate(p.value, (p.mean_nfe, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
         ax.plot([], [], color=colour, marker="o", label=f"{Path(model).name} (AUP {info['aup']:.1f})")
-    ax.set_ylim(0, min(100.0, top + 10.0) if top > 0 else 10.0)
+    ax.scatter([], [], color="gray", marker="s", label="baseline policy")
+    ax.set_ylim(0, min(103.0, top + 8.0) if top > 0 else 10.0)
     nfes = [p.mean_nfe for p in points if p.mean_nfe]
     if nfes and max(nfes) / min(nfes) > 8:
-        ax.set_xscale("log")
-    ax.set_xlabel("mean NFE per sample (lower is faster)")
+        from fewstep.plotting import log_nfe_axis
+
+        log_nfe_axis(ax, min(nfes) / 1.2, max(nfes) * 1.25, "mean NFE per sample (log scale, lower is faster)")
+    else:
+        ax.set_xlabel("mean NFE per sample (lower is faster)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{task}: {policy} sweep; line = Pareto frontier, square = baseline", fontsize=10)
+    ax.set_title(f"{task}: {policy} sweep (line: Pareto frontier, labels: {policy} values)", fontsize=10, pad=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -216,20 +216,6 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
-def _nfe_axis(ax, lo: float, hi: float) -> None:
-    """Log-scale NFE axis with plain-number ticks (2, 3, 4, 6, 8, 16, 32, 64)."""
-    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
-
-    ax.set_xscale("log")
-    ax.set_xlim(lo, hi)
-    ticks = [t for t in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256, 512) if lo <= t <= hi]
-    ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("mean NFE per answer (log scale)")
-
-
 def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
     """Accuracy against mean NFE (log scale). First panel: every model's Pareto frontier over all its policy
     settings, zoomed on the accurate region; then one panel per model with a curve per policy family
@@ -238,6 +224,8 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from fewstep.plotting import log_nfe_axis
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fams = [f for f in policy_families() if f.key != BASELINE]
@@ -274,7 +262,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: 
             ax.plot(*zip(*front), marker="o", ms=4, lw=1.8, color=model_colors[i % len(model_colors)], label=model)
             floor = min(floor, max(front[0][1], 100 * base["accuracy"] - 30 if base else 0.0))
     mark_baseline(ax)
-    _nfe_axis(ax, lo, hi)
+    log_nfe_axis(ax, lo, hi)
     ax.set_ylim(max(0.0, floor - 3), 101.5)
     ax.set_ylabel("accuracy (%)")
     ax.set_title("every model: best setting of any policy")
@@ -299,7 +287,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: 
                 zorder=5,
                 label=f"{model} at 1 token/step",
             )
-        _nfe_axis(ax, lo, hi)
+        log_nfe_axis(ax, lo, hi)
         ax.set_ylim(-3, 103)
         ax.set_title(model)
         ax.set_ylabel("accuracy (%)")
