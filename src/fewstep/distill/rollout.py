@@ -205,7 +205,7 @@ def load_prompts(
     """Prompt records of a registered prompt set or a JSONL file, and the default verifier name.
 
     A JSONL line is an object with a string ``prompt_field``; its other fields are kept (a verifier may
-    read them). Records get ``id`` = their line number when they have none.
+    read them). Records without an ``id`` get their 1-based position among the records.
     """
     if source in _PROMPT_SETS:
         ps = _PROMPT_SETS[source]
@@ -217,25 +217,11 @@ def load_prompts(
         raise FileNotFoundError(
             f"prompts {source!r} are neither a prompt set ({', '.join(prompt_set_names())}) nor a JSONL file"
         )
+    from fewstep.train.data import read_jsonl
+
     records = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get(prompt_field), str):
-                raise ValueError(f"{path}:{n}: expected an object with a string field {prompt_field!r}")
-            rec = dict(rec)
-            rec["prompt"] = rec[prompt_field]
-            rec["id"] = str(rec.get("id", n))
-            records.append(rec)
-            if limit is not None and len(records) >= limit:
-                break
-    if not records:
-        raise ValueError(f"{path} holds no prompts")
+    for i, rec in enumerate(read_jsonl(path, (prompt_field,), limit), 1):
+        records.append({**rec, "prompt": rec[prompt_field], "id": str(rec.get("id", i))})
     return records, None
 
 

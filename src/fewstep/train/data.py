@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Any
 
 
-def read_jsonl(path: str | os.PathLike, fields: tuple[str, ...] = ("prompt", "response")) -> list[dict[str, Any]]:
-    """Records of a JSONL file; ValueError (with the line number) for bad JSON or a missing field."""
+def read_jsonl(
+    path: str | os.PathLike, fields: tuple[str, ...] = ("prompt", "response"), limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Records of a JSONL file (blank lines skipped, at most ``limit``); ValueError with the line number
+    for bad JSON, a line that is not an object, or a missing / non-string field of ``fields``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
@@ -22,12 +25,15 @@ def read_jsonl(path: str | os.PathLike, fields: tuple[str, ...] = ("prompt", "re
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object per line")
-            missing = [f for f in fields if not isinstance(rec.get(f), str)]
+            missing = [f for f in fields if not isinstance(rec, dict) or not isinstance(rec.get(f), str)]
             if missing:
-                raise ValueError(f"{path}:{n}: missing or non-string field(s) {', '.join(missing)}")
+                names = ", ".join(repr(f) for f in missing)
+                raise ValueError(
+                    f"{path}:{n}: expected an object with a string field{'s' * (len(missing) > 1)} {names}"
+                )
             out.append(rec)
+            if limit is not None and len(out) >= limit:
+                break
     if not out:
         raise ValueError(f"{path} holds no records")
     return out
