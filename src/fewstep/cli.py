@@ -19,7 +19,7 @@ import sys
 COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "demo", "Evaluate the embedded tiny teacher and students with every policy: accuracy vs NFE."),
     ("generate", "generate", "Generate answers for one or more prompts with a chosen unmasking policy and cache."),
-    ("eval", "eval", "Generate and score a benchmark (GSM8K, MATH500, HumanEval, MBPP, chain) with speed metrics."),
+    ("eval", "eval", "Generate and score a benchmark (GSM8K, MATH500, HumanEval, MBPP, arith) with speed metrics."),
     ("score", "score", "Score a predictions JSONL against a benchmark, without any model."),
     ("lm-eval", "lm_eval", "Run lm-evaluation-harness tasks with the fewstep model (any policy and cache)."),
     ("sweep", "sweep", "Sweep a policy's threshold, draw the accuracy/NFE Pareto frontier and report AUP."),

@@ -173,3 +173,16 @@ def test_default_model_is_the_shipped_teacher(capsys):
     assert verify(prompt, answer).correct, answer
     code, _, err = run_cli(capsys, "--model", "no-such-model", "--prompt-ids", "1")
     assert code == 2 and "shipped models: teacher" in err
+
+
+def test_shipped_model_names_resolve_in_every_command(tmp_path):
+    """`--model teacher` works wherever a checkpoint folder does; a folder of that name wins."""
+    from fewstep.commands import resolve_model
+    from fewstep.tasks.demo import shipped_models
+
+    shipped = dict(shipped_models())
+    assert resolve_model("teacher") == shipped["teacher"] and resolve_model("dparallel") == shipped["dparallel"]
+    (tmp_path / "teacher").mkdir()
+    assert resolve_model(str(tmp_path / "teacher")) == tmp_path / "teacher"
+    with pytest.raises(FileNotFoundError, match="shipped models: teacher, cd4lm, dparallel, dparallel-control"):
+        resolve_model("no-such")

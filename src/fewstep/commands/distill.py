@@ -52,7 +52,12 @@ RECIPES: dict[tuple[str, str], dict[str, Any]] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("--method", required=True, choices=["dparallel", "cd4lm"], help="distillation objective")
-    parser.add_argument("--model", required=True, metavar="PATH", help="teacher / base checkpoint folder")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH",
+        help="teacher / base checkpoint folder, or a shipped model name (teacher, ...)",
+    )
     parser.add_argument(
         "--data", required=True, metavar="PATH", help="rollout folder (fewstep rollout) or prompt/response JSONL"
     )
@@ -264,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     import fewstep
+    from fewstep.commands import resolve_model
     from fewstep.models.loading import architecture_of, read_config
     from fewstep.tasks.tokenizer import special_ids
     from fewstep.train import checkpoint as ckpt
@@ -273,9 +279,7 @@ def run(args: argparse.Namespace) -> int:
     from fewstep.train.presets import count_parameters
     from fewstep.train.trainer import TrainConfig, Trainer
 
-    model_dir, out = Path(args.model), Path(args.out)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model folder {str(model_dir)!r} does not exist")
+    model_dir, out = resolve_model(args.model), Path(args.out)
     arch = architecture_of(read_config(model_dir))
     recipe = RECIPES[(args.method, arch)]
     finetune = args.finetune or recipe["finetune"]

@@ -25,7 +25,12 @@ tasks: gsm8k, math500, humaneval, mbpp (test split), mbpp-sanitized, arith (embe
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``fewstep eval``."""
     parser.epilog = EPILOG
-    parser.add_argument("--model", required=True, metavar="PATH", help="checkpoint folder (LLaDA or Dream)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH",
+        help="checkpoint folder (LLaDA or Dream), or a shipped model: teacher, dparallel, dparallel-control, cd4lm",
+    )
     parser.add_argument("--task", required=True, help="benchmark (see below)")
     parser.add_argument("--policy", default="threshold:0.9", metavar="NAME[:ARGS]", help="unmasking policy")
     parser.add_argument("--cache", default="none", choices=["none", "prefix", "dual"], help="KV cache mode")
@@ -51,10 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run (or resume) the evaluation and print its summary."""
+    from pathlib import Path
+
+    from fewstep.commands import resolve_model
     from fewstep.eval.runner import EvalSettings, run_eval
+    from fewstep.eval.tasks import get_task
 
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")
+    get_task(args.task)  # unknown task: one-line error before loading anything
+    args.model = str(resolve_model(args.model))
     settings = EvalSettings(
         model=args.model,
         task=args.task,
@@ -75,13 +86,6 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         progress=not args.no_progress,
     )
-    from pathlib import Path
-
-    from fewstep.eval.tasks import get_task
-
-    get_task(args.task)  # unknown task: one-line error before loading anything
-    if not Path(args.model).is_dir():
-        raise FileNotFoundError(f"model folder {args.model!r} does not exist")
     s = run_eval(settings)
     metric = "pass@1" if get_task(args.task).kind == "code" else "accuracy"
     line = (

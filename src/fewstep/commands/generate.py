@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from fewstep.commands import SHIPPED_HELP, resolve_model
+
 EPILOG = """\
 policies (--policy NAME, NAME:VALUE or NAME:key=value,...):
 {policies}
@@ -30,8 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         default="teacher",
         metavar="PATH",
-        help="checkpoint folder (LLaDA or Dream), or the name of a model shipped with fewstep: "
-        "teacher, dparallel, dparallel-control, cd4lm (default: teacher)",
+        help=f"{SHIPPED_HELP} (default: teacher)",
     )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT", help="prompt text (repeat for a batch)")
@@ -76,20 +77,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", action="store_true", help="show the canvas filling step by step")
     parser.add_argument("--trace-json", metavar="FILE", default=None, help="save the step trace as JSON")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
-
-
-def resolve_model(spec: str) -> Path:
-    """A checkpoint folder, or a shipped model's folder when ``spec`` names one and no such folder exists."""
-    from fewstep.tasks.demo import shipped_models
-
-    path = Path(spec)
-    if path.is_dir():
-        return path
-    shipped = dict(shipped_models())
-    if spec in shipped:
-        return shipped[spec]
-    names = ", ".join(shipped) or "none"
-    raise FileNotFoundError(f"model folder {spec!r} does not exist (shipped models: {names})")
 
 
 def _load_tokenizer(path: Path, required: bool):

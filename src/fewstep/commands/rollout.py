@@ -37,7 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sets = "\n".join(f"  {n}: {ro._PROMPT_SETS[n].description}" for n in ro.prompt_set_names())
     parser.epilog = EPILOG.format(sets=sets, verifiers=", ".join([*ro.verifier_names(), "none"]))
     parser.epilog += "\npolicies (--policy):\n" + policy_help()
-    parser.add_argument("--model", required=True, metavar="PATH", help="teacher checkpoint folder (LLaDA or Dream)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH",
+        help="teacher checkpoint folder (LLaDA or Dream), or a shipped model name (teacher, ...)",
+    )
     parser.add_argument("--prompts", required=True, metavar="NAME|JSONL", help="a prompt set name or a JSONL file")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (shards + rollout.json)")
     parser.add_argument("--policy", default="llada", metavar="NAME[:ARGS]", help="decoding policy of the teacher")
@@ -109,13 +114,12 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     import fewstep
+    from fewstep.commands import resolve_model
     from fewstep.decoding import parse_policy
     from fewstep.distill import rollout as ro
 
     parse_policy(args.policy)
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model folder {str(model_dir)!r} does not exist")
+    model_dir = resolve_model(args.model)
     records, default_verifier = ro.load_prompts(
         args.prompts, limit=args.limit, seed=args.seed, prompt_field=args.prompt_field, protocol=args.protocol
     )

@@ -23,7 +23,13 @@ Outputs: DIR/<model>/<policy>/ (one eval folder per point), DIR/sweep.json, DIR/
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``fewstep sweep``."""
     parser.epilog = EPILOG
-    parser.add_argument("--model", required=True, action="append", metavar="PATH", help="checkpoint (repeatable)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        metavar="PATH",
+        help="checkpoint folder or shipped model name (repeatable)",
+    )
     parser.add_argument("--task", required=True, help="benchmark")
     parser.add_argument("--policy", required=True, metavar="NAME[:key=value,...]", help="policy to sweep")
     parser.add_argument("--values", required=True, help="comma-separated values of the policy's main option")
@@ -57,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--values needs at least one value")
     for v in values:
         policy_spec(args.policy, v)  # unknown policy / no main option: fail before any model loads
-    for m in args.model:
-        if not Path(m).is_dir():
-            raise FileNotFoundError(f"model folder {m!r} does not exist")
+    from fewstep.commands import resolve_model
+
+    args.model = [str(resolve_model(m)) for m in args.model]
     base = EvalSettings(
         model=args.model[0],
         task=args.task,
