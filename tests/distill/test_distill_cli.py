@@ -88,37 +88,20 @@ def test_merge_lora_round_trip(arith_teacher, tmp_path, capsys):
     want = _logits(peft_model)
     with torch.no_grad(), peft_model.disable_adapter():
         assert (peft_model(input_ids=X).logits - want).abs().max() > 1e-2  # the adapter matters
-    assert (
-        main(
-            [
-                "merge-lora",
-                "--base",
-                str(arith_teacher),
-                "--adapter",
-                str(tmp_path / "adapter"),
-                "--out",
-                str(tmp_path / "m"),
-            ]
-        )
-        == 0
-    )
+    merge = [
+        "merge-lora",
+        "--base",
+        str(arith_teacher),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--out",
+        str(tmp_path / "m"),
+    ]
+    assert main(merge) == 0
     merged = fewstep.load_model(tmp_path / "m")
     torch.testing.assert_close(_logits(merged), want, rtol=0, atol=1e-5)
     assert (tmp_path / "m" / "tokenizer.json").is_file()
-    assert (
-        main(
-            [
-                "merge-lora",
-                "--base",
-                str(arith_teacher),
-                "--adapter",
-                str(tmp_path / "adapter"),
-                "--out",
-                str(tmp_path / "m"),
-            ]
-        )
-        == 2
-    )
+    assert main(merge) == 2  # the output exists: refused without --overwrite
     assert "--overwrite" in capsys.readouterr().err
     assert (
         main(["merge-lora", "--base", str(arith_teacher), "--adapter", str(tmp_path), "--out", str(tmp_path / "n")])

@@ -207,15 +207,6 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The ``(nfe, accuracy)`` points no other point beats on both (fewer NFE and higher accuracy), by NFE."""
-    front: list[tuple[float, float]] = []
-    for nfe, acc in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not front or acc > front[-1][1]:
-            front.append((nfe, acc))
-    return front
-
-
 def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
     """Accuracy against mean NFE (log scale). First panel: every model's Pareto frontier over all its policy
     settings, zoomed on the accurate region; then one panel per model with a curve per policy family
@@ -225,6 +216,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fewstep.eval.sweep import pareto_frontier
     from fewstep.plotting import log_nfe_axis
 
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -254,15 +246,17 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: 
 
     # panel 1: the frontier of every model, all policies together
     ax = axes.flat[0]
-    floor = 100.0
+    starts = []  # accuracy where each frontier begins (its fewest-NFE point)
     for i, model in enumerate(models):
         pts = [(r["mean_nfe"], 100 * r["accuracy"]) for r in rows if r["model"] == model and r["policy"] != BASELINE]
-        front = pareto_front(pts)
+        front = [pts[j] for j in pareto_frontier(pts)]
         if front:
             ax.plot(*zip(*front), marker="o", ms=4, lw=1.8, color=model_colors[i % len(model_colors)], label=model)
-            floor = min(floor, max(front[0][1], 100 * base["accuracy"] - 30 if base else 0.0))
+            starts.append(front[0][1])
     mark_baseline(ax)
     log_nfe_axis(ax, lo, hi)
+    # zoom on the accurate region: no lower than 30 points under the baseline
+    floor = max(min(starts, default=100.0), 100 * base["accuracy"] - 30 if base else 0.0)
     ax.set_ylim(max(0.0, floor - 3), 101.5)
     ax.set_ylabel("accuracy (%)")
     ax.set_title("every model: best setting of any policy")
