@@ -32,7 +32,13 @@ COMMANDS: list[tuple[str, str, str]] = [
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep paragraph breaks in descriptions and show defaults."""
+    """Keep paragraph breaks in descriptions and show defaults (none shown where the default is None:
+    those flags say in their help what an unset value means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _load(module: str):

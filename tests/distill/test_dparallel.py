@@ -18,7 +18,7 @@ from fewstep.distill.dparallel import (
     entropy,
     masked_cross_entropy,
 )
-from fewstep.train.objective import SpecialIds
+from fewstep.train.objective import SpecialIds, align_logits
 
 MASK, EOS = 50, 49
 
@@ -178,13 +178,22 @@ def test_empty_sets_give_zero_with_a_graph():
 
 
 def test_dream_shift_aligns_logit_i_minus_1_with_token_i():
+    """The one alignment seam: Dream's row i-1 predicts token i; the loss on aligned logits equals the
+    loss on the raw logits with the last row and the first label dropped (position 0 is prompt)."""
     logits, labels, mask = _random_loss_inputs(3)
-    shifted = certainty_forcing_loss(logits, logits, labels, mask, ~mask, entropy_weight=1.0, shift=1)
+    mask[:, 0] = False
+    aligned = align_logits(logits, 1)
+    assert torch.equal(aligned[:, 1:], logits[:, :-1]) and torch.equal(aligned[:, 0], logits[:, 0])
+    shifted = certainty_forcing_loss(
+        aligned, aligned, labels, mask, ~mask & (torch.arange(mask.shape[1]) > 0), entropy_weight=1.0
+    )
     manual = certainty_forcing_loss(
         logits[:, :-1], logits[:, :-1], labels[:, 1:], mask[:, 1:], ~mask[:, 1:], entropy_weight=1.0
     )
-    assert float(shifted.total) == float(manual.total)
+    assert float(shifted.total) == pytest.approx(float(manual.total), rel=1e-6)
     assert shifted.num_correct == manual.num_correct
+    with pytest.raises(ValueError, match="shift"):
+        align_logits(logits, 2)
 
 
 # -- objective ------------------------------------------------------------------------------------------

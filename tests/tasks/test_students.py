@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from fewstep.tasks.demo import shipped_models
 
 import fewstep
 from fewstep.tasks import generate
-from fewstep.tasks.demo import shipped_models
 from fewstep.tasks.evaluate import evaluate_policy
 
 MODELS = Path(fewstep.__file__).parent / "assets" / "models"

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from fewstep.tasks.demo import shipped_models
 
 import fewstep
 from fewstep.tasks import BLOCK_LENGTH, GEN_LENGTH, generate
-from fewstep.tasks.demo import shipped_models
 from fewstep.tasks.evaluate import evaluate_policy
 from fewstep.tasks.tokenizer import special_ids
 

@@ -1,23 +1,11 @@
-"""Command implementations of the ``fewstep`` CLI, one module per command."""
+"""Command implementations of the ``fewstep`` CLI, one module per command.
+
+``resolve_model`` and ``SHIPPED_HELP`` are re-exported from :mod:`fewstep.models.assets` (the one
+resolver of model arguments that the library, the CLI and lm-eval share).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from fewstep.models.assets import SHIPPED_HELP, resolve_model, shipped_models
 
-SHIPPED_HELP = (
-    "checkpoint folder, or the name of a model shipped with fewstep (teacher, dparallel, dparallel-control, cd4lm)"
-)
-
-
-def resolve_model(spec: str) -> Path:
-    """A checkpoint folder, or a shipped model's folder when ``spec`` names one and no such folder exists."""
-    from fewstep.tasks.demo import shipped_models
-
-    path = Path(spec)
-    if path.is_dir():
-        return path
-    shipped = dict(shipped_models())
-    if spec in shipped:
-        return shipped[spec]
-    names = ", ".join(shipped) or "none"
-    raise FileNotFoundError(f"model folder {spec!r} does not exist (shipped models: {names})")
+__all__ = ["SHIPPED_HELP", "resolve_model", "shipped_models"]

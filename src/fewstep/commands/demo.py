@@ -37,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fewstep.tasks import BLOCK_LENGTH, GEN_LENGTH, NAME, generate
-    from fewstep.tasks.demo import (
+    from fewstep.eval.demo import (
         format_summary,
         format_table,
         plot_pareto,
@@ -47,12 +46,13 @@ def run(args: argparse.Namespace) -> int:
         shipped_models,
         table_rows,
     )
+    from fewstep.tasks import BLOCK_LENGTH, GEN_LENGTH, NAME, generate_problems
 
     console = Console()
     models = shipped_models()
     if not models:
         raise FileNotFoundError("no shipped checkpoints found in fewstep/assets/models (broken installation?)")
-    problems = generate("test", args.n, seed=args.seed)
+    problems = generate_problems("test", args.n, seed=args.seed)
     families = policy_families(GEN_LENGTH)
     total = len(models) * sum(len(f.specs) for f in families) * len(problems)
     out = Path(args.out)

@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fewstep.commands import resolve_model
+    from fewstep.eval.benchmarks import get_task
     from fewstep.eval.runner import EvalSettings, run_eval
-    from fewstep.eval.tasks import get_task
 
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")

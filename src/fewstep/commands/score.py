@@ -38,9 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Read, score, print the accuracy; exit 2 with one line on bad input."""
+    from fewstep.eval.benchmarks import get_task
     from fewstep.eval.sandbox import Limits, Sandbox
     from fewstep.eval.scoring import print_summary, read_predictions, score, summarize, write_results
-    from fewstep.eval.tasks import get_task
 
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")

@@ -53,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
     """Run every point, then print the table, the frontier and AUP per model."""
     from pathlib import Path
 
+    from fewstep.eval.benchmarks import get_task
     from fewstep.eval.runner import EvalSettings
     from fewstep.eval.sweep import policy_spec, run_sweep
-    from fewstep.eval.tasks import get_task
 
     get_task(args.task)
     values = [v.strip() for v in args.values.split(",") if v.strip()]

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fewstep.tasks.arith import NAME, ArithConfig, generate
+    from fewstep.tasks.arith import NAME, ArithConfig, generate_problems
     from fewstep.tasks.tokenizer import build_word_tokenizer
 
     if args.n_train < 0 or args.n_test < 0:
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     for split, n in (("test", args.n_test), ("train", args.n_train)):
-        problems = generate(split, n, args.seed, cfg, unique=args.unique_train)
+        problems = generate_problems(split, n, args.seed, cfg, unique=args.unique_train)
         with open(out / f"{split}.jsonl", "w") as fh:
             for p in tqdm(problems, desc=f"write {split}", unit="ex", leave=False):
                 fh.write(json.dumps(p.to_json()) + "\n")

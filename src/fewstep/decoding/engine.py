@@ -176,4 +176,3 @@ class Engine:
                 if u.done and u.result is not None:
                     results[u.id] = u.result
         return [results[i] for i in ids]
-

@@ -32,37 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.distill.dparallel import logit_shift_of, python_rng
-from fewstep.train.objective import Objective, SpecialIds, mean_over_rows
+from fewstep.train.objective import Objective, SpecialIds, mean_over_rows, python_rng
+from fewstep.train.recipe import TrainingRecipe, recipe_field
 
 IGNORE = -100
-
-#: The reference training recipe (``run_training.sh``, ``configs/``): full fine-tuning of LLaDA-8B-Instruct
-#: with a frozen copy as teacher, DeepSpeed ZeRO-2 on 8 GPUs (effective batch 64), AdamW (0.9, 0.999,
-#: eps 1e-8), LR warmed up over 200 steps then constant, early stopping on the eval loss (every 50 steps,
-#: patience 15). The README says T = 2.0 (the script's argparse default is 3.0).
-REFERENCE_RECIPE: dict[str, Any] = {
-    "max_length": 512,
-    "temperature": 2.0,
-    "initial_lambda": 0.9,
-    "final_lambda": 0.5,
-    "lambda_warmup_ratio": 0.1,
-    "clamp_max": 5.0,
-    "lora": False,
-    "lr": 5e-6,
-    "lr_schedule": "constant_with_warmup",
-    "warmup_steps": 200,
-    "weight_decay": 0.01,
-    "max_grad_norm": 1.0,
-    "epochs": 10,
-    "per_device_batch": 2,
-    "grad_accum": 4,
-    "num_processes": 8,
-    "eval_every": 50,
-    "early_stopping_patience": 15,
-    "dtype": "bfloat16",
-}
-
 
 # -- masker ----------------------------------------------------------------------------------------------
 
@@ -171,17 +144,12 @@ def collate_nested(
 # -- losses: pure functions of logits and labels ---------------------------------------------------------
 
 
-def _align(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if shift == 0:
-        return logits, labels
-    if shift != 1:
-        raise ValueError(f"logit shift must be 0 or 1, got {shift}")
-    return logits[:, :-1], labels[:, 1:]
+def reconstruction_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over ``labels != -100`` (NaN when there is none, as ``CrossEntropyLoss``).
 
-
-def reconstruction_ce(student_logits: torch.Tensor, labels: torch.Tensor, shift: int = 0) -> torch.Tensor:
-    """Mean cross-entropy over ``labels != -100`` (NaN when there is none, as ``CrossEntropyLoss``)."""
-    lg, lb = _align(student_logits, labels, shift)
+    Logits are aligned (row i predicts token i: :func:`fewstep.train.objective.align_logits`), as in
+    every loss of this module."""
+    lg, lb = student_logits, labels
     active = lb != IGNORE
     if not bool(active.any()):
         return lg.sum() * float("nan")
@@ -193,12 +161,10 @@ def consistency_kl(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     temperature: float = 2.0,
-    shift: int = 0,
 ) -> torch.Tensor:
     """``T² · (1/N) Σ KL(softmax(z_T/T) ‖ softmax(z_S/T))`` over the ``N`` positions with a label
     (``batchmean`` over the active rows); 0 when ``N = 0``. The teacher logits carry no gradient."""
-    lg, lb = _align(student_logits, labels, shift)
-    tg, _ = _align(teacher_logits, labels, shift)
+    lg, lb, tg = student_logits, labels, teacher_logits
     active = lb != IGNORE
     if not bool(active.any()):
         return torch.zeros((), device=lg.device, dtype=torch.float32)
@@ -245,7 +211,6 @@ def consistency_loss(
     lam: float,
     temperature: float = 2.0,
     clamp_max: float | None = 5.0,
-    shift: int = 0,
 ) -> ConsistencyLoss:
     """``λ·clamp(L_cons) + (1 − λ)·clamp(L_rec)`` with the reference's clamps and NaN guards.
 
@@ -257,8 +222,8 @@ def consistency_loss(
     if not bool(torch.isfinite(student_logits).all()):
         zero = _zero_like_graph(student_logits)
         return ConsistencyLoss(zero, zero.detach(), zero.detach(), nan, nan, lam, skipped=True)
-    cons = consistency_kl(student_logits, teacher_logits, labels, temperature, shift)
-    rec = reconstruction_ce(student_logits, labels, shift)
+    cons = consistency_kl(student_logits, teacher_logits, labels, temperature)
+    rec = reconstruction_ce(student_logits, labels)
     cons_c, rec_c = cons, rec
     if clamp_max is not None:
         cons_c, rec_c = cons.clamp(0.0, clamp_max), rec.clamp(0.0, clamp_max)
@@ -287,23 +252,17 @@ def lambda_cosine_schedule(
 
 
 def visible_token_targets(
-    teacher_logits: torch.Tensor, teacher_input_ids: torch.Tensor, labels: torch.Tensor, mask_id: int, shift: int = 0
+    teacher_logits: torch.Tensor, teacher_input_ids: torch.Tensor, labels: torch.Tensor, mask_id: int
 ) -> torch.Tensor:
     """Teacher logits with every labelled position the teacher *sees* replaced by a one-hot on its token.
 
     On ``M_S \\ M_T`` the teacher is shown the answer token itself; the reference distils the teacher's
     raw output there, an input position the masked-diffusion objective never trains. A masked-diffusion
     denoiser's estimate of a visible token is that token, so this is the consistency target the idea
-    asks for (``--teacher-visible token``). Logit rows are aligned with ``shift`` like the losses.
+    asks for (``--teacher-visible token``). The teacher logits are aligned (row i predicts token i).
     """
     visible = (teacher_input_ids != mask_id) & (labels != IGNORE)
     targets = labels.clamp_min(0)
-    if shift:
-        vis = torch.zeros_like(visible)
-        vis[:, :-1] = visible[:, 1:]
-        tgt = torch.zeros_like(targets)
-        tgt[:, :-1] = targets[:, 1:]
-        visible, targets = vis, tgt
     onehot = F.one_hot(targets, teacher_logits.shape[-1]).to(teacher_logits.dtype) * 1e4
     return torch.where(visible[..., None], onehot, teacher_logits)
 
@@ -412,19 +371,14 @@ class CD4LMObjective(Objective):
             width = batch["input_ids"].shape[1]
             lengths = batch["lengths"].to(batch["input_ids"].device)
             attn = (torch.arange(width, device=lengths.device)[None] < lengths[:, None]).long()
-        student_logits = model(input_ids=batch["input_ids"], attention_mask=attn).logits
+        student_logits = self.logits(model, batch["input_ids"], attn)
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=batch["teacher_consistency_input_ids"], attention_mask=attn).logits
-        kw = {
-            "lam": self.current_lambda(step, max_steps),
-            "temperature": self.temperature,
-            "clamp_max": self.clamp_max,
-            "shift": logit_shift_of(model),
-        }
+            teacher_logits = self.logits(teacher, batch["teacher_consistency_input_ids"], attn, shift_of=model)
+        kw = {"lam": self.current_lambda(step, max_steps), "temperature": self.temperature, "clamp_max": self.clamp_max}
         labels = batch["labels"]
         if self.teacher_visible == "token":
             teacher_logits = visible_token_targets(
-                teacher_logits, batch["teacher_consistency_input_ids"], labels, self.ids.mask, kw["shift"]
+                teacher_logits, batch["teacher_consistency_input_ids"], labels, self.ids.mask
             )
         if not self.per_sequence:
             out = consistency_loss(student_logits, teacher_logits, labels, **kw)
@@ -436,3 +390,65 @@ class CD4LMObjective(Objective):
             return out.total, out.log_dict()
 
         return mean_over_rows(labels.shape[0], row)
+
+
+# -- the recipe ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CD4LMRecipe(TrainingRecipe):
+    """CD4LM's recipe (``run_training.sh``, ``configs/``): full fine-tuning of LLaDA-8B-Instruct with a
+    frozen copy as teacher, DeepSpeed ZeRO-2 on 8 GPUs (effective batch 64 = 8 x 2 x grad-acc 4), AdamW
+    (0.9, 0.999, weight decay 0.01, clip 1), LR warmed up over 200 steps then constant, sequences of 512
+    tokens (:data:`PAPER_MAX_LENGTH`), bfloat16. Not reproduced: early stopping on the eval loss (every 50
+    steps, patience 15). The README says T = 2.0 (the script's argparse default is 3.0).
+    """
+
+    temperature: float = recipe_field(2.0, "cd4lm: KL temperature T")
+    lam: float | None = recipe_field(None, "cd4lm: fixed lambda (none: the cosine schedule)", flag="--lambda")
+    initial_lambda: float = recipe_field(0.9, "cd4lm: lambda at the start")
+    final_lambda: float = recipe_field(0.5, "cd4lm: lambda at the end")
+    lambda_warmup_ratio: float = recipe_field(0.1, "cd4lm: flat share of the run before the cosine")
+    clamp_max: float = recipe_field(5.0, "cd4lm: clamp of each loss term (0 disables)")
+    mask_padding: bool = recipe_field(False, "cd4lm: attention mask over the padding")
+    eos_pad: bool = recipe_field(
+        False,
+        "cd4lm: pad each answer with EOS to --gen-length (LLaDA's SFT canvas; the reference trains on the raw "
+        "text). Use it for models trained on EOS-padded answers, like fewstep's tiny teacher",
+    )
+    teacher_visible: str = recipe_field(
+        "logits",
+        "cd4lm: consistency target where only the student is masked: the teacher's output at that visible "
+        "position (reference) or the token the teacher sees there",
+        choices=("logits", "token"),
+    )
+    train_on_pad_id: bool = recipe_field(False, "cd4lm: keep in-answer tokens equal to the pad id")
+
+    def objective(
+        self, ids: SpecialIds, max_length: int, *, per_sequence: bool = True, gen_length: int | None = None
+    ) -> CD4LMObjective:
+        """The objective with this recipe's hyper-parameters (``gen_length``: the EOS canvas of ``eos_pad``)."""
+        if not 0 <= self.lambda_warmup_ratio < 1:
+            raise ValueError("--lambda-warmup-ratio must lie in [0, 1)")
+        return CD4LMObjective(
+            ids,
+            max_length,
+            temperature=self.temperature,
+            lam=self.lam,
+            initial_lambda=self.initial_lambda,
+            final_lambda=self.final_lambda,
+            lambda_warmup_ratio=self.lambda_warmup_ratio,
+            clamp_max=self.clamp_max or None,
+            mask_padding=self.mask_padding,
+            train_on_pad_id=self.train_on_pad_id,
+            per_sequence=per_sequence,
+            eos_pad_to=gen_length if self.eos_pad else None,
+            teacher_visible=self.teacher_visible,
+        )
+
+
+_CD4LM = CD4LMRecipe(finetune="full", lr=5e-6, epochs=10.0, schedule="constant", warmup_steps=200)
+#: CD4LM per model family (the paper trains LLaDA; Dream uses the same settings).
+RECIPES: dict[str, CD4LMRecipe] = {"llada": _CD4LM, "dream": _CD4LM}
+#: The reference's sequence length.
+PAPER_MAX_LENGTH = 512

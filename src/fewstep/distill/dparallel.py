@@ -31,53 +31,83 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.train.objective import Objective, SpecialIds, mean_over_rows
+from fewstep.train.objective import (  # noqa: F401  (logit_shift_of, python_rng, unwrap: old import paths)
+    Objective,
+    SpecialIds,
+    logit_shift_of,
+    mean_over_rows,
+    python_rng,
+    unwrap,
+)
+from fewstep.train.recipe import TrainingRecipe, recipe_field
 
-#: The reference's hyper-parameters (``config_lora_{llada,dream}.yaml`` and ``DLMTrainer``).
-LLADA_DEFAULTS: dict[str, Any] = {"block_size": 32, "entropy_weight": 2.0, "temperature": 0.5, "max_length": 384}
-DREAM_DEFAULTS: dict[str, Any] = {"block_size": None, "entropy_weight": 1.0, "temperature": 0.5, "max_length": 384}
 
-#: The reference training recipes (``LLaDA/configs/config_lora_llada.yaml``, ``Dream/configs/config_lora_dream.yaml``),
-#: for 8 GPUs (effective batch 64 sequences). The LLaDA config lists seven LoRA targets, but LLaDA names
-#: its attention output / MLP gate / MLP down projection ``attn_out`` / ``ff_proj`` / ``ff_out``, so only
-#: the four listed here are adapted in the reference (peft silently ignores names that match nothing).
-#: Dream (Qwen2 names) gets all seven.
-REFERENCE_RECIPES: dict[str, dict[str, Any]] = {
-    "llada": {
-        **LLADA_DEFAULTS,
-        "lora_r": 128,
-        "lora_alpha": 128,
-        "lora_dropout": 0.0,
-        "lora_targets": ["q_proj", "k_proj", "v_proj", "up_proj"],
-        "lr": 2e-5,
-        "lr_schedule": "constant",
-        "warmup_ratio": 0.0,
-        "weight_decay": 0.01,
-        "max_grad_norm": 1.0,
-        "epochs": 6,
-        "per_device_batch": 1,
-        "grad_accum": 8,
-        "num_processes": 8,
-        "dtype": "bfloat16",
-    },
-    "dream": {
-        **DREAM_DEFAULTS,
-        "lora_r": 32,
-        "lora_alpha": 32,
-        "lora_dropout": 0.0,
-        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "lr": 2e-5,
-        "lr_schedule": "cosine",
-        "warmup_ratio": 0.05,
-        "weight_decay": 0.01,
-        "max_grad_norm": 1.0,
-        "epochs": 3,
-        "per_device_batch": 1,
-        "grad_accum": 8,
-        "num_processes": 8,
-        "dtype": "bfloat16",
-    },
+@dataclass(frozen=True)
+class DParallelRecipe(TrainingRecipe):
+    """dParallel's recipe for one model family (``config_lora_{llada,dream}.yaml`` and ``DLMTrainer``).
+
+    The references train on 8 GPUs with an effective batch of 64 sequences, in bfloat16, with AdamW
+    (weight decay 0.01, clip 1) and LoRA r = alpha = 128 on LLaDA (whose config lists seven targets, but
+    LLaDA names its attention output / MLP gate / MLP down ``attn_out`` / ``ff_proj`` / ``ff_out``, so only
+    q, k, v, up are adapted: ``--lora-targets dparallel``) and r = alpha = 32 on all seven projections of
+    Dream; sequences are padded to 384 tokens (:data:`PAPER_MAX_LENGTH`).
+    """
+
+    block_size: int = recipe_field(32, "dparallel: masking block, 0 = the whole response (Dream's)")
+    temperature: float = recipe_field(0.5, "dparallel: entropy temperature")
+    entropy_weight: float = recipe_field(2.0, "dparallel: entropy weight w")
+    mask_ratio: float = recipe_field(0.5, "dparallel: Bernoulli ratio inside the block")
+    reference_masking: bool = recipe_field(False, "dparallel: the official masker bit for bit (batch quirks)")
+
+    def objective(
+        self, ids: SpecialIds, max_length: int, *, per_sequence: bool = True, gen_length: int | None = None
+    ) -> DParallelObjective:
+        """The objective with this recipe's hyper-parameters (``gen_length`` is unused: dParallel pads to
+        ``max_length``)."""
+        return DParallelObjective(
+            ids,
+            max_length,
+            block_size=self.block_size or None,
+            temperature=self.temperature,
+            entropy_weight=self.entropy_weight,
+            mask_ratio=self.mask_ratio,
+            reference_masking=self.reference_masking,
+            per_sequence=per_sequence,
+        )
+
+
+#: dParallel per model family: the single source of ``fewstep distill --method dparallel``'s defaults,
+#: of :func:`fewstep.distill.build_objective` and of the README's recipe table.
+RECIPES: dict[str, DParallelRecipe] = {
+    "llada": DParallelRecipe(finetune="lora", lr=2e-5, epochs=6.0, schedule="constant", warmup_steps=0),
+    "dream": DParallelRecipe(
+        finetune="lora",
+        lr=2e-5,
+        epochs=3.0,
+        schedule="cosine",
+        warmup_steps=None,
+        warmup_ratio=0.05,
+        block_size=0,
+        entropy_weight=1.0,
+    ),
 }
+#: The references' sequence length (prompt + response + EOS padding).
+PAPER_MAX_LENGTH = 384
+
+
+def _objective_defaults(family: str) -> dict[str, Any]:
+    r = RECIPES[family]
+    return {
+        "block_size": r.block_size or None,
+        "entropy_weight": r.entropy_weight,
+        "temperature": r.temperature,
+        "max_length": PAPER_MAX_LENGTH,
+    }
+
+
+#: The objective's part of the recipes, as dicts (older names, derived from :data:`RECIPES`).
+LLADA_DEFAULTS: dict[str, Any] = _objective_defaults("llada")
+DREAM_DEFAULTS: dict[str, Any] = _objective_defaults("dream")
 
 
 @dataclass
@@ -204,16 +234,6 @@ def _reference_masks(
 # -- losses: pure functions of logits, labels and masks -------------------------------------------------
 
 
-def align(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, shift: int = 0):
-    """Align logits with the tokens they predict: ``shift=1`` (Dream) drops the last logit column and
-    the first label/mask column; ``shift=0`` (LLaDA) returns the inputs unchanged."""
-    if shift == 0:
-        return logits, labels, mask
-    if shift != 1:
-        raise ValueError(f"logit shift must be 0 or 1, got {shift}")
-    return logits[:, :-1], labels[:, 1:], mask[:, 1:]
-
-
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the masked positions (``1/|A|``, no ELBO weight); a zero with a graph if
     nothing is masked. Computed in float32 on the selected rows."""
@@ -281,18 +301,16 @@ def certainty_forcing_loss(
     *,
     temperature: float = 0.5,
     entropy_weight: float = 2.0,
-    shift: int = 0,
     eps: float = 1e-12,
 ) -> CertaintyForcingLoss:
-    """``CE_1 + CE_2 + w·(H_1 + H_2)`` from the raw logits of both views, the clean labels and the masks.
+    """``CE_1 + CE_2 + w·(H_1 + H_2)`` from the aligned logits of both views (row i predicts token i:
+    :func:`fewstep.train.objective.align_logits`), the clean labels and the masks.
 
-    Each view is normalised by its own counts. ``shift`` is the model's logit shift (Dream: 1).
+    Each view is normalised by its own counts.
     """
-    lg, lb, m = align(logits, labels, mask, shift)
-    lg_r, lb_r, m_r = align(logits_rev, labels, mask_rev, shift)
-    ce, ce_rev = masked_cross_entropy(lg, lb, m), masked_cross_entropy(lg_r, lb_r, m_r)
-    ent, n = certainty_forcing_entropy(lg, lb, m, temperature, eps)
-    ent_rev, n_rev = certainty_forcing_entropy(lg_r, lb_r, m_r, temperature, eps)
+    ce, ce_rev = masked_cross_entropy(logits, labels, mask), masked_cross_entropy(logits_rev, labels, mask_rev)
+    ent, n = certainty_forcing_entropy(logits, labels, mask, temperature, eps)
+    ent_rev, n_rev = certainty_forcing_entropy(logits_rev, labels, mask_rev, temperature, eps)
     total = ce + ce_rev + entropy_weight * (ent + ent_rev)
     return CertaintyForcingLoss(total, ce, ce_rev, ent, ent_rev, n, n_rev)
 
@@ -300,33 +318,9 @@ def certainty_forcing_loss(
 # -- the objective ---------------------------------------------------------------------------------------
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / accelerate / peft wrappers (used to read attributes like ``logit_shift``)."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            break
-    return model
-
-
-def logit_shift_of(model: nn.Module) -> int:
-    """0 for LLaDA-style models, 1 for Dream-style (token ``i`` predicted at ``i - 1``)."""
-    return int(getattr(unwrap(model), "logit_shift", 0))
-
-
 def pad_fixed(ids: list[int], length: int, pad_id: int) -> list[int]:
     """Right-pad with ``pad_id`` to exactly ``length`` tokens, or truncate."""
     return (list(ids) + [pad_id] * max(length - len(ids), 0))[:length]
-
-
-def python_rng(generator: torch.Generator) -> random.Random:
-    """A ``random.Random`` seeded from ``generator`` (so a resumed generator resumes both streams)."""
-    return random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
 
 
 class DParallelObjective(Objective):
@@ -410,9 +404,9 @@ class DParallelObjective(Objective):
         teacher: nn.Module | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Two forwards (one per view) and :func:`certainty_forcing_loss`."""
-        logits = model(input_ids=batch["noisy"]).logits
-        logits_rev = model(input_ids=batch["noisy_rev"]).logits
-        kw = {"temperature": self.temperature, "entropy_weight": self.entropy_weight, "shift": logit_shift_of(model)}
+        logits = self.logits(model, batch["noisy"])
+        logits_rev = self.logits(model, batch["noisy_rev"])
+        kw = {"temperature": self.temperature, "entropy_weight": self.entropy_weight}
         ids, mask, mask_rev = batch["input_ids"], batch["mask"], batch["mask_rev"]
         if not self.per_sequence:
             out = certainty_forcing_loss(logits, logits_rev, ids, mask, mask_rev, **kw)

@@ -103,12 +103,12 @@ ARITH_DEFAULT_PROMPTS = 8192
 
 
 def _arith_load(limit: int | None, seed: int, protocol: str | None = None) -> list[Record]:
-    from fewstep.tasks.arith import generate
+    from fewstep.tasks.arith import generate_problems
 
     if protocol is not None:
         raise ValueError("the arith prompt set has a single prompt format (no --protocol)")
 
-    problems = generate("train", ARITH_DEFAULT_PROMPTS if limit is None else limit, seed=seed)
+    problems = generate_problems("train", ARITH_DEFAULT_PROMPTS if limit is None else limit, seed=seed)
     return [{"id": p.id, "prompt": p.prompt, "gold": p.gold} for p in problems]
 
 
@@ -134,17 +134,17 @@ register_prompt_set(
 
 def _eval_tasks():
     try:
-        from fewstep.eval import tasks
+        from fewstep.eval import benchmarks as tasks
     except ImportError:
         raise ValueError(
-            "this prompt set / verifier needs fewstep's evaluation harness (fewstep.eval.tasks), which this "
+            "this prompt set / verifier needs fewstep's evaluation harness (fewstep.eval.benchmarks), which this "
             "installation lacks"
         ) from None
     return tasks
 
 
 def task_verifier(task: Any) -> Verifier:
-    """A verifier from an evaluation task (a name in ``fewstep.eval.tasks`` or a task object): the task's
+    """A verifier from an evaluation task (a name in ``fewstep.eval.benchmarks`` or a task object): the task's
     ``extract(record, response)`` then ``check(record, extracted)``. A record's ``gold`` is copied to the
     fields the benchmarks' checkers read (``target`` for GSM8K, ``answer`` for MATH) when they are absent."""
     if isinstance(task, str):
@@ -436,8 +436,7 @@ def run_rollout(
     """
     import torch
 
-    import fewstep
-    from fewstep.decoding import parse_policy, stop_ids
+    from fewstep.decoding import generate, parse_policy, stop_ids
 
     barrier = barrier or (lambda: None)
     out = Path(cfg.out_dir)
@@ -486,7 +485,7 @@ def run_rollout(
     for k in range(writer.batches_done, len(batches)):
         idx = batches[k]
         t0 = time.perf_counter()
-        gen = fewstep.generate(
+        gen = generate(
             model,
             [ids[i] for i in idx],
             policy,

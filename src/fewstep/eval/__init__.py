@@ -1,7 +1,7 @@
 """fewstep.eval: benchmarks, prompt protocols, answer extraction, the code sandbox, eval and sweeps.
 
 * :mod:`fewstep.eval.datasets`: loaders of the shipped GSM8K, MATH-500, HumanEval and MBPP files.
-* :mod:`fewstep.eval.tasks`: the task registry (:func:`get_task`), ids, extraction and checking.
+* :mod:`fewstep.eval.benchmarks` (old name ``fewstep.eval.tasks``): the benchmark registry (:func:`get_task`), ids, extraction and checking.
 * :mod:`fewstep.eval.protocols`: the papers' prompt protocols (:func:`get_protocol`).
 * :mod:`fewstep.eval.sandbox`: :class:`Sandbox`, isolated execution of generated code.
 * :mod:`fewstep.eval.scoring`: :func:`score` responses (``fewstep score``).
@@ -10,10 +10,10 @@
 See docs/evaluation.md.
 """
 
+from fewstep.eval.benchmarks import TASKS, Task, get_task, register_task
 from fewstep.eval.protocols import Prompt, get_protocol
 from fewstep.eval.sandbox import Limits, RunResult, Sandbox
 from fewstep.eval.scoring import ScoredRecord, Summary, score, summarize
-from fewstep.eval.tasks import TASKS, Task, get_task, register_task
 
 __all__ = [
     "TASKS",

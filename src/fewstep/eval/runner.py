@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fewstep.eval.benchmarks import Task, get_task
 from fewstep.eval.protocols import cut_at_stop, get_protocol
 from fewstep.eval.sandbox import Limits, Sandbox
 from fewstep.eval.scoring import score
-from fewstep.eval.tasks import Task, get_task
 
 # Settings that change what is generated: a resumed run must use the same ones.
 IDENTITY_KEYS = (
@@ -123,8 +123,8 @@ def run_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any = None
     """Generate and score the pending records of ``settings.task``, then write and return the summary."""
     import torch
 
-    import fewstep
     from fewstep.decoding import parse_policy, stop_ids
+    from fewstep.models import load_model, load_tokenizer
 
     task = get_task(settings.task)
     protocol = get_protocol(task.name, settings.protocol)
@@ -143,9 +143,9 @@ def run_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any = None
 
     if pending:
         if model is None:
-            model = fewstep.load_model(settings.model, dtype=dtype, device=device)
+            model = load_model(settings.model, dtype=dtype, device=device)
         if tokenizer is None:
-            tokenizer = fewstep.load_tokenizer(settings.model)
+            tokenizer = load_tokenizer(settings.model)
         stop = stop_ids(model, tokenizer)
         sandbox = Sandbox(Limits(timeout=settings.timeout)) if task.kind == "code" else None
         bar = _progress(settings.progress, len(targets), len(targets) - len(pending), task.name)
@@ -167,14 +167,14 @@ def run_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any = None
 def _run_batch(
     task: Task, protocol, batch, model, tokenizer, stop, settings: EvalSettings, sandbox, torch
 ) -> list[dict]:
-    import fewstep
+    from fewstep.decoding import generate
 
     prompts = [protocol(r) for r in batch]
     rows = [encode_prompt(tokenizer, p) for p in prompts]
     if str(settings.device).startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    gen = fewstep.generate(
+    gen = generate(
         model,
         rows,
         settings.policy,

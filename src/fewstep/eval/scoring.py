@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fewstep.eval.benchmarks import Task
 from fewstep.eval.sandbox import Limits, Sandbox
-from fewstep.eval.tasks import Task
 
 
 @dataclass

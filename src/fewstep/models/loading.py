@@ -4,7 +4,10 @@
 ``Dream``), builds the module on the ``meta`` device (no memory), allocates it once on the target device
 and dtype, and streams the weights in tensor by tensor from the safetensors shards (single
 ``model.safetensors`` or sharded with ``model.safetensors.index.json``), reading each tensor's bytes
-straight into its parameter. The weights are therefore never held twice (no mmap, no staging copy). Every user mistake is a one-line ``ValueError`` / ``FileNotFoundError`` that says how to fix it.
+straight into its parameter. The weights are therefore never held twice (no mmap, no staging copy).
+``path`` may also name a model shipped with fewstep (:func:`fewstep.models.assets.resolve_model`). Every
+user mistake is a one-line ``ValueError`` / ``FileNotFoundError`` that says how to fix it. Saving lives in
+:mod:`fewstep.models.saving` (a checkpoint is written as a drop-in replacement of its base folder).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fewstep.models.assets import resolve_model
 from fewstep.models.base import DiffusionLM
 from fewstep.models.dream import DreamConfig, DreamModel
 from fewstep.models.llada import LLaDAConfig, LLaDAModel
@@ -176,9 +180,8 @@ def check_device_dtype(device: torch.device, dtype: torch.dtype) -> None:
 def build_model(cfg: dict[str, Any] | LLaDAConfig | DreamConfig) -> DiffusionLM:
     """An uninitialised (meta-device) model for a config dict or config object."""
     if isinstance(cfg, dict):
-        config_cls, model_cls = ARCHITECTURES[architecture_of(cfg)]
-        cfg = config_cls.from_dict(cfg)
-    model_cls = LLaDAModel if isinstance(cfg, LLaDAConfig) else DreamModel
+        cfg = ARCHITECTURES[architecture_of(cfg)][0].from_dict(cfg)
+    model_cls = next(m for c, m in ARCHITECTURES.values() if isinstance(cfg, c))
     with torch.device("meta"):
         return model_cls(cfg)
 
@@ -188,12 +191,12 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> DiffusionLM:
-    """Load a LLaDA or Dream checkpoint folder into fewstep's native model, in eval mode.
+    """Load a LLaDA or Dream checkpoint folder (or a shipped model's name) into a native model, in eval mode.
 
-    ``dtype`` None keeps the checkpoint's own dtype. Weights are copied tensor by tensor from
-    memory-mapped shards into a model allocated once, so peak memory stays close to the weight bytes.
+    ``dtype`` None keeps the checkpoint's own dtype. Weights are read tensor by tensor from the shards
+    straight into a model allocated once, so peak memory stays close to the weight bytes.
     """
-    folder = Path(path)
+    folder = resolve_model(path)
     cfg = read_config(folder)
     arch = architecture_of(cfg)
     files = weight_files(folder)
@@ -248,47 +251,22 @@ def _few(keys: list[str], n: int = 5) -> str:
 
 
 def save_model(
-    model: DiffusionLM, path: str | os.PathLike, max_shard_bytes: int | None = None, dtype: torch.dtype | None = None
+    model: DiffusionLM,
+    path: str | os.PathLike,
+    max_shard_bytes: int | None = None,
+    dtype: torch.dtype | None = None,
+    base: str | os.PathLike | None = None,
 ) -> None:
-    """Save a native model as a Hugging Face folder in the official layout (config.json + safetensors)."""
-    from safetensors.torch import save_file
+    """Save a native model as a Hugging Face folder in the official layout (config.json + safetensors),
+    as a drop-in replacement of ``base`` (default: the folder it was loaded from); see
+    :func:`fewstep.models.saving.save_checkpoint`."""
+    from fewstep.models.saving import save_checkpoint
 
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = model.config.to_dict()
-    tensors = {}
-    for k, p in model.state_dict().items():
-        t = p.detach()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        tensors[model.checkpoint_key(k)] = t.contiguous().cpu()
-    stored = next(iter(tensors.values())).dtype
-    cfg["torch_dtype"] = str(stored).removeprefix("torch.")
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    if max_shard_bytes is None:
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = t
-        size += nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    save_checkpoint(model, path, base=base, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The checkpoint's tokenizer through ``AutoTokenizer`` (offline, no remote code).
+    """The checkpoint's (or a shipped model's) tokenizer through ``AutoTokenizer`` (offline, no remote code).
 
     LLaDA's tokenizer does not register its mask token; fewstep sets it from ``config.json`` so that
     ``tokenizer.mask_token_id`` is always the diffusion mask id. Dream folders whose tokenizer needs
@@ -297,7 +275,7 @@ def load_tokenizer(path: str | os.PathLike):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    folder = Path(path)
+    folder = resolve_model(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {str(folder)!r} does not exist")
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):

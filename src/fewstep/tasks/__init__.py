@@ -2,11 +2,12 @@
 
 Public API (used by evaluation, the rollout filter of distillation and ``fewstep demo``)::
 
-    from fewstep.tasks import generate, verify
-    problems = generate("test", 512, seed=0)              # list[Problem]: id, prompt, response, gold
+    from fewstep.tasks import generate_problems, verify
+    problems = generate_problems("test", 512, seed=0)              # list[Problem]: id, prompt, response, gold
     verdict = verify(problems[0].prompt, model_text)       # Verdict: correct, reason, answer
     if verdict: ...
 
+``generate`` is the old name of ``generate_problems`` (kept; ``fewstep.generate`` is the decoder).
 ``GEN_LENGTH`` and ``BLOCK_LENGTH`` are the decoding geometry the shipped teacher was trained and
 measured with (answers EOS-padded to 64 tokens, two semi-autoregressive blocks of 32).
 """
@@ -18,11 +19,11 @@ from fewstep.tasks.arith import (
     Verdict,
     extract_answer,
     generate,
+    generate_problems,
     split_of,
     verify,
 )
 
-TASK_NAME = NAME
 GEN_LENGTH = 64
 BLOCK_LENGTH = 32
 
@@ -30,12 +31,12 @@ __all__ = [
     "BLOCK_LENGTH",
     "GEN_LENGTH",
     "NAME",
-    "TASK_NAME",
     "ArithConfig",
     "Problem",
     "Verdict",
     "extract_answer",
     "generate",
+    "generate_problems",
     "split_of",
     "verify",
 ]

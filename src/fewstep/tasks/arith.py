@@ -227,7 +227,9 @@ def split_of(prompt: str, cfg: ArithConfig = ArithConfig()) -> str:
     return "test" if h % 1000 < cfg.test_permille else "train"
 
 
-def generate(split: str, n: int, seed: int = 0, cfg: ArithConfig = ArithConfig(), unique: bool = True) -> list[Problem]:
+def generate_problems(
+    split: str, n: int, seed: int = 0, cfg: ArithConfig = ArithConfig(), unique: bool = True
+) -> list[Problem]:
     """``n`` problems of ``split`` (``"train"`` or ``"test"``), deterministic for ``(split, n, seed, cfg)``.
 
     ``unique`` keeps each prompt once (the test split always does). Train prompts may otherwise repeat
@@ -257,6 +259,10 @@ def generate(split: str, n: int, seed: int = 0, cfg: ArithConfig = ArithConfig()
 # -- verification -----------------------------------------------------------------------------------
 _SPECIAL = re.compile(r"<\|[^|]*\|>|<unk>|\[UNK\]")
 _EQUATION = re.compile(r"^(\d+) ([+-]) (\d+) = (-?\d+)$")
+
+
+#: Old name of :func:`generate_problems` (renamed: ``fewstep.generate`` is the decoder).
+generate = generate_problems
 
 
 def extract_answer(response: str) -> str | None:

@@ -63,3 +63,13 @@ def tokenize_pairs(records: list[dict[str, Any]], tokenizer: Any, chunk: int = 8
                 )
             examples.append({"prompt_ids": array("i", p), "response_ids": array("i", r)})
     return examples
+
+
+def hash_files(files: list[Path] | list[str]) -> str:
+    """The first 16 hex digits of the SHA-256 of the files' bytes, in order (identifies a run's data)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()[:16]

@@ -11,8 +11,11 @@ match LLaDA's LM head (``ff_out`` at the top level); the regexes below are ancho
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import torch
 from torch import nn
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -122,3 +125,42 @@ class AdapterDisabledTeacher(nn.Module):
 
         with torch.no_grad(), model.disable_adapter():
             return model(*args, **kwargs)
+
+
+def lora_roles(spec: str, architecture: str) -> tuple[str, ...]:
+    """The roles of a ``--lora-targets`` value: ``all``, ``dparallel`` (the set dParallel's config
+    effectively adapts: q,k,v,up on LLaDA, all on Dream) or comma-separated roles from :data:`ROLES`."""
+    if spec == "all":
+        return ALL_ROLES
+    if spec == "dparallel":
+        return DPARALLEL_LLADA_ROLES if architecture == "llada" else ALL_ROLES
+    roles = tuple(r.strip() for r in spec.split(",") if r.strip())
+    bad = [r for r in roles if r not in ROLES]
+    if bad or not roles:
+        raise ValueError(f"--lora-targets: unknown role(s) {bad}; use all, dparallel or roles from {', '.join(ROLES)}")
+    return roles
+
+
+def merge_lora(
+    base: str | os.PathLike, adapter: str | os.PathLike, dtype: str | torch.dtype | None = None
+) -> nn.Module:
+    """The base model (folder or shipped name) with a peft LoRA adapter merged in: a plain fewstep model
+    in ``dtype`` (default: the base checkpoint's), merged in float32 arithmetic. Saving it with
+    :func:`fewstep.models.save_model` writes a drop-in replacement of the base folder."""
+    from peft import PeftModel
+
+    from fewstep.models.assets import resolve_model
+    from fewstep.models.loading import checkpoint_dtype, load_model, parse_dtype, weight_files
+
+    base, adapter = resolve_model(base), Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"no adapter_config.json in {str(adapter)!r} (expected a peft LoRA adapter folder)")
+    model = load_model(base, dtype="float32")
+    target = parse_dtype(dtype) or checkpoint_dtype(base, weight_files(base))
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"the adapter in {adapter} does not fit the base model {base}: {exc}") from None
+    merged = peft_model.merge_and_unload()
+    merged.requires_grad_(False)
+    return merged.to(target) if target != torch.float32 else merged

@@ -15,6 +15,7 @@ the trainer passes, so that a resumed run continues the same random stream.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,20 @@ class SpecialIds:
     eos: int
     pad: int
 
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, config: Any = None) -> SpecialIds:
+        """The ids of ``tokenizer`` (:func:`fewstep.models.tokenizer.special_ids`), falling back to the
+        model ``config``'s ``mask_token_id`` / ``eos_token_id``; pad falls back to EOS, as in LLaDA."""
+        from fewstep.models.tokenizer import special_ids
+
+        ids = special_ids(tokenizer)
+        mask = ids["mask"] if ids["mask"] is not None else getattr(config, "mask_token_id", None)
+        eos = ids["eos"] if ids["eos"] is not None else getattr(config, "eos_token_id", None)
+        if mask is None or eos is None:
+            raise ValueError("the tokenizer/config define no mask or EOS token")
+        pad = ids["pad"] if ids["pad"] is not None else eos
+        return cls(mask=int(mask), eos=int(eos), pad=int(pad))
+
 
 class Objective:
     """Base class of training objectives. Subclasses set ``name`` and implement ``collate`` and ``loss``."""
@@ -40,25 +55,33 @@ class Objective:
     #: its adapter disabled (no second copy); with full fine-tuning a separate frozen copy.
     needs_teacher: bool = False
     #: 0 if position i's token is predicted by the logits at i (LLaDA), 1 if by the logits at i-1
-    #: (Dream). The trainer sets it from the model before training (see :meth:`logits`).
-    logit_shift: int = 0
+    #: (Dream). The trainer sets it from the model before training; None reads it from the model
+    #: given to :meth:`logits` (through DDP / peft wrappers).
+    logit_shift: int | None = None
 
     def __init__(self, ids: SpecialIds, max_length: int):
         self.ids = ids
         self.max_length = max_length
 
     def logits(
-        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        shift_of: nn.Module | None = None,
     ) -> torch.Tensor:
         """Logits aligned with the positions they predict, through ``model``'s own ``forward``.
 
-        Objectives must call the model they are given (it may be wrapped by DDP/FSDP/peft, whose hooks
-        run in ``forward``), never ``model.denoise``; this applies Dream's one-position shift here.
+        The one alignment seam of training: every objective gets its logits (student's and teacher's)
+        here and its losses take aligned logits (position i's row predicts token i). Objectives must
+        call the model they are given (it may be wrapped by DDP/FSDP/peft, whose hooks run in
+        ``forward``), never ``model.denoise``. ``shift_of``: the model whose shift applies (a teacher
+        wrapper takes the student's).
         """
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        if self.logit_shift:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits
+        shift = logit_shift_of(shift_of or model) if self.logit_shift is None else self.logit_shift
+        return align_logits(logits, shift)
 
     def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Turn tokenized examples into a batch of tensors (the same for every process)."""
@@ -75,6 +98,42 @@ class Objective:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The scalar loss to minimise and a dict of floats to log (loss components, schedule values)."""
         raise NotImplementedError
+
+
+def align_logits(logits: torch.Tensor, shift: int) -> torch.Tensor:
+    """Raw model logits ``[B, L, V]`` -> logits whose row ``i`` predicts token ``i``.
+
+    ``shift=1`` (Dream: token i is predicted at i - 1) moves every row one position right; position 0
+    keeps its own row (it is always prompt, never a loss position), as Dream's samplers and
+    ``DiffusionLM.denoise`` do. ``shift=0`` (LLaDA) returns ``logits`` unchanged.
+    """
+    if shift == 0:
+        return logits
+    if shift != 1:
+        raise ValueError(f"logit shift must be 0 or 1, got {shift}")
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / accelerate / peft wrappers (used to read attributes like ``logit_shift``)."""
+    for _ in range(8):
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            break
+    return model
+
+
+def logit_shift_of(model: nn.Module) -> int:
+    """0 for LLaDA-style models, 1 for Dream-style (token ``i`` predicted at ``i - 1``)."""
+    return int(getattr(unwrap(model), "logit_shift", 0))
+
+
+def python_rng(generator: torch.Generator) -> random.Random:
+    """A ``random.Random`` seeded from ``generator`` (so a resumed generator resumes both streams)."""
+    return random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
 
 
 def mean_over_rows(

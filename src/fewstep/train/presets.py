@@ -83,6 +83,7 @@ def init_model(cfg: dict[str, Any], seed: int) -> nn.Module:
     else:
         generic_init(model, seed)
     model.train()
+    model.source_config = dict(cfg)  # its keys are kept in the saved config.json (auto_map, ...)
     return model
 
 

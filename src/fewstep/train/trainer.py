@@ -21,6 +21,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,17 @@ class Trainer:
         self.elapsed = float(state.get("elapsed", 0.0))
         return True
 
+    def resume_checked(self) -> list[str] | None:
+        """Resume from the run folder if it holds a checkpoint of a compatible run (the one rule,
+        :func:`fewstep.train.checkpoint.resume_changes`); None if there was nothing to resume, else the
+        schedule changes of this invocation (ValueError for an incompatible run)."""
+        found = ckpt.latest_checkpoint(self.out)
+        if found is None:
+            return None
+        changes = ckpt.resume_changes(ckpt.read_state(found)["config"], self.cfg.to_dict(), self.out)
+        self.resume()
+        return changes
+
     def save(self) -> Path:
         """Write checkpoint ``step-N`` atomically (state for resuming + an HF export) and prune old ones."""
         acc = self.accelerator
@@ -278,9 +290,9 @@ class Trainer:
         else:
             state = acc.get_state_dict(self.model)
         if acc.is_main_process:
-            ckpt.save_hf_state_dict(self.base_model, state, folder)
-            if self.tokenizer is not None:
-                from fewstep.tasks.tokenizer import save_tokenizer
+            copied = ckpt.save_hf_state_dict(self.base_model, state, folder)
+            if self.tokenizer is not None and not _base_tokenizer_kept(self.tokenizer, self.base_model, copied):
+                from fewstep.models.tokenizer import save_tokenizer
 
                 save_tokenizer(self.tokenizer, folder)
 
@@ -315,7 +327,7 @@ class Trainer:
             sync = a == cfg.grad_accum - 1
             if self.deepspeed:  # DeepSpeed steps inside backward at an accumulation boundary
                 acc.gradient_state._set_sync_gradients(sync)
-            ctx = acc.no_sync(self.model) if not sync else _nullcontext()
+            ctx = acc.no_sync(self.model) if not sync else nullcontext()
             with ctx, acc.autocast():
                 loss, parts = self.objective.loss(
                     self.model, micro, step=self.step, max_steps=cfg.max_steps, teacher=self.teacher
@@ -377,12 +389,15 @@ class Trainer:
         }
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
+def _base_tokenizer_kept(tokenizer: Any, model: nn.Module, copied: list[str]) -> bool:
+    """True when ``tokenizer`` was loaded from the base folder and its files were copied from there
+    unchanged (the export then keeps them as they are instead of re-saving them)."""
+    from fewstep.models.saving import base_folder_of
 
-    def __exit__(self, *exc):
-        return False
+    base = base_folder_of(model)
+    source = getattr(tokenizer, "name_or_path", None)
+    same = base is not None and bool(source) and Path(source).resolve() == base.resolve()
+    return same and any(f in copied for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
 
 
 def _mean_across(acc: Any, value: float) -> float:

@@ -62,7 +62,8 @@ class FewstepLM(TemplateLM):
     ``model_args`` (``--model_args key=value,...``; in 0.4.13 a value with commas can be quoted,
     ``policy="cad:threshold=0.95,max_tokens=32"``, or written with ``;``: ``policy=cad:threshold=0.95;max_tokens=32``):
 
-    * ``pretrained``: checkpoint folder (or pass ``model=`` / ``tokenizer=`` objects from Python);
+    * ``pretrained``: checkpoint folder or shipped model name, resolved by
+      :func:`fewstep.models.assets.resolve_model` (or pass ``model=`` / ``tokenizer=`` objects from Python);
       ``tokenizer``: another tokenizer folder;
     * ``dtype`` (default bfloat16 on GPU, float32 on CPU), ``device`` (default cuda if available;
       the process's GPU under accelerate);
@@ -166,7 +167,7 @@ class FewstepLM(TemplateLM):
     # ------------------------------------------------------------------ loading and basic properties
 
     def _load(self, pretrained, model, tokenizer, dtype, device) -> None:
-        import fewstep
+        from fewstep.models import load_model, load_tokenizer
 
         if model is None:
             if not pretrained:
@@ -177,12 +178,12 @@ class FewstepLM(TemplateLM):
                 device = "cpu"
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
-            model = fewstep.load_model(pretrained, dtype=dtype, device=device)
+            model = load_model(pretrained, dtype=dtype, device=device)
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             source = tokenizer or pretrained or getattr(model, "checkpoint_path", None)
             if not source:
                 raise ValueError("fewstep: pass tokenizer= (an object or folder) together with model=")
-            tokenizer = fewstep.load_tokenizer(source)
+            tokenizer = load_tokenizer(source)
         self.model, self.tokenizer = model, tokenizer
         self._device = model.device
         self.pretrained = str(pretrained or getattr(model, "checkpoint_path", "") or type(model).__name__)
@@ -311,8 +312,6 @@ class FewstepLM(TemplateLM):
         same generation length, longest first (left-padded), results in request order."""
         from tqdm import tqdm
 
-        import fewstep
-
         prepared = []
         groups: dict[int, list[int]] = defaultdict(list)
         for i, req in enumerate(requests):
@@ -329,19 +328,21 @@ class FewstepLM(TemplateLM):
             members.sort(key=lambda i: -len(prepared[i][0]))
             for start in range(0, len(members), self.batch_size):
                 batch = members[start : start + self.batch_size]
-                self._generate_batch(requests, prepared, batch, results, fewstep)
+                self._generate_batch(requests, prepared, batch, results)
                 bar.update(len(batch))
         bar.close()
         if requests:
             self._log_speed()
         return [r if r is not None else "" for r in results]
 
-    def _generate_batch(self, requests, prepared, batch, results, fewstep) -> None:
+    def _generate_batch(self, requests, prepared, batch, results) -> None:
+        from fewstep.decoding import generate
+
         rows = [prepared[i][0] for i in batch]
         gen_length, block = prepared[batch[0]][1], prepared[batch[0]][2]
         self._sync()
         t0 = time.perf_counter()
-        out = fewstep.generate(
+        out = generate(
             self.model,
             rows,
             self.policy,

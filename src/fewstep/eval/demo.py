@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fewstep.models.assets import shipped_models  # noqa: F401  (re-exported: the demo's model list)
 from fewstep.tasks import BLOCK_LENGTH, GEN_LENGTH, NAME
 
 BASELINE = "baseline"
@@ -59,18 +60,6 @@ def engine_spec(spec: str, gen_length: int) -> str:
     return f"llada:steps={gen_length}" if spec == BASELINE else spec
 
 
-def shipped_models(root: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
-    """``(name, folder)`` of every checkpoint shipped in the package: the teacher first, then the students."""
-    if root is None:
-        import fewstep
-
-        root = Path(fewstep.__file__).parent / "assets" / "models"
-    root = Path(root)
-    found = sorted(d for d in root.iterdir() if (d / "config.json").is_file()) if root.is_dir() else []
-    found.sort(key=lambda d: (d.name != "teacher", d.name))
-    return [(d.name, d) for d in found]
-
-
 def run_demo(
     models: Sequence[tuple[str, Path]],
     problems: Sequence[Any],
@@ -86,15 +75,15 @@ def run_demo(
 
     Speedups are over the teacher's baseline row (the first model's), in NFE and in wall time.
     """
-    import fewstep
+    from fewstep.models import load_model, load_tokenizer
     from fewstep.tasks.evaluate import evaluate_policy
 
     block_length = block_length or BLOCK_LENGTH
     families = list(families or policy_families(gen_length))
     rows: list[dict[str, Any]] = []
     for name, folder in models:
-        model = fewstep.load_model(folder, device=device)
-        tok = fewstep.load_tokenizer(folder)
+        model = load_model(folder, device=device)
+        tok = load_tokenizer(folder)
         for fam in families:
             for spec in fam.specs:
 
