@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import tiny_arith_checkpoint
+from tests.tiny import add_official_layout, tiny_arith_checkpoint
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "llada-tiny-a"
 
@@ -20,10 +20,11 @@ def tiny_llada():
 
 @pytest.fixture(scope="session")
 def arith_teacher(tmp_path_factory):
-    """A random tiny LLaDA checkpoint with the embedded task's word tokenizer (training.json: gen_length 32)."""
+    """A random tiny LLaDA checkpoint with the embedded task's word tokenizer (training.json: gen_length 32),
+    in the official layout (``auto_map``, remote-code files, generation config)."""
     import json
 
-    folder = tiny_arith_checkpoint(tmp_path_factory.mktemp("teacher"))
+    folder = add_official_layout(tiny_arith_checkpoint(tmp_path_factory.mktemp("teacher")))
     (folder / "training.json").write_text(json.dumps({"gen_length": 32}))
     return folder
 

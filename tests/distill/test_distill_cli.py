@@ -18,11 +18,12 @@ import fewstep
 from fewstep.cli import main
 from fewstep.commands.distill import frozen_teacher
 from fewstep.distill.cd4lm import CD4LMObjective
-from fewstep.tasks.tokenizer import special_ids
+from fewstep.models.tokenizer import special_ids
 from fewstep.train.data import read_jsonl, tokenize_pairs
 from fewstep.train.lora import LoraSpec, apply_lora
 from fewstep.train.objective import SpecialIds
 from fewstep.train.trainer import TrainConfig, Trainer
+from tests.tiny import OFFICIAL_FILES
 
 REPO = Path(__file__).resolve().parents[2]
 X = torch.tensor([[5, 9, 12, 2, 4, 4, 17, 20, 3, 3, 8, 11], [7, 7, 30, 4, 4, 4, 13, 6, 2, 2, 25, 19]])
@@ -73,6 +74,16 @@ def test_dparallel_lora_writes_a_loadable_merged_model_and_the_adapter(arith_tea
         == 0
     )
     torch.testing.assert_close(_logits(fewstep.load_model(tmp_path / "m")), _logits(merged), rtol=0, atol=1e-6)
+    # both the distilled student and the merged one are drop-in replacements of the base folder
+    for folder in (out, tmp_path / "m"):
+        assert_drop_in(arith_teacher, folder)
+
+
+def assert_drop_in(base, folder):
+    """Same config.json (auto_map and every other key), every non-weight file of the base byte for byte."""
+    assert json.loads((folder / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+    for name in [*OFFICIAL_FILES, "tokenizer.json", "tokenizer_config.json"]:
+        assert (folder / name).read_bytes() == (base / name).read_bytes(), name
 
 
 def test_merge_lora_round_trip(arith_teacher, tmp_path, capsys):

@@ -23,7 +23,7 @@ import fewstep
 from fewstep.cli import main
 from fewstep.distill.cd4lm import CD4LMObjective
 from fewstep.distill.dparallel import DParallelObjective
-from fewstep.tasks.tokenizer import special_ids
+from fewstep.models.tokenizer import special_ids
 from fewstep.train.data import read_jsonl, tokenize_pairs
 from fewstep.train.objective import SpecialIds
 from fewstep.train.trainer import seeded

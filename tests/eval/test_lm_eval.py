@@ -214,9 +214,10 @@ def test_mask_counts_are_stratified_and_uniform_per_row():
         mask_counts(0, A, rows)
 
 
-def test_launcher_runs_lm_eval_cli(model_dir, task_dir, tmp_path, monkeypatch):
+def test_launcher_runs_lm_eval_cli(task_dir, tmp_path, monkeypatch):
     """`fewstep lm-eval ...` registers the model and runs lm-eval's own CLI (built-in tasks not indexed here,
-    only to save the ~10 s it takes to scan them)."""
+    only to save the ~10 s it takes to scan them); ``pretrained=teacher`` names the shipped teacher, resolved
+    like every other model argument."""
     import lm_eval.tasks
 
     from fewstep.cli import main
@@ -229,7 +230,7 @@ def test_launcher_runs_lm_eval_cli(model_dir, task_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalOnly)
     out = tmp_path / "out"
     code = main(
-        ["lm-eval", "--model_args", f"pretrained={model_dir},policy=cad:threshold=0.8;max_tokens=4,cache=dual,block_length={BLOCK}",
+        ["lm-eval", "--model_args", f"pretrained=teacher,policy=cad:threshold=0.8;max_tokens=4,cache=dual,block_length={BLOCK}",
          "--tasks", "fewstep_arith_gen", "--include_path", str(task_dir), "--limit", "2", "--batch_size", "2",
          "--output_path", str(out)]
     )  # fmt: skip
@@ -237,7 +238,7 @@ def test_launcher_runs_lm_eval_cli(model_dir, task_dir, tmp_path, monkeypatch):
     (result,) = out.glob("**/results_*.json")
     info = json.loads(result.read_text())["config"]["fewstep"]
     assert info["policy"] == "cad:threshold=0.8,max_tokens=4" and info["cache"] == "dual"
-    assert info["generate_until"]["requests"] == 2
+    assert info["generate_until"]["requests"] == 2 and info["pretrained"] == "teacher"
 
 
 DIST_SCRIPT = """

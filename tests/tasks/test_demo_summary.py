@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fewstep.tasks.demo import fewest_nfe_at_baseline_accuracy, format_summary
+from fewstep.eval.demo import fewest_nfe_at_baseline_accuracy, format_summary
 
 
 def _row(model, policy, acc, nfe):

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from fewstep.tasks.demo import shipped_models
 
 import fewstep
+from fewstep.models.assets import shipped_models
 from fewstep.tasks import generate
 from fewstep.tasks.evaluate import evaluate_policy
 

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from fewstep.tasks.demo import shipped_models
 
 import fewstep
+from fewstep.models.assets import shipped_models
+from fewstep.models.tokenizer import special_ids
 from fewstep.tasks import BLOCK_LENGTH, GEN_LENGTH, generate
 from fewstep.tasks.evaluate import evaluate_policy
-from fewstep.tasks.tokenizer import special_ids
 
 TEACHER = Path(fewstep.__file__).parent / "assets" / "models" / "teacher"
 REPO = Path(__file__).resolve().parents[2]

@@ -7,8 +7,8 @@ import json
 from transformers import AutoTokenizer
 
 import fewstep
+from fewstep.models.tokenizer import SPECIAL_TOKENS, build_word_tokenizer, special_ids
 from fewstep.tasks.arith import ArithConfig, generate
-from fewstep.tasks.tokenizer import SPECIAL_TOKENS, build_word_tokenizer, special_ids
 
 
 def test_round_trip_through_autotokenizer(tmp_path):

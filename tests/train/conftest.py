@@ -6,14 +6,15 @@ import json
 
 import pytest
 
+from tests.tiny import AUTO_MAP
 from tests.tiny import TINY_LLADA as TINY
 
 
 @pytest.fixture(scope="session")
 def task_dir(tmp_path_factory):
     """train.jsonl (256 examples), test.jsonl and tokenizer/ written by the task's own functions."""
+    from fewstep.models.tokenizer import build_word_tokenizer
     from fewstep.tasks.arith import ArithConfig, generate
-    from fewstep.tasks.tokenizer import build_word_tokenizer
 
     d = tmp_path_factory.mktemp("arith")
     for split, n in (("train", 256), ("test", 16)):
@@ -21,5 +22,5 @@ def task_dir(tmp_path_factory):
             for p in generate(split, n, seed=0):
                 fh.write(json.dumps(p.to_json()) + "\n")
     build_word_tokenizer(ArithConfig().vocabulary(), d / "tokenizer")
-    (d / "tiny.json").write_text(json.dumps(TINY))
+    (d / "tiny.json").write_text(json.dumps({**TINY, "auto_map": AUTO_MAP}))  # kept in the saved config
     return d

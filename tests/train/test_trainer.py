@@ -15,13 +15,14 @@ import torch
 from safetensors.torch import load_file
 
 import fewstep
-from fewstep.tasks.tokenizer import special_ids
+from fewstep.models.tokenizer import special_ids
 from fewstep.train.data import read_jsonl, tokenize_pairs
 from fewstep.train.lora import LoraSpec, target_modules
 from fewstep.train.mdm import MaskedDiffusionObjective
 from fewstep.train.objective import SpecialIds
 from fewstep.train.presets import init_model, model_config
 from fewstep.train.trainer import TrainConfig, Trainer, global_batch_indices, lr_factor
+from tests.tiny import AUTO_MAP
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -243,6 +244,9 @@ def test_pretrain_refuses_a_mismatched_run_folder(task_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = _pretrain_cmd(task_dir, tmp_path / "r", 4)
     subprocess.run(cmd, check=True, env=env, capture_output=True)
+    # the saved config keeps every key of the --model-config file (auto_map included)
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["auto_map"] == AUTO_MAP and saved["d_model"] == 32 and saved["block_type"] == "llama"
     bad = [*cmd[:-3], "--seed", "5", "--threads", "1", "--no-progress"]
     out = subprocess.run(bad, env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "different settings (seed)" in out.stderr

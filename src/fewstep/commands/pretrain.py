@@ -10,12 +10,12 @@ Runs through `accelerate`: plain `fewstep pretrain ...` uses one device; `accele
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 EPILOG = """examples:
   fewstep task --out data/arith
@@ -81,48 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def _train_config(args: argparse.Namespace, gen_length: int, data_hash: str, n: int):
+    from fewstep.train.trainer import TrainConfig
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from accelerate import Accelerator
-
-    import fewstep
-    from fewstep.tasks.tokenizer import special_ids
-    from fewstep.train import checkpoint as ckpt
-    from fewstep.train.data import read_jsonl, tokenize_pairs
-    from fewstep.train.mdm import MaskedDiffusionObjective
-    from fewstep.train.objective import SpecialIds
-    from fewstep.train.presets import count_parameters, init_model, model_config
-    from fewstep.train.trainer import TrainConfig, Trainer
-
-    out = Path(args.out)
-    command = "fewstep pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
-    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=args.cpu)
-    main = accelerator.is_main_process
-    if args.overwrite and out.exists() and main:
-        shutil.rmtree(out)
-    accelerator.wait_for_everyone()
-    tok = fewstep.load_tokenizer(args.tokenizer)
-    ids = special_ids(tok)
-    examples = tokenize_pairs(read_jsonl(args.data), tok)
-    longest = max(len(e["response_ids"]) for e in examples)
-    gen_length = args.gen_length or longest + 1
-    if longest > gen_length:
-        raise ValueError(f"the longest response has {longest} tokens, more than --gen-length {gen_length}")
-    cfg = model_config(args.model_config, ids, len(tok))
-    longest_prompt = max(len(e["prompt_ids"]) for e in examples)
-    max_len = longest_prompt + gen_length
-    if max_len > int(cfg.get("max_sequence_length", max_len)):
-        raise ValueError(f"prompt + generation is {max_len} tokens, over the model's max_sequence_length")
-    data_hash = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()[:16]
-    model = init_model(cfg, args.seed)
-    objective = MaskedDiffusionObjective(
-        SpecialIds(mask=ids["mask"], eos=ids["eos"], pad=ids["pad"]), max_len, gen_length=gen_length, eps=args.eps
-    )
-    train_cfg = TrainConfig(
-        out_dir=str(out),
+    return TrainConfig(
+        out_dir=str(args.out),
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
@@ -146,36 +109,53 @@ def run(args: argparse.Namespace) -> int:
             "eps": args.eps,
             "data": str(args.data),
             "data_sha256_16": data_hash,
-            "n_examples": len(examples),
+            "n_examples": n,
         },
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from accelerate import Accelerator
+
+    from fewstep.models.loading import load_tokenizer
+    from fewstep.models.tokenizer import special_ids
+    from fewstep.train.data import hash_files, read_jsonl, tokenize_pairs
+    from fewstep.train.mdm import MaskedDiffusionObjective
+    from fewstep.train.objective import SpecialIds
+    from fewstep.train.presets import count_parameters, init_model, model_config
+    from fewstep.train.trainer import Trainer
+
+    out = Path(args.out)
+    command = "fewstep pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=args.cpu)
+    main = accelerator.is_main_process
+    if args.overwrite and out.exists() and main:
+        shutil.rmtree(out)
+    accelerator.wait_for_everyone()
+    tok = load_tokenizer(args.tokenizer)
+    examples = tokenize_pairs(read_jsonl(args.data), tok)
+    longest = max(len(e["response_ids"]) for e in examples)
+    gen_length = args.gen_length or longest + 1
+    if longest > gen_length:
+        raise ValueError(f"the longest response has {longest} tokens, more than --gen-length {gen_length}")
+    cfg = model_config(args.model_config, special_ids(tok), len(tok))
+    max_len = max(len(e["prompt_ids"]) for e in examples) + gen_length
+    if max_len > int(cfg.get("max_sequence_length", max_len)):
+        raise ValueError(f"prompt + generation is {max_len} tokens, over the model's max_sequence_length")
+    model = init_model(cfg, args.seed)
+    ids = SpecialIds.from_tokenizer(tok)
+    objective = MaskedDiffusionObjective(ids, max_len, gen_length=gen_length, eps=args.eps)
+    train_cfg = _train_config(args, gen_length, hash_files([args.data]), len(examples))
     trainer = Trainer(model, objective, examples, train_cfg, tokenizer=tok, accelerator=accelerator)
-    found = ckpt.latest_checkpoint(out)
-    if found is not None:
-        saved = ckpt.read_state(found)["config"]
-        now = train_cfg.to_dict()
-        # Settings that define the data stream and the model cannot change in a resumed run ...
-        hard = [k for k in ("batch_size", "seed") if saved.get(k) != now[k]]
-        hard += [
-            k
-            for k in ("gen_length", "data_sha256_16", "n_examples")
-            if saved["extra"].get(k) is not None and saved["extra"].get(k) != now["extra"][k]
-        ]
-        if hard:
-            raise ValueError(
-                f"{out} holds a run with different settings ({', '.join(hard)}); use another --out or --overwrite"
-            )
-        trainer.resume()
-        # ... the optimisation schedule may (to extend a run or add a final decay); say so.
-        soft = [
-            f"{k} {saved.get(k)} -> {now[k]}"
-            for k in ("max_steps", "lr", "schedule", "warmup_steps", "decay_steps", "min_lr_ratio", "weight_decay")
-            if saved.get(k, now[k]) != now[k]
-        ]
-        if main:
-            print(f"fewstep pretrain: resuming {out} from step {trainer.step}")
-            if soft:
-                print("fewstep pretrain: continuing with changed settings: " + "; ".join(soft))
+    changes = trainer.resume_checked()
+    if main and changes is not None:
+        print(f"fewstep pretrain: resuming {out} from step {trainer.step}")
+        if changes:
+            print("fewstep pretrain: continuing with changed settings: " + "; ".join(changes))
     if trainer.step >= args.max_steps and main:
         print(f"fewstep pretrain: the run is already at step {trainer.step} (--max-steps {args.max_steps})")
     trainer.invocations.append({"command": command or "fewstep pretrain (API)", "start_step": trainer.step})
@@ -186,98 +166,65 @@ def run(args: argparse.Namespace) -> int:
             f"x{accelerator.num_processes}"
         )
     summary = trainer.train()
-    save_dtype = torch.bfloat16 if args.save_dtype == "bfloat16" else None
     trainer.export(out)
     if main:
-        if save_dtype is not None:
-            _cast_weights(out, save_dtype)
-        info = {
-            "command": command or f"fewstep pretrain --data {args.data} ...",
-            "invocations": trainer.invocations,
-            "seed": args.seed,
-            "data": str(args.data),
-            "data_sha256_16": data_hash,
-            "n_examples": len(examples),
-            "gen_length": gen_length,
-            "parameters": count_parameters(model),
-            "steps": summary["steps"],
-            "batch_size": args.batch_size,
-            "final_loss": summary["final_loss"],
-            "train_seconds": summary["seconds"],
-            "device": f"{accelerator.device} x{accelerator.num_processes}",
-            "torch_threads": torch.get_num_threads(),
-        }
-        (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-        write_model_card(out, info, cfg)
-        trainer.write_logs()
-        print(
-            f"fewstep pretrain: done, {summary['steps']} steps in {summary['seconds']:.0f} s, "
-            f"final loss {summary['final_loss']:.4f}; model in {out}"
-        )
+        _finish(args, out, command, trainer, model, summary, accelerator, cfg)
     return 0
 
 
-def _cast_weights(folder: Path, dtype) -> None:
-    from safetensors.torch import load_file, save_file
+def _finish(args, out: Path, command: str, trainer, model, summary, accelerator, cfg: dict) -> None:
+    """Cast the saved weights, write training.json and the model card, print the result."""
+    import torch
 
-    f = folder / "model.safetensors"
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(f)).items()}
-    save_file(tensors, str(f), metadata={"format": "pt"})
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    from fewstep.models.saving import cast_weights
+    from fewstep.train.presets import count_parameters
+
+    if args.save_dtype == "bfloat16":
+        cast_weights(out, torch.bfloat16)
+    info = {
+        "command": command or f"fewstep pretrain --data {args.data} ...",
+        "invocations": trainer.invocations,
+        "seed": args.seed,
+        "data": str(args.data),
+        "data_sha256_16": trainer.cfg.extra["data_sha256_16"],
+        "n_examples": trainer.cfg.extra["n_examples"],
+        "gen_length": trainer.cfg.extra["gen_length"],
+        "parameters": count_parameters(model),
+        "steps": summary["steps"],
+        "batch_size": args.batch_size,
+        "final_loss": summary["final_loss"],
+        "train_seconds": summary["seconds"],
+        "device": f"{accelerator.device} x{accelerator.num_processes}",
+        "torch_threads": torch.get_num_threads(),
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_model_card(out, info, cfg)
+    trainer.write_logs()
+    print(
+        f"fewstep pretrain: done, {summary['steps']} steps in {summary['seconds']:.0f} s, "
+        f"final loss {summary['final_loss']:.4f}; model in {out}"
+    )
 
 
-def write_model_card(folder: Path, info: dict, cfg: dict) -> None:
-    """README.md of the checkpoint: what it is and exactly how it was made."""
-    arch = cfg.get("model_type", "llada")
-    lines = [
-        "---",
-        "library_name: fewstep",
-        "tags: [diffusion-language-model, masked-diffusion, llada]",
-        "---",
-        "",
-        f"# {folder.name}",
-        "",
-        f"A {arch} masked-diffusion language model trained from scratch with `fewstep pretrain` "
-        "(LLaDA's objective: t ~ U(eps, 1), response tokens masked with probability t, cross-entropy on "
-        "the masked tokens weighted by 1/t; prompts never masked; answers padded with EOS).",
-        "",
-        "Load it with `fewstep.load_model(path)` and `fewstep.load_tokenizer(path)`.",
-        "",
-        "## Training",
-        "",
-        "```bash",
-        *[
-            (f"# from step {inv['start_step']}:\n" if len(info["invocations"]) > 1 else "") + inv["command"]
-            for inv in info["invocations"]
-        ],
-        "```",
-        "",
-        "Re-running these commands in order reproduces the weights exactly (resumes are deterministic)."
-        if len(info["invocations"]) > 1
-        else "",
-        "",
-        "| | |",
-        "|---|---|",
+def write_model_card(folder: Path, info: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """README.md of the checkpoint (:func:`fewstep.train.card.write_model_card`)."""
+    from fewstep.train.card import write_model_card as write_card
+
+    invocations = info["invocations"]
+    commands = [
+        (f"# from step {inv['start_step']}:\n" if len(invocations) > 1 else "") + inv["command"] for inv in invocations
     ]
-    for k in (
-        "seed",
-        "data",
-        "data_sha256_16",
-        "n_examples",
-        "gen_length",
-        "parameters",
-        "steps",
-        "batch_size",
-        "final_loss",
-        "train_seconds",
-        "device",
-        "torch_threads",
-    ):
-        v = info.get(k)
-        if isinstance(v, float):
-            v = f"{v:.4f}" if k == "final_loss" else f"{v:.0f}"
-        lines.append(f"| {k} | {v} |")
-    lines += ["", "The loss curve is `loss.png`; per-step logs are in `train_log.jsonl`.", ""]
-    (folder / "README.md").write_text("\n".join(lines))
+    keys = ("seed", "data", "data_sha256_16", "n_examples", "gen_length", "parameters", "steps", "batch_size")
+    keys += ("final_loss", "train_seconds", "device", "torch_threads")
+    write_card(
+        folder,
+        tags=["diffusion-language-model", "masked-diffusion", "llada"],
+        description=f"A {cfg.get('model_type', 'llada')} masked-diffusion language model trained from scratch with "
+        "`fewstep pretrain` (LLaDA's objective: t ~ U(eps, 1), response tokens masked with probability t, "
+        "cross-entropy on the masked tokens weighted by 1/t; prompts never masked; answers padded with EOS).\n",
+        commands=commands,
+        table={k: info.get(k) for k in keys},
+        note="Re-running these commands in order reproduces the weights exactly (resumes are deterministic)."
+        if len(invocations) > 1
+        else "",
+    )
