@@ -45,7 +45,7 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fewstep.distill import recipes
+    from fewstep.distill import all_recipes
     from fewstep.train.recipe import add_recipe_arguments
 
     parser.epilog = EPILOG
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder: final model + checkpoints/")
     parser.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer folder (default: --model)")
     rec = parser.add_argument_group("recipe (the papers' defaults, per model family; unset = the recipe's)")
-    add_recipe_arguments(rec, {f"{m}/{family}": r for m in ("dparallel", "cd4lm") for family, r in recipes(m).items()})
+    add_recipe_arguments(rec, all_recipes())
     _lora_arguments(parser.add_argument_group("LoRA (through peft, with --finetune lora)"))
     _optimisation_arguments(parser.add_argument_group("optimisation"))
     _system_arguments(parser.add_argument_group("precision, checkpoints, devices"))

@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fewstep.tasks.arith import NAME, ArithConfig, generate_problems
     from fewstep.models.tokenizer import build_word_tokenizer
+    from fewstep.tasks.arith import NAME, ArithConfig, generate_problems
 
     if args.n_train < 0 or args.n_test < 0:
         raise ValueError("--n-train and --n-test must be >= 0")

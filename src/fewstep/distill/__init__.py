@@ -43,6 +43,19 @@ def recipes(method: str) -> dict[str, Any]:
     return dict(_module(method).RECIPES)
 
 
+def all_recipes() -> dict[str, Any]:
+    """``{"method/family": recipe}`` of every method: what ``fewstep distill``'s recipe flags and the
+    README's recipe table (:func:`recipe_table`) are built from."""
+    return {f"{m}/{family}": r for m in METHODS for family, r in recipes(m).items()}
+
+
+def recipe_table() -> str:
+    """The README's table of the papers' defaults per method and model family (a test keeps them equal)."""
+    from fewstep.train.recipe import recipe_table as table
+
+    return table(all_recipes())
+
+
 def recipe_for(method: str, architecture: str, overrides: Mapping[str, Any] | None = None, **fields: Any) -> Any:
     """The recipe of ``method`` for a model family (``"llada"`` / ``"dream"``) with ``overrides`` (a mapping,
     e.g. ``vars(args)``; keys that are not recipe fields and None values are ignored) and ``fields`` applied."""

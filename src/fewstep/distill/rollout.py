@@ -416,6 +416,8 @@ def process_order(lengths: Sequence[int], sort_by_length: bool, rank: int, world
     return order[rank::world]
 
 
+# Long (~135 lines) on purpose for now: the generation loop it wraps (resume, sharding over processes,
+# batching) moves onto the text layer over the engine in the next step (issue 14 brief), which splits it.
 def run_rollout(
     cfg: RolloutConfig,
     model: Any,

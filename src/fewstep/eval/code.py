@@ -159,11 +159,6 @@ def humaneval_solution(record: dict[str, Any], response: str) -> str:
     return sanitize(record["prompt"] + "\n" + extract_code(response), humaneval_roots(record))
 
 
-def humaneval_program(record: dict[str, Any], response: str) -> str:
-    """The full test program for a HumanEval response."""
-    return humaneval_test_program(record, humaneval_solution(record, response))
-
-
 def humaneval_test_program(record: dict[str, Any], code: str) -> str:
     """Append HumanEval's tests and the ``check`` call to a solution."""
     return f"{code}\n\n{record['test']}\n\ncheck({record['entry_point']})\n"

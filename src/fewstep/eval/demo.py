@@ -196,6 +196,60 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+_FAMILY_COLORS = {"llada": "tab:gray", "threshold": "tab:blue", "entropy": "tab:green", "cad": "tab:red"}
+_MODEL_COLORS = ["black", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:cyan"]
+
+
+def _mark(ax, row: dict[str, Any] | None, label: str, color: str = "black", size: int = 220, line: bool = True) -> None:
+    """A star at a one-token-per-step row (and, for the teacher's, a dashed line at its accuracy)."""
+    if row is None:
+        return
+    ax.scatter([row["mean_nfe"]], [100 * row["accuracy"]], marker="*", s=size, color=color, zorder=5, label=label)
+    if line:
+        ax.axhline(100 * row["accuracy"], color="black", lw=0.8, ls="--", alpha=0.5)
+
+
+def _finish_panel(ax, title: str, lo: float, hi: float) -> None:
+    from fewstep.plotting import log_nfe_axis
+
+    log_nfe_axis(ax, lo, hi)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def _frontier_panel(ax, rows: Sequence[dict[str, Any]], models: list[str], base: dict[str, Any] | None) -> None:
+    """Every model's Pareto frontier over all its policy settings, zoomed on the accurate region."""
+    from fewstep.eval.sweep import pareto_frontier
+
+    starts = []  # accuracy where each frontier begins (its fewest-NFE point)
+    for i, model in enumerate(models):
+        pts = [(r["mean_nfe"], 100 * r["accuracy"]) for r in rows if r["model"] == model and r["policy"] != BASELINE]
+        front = [pts[j] for j in pareto_frontier(pts)]
+        if front:
+            ax.plot(*zip(*front), marker="o", ms=4, lw=1.8, color=_MODEL_COLORS[i % len(_MODEL_COLORS)], label=model)
+            starts.append(front[0][1])
+    _mark(ax, base, f"{models[0]} baseline (1 token/step)")
+    # zoom on the accurate region: no lower than 30 points under the baseline
+    floor = max(min(starts, default=100.0), 100 * base["accuracy"] - 30 if base else 0.0)
+    ax.set_ylim(max(0.0, floor - 3), 101.5)
+
+
+def _model_panel(ax, rows: Sequence[dict[str, Any]], model: str, base: dict[str, Any] | None, first: str) -> None:
+    """One model: a curve per policy family sweeping its threshold, and its own 1-token-per-step point."""
+    mine = [r for r in rows if r["model"] == model]
+    for fam in (f for f in policy_families() if f.key != BASELINE):
+        pts = sorted((r["mean_nfe"], 100 * r["accuracy"]) for r in mine if r["family"] == fam.key)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=4, lw=1.6, color=_FAMILY_COLORS.get(fam.key), label=fam.label)
+    _mark(ax, base, f"{first} baseline (1 token/step)")
+    own = next((r for r in mine if r["policy"] == BASELINE), None)
+    if own is not base:
+        _mark(ax, own, f"{model} at 1 token/step", color="tab:purple", size=120, line=False)
+    ax.set_ylim(-3, 103)
+
+
 def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
     """Accuracy against mean NFE (log scale). First panel: every model's Pareto frontier over all its policy
     settings, zoomed on the accurate region; then one panel per model with a curve per policy family
@@ -205,78 +259,22 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fewstep.eval.sweep import pareto_frontier
-    from fewstep.plotting import log_nfe_axis
-
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fams = [f for f in policy_families() if f.key != BASELINE]
-    colors = {"llada": "tab:gray", "threshold": "tab:blue", "entropy": "tab:green", "cad": "tab:red"}
-    model_colors = ["black", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:cyan"]
     base = next((r for r in rows if r["policy"] == BASELINE and r["model"] == models[0]), None)
     n = len(models) + 1
     cols = min(n, 3)
-    nrows = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5.6 * cols, 4.4 * nrows), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(
+        math.ceil(n / cols), cols, figsize=(5.6 * cols, 4.4 * math.ceil(n / cols)), dpi=110, squeeze=False
+    )
     nfes = [r["mean_nfe"] for r in rows if r["mean_nfe"] > 0]
     lo, hi = min(nfes) / 1.2, max(nfes) * 1.25
-
-    def mark_baseline(ax) -> None:
-        if base is not None:
-            ax.scatter(
-                [base["mean_nfe"]],
-                [100 * base["accuracy"]],
-                marker="*",
-                s=220,
-                color="black",
-                zorder=5,
-                label=f"{models[0]} baseline (1 token/step)",
-            )
-            ax.axhline(100 * base["accuracy"], color="black", lw=0.8, ls="--", alpha=0.5)
-
-    # panel 1: the frontier of every model, all policies together
-    ax = axes.flat[0]
-    starts = []  # accuracy where each frontier begins (its fewest-NFE point)
-    for i, model in enumerate(models):
-        pts = [(r["mean_nfe"], 100 * r["accuracy"]) for r in rows if r["model"] == model and r["policy"] != BASELINE]
-        front = [pts[j] for j in pareto_frontier(pts)]
-        if front:
-            ax.plot(*zip(*front), marker="o", ms=4, lw=1.8, color=model_colors[i % len(model_colors)], label=model)
-            starts.append(front[0][1])
-    mark_baseline(ax)
-    log_nfe_axis(ax, lo, hi)
-    # zoom on the accurate region: no lower than 30 points under the baseline
-    floor = max(min(starts, default=100.0), 100 * base["accuracy"] - 30 if base else 0.0)
-    ax.set_ylim(max(0.0, floor - 3), 101.5)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("every model: best setting of any policy")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
-
-    for ax, model in zip(list(axes.flat)[1:], models):
-        mine = [r for r in rows if r["model"] == model]
-        for fam in fams:
-            pts = sorted((r["mean_nfe"], 100 * r["accuracy"]) for r in mine if r["family"] == fam.key)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=4, lw=1.6, color=colors.get(fam.key), label=fam.label)
-        mark_baseline(ax)
-        own = next((r for r in mine if r["policy"] == BASELINE), None)
-        if own is not None and own is not base:
-            ax.scatter(
-                [own["mean_nfe"]],
-                [100 * own["accuracy"]],
-                marker="*",
-                s=120,
-                color="tab:purple",
-                zorder=5,
-                label=f"{model} at 1 token/step",
-            )
-        log_nfe_axis(ax, lo, hi)
-        ax.set_ylim(-3, 103)
-        ax.set_title(model)
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="lower right")
-    for ax in list(axes.flat)[n:]:
+    panels = list(axes.flat)
+    _frontier_panel(panels[0], rows, models, base)
+    _finish_panel(panels[0], "every model: best setting of any policy", lo, hi)
+    for ax, model in zip(panels[1:], models):
+        _model_panel(ax, rows, model, base, models[0])
+        _finish_panel(ax, model, lo, hi)
+    for ax in panels[n:]:
         ax.axis("off")
     fig.suptitle(title or f"{NAME}: accuracy vs NFE (top-left is better)")
     fig.tight_layout()

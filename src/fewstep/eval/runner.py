@@ -148,7 +148,7 @@ def run_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any = None
             tokenizer = load_tokenizer(settings.model)
         stop = stop_ids(model, tokenizer)
         sandbox = Sandbox(Limits(timeout=settings.timeout)) if task.kind == "code" else None
-        bar = _progress(settings.progress, len(targets), len(targets) - len(pending), task.name)
+        bar = _progress(settings.progress, task.name)
         with rec_path.open("a", encoding="utf-8") as sink, bar as p:
             tid = p.add_task(task.name, total=len(targets), completed=len(targets) - len(pending)) if p else None
             for start in range(0, len(pending), settings.batch_size):
@@ -281,7 +281,7 @@ def _gpu_name(device: str | None) -> str | None:
     return None
 
 
-def _progress(enabled: bool, total: int, done: int, label: str):
+def _progress(enabled: bool, label: str):
     from contextlib import nullcontext
 
     if not enabled:

@@ -154,8 +154,9 @@ def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = F
         raise ValueError(f"{name} must be in {lb}{lo}, {hi}{rb}; got {value}")
 
 
-def _chunks(z: torch.Tensor, itemsize: int = 8):
-    """Row slices of ``z`` whose float64 copy stays under :data:`CHUNK_BYTES`."""
+def chunks(z: torch.Tensor, itemsize: int = 8):
+    """Row slices of ``z`` whose float64 copy (``itemsize`` bytes per value) stays under :data:`CHUNK_BYTES`:
+    policies score ``[K, V]`` candidate logits chunk by chunk to bound their temporaries."""
     budget = CHUNK_BYTES.get(z.device.type, CHUNK_BYTES["default"])
     step = max(1, budget // max(1, z.shape[-1] * itemsize))
     for i in range(0, z.shape[0], step):
@@ -170,7 +171,7 @@ def softmax(z: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def token_probs(z: torch.Tensor, tokens: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """``softmax(z)[token]`` per row, computed in ``dtype`` (None: the logits' dtype), chunked."""
     out, i = [], 0
-    for c in _chunks(z):
+    for c in chunks(z):
         p = softmax(c, dtype)
         out.append(p.gather(-1, tokens[i : i + c.shape[0], None]).squeeze(-1))
         i += c.shape[0]
@@ -180,7 +181,7 @@ def token_probs(z: torch.Tensor, tokens: torch.Tensor, dtype: torch.dtype | None
 def entropy(z: torch.Tensor, dtype: torch.dtype | None, eps: float) -> torch.Tensor:
     """``-sum p log(p + eps)`` per row (natural log), in ``dtype``, chunked."""
     out = []
-    for c in _chunks(z):
+    for c in chunks(z):
         p = softmax(c, dtype)
         out.append(-torch.sum(p * torch.log(p + eps), dim=-1))
     return torch.cat(out) if out else z.new_empty(0, dtype=dtype or z.dtype)
@@ -271,3 +272,17 @@ def steps_per_block(name: str, steps: int, gen_length: int, block_length: int) -
             f"/ block_length {block_length}); valid values: multiples of {nb}"
         )
     return steps // nb
+
+
+class FixedSteps:
+    """Mixin of the policies with a fixed step budget: ``steps`` forwards per generation (None: one per
+    token), the same number in every block (LLaDA's low-confidence rule, Dream's samplers)."""
+
+    name: str
+    steps: int | None
+
+    def _steps(self, gen_length: int, block_length: int) -> int:
+        return steps_per_block(self.name, gen_length if self.steps is None else self.steps, gen_length, block_length)
+
+    def validate(self, gen_length: int, block_length: int) -> None:
+        self._steps(gen_length, block_length)

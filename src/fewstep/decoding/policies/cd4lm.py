@@ -19,9 +19,9 @@ from fewstep.decoding.policies.base import (
     Policy,
     Selection,
     StepState,
-    _chunks,
     check_choice,
     check_range,
+    chunks,
     entropy,
     gumbel_argmax,
     random_scores,
@@ -52,7 +52,10 @@ class CADPolicy(Policy):
       entropy ``Σ p log(p + 1e-10)`` ≤ 0);
     * ``min_tokens``, ``max_tokens``: bounds on the tokens committed per step;
     * ``max_steps_per_block``: after this many steps a forced step commits every non-gated mask and the
-      block is left (None: ``block_length``; in ``global`` mode None means no limit);
+      block is left (None: ``block_length``; in ``global`` mode None means no limit). The name is the
+      reference's; it is a *forced completion* that is part of the algorithm, not the safety limit of
+      the same name in :func:`fewstep.generate` (which raises when a block takes too many forwards);
+      CAD's forced step ends every block well before that limit;
     * ``eos_ratio``: while ``(generated tokens) / gen_length < eos_ratio``, positions predicting a token
       of ``eos_ids`` are not committed; ``eos_ids`` None means the model's EOS plus the tokenizer's
       end-of-turn token (whatever :func:`fewstep.generate` was given);
@@ -115,7 +118,7 @@ class CADPolicy(Policy):
         if self.temperature > 0:
             noise = state.rng.uniform(state.rows, state.counts, z.shape[-1], torch.float32)
         x0, score, i = [], [], 0
-        for c in _chunks(z, itemsize=4):  # stabilise and score chunk by chunk (bounded temporaries)
+        for c in chunks(z, itemsize=4):  # stabilise and score chunk by chunk (bounded temporaries)
             c = stabilise(c)
             n = c.shape[0]
             x0.append(c.argmax(-1) if noise is None else gumbel_argmax(c, self.temperature, noise[i : i + n]))

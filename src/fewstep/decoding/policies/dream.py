@@ -22,16 +22,17 @@ import torch
 import torch.nn.functional as F
 
 from fewstep.decoding.policies.base import (
+    FixedSteps,
     Policy,
     Selection,
     StepState,
-    _chunks,
     check_choice,
     check_range,
+    chunks,
     even_quota,
+    gumbel_argmax,
     ranks,
     scatter,
-    steps_per_block,
 )
 
 ALGS = ("entropy", "maskgit_plus", "topk_margin", "confidence_threshold")
@@ -53,7 +54,7 @@ def top_k_filter(z: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 @dataclass
-class DreamPolicy(Policy):
+class DreamPolicy(FixedSteps, Policy):
     """Dream ``diffusion_generate`` with ``alg`` = ``entropy`` (default), ``maskgit_plus``,
     ``topk_margin`` or ``confidence_threshold``.
 
@@ -90,12 +91,6 @@ class DreamPolicy(Policy):
         if self.top_k is not None:
             check_range(f"{self.name}.top_k", self.top_k, 1, float("inf"))
 
-    def _steps(self, gen_length: int, block_length: int) -> int:
-        return steps_per_block(self.name, gen_length if self.steps is None else self.steps, gen_length, block_length)
-
-    def validate(self, gen_length: int, block_length: int) -> None:
-        self._steps(gen_length, block_length)
-
     def start_block(self, state: StepState) -> dict[str, torch.Tensor]:
         s = self._steps(state.gen_length, state.block_length)
         if self.alg == "confidence_threshold":
@@ -111,7 +106,7 @@ class DreamPolicy(Policy):
         if self.temperature > 0:
             noise = state.rng.uniform(state.rows, state.counts, z.shape[-1], torch.float32)
         tokens, scores, i = [], [], 0
-        for c in _chunks(z, itemsize=4):
+        for c in chunks(z, itemsize=4):
             n = c.shape[0]
             if self.temperature > 0:
                 c = c / self.temperature
@@ -123,8 +118,7 @@ class DreamPolicy(Policy):
             if noise is None:
                 conf, x0 = p.max(dim=-1)
             else:
-                g = -torch.log(-torch.log(noise[i : i + n].clamp_min(torch.finfo(torch.float32).tiny)))
-                x0 = (torch.log(p) + g).argmax(-1)
+                x0 = gumbel_argmax(torch.log(p), 1.0, noise[i : i + n])  # c is already divided by T
                 conf = p.gather(-1, x0[:, None]).squeeze(-1)
             if self.alg == "topk_margin":
                 top2 = torch.topk(p, 2, dim=-1).values

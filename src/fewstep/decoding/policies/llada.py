@@ -15,6 +15,7 @@ import torch
 
 from fewstep.decoding.policies.base import (
     PROBS_DTYPES,
+    FixedSteps,
     Policy,
     Selection,
     StepState,
@@ -25,7 +26,6 @@ from fewstep.decoding.policies.base import (
     random_scores,
     sample_candidates,
     scatter,
-    steps_per_block,
     token_probs,
     top_k_mask,
 )
@@ -42,7 +42,7 @@ def suppress(z: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
 
 
 @dataclass
-class LowConfidencePolicy(Policy):
+class LowConfidencePolicy(FixedSteps, Policy):
     """LLaDA fixed steps: commit ``quota[step]`` positions per step, ranked by confidence.
 
     Options (defaults = ``ML-GSAI/LLaDA`` ``generate``):
@@ -83,12 +83,6 @@ class LowConfidencePolicy(Policy):
         check_choice(f"{self.name}.remasking", self.remasking, ("low_confidence", "random"))
         check_choice(f"{self.name}.probs_dtype", self.probs_dtype, tuple(PROBS_DTYPES))
         check_range(f"{self.name}.temperature", self.temperature, 0.0, float("inf"))
-
-    def _steps(self, gen_length: int, block_length: int) -> int:
-        return steps_per_block(self.name, gen_length if self.steps is None else self.steps, gen_length, block_length)
-
-    def validate(self, gen_length: int, block_length: int) -> None:
-        self._steps(gen_length, block_length)
 
     def start_block(self, state: StepState) -> dict[str, torch.Tensor]:
         s = self._steps(state.gen_length, state.block_length)

@@ -81,6 +81,8 @@ class FewstepLM(TemplateLM):
 
     backend = "causal"
 
+    # Long (~80 lines): one validation line per model_arg of lm-eval's contract; the generate-wrapping
+    # part moves onto the text layer in the next step (issue 14 brief).
     def __init__(
         self,
         pretrained: str | None = None,

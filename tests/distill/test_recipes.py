@@ -1,0 +1,61 @@
+"""Each paper's recipe is one typed dataclass per model family: the single source of the CLI flags, the
+Python API's defaults and the README's table."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from fewstep.cli import build_parser
+from fewstep.distill import all_recipes, build_objective, recipe_for, recipe_table
+from fewstep.distill.cd4lm import CD4LMObjective, CD4LMRecipe
+from fewstep.distill.dparallel import DREAM_DEFAULTS, LLADA_DEFAULTS, DParallelObjective, DParallelRecipe
+from fewstep.train.objective import SpecialIds
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+IDS = SpecialIds(mask=4, eos=2, pad=0)
+
+
+def _args(*argv: str):
+    base = ["distill", "--method", "dparallel", "--model", "m", "--data", "d", "--out", "o"]
+    return build_parser("distill").parse_args([*base, *argv])
+
+
+def test_readme_table_is_built_from_the_recipes():
+    text = README.read_text()
+    start, end = text.index("<!-- recipes:start -->\n"), text.index("<!-- recipes:end -->")
+    assert text[start + len("<!-- recipes:start -->\n") : end] == recipe_table()
+
+
+def test_every_recipe_field_is_a_cli_flag_whose_unset_value_is_the_recipes():
+    args = _args()
+    for label, recipe in all_recipes().items():
+        for f in dataclasses.fields(recipe):
+            assert f.metadata["help"], (label, f.name)
+            assert getattr(args, f.name) is None  # unset: the recipe's value for the model's family
+    assert recipe_for("dparallel", "dream", vars(args)) == recipe_for("dparallel", "dream")
+    over = recipe_for("dparallel", "llada", vars(_args("--lr", "1e-3", "--block-size", "0", "--warmup-steps", "7")))
+    assert (over.lr, over.block_size, over.warmup_for(100), over.epochs) == (1e-3, 0, 7, 6.0)
+    assert recipe_for("dparallel", "dream").warmup_for(200) == 10  # 5 % of the run
+    sub = next(a for a in build_parser("distill")._actions if a.dest == "command")
+    help_text = sub.choices["distill"].format_help()
+    assert "dparallel/llada 6.0; dparallel/dream 3.0; cd4lm 10.0" in " ".join(help_text.split())
+
+
+def test_python_api_defaults_are_the_papers():
+    llada = build_objective("dparallel", "llada", IDS, 384)
+    dream = build_objective("dparallel", "dream", IDS, 384)
+    assert isinstance(llada, DParallelObjective) and (llada.block_size, llada.entropy_weight) == (32, 2.0)
+    assert (dream.block_size, dream.entropy_weight, dream.temperature) == (None, 1.0, 0.5)
+    assert LLADA_DEFAULTS["block_size"] == 32 and DREAM_DEFAULTS["block_size"] is None
+    cd = build_objective("cd4lm", "llada", IDS, 512, gen_length=64, temperature=3.0, eos_pad=True)
+    assert isinstance(cd, CD4LMObjective) and (cd.temperature, cd.initial_lambda, cd.eos_pad_to) == (3.0, 0.9, 64)
+    assert isinstance(recipe_for("cd4lm", "dream"), CD4LMRecipe) and isinstance(
+        recipe_for("dparallel", "llada"), DParallelRecipe
+    )
+    with pytest.raises(ValueError, match="lambda-warmup-ratio"):
+        build_objective("cd4lm", "llada", IDS, 512, lambda_warmup_ratio=1.0)
+    with pytest.raises(ValueError, match="no dparallel recipe"):
+        recipe_for("dparallel", "sdar")
