@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import fewstep
+from fewstep.assets import MODELS_DIR, resolve_model, shipped_models
 from fewstep.models import load_model, load_tokenizer, save_model
-from fewstep.models.assets import MODELS_DIR, resolve_model, shipped_models
 from fewstep.models.saving import cast_weights, save_checkpoint
 from fewstep.models.tokenizer import build_word_tokenizer
 from tests.tiny import AUTO_MAP, OFFICIAL_FILES, add_official_layout

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import fewstep
-from fewstep.models.assets import shipped_models
+from fewstep.assets import shipped_models
 from fewstep.tasks import generate
 from fewstep.tasks.evaluate import evaluate_policy
 

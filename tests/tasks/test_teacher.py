@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import fewstep
-from fewstep.models.assets import shipped_models
+from fewstep.assets import shipped_models
 from fewstep.models.tokenizer import special_ids
 from fewstep.tasks import BLOCK_LENGTH, GEN_LENGTH, generate
 from fewstep.tasks.evaluate import evaluate_policy

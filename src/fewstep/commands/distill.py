@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fewstep.assets import SHIPPED_HELP
 from fewstep.distill import frozen_teacher
-from fewstep.models.assets import SHIPPED_HELP
 
 EPILOG = """\
 examples:
@@ -201,8 +201,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     from accelerate import Accelerator
 
+    from fewstep.assets import resolve_model
     from fewstep.distill import build_objective, read_training_data, recipe_for
-    from fewstep.models.assets import resolve_model
     from fewstep.models.loading import architecture_of, load_model, load_tokenizer, read_config
     from fewstep.train.data import hash_files, tokenize_pairs
     from fewstep.train.objective import SpecialIds

@@ -13,7 +13,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from fewstep.models.assets import SHIPPED_HELP
+from fewstep.assets import SHIPPED_HELP
 
 EPILOG = """\
 example:
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fewstep.models.assets import resolve_model
+    from fewstep.assets import resolve_model
     from fewstep.models.saving import save_checkpoint
     from fewstep.train.lora import merge_lora
 

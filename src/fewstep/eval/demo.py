@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fewstep.models.assets import shipped_models  # noqa: F401  (re-exported: the demo's model list)
+from fewstep.assets import shipped_models  # noqa: F401  (re-exported: the demo's model list)
 from fewstep.tasks import BLOCK_LENGTH, GEN_LENGTH, NAME
 
 BASELINE = "baseline"

@@ -5,7 +5,7 @@
 and dtype, and streams the weights in tensor by tensor from the safetensors shards (single
 ``model.safetensors`` or sharded with ``model.safetensors.index.json``), reading each tensor's bytes
 straight into its parameter. The weights are therefore never held twice (no mmap, no staging copy).
-``path`` may also name a model shipped with fewstep (:func:`fewstep.models.assets.resolve_model`). Every
+``path`` may also name a model shipped with fewstep (:func:`fewstep.assets.resolve_model`). Every
 user mistake is a one-line ``ValueError`` / ``FileNotFoundError`` that says how to fix it. Saving lives in
 :mod:`fewstep.models.saving` (a checkpoint is written as a drop-in replacement of its base folder).
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fewstep.models.assets import resolve_model
+from fewstep.assets import resolve_model
 from fewstep.models.base import DiffusionLM
 from fewstep.models.dream import DreamConfig, DreamModel
 from fewstep.models.llada import LLaDAConfig, LLaDAModel

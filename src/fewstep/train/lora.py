@@ -149,7 +149,7 @@ def merge_lora(
     :func:`fewstep.models.save_model` writes a drop-in replacement of the base folder."""
     from peft import PeftModel
 
-    from fewstep.models.assets import resolve_model
+    from fewstep.assets import resolve_model
     from fewstep.models.loading import checkpoint_dtype, load_model, parse_dtype, weight_files
 
     base, adapter = resolve_model(base), Path(adapter)

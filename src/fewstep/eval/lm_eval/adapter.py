@@ -63,7 +63,7 @@ class FewstepLM(TemplateLM):
     ``policy="cad:threshold=0.95,max_tokens=32"``, or written with ``;``: ``policy=cad:threshold=0.95;max_tokens=32``):
 
     * ``pretrained``: checkpoint folder or shipped model name, resolved by
-      :func:`fewstep.models.assets.resolve_model` (or pass ``model=`` / ``tokenizer=`` objects from Python);
+      :func:`fewstep.assets.resolve_model` (or pass ``model=`` / ``tokenizer=`` objects from Python);
       ``tokenizer``: another tokenizer folder;
     * ``dtype`` (default bfloat16 on GPU, float32 on CPU), ``device`` (default cuda if available;
       the process's GPU under accelerate);

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 #: Where the shipped checkpoints live: ``fewstep/assets/models/<name>/``.
-MODELS_DIR = Path(__file__).resolve().parent.parent / "assets" / "models"
+MODELS_DIR = Path(__file__).resolve().parent / "models"
 
 SHIPPED_HELP = (
     "checkpoint folder, or the name of a model shipped with fewstep (teacher, dparallel, dparallel-control, cd4lm)"
