@@ -5,6 +5,9 @@ Public API::
     model = fewstep.load_model("path/to/LLaDA-8B-Instruct", dtype="bfloat16", device="cuda")
     tok = fewstep.load_tokenizer("path/to/LLaDA-8B-Instruct")
     out = fewstep.generate(model, input_ids, policy="threshold:0.9", gen_length=256, block_length=32, cache="dual")
+
+A shipped model's name works wherever a folder does (``fewstep.load_model("teacher")``): see
+:func:`fewstep.assets.resolve_model`. The package's layers are in docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def score(
     if to_run:
         box = sandbox or Sandbox(Limits())
         programs = [task.program(record, extracted) for _, record, extracted in to_run]
-        bar = _progress(progress, len(programs), f"testing {task.name}")
+        bar = _progress(progress, len(programs))
         with bar as p:
             tid = p.add_task(f"testing {task.name}", total=len(programs)) if p else None
 
@@ -105,7 +105,7 @@ def score(
     return [s for s in out if s is not None]
 
 
-def _progress(enabled: bool, total: int, label: str):
+def _progress(enabled: bool, total: int):
     if not enabled or total == 0:
         return nullcontext(None)
     from rich.console import Console
