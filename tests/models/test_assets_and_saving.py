@@ -125,3 +125,24 @@ def test_a_sharded_base_is_saved_with_its_own_shards(official_base, tmp_path):
     back = load_model(tmp_path / "student")
     assert back.blocks[0].q_proj.weight.dtype == torch.bfloat16
     torch.testing.assert_close(_logits(back).float(), _logits(model.to(torch.bfloat16)).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--prompt-ids", "1", "--model"],
+        ["eval", "--task", "arith", "--limit", "1", "--model"],
+        ["sweep", "--task", "arith", "--policy", "threshold", "--values", "0.9", "--model"],
+        ["rollout", "--prompts", "arith", "--limit", "1", "--out", "{tmp}/r", "--model"],
+        ["distill", "--method", "dparallel", "--data", "{tmp}/d.jsonl", "--out", "{tmp}/o", "--model"],
+        ["merge-lora", "--adapter", "{tmp}/a", "--out", "{tmp}/m", "--base"],
+    ],
+)
+def test_every_command_resolves_its_model_argument(argv, tmp_path, capsys):
+    """Each command's model argument goes through the one resolver: an unknown name fails with its message
+    (the list of shipped models), before any work."""
+    from fewstep.cli import main
+
+    args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main([*args, "no-such-model"]) == 2
+    assert "shipped models: teacher, cd4lm, dparallel, dparallel-control" in capsys.readouterr().err
