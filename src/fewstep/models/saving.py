@@ -60,7 +60,8 @@ def copy_base_files(base: Path, folder: Path) -> list[str]:
     """Copy every non-weight file of ``base`` into ``folder`` unchanged; the names copied."""
     copied = []
     for f in sorted(base.iterdir()):
-        if f.is_file() and f.name not in NOT_COPIED and not f.name.endswith(_WEIGHT_SUFFIXES):
+        weights = f.name.endswith(_WEIGHT_SUFFIXES) or f.name.endswith(".index.json")  # shards and their indexes
+        if f.is_file() and f.name not in NOT_COPIED and not weights:
             shutil.copy2(f, folder / f.name)
             copied.append(f.name)
     return copied
