@@ -376,6 +376,10 @@ class TextGenerator:
         with self._lock:
             self._wake.notify_all()
 
+    def running(self) -> bool:
+        """Whether the background thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
     def active(self) -> int:
         """Requests submitted and not yet finished."""
         with self._lock:
