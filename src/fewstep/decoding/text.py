@@ -15,9 +15,11 @@ page) and one :class:`Completion` at the end, from the engine thread.
 
 What is *final* text: the committed prefix of the answer (positions ``0..k-1`` all unmasked), cut at
 the first stop id, decoded, with any trailing incomplete UTF-8 (``U+FFFD``) and any suffix that could
-still start a stop string held back. A request whose committed prefix reaches a stop id or a stop
-string is finished at once and its engine row cancelled (the rest of the canvas cannot change the
-text), so its NFE counts the forwards until then.
+still start a stop string held back. A stop id ends the text at once but the row runs on until the
+engine ends it (``early_stop``: after the block holding the EOS), so its NFE is exactly what
+:func:`fewstep.generate` reports for it. A stop string (which the engine does not know) finishes the
+request at once and cancels its row, so its NFE counts the forwards until the string became final.
+``max_nfe`` is enforced here too (the text layer stops a row that reached it).
 """
 
 from __future__ import annotations
@@ -195,6 +197,9 @@ class _Tracker:
             self.sink(self._canvas(u, answer, mask, text if reason else self._safe(text)))
         if reason is None and not final and not capped:
             self._emit(self._safe(text))
+            return None
+        if isinstance(stop, int) and not u.done and not capped:
+            self._emit(text)  # final; the engine ends the row itself (early_stop), so NFE is what it gets alone
             return None
         if reason is None:
             reason = "cancelled" if (u.result is not None and u.result.cancelled) else "length"
