@@ -8,6 +8,8 @@ import httpx
 import openai
 import pytest
 
+import fewstep
+
 from fewstep.tasks import arith
 from tests.serve.conftest import GEN, POLICY, reference
 
@@ -108,8 +110,11 @@ def test_denoise_stream(server, loaded):
     events = [json.loads(ln[6:]) for ln in lines[:-1]]
     steps = [e for e in events if e["object"] == "fewstep.denoise.step"]
     assert [e["nfe"] for e in steps] == list(range(1, nfe + 1))
-    assert all(sum(t is not None for t in e["tokens"]) == e["nfe"] for e in steps)  # one token per step
-    last = steps[-1]
-    assert all((t is None) == (s == 0) for t, s in zip(last["tokens"], last["steps"]))
+    assert all(sum(t is not None for t in e["tokens"]) == e["nfe"] for e in steps[:-1])  # one token per step
+    assert all(sum(s > 0 for s in e["steps"]) == e["nfe"] and len(e["committed"]) == 1 for e in steps)
+    # the last canvas: every position committed at some step, or filled with EOS by early stop
+    eos = fewstep.decoding.stop_ids(model, tok)
+    assert all((s > 0) or (t in eos) for t, s in zip(steps[-1]["tokens"], steps[-1]["steps"]))
+    assert steps[-1]["pieces"][steps[-1]["tokens"].index(tok("=")["input_ids"][0])] == "="
     assert events[-1]["object"] == "fewstep.denoise.done" and events[-1]["text"] == text
     assert events[-1]["nfe"] == nfe
