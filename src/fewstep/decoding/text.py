@@ -36,6 +36,14 @@ from fewstep.decoding.policies import Policy, parse_policy
 
 Prompt = str | Sequence[int] | Sequence[dict]  # text, token ids, or chat messages [{"role", "content"}]
 
+class SettingsError(ValueError):
+    """A user mistake in a request; ``param`` names the setting at fault (for API errors)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 
@@ -279,37 +287,35 @@ class TextGenerator:
         """Validate settings against the model and build the engine Request (ValueError for a user mistake)."""
         ids = [int(t) for t in prompt_ids]
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise SettingsError("the prompt is empty", "prompt")
         bad = [t for t in ids if not 0 <= t < self.vocab]
         if bad:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab - 1}]; got {bad[:5]}")
+            raise SettingsError(f"prompt token ids must be in [0, {self.vocab - 1}]; got {bad[:5]}", "prompt")
         g = settings.max_tokens
         if not isinstance(g, int) or isinstance(g, bool) or g < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1; got {g!r}")
+            raise SettingsError(f"max_tokens must be an integer >= 1; got {g!r}", "max_tokens")
         if self.context is not None and len(ids) >= self.context:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.context} tokens")
-        if self.context is not None and len(ids) + g > self.context:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({g}) exceeds the model's context ({self.context}); "
-                f"max_tokens can be at most {self.context - len(ids)}"
+            raise SettingsError(
+                f"the prompt has {len(ids)} tokens; the model's context is {self.context} tokens", "prompt"
             )
-        policy = resolve_policy(settings)
-        block = settings.block_length if settings.block_length is not None else min(32, g)
-        block = policy.blocks(g, block)
-        if not isinstance(block, int) or not 1 <= block <= g or g % block:
-            raise ValueError(f"block_length must divide max_tokens ({g}); got {block!r}")
-        policy.validate(g, block)
+        if self.context is not None and len(ids) + g > self.context:
+            raise SettingsError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({g}) exceeds the model's context ({self.context}); "
+                f"max_tokens can be at most {self.context - len(ids)}",
+                "max_tokens",
+            )
+        policy, block = self._policy_and_block(settings, g)
         if settings.cache not in ("none", "prefix", "dual"):
-            raise ValueError(f"cache must be one of none, prefix, dual; got {settings.cache!r}")
+            raise SettingsError(f"cache must be one of none, prefix, dual; got {settings.cache!r}", "cache")
         if settings.max_nfe is not None and (not isinstance(settings.max_nfe, int) or settings.max_nfe < 1):
-            raise ValueError(f"max_nfe must be an integer >= 1; got {settings.max_nfe!r}")
+            raise SettingsError(f"max_nfe must be an integer >= 1; got {settings.max_nfe!r}", "max_nfe")
         if settings.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0; got {settings.cfg_scale}")
+            raise SettingsError(f"cfg_scale must be >= 0; got {settings.cfg_scale}", "cfg_scale")
         stops = list(settings.stop)
         if len(stops) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in stops):
-            raise ValueError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings")
+            raise SettingsError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings", "stop")
         if any(len(s) > MAX_STOP_LENGTH for s in stops):
-            raise ValueError(f"each stop string must be at most {MAX_STOP_LENGTH} characters")
+            raise SettingsError(f"each stop string must be at most {MAX_STOP_LENGTH} characters", "stop")
         eos = list(self.default_stop_ids if settings.stop_ids is None else settings.stop_ids)
         req = Request(
             prompt=ids,
@@ -324,6 +330,22 @@ class TextGenerator:
             max_nfe=settings.max_nfe,
         )
         return req, policy
+
+    def _policy_and_block(self, settings: Settings, g: int) -> tuple[Policy, int]:
+        try:
+            policy = resolve_policy(settings)
+        except ValueError as exc:
+            param = next((k for k in ("threshold", "top_p", "temperature") if f"has no {k} option" in str(exc)), None)
+            raise SettingsError(str(exc), param or "policy") from None
+        block = settings.block_length if settings.block_length is not None else min(32, g)
+        block = policy.blocks(g, block)
+        if not isinstance(block, int) or not 1 <= block <= g or g % block:
+            raise SettingsError(f"block_length must divide max_tokens ({g}); got {block!r}", "block_length")
+        try:
+            policy.validate(g, block)
+        except ValueError as exc:
+            raise SettingsError(str(exc), "policy") from None
+        return policy, block
 
     def _final_text(self, prefix: list[int], stops: Sequence[str], stop_ids: set, final: bool):
         """(text, ids, finish reason or None, stop) of a committed prefix."""
@@ -519,6 +541,7 @@ __all__ = [
     "Event",
     "Prompt",
     "Settings",
+    "SettingsError",
     "TextGenerator",
     "encode",
     "has_chat_template",

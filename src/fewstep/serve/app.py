@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fewstep.decoding.text import Canvas, Completion, Delta, Settings, TextGenerator
+from fewstep.decoding.text import Canvas, Completion, Delta, Settings, SettingsError, TextGenerator
 from fewstep.serve.protocol import ApiError, chunk, new_id, parse_body, parse_request, response, usage
 
 
@@ -35,13 +35,6 @@ class ServeConfig:
     max_queue: int = 256  # requests waiting beyond the running set; more answer 429 at once
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
-
-
-def _param_of(message: str) -> str | None:
-    for key in ("max_tokens", "block_length", "max_nfe", "policy", "threshold", "temperature", "top_p", "prompt"):
-        if key in message:
-            return key
-    return None
 
 
 class _Bridge:
@@ -140,8 +133,10 @@ def create_app(gen: TextGenerator, cfg: ServeConfig) -> FastAPI:
         parsed = parse_request(body, chat=chat, defaults=cfg.defaults, model_names=names, model=cfg.model_name)
         try:
             prepared = [gen.prepare(p, parsed.settings) for p in parsed.prompts]
-        except (ValueError, TypeError) as exc:
-            raise ApiError(400, str(exc), param=_param_of(str(exc))) from None
+        except SettingsError as exc:
+            raise ApiError(400, str(exc), param=exc.param) from None
+        except (ValueError, TypeError) as exc:  # encoding the prompt (e.g. no chat template)
+            raise ApiError(400, str(exc), param="messages" if chat else "prompt") from None
         if not gen.running():
             raise ApiError(503, "the engine is not running", code="engine_unavailable")
         active = gen.active()
