@@ -43,13 +43,32 @@ def server(loaded):
     s.close()
 
 
-def reference(model, tok, prompt: str, policy: str = POLICY, *, gen_length: int = GEN, block_length: int = BLOCK,
-              cache: str = "none", stop: tuple[str, ...] = (), seed: int | None = None) -> tuple[str, int]:
+def reference(
+    model,
+    tok,
+    prompt: str,
+    policy: str = POLICY,
+    *,
+    gen_length: int = GEN,
+    block_length: int = BLOCK,
+    cache: str = "none",
+    stop: tuple[str, ...] = (),
+    seed: int | None = None,
+) -> tuple[str, int]:
     """What ``fewstep.generate`` gives ``prompt`` alone: the answer cut at its first stop id, decoded, cut at
     the first stop string; and its NFE."""
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    out = fewstep.generate(model, [ids], policy, gen_length=gen_length, block_length=block_length, cache=cache,
-                           tokenizer=tok, early_stop=True, seed=None if seed is None else [seed])
+    out = fewstep.generate(
+        model,
+        [ids],
+        policy,
+        gen_length=gen_length,
+        block_length=block_length,
+        cache=cache,
+        tokenizer=tok,
+        early_stop=True,
+        seed=None if seed is None else [seed],
+    )
     answer = out.answers[0].tolist()
     stops = fewstep.decoding.stop_ids(model, tok)
     cut = next((i for i, t in enumerate(answer) if t in stops), len(answer))

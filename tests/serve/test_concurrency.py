@@ -66,8 +66,10 @@ def _run(url: str, job: dict, t0: float, tls: threading.local) -> dict:
     chat = kind == "chat-stream"
     path = "/v1/chat/completions" if chat else "/v1/completions"
     if chat:
-        body = {**{k: v for k, v in body.items() if k != "prompt"}, "messages": [{"role": "user",
-                                                                                  "content": body["prompt"]}]}
+        body = {
+            **{k: v for k, v in body.items() if k != "prompt"},
+            "messages": [{"role": "user", "content": body["prompt"]}],
+        }
     text, finish = "", None
     with client.stream("POST", url + path, json={**body, "stream": True}) as r:
         for line in r.iter_lines():
@@ -100,13 +102,29 @@ def test_concurrent_clients_get_what_they_get_alone(server, loaded):
         assert res["status"] == 200, res
         if job["kind"] == "cancel":
             continue
-        key = (b["prompt"], b["policy"], b["cache"], b["max_tokens"], b["block_length"], tuple(b.get("stop", ())),
-               b.get("temperature"), b.get("seed"))
+        key = (
+            b["prompt"],
+            b["policy"],
+            b["cache"],
+            b["max_tokens"],
+            b["block_length"],
+            tuple(b.get("stop", ())),
+            b.get("temperature"),
+            b.get("seed"),
+        )
         if key not in refs:
             policy = b["policy"] + (",temperature=0.8" if b.get("temperature") else "")
-            refs[key] = reference(model, tok, b["prompt"], policy, gen_length=b["max_tokens"],
-                                  block_length=b["block_length"], cache=b["cache"], stop=tuple(b.get("stop", ())),
-                                  seed=b.get("seed"))[0]
+            refs[key] = reference(
+                model,
+                tok,
+                b["prompt"],
+                policy,
+                gen_length=b["max_tokens"],
+                block_length=b["block_length"],
+                cache=b["cache"],
+                stop=tuple(b.get("stop", ())),
+                seed=b.get("seed"),
+            )[0]
         assert res["text"] == refs[key], (job, res)
         good += 1
     kinds = {k: sum(j["kind"] == k for j in jobs) for k in ("plain", "stream", "chat-stream", "cancel", "bad")}

@@ -38,8 +38,12 @@ CASES = [
     ("threshold on a policy without one", {"prompt": "1 ?", "policy": "llada", "threshold": 0.5}, 400, "threshold"),
     ("top_p on a policy that does not sample with it", {"prompt": "1 ?", "top_p": 0.5}, 400, "top_p"),
     ("temperature out of range", {"prompt": "1 ?", "temperature": 9}, 400, "temperature"),
-    ("block_length not dividing max_tokens", {"prompt": "1 ?", "max_tokens": 24, "block_length": 16}, 400,
-     "block_length"),
+    (
+        "block_length not dividing max_tokens",
+        {"prompt": "1 ?", "max_tokens": 24, "block_length": 16},
+        400,
+        "block_length",
+    ),
     ("unknown cache", {"prompt": "1 ?", "cache": "triple"}, 400, "cache"),
     ("n > 1", {"prompt": "1 ?", "n": 2}, 400, "n"),
     ("stop list too long", {"prompt": "1 ?", "stop": [f"s{i}" for i in range(17)]}, 400, "stop"),
@@ -61,8 +65,11 @@ def _check_error(r: httpx.Response, status: int, param: str | None) -> dict:
 
 @pytest.mark.parametrize("name,body,status,param", CASES, ids=[c[0] for c in CASES])
 def test_bad_completion_requests(server, name, body, status, param):
-    kw = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {
-        "json": body}
+    kw = (
+        {"content": body, "headers": {"Content-Type": "application/json"}}
+        if isinstance(body, bytes)
+        else {"json": body}
+    )
     _check_error(httpx.post(server.url + "/v1/completions", timeout=30, **kw), status, param)
 
 
@@ -71,8 +78,9 @@ def test_bad_chat_requests_and_routes(server):
     _check_error(httpx.post(url, json={"messages": []}), 400, "messages")
     _check_error(httpx.post(url, json={"messages": [{"content": "1 ?"}]}), 400, "messages[0]")
     _check_error(httpx.post(url, json={"messages": [{"role": "user", "content": 3}]}), 400, "messages[0].content")
-    _check_error(httpx.post(url, json={"messages": [{"role": "user", "content": "1 ?"}], "max_tokens": 0}), 400,
-                 "max_tokens")
+    _check_error(
+        httpx.post(url, json={"messages": [{"role": "user", "content": "1 ?"}], "max_tokens": 0}), 400, "max_tokens"
+    )
     _check_error(httpx.get(server.url + "/v1/nothing"), 404, None)
     _check_error(httpx.get(server.url + "/v1/completions"), 405, None)
     # the official client raises its typed errors from these bodies
@@ -99,8 +107,13 @@ def test_body_over_the_limit_is_413(server):
 def test_full_queue_answers_429_at_once(loaded):
     s = serve(*loaded, max_batch=1, max_queue=1)
     try:
-        slow = {"prompt": "1 + 2 ?", "max_tokens": 256, "block_length": 256, "policy": "llada:steps=256",
-                "stream": True}
+        slow = {
+            "prompt": "1 + 2 ?",
+            "max_tokens": 128,
+            "block_length": 128,
+            "policy": "llada:steps=128",
+            "stream": True,
+        }
         results = []
 
         def hold():
@@ -134,8 +147,13 @@ def test_cli_serve_with_api_key():
     """`fewstep serve` in its own process: the key from FEWSTEP_API_KEY, 401 without it, the defaults."""
     port = _free_port()
     env = {**os.environ, "FEWSTEP_API_KEY": "sesame", "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "fewstep", "serve", "--port", str(port), "--max-batch", "4"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fewstep", "serve", "--port", str(port), "--max-batch", "4"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -150,8 +168,9 @@ def test_cli_serve_with_api_key():
         body = {"prompt": "3 + 4 - 2 + 8 - 1 ?"}
         err = _check_error(httpx.post(url + "/v1/completions", json=body), 401, None)
         assert err["type"] == "authentication_error"
-        _check_error(httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer nope"}), 401,
-                     None)
+        _check_error(
+            httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer nope"}), 401, None
+        )
         client = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
         r = client.completions.create(model="dparallel", prompt=body["prompt"])
         assert r.choices[0].text.endswith("#### 12") and r.usage.nfe < 16  # the card's policy, 64 tokens
@@ -164,10 +183,16 @@ def test_cli_serve_with_api_key():
         proc.wait(timeout=30)
 
 
-def test_cli_serve_user_errors():
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
-    for args, msg in ((["--model", "no-such-model"], "does not exist"), (["--policy", "nope"], "unknown policy"),
-                      (["--gen-length", "1000"], "context")):
-        r = subprocess.run([sys.executable, "-m", "fewstep", "serve", *args], env=env, capture_output=True, text=True,
-                           timeout=120)
-        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+def test_cli_serve_user_errors(capsys):
+    """One line on stderr and exit status 2, before anything is served."""
+    from fewstep import cli
+
+    for args, msg in (
+        (["--model", "no-such-model"], "does not exist"),
+        (["--policy", "nope"], "unknown policy"),
+        (["--gen-length", "1000"], "context"),
+        (["--max-batch", "0"], "--max-batch"),
+    ):
+        assert cli.main(["serve", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fewstep serve: error:") and msg in err and "Traceback" not in err, err

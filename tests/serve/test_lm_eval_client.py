@@ -18,13 +18,13 @@ from fewstep.tasks import arith
 lm_eval = pytest.importorskip("lm_eval")
 
 N, POLICY = 24, "llada:steps=4"  # a policy that gets some problems wrong, so that the comparison can fail
-UTILS = '''
+UTILS = """
 from fewstep.tasks import arith
 
 
 def process_results(doc, results):
     return {"acc": float(arith.verify(doc["prompt"], results[0]).correct)}
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def task_dir(tmp_path_factory):
         'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{gold}}"\n'
         "process_results: !function utils.process_results\n"
         "generation_kwargs:\n  until: []\n  max_gen_toks: 64\n  do_sample: false\n"
-        f"  policy: \"{POLICY}\"\n  block_length: 32\n"
+        f'  policy: "{POLICY}"\n  block_length: 32\n'
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
     )
     return d
@@ -49,8 +49,17 @@ def task_dir(tmp_path_factory):
 def library(tmp_path_factory):
     """``fewstep eval --model dparallel --task arith --policy llada:steps=4 --gen-length 64 --limit N``."""
     out = tmp_path_factory.mktemp("eval-out")
-    settings = EvalSettings(model=str(resolve_model("dparallel")), task="arith", policy=POLICY, gen_length=64,
-                            block_length=32, batch_size=8, limit=N, out=str(out), progress=False)
+    settings = EvalSettings(
+        model=str(resolve_model("dparallel")),
+        task="arith",
+        policy=POLICY,
+        gen_length=64,
+        block_length=32,
+        batch_size=8,
+        limit=N,
+        out=str(out),
+        progress=False,
+    )
     summary = run_eval(settings)
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     return summary, {r["id"]: r for r in records}
@@ -61,11 +70,21 @@ def test_lm_eval_api_models_match_fewstep_eval(server, task_dir, library, model)
     from lm_eval.tasks import TaskManager
 
     endpoint = "/v1/chat/completions" if model == "local-chat-completions" else "/v1/completions"
-    args = {"base_url": server.url + endpoint, "model": "dparallel", "tokenizer_backend": None,
-            "tokenized_requests": False, "num_concurrent": 8, "max_retries": 1}
+    args = {
+        "base_url": server.url + endpoint,
+        "model": "dparallel",
+        "tokenizer_backend": None,
+        "tokenized_requests": False,
+        "num_concurrent": 8,
+        "max_retries": 1,
+    }
     res = lm_eval.simple_evaluate(
-        model=model, model_args=args, tasks=["fewstep_serve_arith"], apply_chat_template="chat" in model,
-        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False), log_samples=True,
+        model=model,
+        model_args=args,
+        tasks=["fewstep_serve_arith"],
+        apply_chat_template="chat" in model,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        log_samples=True,
     )
     summary, records = library
     acc = res["results"]["fewstep_serve_arith"]["acc,none"]

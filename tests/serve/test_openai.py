@@ -9,7 +9,6 @@ import openai
 import pytest
 
 import fewstep
-
 from fewstep.tasks import arith
 from tests.serve.conftest import GEN, POLICY, reference
 
@@ -48,8 +47,11 @@ def test_streaming_completion_concatenates_to_the_answer(client, loaded):
     model, tok = loaded
     prompt = PROBLEMS[0]
     text, nfe = reference(model, tok, prompt, "llada:steps=64")  # one token per step: many deltas
-    chunks = list(client.completions.create(model="dparallel", prompt=prompt, max_tokens=GEN, stream=True,
-                                            extra_body={"policy": "llada:steps=64"}))
+    chunks = list(
+        client.completions.create(
+            model="dparallel", prompt=prompt, max_tokens=GEN, stream=True, extra_body={"policy": "llada:steps=64"}
+        )
+    )
     pieces = [c.choices[0].text for c in chunks if c.choices]
     assert "".join(pieces) == text and len([p for p in pieces if p]) > 1
     assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].usage.nfe == nfe
@@ -65,9 +67,17 @@ def test_stop_strings_are_held_back_and_cut(client, loaded):
     assert want != full and stop not in want
     r = client.completions.create(model="dparallel", prompt=prompt, max_tokens=GEN, stop=[stop, "never there"])
     assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="dparallel", prompt=prompt, max_tokens=GEN, stop=[stop, "never there"], stream=True,
-        extra_body={"policy": "llada:steps=64"}))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="dparallel",
+            prompt=prompt,
+            max_tokens=GEN,
+            stop=[stop, "never there"],
+            stream=True,
+            extra_body={"policy": "llada:steps=64"},
+        )
+    )
     assert streamed == reference(model, tok, prompt, "llada:steps=64", stop=(stop, "never there"))[0]
 
 
@@ -78,9 +88,14 @@ def test_chat_completions(client, loaded):
     r = client.chat.completions.create(model="dparallel", messages=[{"role": "user", "content": prompt}])
     assert r.choices[0].message.content == text and r.choices[0].message.role == "assistant"
     assert r.usage.nfe == nfe and r.choices[0].finish_reason == "stop"
-    chunks = list(client.chat.completions.create(
-        model="dparallel", messages=[{"role": "user", "content": prompt}], stream=True,
-        stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="dparallel",
+            messages=[{"role": "user", "content": prompt}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert chunks[-1].choices == [] and chunks[-1].usage.nfe == nfe
@@ -89,13 +104,15 @@ def test_chat_completions(client, loaded):
 def test_seeded_sampling_and_list_prompts(client, loaded):
     model, tok = loaded
     policy = "threshold:0.9,temperature=0"
-    r = client.completions.create(model="dparallel", prompt=PROBLEMS, max_tokens=32, seed=7, temperature=1.0,
-                                  extra_body={"policy": policy})
+    r = client.completions.create(
+        model="dparallel", prompt=PROBLEMS, max_tokens=32, seed=7, temperature=1.0, extra_body={"policy": policy}
+    )
     for prompt, choice in zip(PROBLEMS, sorted(r.choices, key=lambda c: c.index)):
         want, _ = reference(model, tok, prompt, "threshold:0.9,temperature=1.0", gen_length=32, seed=7)
         assert choice.text == want
-    again = client.completions.create(model="dparallel", prompt=PROBLEMS[0], max_tokens=32, seed=7, temperature=1.0,
-                                      extra_body={"policy": policy})
+    again = client.completions.create(
+        model="dparallel", prompt=PROBLEMS[0], max_tokens=32, seed=7, temperature=1.0, extra_body={"policy": policy}
+    )
     assert again.choices[0].text == r.choices[0].text  # same seed, same sample, whatever shared the batch
 
 

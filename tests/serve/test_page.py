@@ -15,8 +15,15 @@ import pytest
 from tests.serve.conftest import POLICY
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SCREENSHOT = Path(__file__).parents[2] / "docs" / "img" / "serve-page.png"
 PROMPT = "5 + 9 - 1 - 7 + 1 ?"
 
@@ -62,9 +69,18 @@ def test_page_in_headless_chromium(server):
                 assert panes.nth(i).locator(".answer").inner_text() == api[policy][0]
                 assert panes.nth(i).locator(".nfe").inner_text() == str(api[policy][1])
             # distinct step colours: the student commits many tokens per step, the baseline one
-            colours = [len(set(panes.nth(i).locator(".tok").evaluate_all(
-                "els => els.filter(e => !e.classList.contains('eos')).map(e => e.style.background)")))
-                for i in range(2)]
+            colours = [
+                len(
+                    set(
+                        panes.nth(i)
+                        .locator(".tok")
+                        .evaluate_all(
+                            "els => els.filter(e => !e.classList.contains('eos')).map(e => e.style.background)"
+                        )
+                    )
+                )
+                for i in range(2)
+            ]
             assert colours[0] < colours[1]
             assert not errors, errors
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)

@@ -29,12 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument(
-        "--policy", default=None, metavar="NAME[:ARGS]",
+        "--policy",
+        default=None,
+        metavar="NAME[:ARGS]",
         help="default unmasking policy (default: the one the model card recommends, else threshold:0.9)",
     )
     parser.add_argument("--cache", default="none", choices=["none", "prefix", "dual"], help="default KV cache mode")
     parser.add_argument(
-        "--gen-length", type=int, default=None,
+        "--gen-length",
+        type=int,
+        default=None,
         help="default max_tokens, the answer canvas (default: the model card's, else 128)",
     )
     parser.add_argument(
@@ -42,13 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default: 32)")
     parser.add_argument(
-        "--max-queue", type=int, default=256,
+        "--max-queue",
+        type=int,
+        default=256,
         help="requests waiting beyond the running set; more get 429 at once (default: 256)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument(
-        "--api-key", default=os.environ.get("FEWSTEP_API_KEY"),
+        "--api-key",
+        default=os.environ.get("FEWSTEP_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1 (default: $FEWSTEP_API_KEY, else no key)",
     )
 
@@ -83,8 +90,12 @@ def build(args: argparse.Namespace):
     gen = TextGenerator(model, tokenizer, max_batch=args.max_batch)
     gen.request([0], settings)  # the default settings fit the model (a one-token prompt)
     cfg = ServeConfig(
-        model_name=args.model, defaults=settings, aliases={str(model_dir), model_dir.name},
-        max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key or None,
+        model_name=args.model,
+        defaults=settings,
+        aliases={str(model_dir), model_dir.name},
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        api_key=args.api_key or None,
     )
     return create_app(gen, cfg), cfg
 

@@ -28,13 +28,14 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fewstep.decoding.engine import Engine, Request, RowResult, Update
 from fewstep.decoding.policies import Policy, parse_policy
 
 Prompt = str | Sequence[int] | Sequence[dict]  # text, token ids, or chat messages [{"role", "content"}]
+
 
 class SettingsError(ValueError):
     """A user mistake in a request; ``param`` names the setting at fault (for API errors)."""

@@ -63,7 +63,18 @@ def create_app(gen: TextGenerator, cfg: ServeConfig) -> FastAPI:
             gen.stop()
 
     app = FastAPI(title="fewstep serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    names = {cfg.model_name, *cfg.aliases}
+    _install_errors(app)
+    routes = _Routes(gen, cfg)
+    app.get("/health")(routes.health)
+    app.get("/v1/models")(routes.models)
+    app.get("/", response_class=HTMLResponse)(routes.page)
+    app.post("/v1/completions")(routes.completions)
+    app.post("/v1/chat/completions")(routes.chat_completions)
+    return app
+
+
+def _install_errors(app: FastAPI) -> None:
+    """Every error is ``{"error": {...}}``: ours, the router's (404, 405) and any bug (500, no traceback)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_req: Request, exc: ApiError):
@@ -81,17 +92,26 @@ def create_app(gen: TextGenerator, cfg: ServeConfig) -> FastAPI:
         err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
         return JSONResponse(err.body(), status_code=500)
 
-    def check_key(request: Request) -> None:
-        if cfg.api_key is None:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, key = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), cfg.api_key.encode()):
-            raise ApiError(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
 
-    async def read_body(request: Request) -> dict[str, Any]:
-        limit = cfg.max_body_bytes
+class _Routes:
+    """The endpoints, over one TextGenerator and its config."""
+
+    def __init__(self, gen: TextGenerator, cfg: ServeConfig):
+        self.gen, self.cfg = gen, cfg
+        self.names = {cfg.model_name, *cfg.aliases}
+
+    def check_key(self, request: Request) -> None:
+        key = self.cfg.api_key
+        if key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise ApiError(
+                401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+
+    async def read_body(self, request: Request) -> dict[str, Any]:
+        limit = self.cfg.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"the request body is {declared} bytes; the limit is {limit}", code="body_too_large")
@@ -103,34 +123,39 @@ def create_app(gen: TextGenerator, cfg: ServeConfig) -> FastAPI:
             parts.append(part)
         return parse_body(b"".join(parts))
 
-    @app.get("/health")
-    async def health():
-        alive = gen.running()
-        active = gen.active()
-        body = {"status": "ok" if alive else "error", "model": cfg.model_name,
-                "running": min(active, cfg.max_batch), "queued": max(0, active - cfg.max_batch)}
+    async def health(self):
+        alive, active, cfg = self.gen.running(), self.gen.active(), self.cfg
+        body = {
+            "status": "ok" if alive else "error",
+            "model": cfg.model_name,
+            "running": min(active, cfg.max_batch),
+            "queued": max(0, active - cfg.max_batch),
+        }
         return JSONResponse(body, status_code=200 if alive else 503)
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check_key(request)
+    async def models(self, request: Request):
         from fewstep.decoding.policies import POLICIES
 
-        d = cfg.defaults
-        card = {"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "fewstep",
-                "max_model_len": gen.context,
-                "fewstep": {"policy": str(d.policy), "max_tokens": d.max_tokens, "block_length": d.block_length,
-                            "cache": d.cache, "policies": list(POLICIES)}}
+        self.check_key(request)
+        d = self.cfg.defaults
+        knobs = {"policy": str(d.policy), "max_tokens": d.max_tokens, "block_length": d.block_length,
+                 "cache": d.cache, "policies": list(POLICIES)}  # fmt: skip
+        card = {"id": self.cfg.model_name, "object": "model", "created": 0, "owned_by": "fewstep",
+                "max_model_len": self.gen.context, "fewstep": knobs}  # fmt: skip
         return {"object": "list", "data": [card]}
 
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
+    async def page(self):
         return HTMLResponse(resources.files("fewstep.serve").joinpath("static/index.html").read_text("utf-8"))
 
-    async def handle(request: Request, chat: bool):
-        check_key(request)
-        body = await read_body(request)
-        parsed = parse_request(body, chat=chat, defaults=cfg.defaults, model_names=names, model=cfg.model_name)
+    async def completions(self, request: Request):
+        return await self.handle(request, chat=False)
+
+    async def chat_completions(self, request: Request):
+        return await self.handle(request, chat=True)
+
+    def admit(self, parsed, chat: bool) -> list:
+        """Encode and validate every prompt, then check the queue (429 at once when full)."""
+        gen, cfg = self.gen, self.cfg
         try:
             prepared = [gen.prepare(p, parsed.settings) for p in parsed.prompts]
         except SettingsError as exc:
@@ -142,34 +167,35 @@ def create_app(gen: TextGenerator, cfg: ServeConfig) -> FastAPI:
         active = gen.active()
         if active + len(prepared) > cfg.max_batch + cfg.max_queue:
             queued = max(0, active - cfg.max_batch)
-            raise ApiError(429, f"the server is busy ({queued} requests queued, limit {cfg.max_queue}); retry later",
-                           code="queue_full")
+            msg = f"the server is busy ({queued} requests queued, limit {cfg.max_queue}); retry later"
+            raise ApiError(429, msg, code="queue_full")
+        return prepared
+
+    async def handle(self, request: Request, chat: bool):
+        self.check_key(request)
+        body = await self.read_body(request)
+        cfg = self.cfg
+        parsed = parse_request(body, chat=chat, defaults=cfg.defaults, model_names=self.names, model=cfg.model_name)
+        prepared = self.admit(parsed, chat)
         bridge = _Bridge(asyncio.get_running_loop())
-        ids = [gen.submit(p, parsed.settings, bridge.sink(i), canvas=parsed.denoise, prepared=pre)
-               for i, (p, pre) in enumerate(zip(parsed.prompts, prepared))]
+        ids = [
+            self.gen.submit(p, parsed.settings, bridge.sink(i), canvas=parsed.denoise, prepared=pre)
+            for i, (p, pre) in enumerate(zip(parsed.prompts, prepared))
+        ]
         rid = new_id(chat)
         if parsed.stream:
             return StreamingResponse(
-                _sse(gen, bridge, ids, rid, parsed), media_type="text/event-stream",
+                _sse(self.gen, bridge, ids, rid, parsed),
+                media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        comps = await _collect(gen, bridge, ids, request)
-        if comps is None:
+        comps = await _collect(self.gen, bridge, ids, request)
+        if comps is None:  # the client went away; nobody reads this
             return JSONResponse({}, status_code=499)
         failed = next((c for c in comps if c.finish_reason == "error"), None)
         if failed is not None:
             raise ApiError(500, f"the engine failed: {failed.stop}")
         return response(rid, parsed.model, comps, chat)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await handle(request, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await handle(request, chat=True)
-
-    return app
 
 
 async def _collect(gen: TextGenerator, bridge: _Bridge, ids: list, request: Request) -> list[Completion] | None:
@@ -217,9 +243,16 @@ async def _sse(gen: TextGenerator, bridge: _Bridge, ids: list, rid: str, parsed)
                     continue
                 yield _sse_line(_finish(rid, model, chat, index, ev, parsed))
         if parsed.include_usage:
-            yield _sse_line({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                             "created": int(time.time()), "model": model, "choices": [],
-                             "usage": usage([done[i] for i in range(len(ids))])})
+            yield _sse_line(
+                {
+                    "id": rid,
+                    "object": "chat.completion.chunk" if chat else "text_completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [],
+                    "usage": usage([done[i] for i in range(len(ids))]),
+                }
+            )
         yield "data: [DONE]\n\n"
     finally:
         for i, r in enumerate(ids):
@@ -228,16 +261,34 @@ async def _sse(gen: TextGenerator, bridge: _Bridge, ids: list, rid: str, parsed)
 
 
 def _canvas(rid: str, model: str, index: int, ev: Canvas) -> dict[str, Any]:
-    return {"id": rid, "object": "fewstep.denoise.step", "model": model, "index": index, "nfe": ev.nfe,
-            "block": ev.block, "tokens": ev.tokens, "pieces": ev.pieces, "steps": ev.steps,
-            "committed": ev.committed, "text": ev.text}
+    return {
+        "id": rid,
+        "object": "fewstep.denoise.step",
+        "model": model,
+        "index": index,
+        "nfe": ev.nfe,
+        "block": ev.block,
+        "tokens": ev.tokens,
+        "pieces": ev.pieces,
+        "steps": ev.steps,
+        "committed": ev.committed,
+        "text": ev.text,
+    }
 
 
 def _finish(rid: str, model: str, chat: bool, index: int, comp: Completion, parsed) -> dict[str, Any]:
     if parsed.denoise:
-        return {"id": rid, "object": "fewstep.denoise.done", "model": model, "index": index, "text": comp.text,
-                "finish_reason": comp.finish_reason, "nfe": comp.nfe, "policy": comp.policy,
-                "usage": usage([comp])}
+        return {
+            "id": rid,
+            "object": "fewstep.denoise.done",
+            "model": model,
+            "index": index,
+            "text": comp.text,
+            "finish_reason": comp.finish_reason,
+            "nfe": comp.nfe,
+            "policy": comp.policy,
+            "usage": usage([comp]),
+        }
     out = chunk(rid, model, chat, index, None, comp.finish_reason)
     if not parsed.include_usage:
         out["usage"] = usage([comp])

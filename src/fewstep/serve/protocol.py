@@ -37,12 +37,17 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ApiError(400, f"the request body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding") from None
+        raise ApiError(
+            400, f"the request body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding"
+        ) from None
     try:
         body = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-                       code="invalid_json") from None
+        raise ApiError(
+            400,
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            code="invalid_json",
+        ) from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
@@ -55,8 +60,12 @@ def _get(body: dict, name: str, kinds: tuple, default: Any = None, *, what: str 
         return default
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok:
-        raise ApiError(400, f"'{name}' must be {what or ' or '.join(k.__name__ for k in kinds)}; got {value!r}",
-                       param=name, code="invalid_type")
+        raise ApiError(
+            400,
+            f"'{name}' must be {what or ' or '.join(k.__name__ for k in kinds)}; got {value!r}",
+            param=name,
+            code="invalid_type",
+        )
     return value
 
 
@@ -85,13 +94,18 @@ def parse_request(body: dict, *, chat: bool, defaults: Settings, model_names: se
     """Check fields and types of a completions / chat completions body and build the decoding Settings."""
     name = _get(body, "model", (str,), model)
     if name not in model_names:
-        raise ApiError(404, f"the model {name!r} does not exist; this server serves {model!r}", param="model",
-                       code="model_not_found")
+        raise ApiError(
+            404,
+            f"the model {name!r} does not exist; this server serves {model!r}",
+            param="model",
+            code="model_not_found",
+        )
     prompts = _messages(body) if chat else _prompts(body)
     n = _get(body, "n", (int,), 1)
     if n != 1:
-        raise ApiError(400, f"only n = 1 is supported (diffusion decoding here is one answer per prompt); got {n}",
-                       param="n")
+        raise ApiError(
+            400, f"only n = 1 is supported (diffusion decoding here is one answer per prompt); got {n}", param="n"
+        )
     for key in ("echo", "logprobs", "top_logprobs", "suffix"):
         if body.get(key):
             raise ApiError(400, f"'{key}' is not supported by fewstep serve", param=key)
@@ -116,14 +130,19 @@ def _prompts(body: dict) -> list[Any]:
         return [p]
     if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         return [p]
-    if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
-        prompts = list(p)
-    elif isinstance(p, list) and p and all(isinstance(x, list) and x and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in x) for x in p):
+    if (isinstance(p, list) and p and all(isinstance(x, str) for x in p)) or (
+        isinstance(p, list)
+        and p
+        and all(isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in p)
+    ):
         prompts = list(p)
     else:
-        raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
-                       "token-id lists (non-empty)", param="prompt", code="invalid_type")
+        raise ApiError(
+            400,
+            "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists (non-empty)",
+            param="prompt",
+            code="invalid_type",
+        )
     if len(prompts) > MAX_PROMPTS:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request; got {len(prompts)}", param="prompt")
     return prompts
@@ -141,8 +160,9 @@ def _messages(body: dict) -> list[Any]:
             raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]")
         content = m.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}]
-            if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
-                       for c in content):
+            if not all(
+                isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str) for c in content
+            ):
                 raise ApiError(400, f"messages[{i}].content parts must be text", param=f"messages[{i}].content")
             content = "".join(c["text"] for c in content)
         if not isinstance(content, str):
@@ -189,7 +209,7 @@ def _settings(body: dict, defaults: Settings, chat: bool) -> Settings:
         seed=seed,
         stop=tuple(stop or ()),
         max_nfe=max_nfe,
-        chat=True if chat else False,
+        chat=chat,
     )
 
 
@@ -218,13 +238,20 @@ def response(rid: str, model: str, comps: list[Completion], chat: bool) -> dict[
     """The non-streaming completions / chat completions response."""
     if chat:
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-             "logprobs": None, "nfe": c.nfe}
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason,
+                "logprobs": None,
+                "nfe": c.nfe,
+            }
             for i, c in enumerate(comps)
         ]
     else:
-        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None, "nfe": c.nfe}
-                   for i, c in enumerate(comps)]
+        choices = [
+            {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None, "nfe": c.nfe}
+            for i, c in enumerate(comps)
+        ]
     return {
         "id": rid,
         "object": "chat.completion" if chat else "text_completion",
@@ -235,8 +262,9 @@ def response(rid: str, model: str, comps: list[Completion], chat: bool) -> dict[
     }
 
 
-def chunk(rid: str, model: str, chat: bool, index: int, text: str | None, finish: str | None,
-          *, first: bool = False) -> dict[str, Any]:
+def chunk(
+    rid: str, model: str, chat: bool, index: int, text: str | None, finish: str | None, *, first: bool = False
+) -> dict[str, Any]:
     """One streaming chunk: a text delta (``text``) or the end of a choice (``finish``)."""
     if chat:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
