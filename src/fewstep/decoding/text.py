@@ -80,7 +80,7 @@ class Completion:
 
     text: str
     token_ids: list[int]  # the answer tokens the text was decoded from
-    finish_reason: str  # "stop" (stop id or string), "length" (canvas or max_nfe used up), "cancelled"
+    finish_reason: str  # "stop" (stop id or string), "length" (canvas or max_nfe used up), "cancelled", "error"
     prompt_tokens: int
     completion_tokens: int
     nfe: int
@@ -460,6 +460,9 @@ class TextGenerator:
             while len(results) < len(ids):
                 if not self.step() and not self.engine.has_work() and len(results) < len(ids):
                     self._abandon(ids, results)
+        failed = next((c for c in results.values() if c.finish_reason == "error"), None)
+        if failed is not None:
+            raise RuntimeError(f"the engine failed: {failed.stop}")
         return [results[i] for i in ids]
 
     def _abandon(self, ids: list[Any], results: dict) -> None:
