@@ -94,7 +94,7 @@ def test_incomplete_utf8_is_held_back(byte_gen):
 
 def test_out_of_order_commits_release_the_prefix_only(byte_gen):
     text = "abcdef"
-    answer = ids_of(byte_gen, text) + [EOS, EOS]
+    answer = [*ids_of(byte_gen, text), EOS, EOS]
     events = drive(byte_gen, answer, [5, 4, 3, 0, 1, 2, 6, 7], Settings(max_tokens=8))
     assert deltas(events) == ["a", "b", "cdef"]
     canvases = [e for e in events if isinstance(e, Canvas)]
