@@ -187,12 +187,17 @@ def test_cli_serve_user_errors(capsys):
     """One line on stderr and exit status 2, before anything is served."""
     from fewstep import cli
 
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
     for args, msg in (
         (["--model", "no-such-model"], "does not exist"),
         (["--policy", "nope"], "unknown policy"),
         (["--gen-length", "1000"], "context"),
         (["--max-batch", "0"], "--max-batch"),
+        (["--port", str(taken.getsockname()[1])], "cannot listen"),
     ):
         assert cli.main(["serve", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("fewstep serve: error:") and msg in err and "Traceback" not in err, err
+    taken.close()

@@ -102,8 +102,15 @@ def build(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and serve until interrupted."""
+    import socket
+
     from fewstep.serve import run as serve
 
+    with socket.socket() as sock:  # a taken port fails before the model loads
+        try:
+            sock.bind((args.host, args.port))
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     app, cfg = build(args)
     d = cfg.defaults
     print(f"fewstep serve: {cfg.model_name} · policy {d.policy} · max_tokens {d.max_tokens} · cache {d.cache}")
