@@ -5,8 +5,10 @@ For each model the server runs in its own process (this script started again wit
 clients here (asyncio + httpx, streaming SSE). Per concurrency level: requests/s, output tokens/s
 (completion tokens of the answers), time to first delta (request sent -> first non-empty text
 chunk), p50 / p99 request latency (sent -> ``[DONE]``). The direct row decodes the same prompts one
-by one with ``fewstep.generate`` in this process (no HTTP, no text layer): its latency is the
-reference for the HTTP overhead at 1 client, its requests/s the reference for the speedup.
+by one with ``fewstep.generate`` in this process (no HTTP, no text layer), in turn with the 1-client
+requests (direct, HTTP, direct, HTTP, ...: a busy machine's changing load hits both alike): its
+latency is the reference for the HTTP overhead at 1 client, its requests/s the reference for the
+speedup at 8 and 32 clients.
 
 Models: ``embedded`` (the shipped ``dparallel`` student with its card's policy, ``entropy:0.45``, 64
 tokens, on held-out ``arith`` prompts) at 1/8/32 clients; ``8b-shaped`` (a random LLaDA with
@@ -170,6 +172,23 @@ async def _clients(url: str, prompts: list[str], clients: int) -> dict:
     return _row("fewstep serve (streaming)", clients, len(prompts), wall, lat, ttfd, tokens[0])
 
 
+async def _interleaved(url, model, tok, settings, prompts) -> tuple[dict, dict]:
+    """Direct fewstep.generate and one streaming client, request by request in turn (the same load on the
+    machine for both, so the HTTP overhead is not drowned by other processes' load changing over time)."""
+    d_lat, s_lat, s_ttfd, d_tok, s_tok = [], [], [], 0, 0
+    for p in prompts:
+        row = direct(model, tok, settings, [p])
+        d_lat.append(row["seconds"])
+        d_tok += round(row["output_tokens_per_s"] * row["seconds"])
+        row = await _clients(url, [p], 1)
+        s_lat.append(row["seconds"])
+        s_ttfd.append(row["ttfd_p50_s"])
+        s_tok += round(row["output_tokens_per_s"] * row["seconds"])
+    n = len(prompts)
+    return (_row("direct fewstep.generate", 1, n, sum(d_lat), d_lat, [], d_tok),
+            _row("fewstep serve (streaming)", 1, n, sum(s_lat), s_lat, s_ttfd, s_tok))  # fmt: skip
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -211,8 +230,10 @@ def bench_model(which: str, levels: list[int], args) -> dict:
         warm = prompts[:2]
         direct(model, tok, settings, warm)
         asyncio.run(_clients(url, warm, 1))
-        rows = [direct(model, tok, settings, prompts[:n_direct])]
-        for c in levels:
+        rows = list(asyncio.run(_interleaved(url, model, tok, settings, prompts[:n_direct])))
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        for c in levels[1:]:
             n = max(n_direct, c * (2 if which == "embedded" else 1))
             rows.append(_clients_sync(url, prompts[:n], c))
             print(json.dumps(rows[-1]), flush=True)
