@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -137,7 +138,8 @@ def _row(name, clients, n, wall, lat, ttfd, tokens) -> dict:
     }
 
 
-async def _clients(url: str, prompts: list[str], clients: int) -> dict:
+async def _clients(url: str, prompts: list[str], clients: int, client=None) -> dict:
+    """``clients`` concurrent streaming clients over ``prompts``; ``client``: an open httpx.AsyncClient to reuse."""
     import httpx
 
     queue: asyncio.Queue = asyncio.Queue()
@@ -164,8 +166,11 @@ async def _clients(url: str, prompts: list[str], clients: int) -> dict:
             lat.append(time.perf_counter() - t)
             ttfd.append(first if first is not None else lat[-1])
 
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        if client is None:
+            limits = httpx.Limits(max_connections=clients + 4)
+            client = await stack.enter_async_context(httpx.AsyncClient(timeout=600, limits=limits))
+            await client.get(url + "/health")  # open the connections before the clock starts
         t0 = time.perf_counter()
         await asyncio.gather(*(one(client) for _ in range(clients)))
         wall = time.perf_counter() - t0
@@ -175,15 +180,19 @@ async def _clients(url: str, prompts: list[str], clients: int) -> dict:
 async def _interleaved(url, model, tok, settings, prompts) -> tuple[dict, dict]:
     """Direct fewstep.generate and one streaming client, request by request in turn (the same load on the
     machine for both, so the HTTP overhead is not drowned by other processes' load changing over time)."""
+    import httpx
+
     d_lat, s_lat, s_ttfd, d_tok, s_tok = [], [], [], 0, 0
-    for p in prompts:
-        row = direct(model, tok, settings, [p])
-        d_lat.append(row["seconds"])
-        d_tok += round(row["output_tokens_per_s"] * row["seconds"])
-        row = await _clients(url, [p], 1)
-        s_lat.append(row["seconds"])
-        s_ttfd.append(row["ttfd_p50_s"])
-        s_tok += round(row["output_tokens_per_s"] * row["seconds"])
+    async with httpx.AsyncClient(timeout=600) as client:  # one kept-alive connection, as a real client
+        await client.get(url + "/health")
+        for p in prompts:
+            row = direct(model, tok, settings, [p])
+            d_lat.append(row["seconds"])
+            d_tok += round(row["output_tokens_per_s"] * row["seconds"])
+            row = await _clients(url, [p], 1, client)
+            s_lat.append(row["seconds"])
+            s_ttfd.append(row["ttfd_p50_s"])
+            s_tok += round(row["output_tokens_per_s"] * row["seconds"])
     n = len(prompts)
     return (_row("direct fewstep.generate", 1, n, sum(d_lat), d_lat, [], d_tok),
             _row("fewstep serve (streaming)", 1, n, sum(s_lat), s_lat, s_ttfd, s_tok))  # fmt: skip

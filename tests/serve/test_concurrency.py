@@ -7,6 +7,7 @@ requests are mixed in. No request is lost, the cancelled ones free their rows, /
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import threading
@@ -136,3 +137,32 @@ def test_concurrent_clients_get_what_they_get_alone(server, loaded):
     health = httpx.get(server.url + "/health").json()
     assert health == {"status": "ok", "model": "dparallel", "running": 0, "queued": 0}
     assert elapsed < 60
+
+
+def test_disconnected_clients_free_their_rows(server):
+    """A streaming client that closes its connection and a non-streaming one that gives up both cancel
+    their requests: the engine drops them instead of decoding them (each would take seconds)."""
+    slow = {"prompt": PROMPTS[0], "max_tokens": 96, "block_length": 96, "policy": "llada:steps=96"}
+    huge = {"prompt": PROMPTS[1], "max_tokens": 448, "block_length": 448, "policy": "llada:steps=448"}
+    done = []
+
+    def hold() -> None:
+        r = httpx.post(server.url + "/v1/completions", json=slow, timeout=120)
+        done.append(r.status_code)
+
+    first = threading.Thread(target=hold)
+    first.start()
+    deadline = time.monotonic() + 10
+    while server.gen.active() < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    with httpx.stream("POST", server.url + "/v1/completions", json={**huge, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200  # headers sent; the request waits behind the first one
+    with contextlib.suppress(httpx.TimeoutException):  # a client that gives up closes its connection
+        httpx.post(server.url + "/v1/completions", json=huge, timeout=0.3)
+    first.join()
+    assert done == [200]
+    deadline = time.monotonic() + 3.0  # decoding either 448-step request would take far longer
+    while server.gen.active() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.gen.active() == 0
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
