@@ -135,3 +135,15 @@ def test_generate_streams_what_it_returns(byte_gen):
         assert o.nfe == 16 and o.finish_reason in ("stop", "length")
     with pytest.raises(ValueError, match="block_length"):
         byte_gen.generate(prompts, settings.replace(block_length=5))
+
+
+def test_generate_with_per_prompt_settings_and_events(byte_gen):
+    prompts = [[5, 9, 40], [6, 9, 41]]
+    base = Settings(policy="llada:steps=8", max_tokens=8, block_length=8, early_stop=False)
+    alone = [byte_gen.generate([p], base.replace(seed=i))[0] for i, p in enumerate(prompts)]
+    seen = []
+    both = byte_gen.generate(prompts, [base.replace(seed=0), base.replace(seed=1)], on_event=seen.append, canvas=True)
+    assert [o.text for o in both] == [o.text for o in alone]
+    assert sum(isinstance(e, Canvas) for e in seen) == 16 and sum(isinstance(e, Completion) for e in seen) == 2
+    with pytest.raises(ValueError, match="one per prompt"):
+        byte_gen.generate(prompts, [base])

@@ -435,23 +435,40 @@ class TextGenerator:
         return done
 
     # ---- synchronous API -------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Prompt], settings: Settings | None = None, **changes: Any) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        settings: Settings | Sequence[Settings] | None = None,
+        *,
+        on_event: Callable[[Event], None] | None = None,
+        canvas: bool = False,
+        **changes: Any,
+    ) -> list[Completion]:
         """Decode ``prompts`` (texts, id lists or message lists) and return their completions in order.
 
-        Steps the engine in this thread, or waits for the background thread when :meth:`start` ran.
+        ``settings``: one for all, or one per prompt (per-request stop strings, seeds, policies);
+        ``changes`` override fields of every one. ``on_event`` sees every event (progress bars, traces
+        with ``canvas=True``). Steps the engine in this thread, or waits for the background thread
+        when :meth:`start` ran. Raises ValueError (:class:`SettingsError`) before anything runs if
+        any prompt or setting is invalid.
         """
-        settings = (settings or Settings()).replace(**changes) if changes else (settings or Settings())
-        prepared = [self.prepare(p, settings) for p in prompts]  # every prompt is valid before any runs
+        per = list(settings) if isinstance(settings, (list, tuple)) else [settings or Settings()] * len(prompts)
+        if len(per) != len(prompts):
+            raise ValueError(f"settings: one for all prompts or one per prompt ({len(prompts)}); got {len(per)}")
+        per = [s.replace(**changes) if changes else s for s in per]
+        prepared = [self.prepare(p, s) for p, s in zip(prompts, per)]  # every prompt is valid before any runs
         results: dict[Any, Completion] = {}
         finished = threading.Event()
 
         def sink(ev: Event) -> None:
+            if on_event is not None:
+                on_event(ev)
             if isinstance(ev, Completion):
                 results[ev.id] = ev
                 if len(results) == len(prepared):
                     finished.set()
 
-        ids = [self.submit(p, settings, sink, prepared=pre) for p, pre in zip(prompts, prepared)]
+        ids = [self.submit(p, s, sink, canvas=canvas, prepared=pre) for p, s, pre in zip(prompts, per, prepared)]
         if not ids:
             return []
         if self._thread is not None:
