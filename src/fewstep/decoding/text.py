@@ -499,7 +499,7 @@ class TextGenerator:
             self._thread.start()
 
     def stop(self) -> None:
-        """Stop the background thread (pending requests are cancelled)."""
+        """Stop the background thread (requests still live are abandoned; used at server shutdown)."""
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
