@@ -1,0 +1,332 @@
+"""Serving benchmark: ``fewstep serve`` under 1, 8 and 32 concurrent streaming clients, against
+one-at-a-time :func:`fewstep.generate` in the same run. Results: a printed table and JSON.
+
+For each model the server runs in its own process (this script started again with ``--_serve``), the
+clients here (asyncio + httpx, streaming SSE). Per concurrency level: requests/s, output tokens/s
+(completion tokens of the answers), time to first delta (request sent -> first non-empty text
+chunk), p50 / p99 request latency (sent -> ``[DONE]``). The direct row decodes the same prompts one
+by one with ``fewstep.generate`` in this process (no HTTP, no text layer), in turn with the 1-client
+requests (direct, HTTP, direct, HTTP, ...: a busy machine's changing load hits both alike): its
+latency is the reference for the HTTP overhead at 1 client, its requests/s the reference for the
+speedup at 8 and 32 clients.
+
+Models: ``embedded`` (the shipped ``dparallel`` student with its card's policy, ``entropy:0.45``, 64
+tokens, on held-out ``arith`` prompts) at 1/8/32 clients; ``8b-shaped`` (a random LLaDA with
+LLaDA-8B's widths, vocabulary 126,464, ``--layers`` layers; a fixed 4 steps per block, as in
+``benchmarks/decode.py``, since random weights commit one token per step under threshold rules) at 1/8.
+
+    python benchmarks/serve.py                    # both models (a few minutes on 2 CPU cores)
+    python benchmarks/serve.py --models embedded  # one model
+    python benchmarks/serve.py --quick            # seconds; a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+VOCAB_8B = 126464
+
+
+def build_model(which: str, layers: int, quick: bool):
+    """(model, tokenizer, default settings, prompts as text) of a benchmark model."""
+    import fewstep
+    from fewstep.commands import resolve_model
+    from fewstep.decoding.text import Settings
+    from fewstep.tasks import arith
+
+    if which == "embedded":
+        d = resolve_model("dparallel")
+        prompts = [p.prompt for p in arith.generate("test", 512, seed=0)]
+        return (
+            fewstep.load_model(d),
+            fewstep.load_tokenizer(d),
+            Settings(policy="entropy:0.45", max_tokens=64, block_length=32),
+            prompts,
+        )
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from decode import synthetic_llada
+
+    from fewstep.tasks.tokenizer import build_word_tokenizer
+
+    vocab = 1024 if quick else VOCAB_8B
+    width = (
+        {"d_model": 64, "n_layers": 1, "n_heads": 4, "mlp": 128}
+        if quick
+        else {"d_model": 4096, "n_layers": layers, "n_heads": 32, "mlp": 12288}
+    )
+    model = synthetic_llada(width["d_model"], width["n_layers"], width["n_heads"], width["mlp"], vocab)
+    tok = build_word_tokenizer(f"w{i}" for i in range(5, vocab))  # ids 0-4 special, then one word per id
+    words = [f"w{i}" for i in range(5, 4000 if not quick else 1000)]
+    prompts = [" ".join(words[(7 * i + 13 * j) % len(words)] for j in range(16)) for i in range(256)]
+    return model, tok, Settings(policy="llada:steps=4", max_tokens=32, block_length=32), prompts
+
+
+def serve_main(args) -> int:
+    """The server process: build the model, serve it on ``--port``."""
+    import torch
+
+    from fewstep.decoding.text import TextGenerator
+    from fewstep.serve import ServeConfig, create_app, run
+
+    torch.set_num_threads(args.threads)
+    model, tok, settings, _ = build_model(args._serve, args.layers, args.quick)
+    gen = TextGenerator(model, tok, max_batch=32)
+    app = create_app(gen, ServeConfig(model_name=args._serve, defaults=settings, max_queue=1024))
+    run(app, "127.0.0.1", args.port, log_level="warning")
+    return 0
+
+
+def direct(model, tok, settings, prompts) -> dict:
+    """One request at a time through fewstep.generate (the answer cut at EOS and decoded, as a caller does)."""
+    import fewstep
+    from fewstep.decoding import stop_ids
+
+    stops = set(stop_ids(model, tok))
+    lat, tokens = [], 0
+    t0 = time.perf_counter()
+    for p in prompts:
+        t = time.perf_counter()
+        ids = tok(p, add_special_tokens=False)["input_ids"]
+        out = fewstep.generate(
+            model,
+            [ids],
+            settings.policy,
+            gen_length=settings.max_tokens,
+            block_length=settings.block_length,
+            tokenizer=tok,
+            early_stop=True,
+        )
+        answer = out.answers[0].tolist()
+        cut = next((i for i, x in enumerate(answer) if x in stops), len(answer))
+        tok.decode(answer[:cut], skip_special_tokens=True)
+        tokens += cut
+        lat.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    return _row("direct fewstep.generate", 1, len(prompts), wall, lat, [], tokens)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else 0.0
+
+
+def _row(name, clients, n, wall, lat, ttfd, tokens) -> dict:
+    return {
+        "mode": name,
+        "clients": clients,
+        "requests": n,
+        "seconds": round(wall, 4),
+        "requests_per_s": round(n / wall, 3),
+        "output_tokens_per_s": round(tokens / wall, 2),
+        "ttfd_p50_s": round(statistics.median(ttfd), 4) if ttfd else None,
+        "latency_p50_s": round(_pct(lat, 0.5), 4),
+        "latency_p99_s": round(_pct(lat, 0.99), 4),
+    }
+
+
+async def _clients(url: str, prompts: list[str], clients: int, client=None) -> dict:
+    """``clients`` concurrent streaming clients over ``prompts``; ``client``: an open httpx.AsyncClient to reuse."""
+    import httpx
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    lat, ttfd, tokens = [], [], [0]
+
+    async def one(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            prompt = queue.get_nowait()
+            t = time.perf_counter()
+            first = None
+            async with client.stream("POST", url + "/v1/completions", json={"prompt": prompt, "stream": True}) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    ev = json.loads(line[6:])
+                    if first is None and ev["choices"][0]["text"]:
+                        first = time.perf_counter() - t
+                    if "usage" in ev:
+                        tokens[0] += ev["usage"]["completion_tokens"]
+            lat.append(time.perf_counter() - t)
+            ttfd.append(first if first is not None else lat[-1])
+
+    async with contextlib.AsyncExitStack() as stack:
+        if client is None:
+            limits = httpx.Limits(max_connections=clients + 4)
+            client = await stack.enter_async_context(httpx.AsyncClient(timeout=600, limits=limits))
+            await client.get(url + "/health")  # open the connections before the clock starts
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(client) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return _row("fewstep serve (streaming)", clients, len(prompts), wall, lat, ttfd, tokens[0])
+
+
+async def _interleaved(url, model, tok, settings, prompts) -> tuple[dict, dict]:
+    """Direct fewstep.generate and one streaming client, request by request in turn (the same load on the
+    machine for both, so the HTTP overhead is not drowned by other processes' load changing over time)."""
+    import httpx
+
+    d_lat, s_lat, s_ttfd, d_tok, s_tok = [], [], [], 0, 0
+    async with httpx.AsyncClient(timeout=600) as client:  # one kept-alive connection, as a real client
+        await client.get(url + "/health")
+        for p in prompts:
+            row = direct(model, tok, settings, [p])
+            d_lat.append(row["seconds"])
+            d_tok += round(row["output_tokens_per_s"] * row["seconds"])
+            row = await _clients(url, [p], 1, client)
+            s_lat.append(row["seconds"])
+            s_ttfd.append(row["ttfd_p50_s"])
+            s_tok += round(row["output_tokens_per_s"] * row["seconds"])
+    n = len(prompts)
+    return (_row("direct fewstep.generate", 1, n, sum(d_lat), d_lat, [], d_tok),
+            _row("fewstep serve (streaming)", 1, n, sum(s_lat), s_lat, s_ttfd, s_tok))  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_model(which: str, levels: list[int], args) -> dict:
+    import httpx
+
+    model, tok, settings, prompts = build_model(which, args.layers, args.quick)
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_serve",
+        which,
+        "--port",
+        str(port),
+        "--layers",
+        str(args.layers),
+        "--threads",
+        str(args.threads),
+    ] + (["--quick"] if args.quick else [])
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(cmd, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.5)
+        n_direct = args.requests_8b if which != "embedded" else args.requests
+        warm = prompts[:2]
+        direct(model, tok, settings, warm)
+        asyncio.run(_clients(url, warm, 1))
+        rows = list(asyncio.run(_interleaved(url, model, tok, settings, prompts[:n_direct])))
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        for c in levels[1:]:
+            n = max(n_direct, c * (2 if which == "embedded" else 1))
+            rows.append(_clients_sync(url, prompts[:n], c))
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    base = rows[0]
+    for r in rows[1:]:
+        r["speedup_vs_direct"] = round(r["requests_per_s"] / base["requests_per_s"], 3)
+        if r["clients"] == 1:
+            r["latency_overhead_vs_direct"] = round(r["latency_p50_s"] / base["latency_p50_s"] - 1, 3)
+    return {
+        "model": which,
+        "policy": str(settings.policy),
+        "max_tokens": settings.max_tokens,
+        "block_length": settings.block_length,
+        "rows": rows,
+    }
+
+
+def _clients_sync(url, prompts, clients) -> dict:
+    return asyncio.run(_clients(url, prompts, clients))
+
+
+def markdown(result: dict) -> str:
+    lines = []
+    for m in result["models"]:
+        lines.append(f"\n**{m['model']}** (policy `{m['policy']}`, {m['max_tokens']} tokens)\n")
+        lines.append("| mode | clients | req/s | output tok/s | TTFD p50 | latency p50 | latency p99 | vs direct |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for r in m["rows"]:
+            ttfd = f"{r['ttfd_p50_s'] * 1000:.0f} ms" if r["ttfd_p50_s"] is not None else "–"
+            vs = f"{r['speedup_vs_direct']:.2f}x" if "speedup_vs_direct" in r else "1.00x"
+            if "latency_overhead_vs_direct" in r:
+                vs += f" (latency {r['latency_overhead_vs_direct'] * 100:+.0f} %)"
+            lines.append(
+                f"| {r['mode']} | {r['clients']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} "
+                f"| {ttfd} | {r['latency_p50_s'] * 1000:.0f} ms | {r['latency_p99_s'] * 1000:.0f} ms | {vs} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="embedded,8b-shaped", help="comma-separated: embedded, 8b-shaped")
+    p.add_argument("--requests", type=int, default=64, help="embedded: requests per level (at least 2 per client)")
+    p.add_argument("--requests-8b", type=int, default=8, help="8b-shaped: requests per level")
+    p.add_argument("--layers", type=int, default=1, help="layers of the 8B-shaped model (LLaDA-8B has 32)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the server and the direct run")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
+    p.add_argument("--report", metavar="JSON", help="print the markdown table of a results file and exit")
+    p.add_argument("--_serve", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.report:
+        print(markdown(json.loads(Path(args.report).read_text())))
+        return 0
+    if args._serve:
+        return serve_main(args)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.requests, args.requests_8b = 8, 2
+    result = {
+        "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
+                 "cpu_count": os.cpu_count(), "device": "cpu"},
+        "engine": "decoding.engine as in this branch (one request at a time; the continuous-batching engine "
+                  "replaces its body)",
+        "quick": args.quick, "models": [],
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    for which in [m.strip() for m in args.models.split(",") if m.strip()]:
+        levels = [1, 8, 32] if which == "embedded" else [1, 8]
+        result["models"].append(bench_model(which, levels, args))
+    result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+    print(f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

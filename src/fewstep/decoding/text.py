@@ -1,0 +1,570 @@
+"""The text layer: prompts in, answers out, on top of the step-level engine (issue 12, item 2).
+
+``encode prompt -> engine Request -> incremental detokenisation -> answer + stats``, shared by every
+caller that speaks text (``fewstep serve``, and later ``fewstep generate``, the eval runner, rollout,
+the lm-eval adapter and ``tasks/evaluate.py``)::
+
+    gen = TextGenerator(model, tokenizer)
+    outs = gen.generate(["3 + 4 - 2 ?"], Settings(policy="entropy:0.45", max_tokens=64, stop=["."]))
+    outs[0].text, outs[0].finish_reason, outs[0].nfe, outs[0].tokens_per_forward, outs[0].latency_s
+
+The streaming side (the server's) is :meth:`TextGenerator.start` (a background thread that owns the
+engine and calls ``step()`` in a loop) plus :meth:`TextGenerator.submit`, whose ``on_event`` callback
+receives :class:`Delta` (append-only final text), :class:`Canvas` (every step's canvas, for the live
+page) and one :class:`Completion` at the end, from the engine thread.
+
+What is *final* text: the committed prefix of the answer (positions ``0..k-1`` all unmasked), cut at
+the first stop id, decoded, with any trailing incomplete UTF-8 (``U+FFFD``) and any suffix that could
+still start a stop string held back. A stop id ends the text at once but the row runs on until the
+engine ends it (``early_stop``: after the block holding the EOS), so its NFE is exactly what
+:func:`fewstep.generate` reports for it. A stop string (which the engine does not know) finishes the
+request at once and cancels its row, so its NFE counts the forwards until the string became final.
+``max_nfe`` is enforced here too (the text layer stops a row that reached it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fewstep.decoding.engine import Engine, Request, RowResult, Update
+from fewstep.decoding.policies import Policy, parse_policy
+
+Prompt = str | Sequence[int] | Sequence[dict]  # text, token ids, or chat messages [{"role", "content"}]
+
+
+class SettingsError(ValueError):
+    """A user mistake in a request; ``param`` names the setting at fault (for API errors)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+
+@dataclass
+class Settings:
+    """How to decode one request (the text-level knobs; ``None`` keeps the policy's own value)."""
+
+    policy: Policy | str = "threshold:0.9"
+    max_tokens: int = 128  # the answer length (the diffusion canvas); the text is cut at a stop
+    block_length: int | None = None  # None: 32, or max_tokens if smaller
+    cache: str = "none"
+    temperature: float | None = None
+    top_p: float | None = None
+    threshold: float | None = None
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_ids: Sequence[int] | None = None  # None: the model's EOS + the tokenizer's end-of-turn ids
+    early_stop: bool = True
+    max_nfe: int | None = None
+    cfg_scale: float = 0.0
+    # True: text prompts go through the chat template when the tokenizer has one; False: always raw;
+    # None: text raw, chat messages through the template (when there is one)
+    chat: bool | None = None
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Completion:
+    """One request's answer and its stats."""
+
+    text: str
+    token_ids: list[int]  # the answer tokens the text was decoded from
+    finish_reason: str  # "stop" (stop id or string), "length" (canvas or max_nfe used up), "cancelled", "error"
+    prompt_tokens: int
+    completion_tokens: int
+    nfe: int
+    tokens_per_forward: float  # committed tokens / NFE
+    latency_s: float  # submit -> finished
+    first_delta_s: float | None  # submit -> first non-empty final text
+    stop: str | int | None = None  # the stop string or stop id that ended it
+    policy: str = ""
+    id: Any = None
+    row: RowResult | None = None  # the engine's result (None when the text layer finished it first)
+
+
+@dataclass
+class Delta:
+    """New final text of a request (append-only)."""
+
+    id: Any
+    text: str
+
+
+@dataclass
+class Canvas:
+    """A request's canvas after one forward (``stream_mode: "denoise"``)."""
+
+    id: Any
+    nfe: int
+    block: int
+    tokens: list[int | None]  # None where masked
+    pieces: list[str | None]  # each token's text (None where masked)
+    steps: list[int]  # per position: the NFE at which it was committed (0: still masked)
+    committed: list[int]  # positions committed at this forward
+    text: str  # the final text so far
+
+
+Event = Delta | Canvas | Completion
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode(tokenizer: Any, prompt: Prompt, chat: bool | None = None) -> list[int]:
+    """Token ids of a prompt: text (raw, or in the chat template with ``chat=True``), ids, or messages.
+
+    Messages go through the tokenizer's chat template unless ``chat=False``; without one (the embedded
+    tiny models) their contents are joined by newlines as raw text. No special tokens are added to raw text (a chat
+    template writes its own), as in ``fewstep eval``.
+    """
+    if isinstance(prompt, str):
+        if chat and has_chat_template(tokenizer):
+            return encode(tokenizer, [{"role": "user", "content": prompt}], True)
+        return [int(i) for i in tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    items = list(prompt)
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+        return [int(t) for t in items]
+    if not all(isinstance(m, dict) for m in items):
+        raise ValueError("a prompt is a string, a list of token ids, or a list of chat messages")
+    if chat is False or not has_chat_template(tokenizer):
+        return encode(tokenizer, "\n".join(str(m.get("content", "")) for m in items), False)
+    text = tokenizer.apply_chat_template(items, tokenize=False, add_generation_prompt=True)
+    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def resolve_policy(settings: Settings) -> Policy:
+    """The policy with ``temperature``, ``top_p`` and ``threshold`` applied (ValueError if it has no such option)."""
+    policy = parse_policy(settings.policy)
+    names = {f.name for f in dataclasses.fields(policy)}
+    changes: dict[str, Any] = {}
+    for key in ("temperature", "top_p", "threshold"):
+        value = getattr(settings, key)
+        if value is None:
+            continue
+        if key not in names:
+            if key == "top_p" and value == 1.0:
+                continue  # the no-op value every client may send
+            raise ValueError(f"policy {policy.name!r} has no {key} option (options: {', '.join(sorted(names))})")
+        changes[key] = value
+    return dataclasses.replace(policy, **changes) if changes else policy
+
+
+def _holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of ``text`` could still be the start of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class _Tracker:
+    """Turns one request's engine updates into final text, events and its :class:`Completion`."""
+
+    def __init__(self, gen: TextGenerator, rid: Any, prompt_len: int, settings: Settings, policy: str, stops, sink):
+        self.gen, self.id, self.prompt_len, self.settings, self.policy = gen, rid, prompt_len, settings, policy
+        self.stop_ids, self.sink = set(stops), sink
+        self.t0 = time.perf_counter()
+        self.first_delta: float | None = None
+        self.emitted = ""
+        self.steps = [0] * settings.max_tokens
+        self.done = False
+        self.nfe = 0
+
+    def feed(self, u: Update, canvas: bool) -> Completion | None:
+        """Process one update; returns the Completion when the request is finished."""
+        mask = u.mask_id
+        self.nfe = u.nfe
+        for p in u.positions:
+            if 0 <= p < len(self.steps) and self.steps[p] == 0:
+                self.steps[p] = u.nfe
+        answer = u.result.answer if (u.done and u.result is not None and u.result.answer) else u.answer
+        prefix = []
+        for t in answer:
+            if t == mask:
+                break
+            prefix.append(int(t))
+        final = u.done or len(prefix) == len(answer)
+        cap = self.settings.max_nfe
+        capped = cap is not None and u.nfe >= cap and not final  # the engine may not enforce max_nfe
+        text, ids, reason, stop = self.gen._final_text(prefix, self.settings.stop, self.stop_ids, final)
+        if canvas and self.sink is not None and not (u.done and u.result is not None and u.result.cancelled):
+            self.sink(self._canvas(u, answer, mask, text if reason else self._safe(text)))
+        if reason is None and not final and not capped:
+            self._emit(self._safe(text))
+            return None
+        if isinstance(stop, int) and not u.done and not capped:
+            self._emit(text)  # final; the engine ends the row itself (early_stop), so NFE is what it gets alone
+            return None
+        if reason is None:
+            reason = "cancelled" if (u.result is not None and u.result.cancelled) else "length"
+        self._emit(text)
+        return self._finish(text, ids, reason, stop, u.result if u.done else None)
+
+    def _safe(self, text: str) -> str:
+        text = text.rstrip("\ufffd")
+        return text[: len(text) - _holdback(text, self.settings.stop)]
+
+    def _emit(self, text: str) -> None:
+        if len(text) > len(self.emitted) and text.startswith(self.emitted):
+            piece, self.emitted = text[len(self.emitted) :], text
+            if self.first_delta is None:
+                self.first_delta = time.perf_counter() - self.t0
+            if self.sink is not None:
+                self.sink(Delta(self.id, piece))
+
+    def _canvas(self, u: Update, answer: list[int], mask: int, text: str) -> Canvas:
+        tokens = [None if t == mask else int(t) for t in answer]
+        pieces = [None if t is None else self.gen.piece(t) for t in tokens]
+        return Canvas(self.id, u.nfe, u.block, tokens, pieces, list(self.steps), list(u.positions), text)
+
+    def _finish(self, text: str, ids: list[int], reason: str, stop, row: RowResult | None) -> Completion:
+        self.done = True
+        committed = sum(1 for s in self.steps if s)
+        if row is not None and row.tokens_per_step:
+            committed = sum(row.tokens_per_step)
+        nfe = row.nfe if row is not None and not row.cancelled else self.nfe
+        return Completion(
+            text=text,
+            token_ids=ids,
+            finish_reason=reason,
+            prompt_tokens=self.prompt_len,
+            completion_tokens=len(ids),
+            nfe=nfe,
+            tokens_per_forward=committed / nfe if nfe else 0.0,
+            latency_s=time.perf_counter() - self.t0,
+            first_delta_s=self.first_delta,
+            stop=stop,
+            policy=self.policy,
+            id=self.id,
+            row=row,
+        )
+
+
+class TextGenerator:
+    """Text prompts -> engine -> answers, synchronous (:meth:`generate`) or streaming (:meth:`start`/:meth:`submit`)."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, engine: Engine | None = None, max_batch: int = 32):
+        from fewstep.decoding.pipeline import stop_ids
+
+        self.model, self.tokenizer = model, tokenizer
+        self.engine = engine or Engine(model, max_batch=max_batch, tokenizer=tokenizer)
+        self.default_stop_ids = stop_ids(model, tokenizer)
+        self.mask_id = int(model.config.mask_token_id)
+        self.vocab = int(model.config.vocab_size)
+        self.context = getattr(model.config, "max_sequence_length", None)
+        self._lock = threading.Lock()
+        self._live: dict[Any, tuple[_Tracker, bool]] = {}
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._pieces: dict[int, str] = {}
+
+    # ---- prompts and requests -------------------------------------------------------------------------
+    def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
+        return encode(self.tokenizer, prompt, chat)
+
+    def piece(self, token: int) -> str:
+        """The text of one token (for the canvas view)."""
+        if token not in self._pieces:
+            self._pieces[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return self._pieces[token]
+
+    def request(self, prompt_ids: Sequence[int], settings: Settings) -> tuple[Request, Policy]:
+        """Validate settings against the model and build the engine Request (ValueError for a user mistake)."""
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise SettingsError("the prompt is empty", "prompt")
+        bad = [t for t in ids if not 0 <= t < self.vocab]
+        if bad:
+            raise SettingsError(f"prompt token ids must be in [0, {self.vocab - 1}]; got {bad[:5]}", "prompt")
+        g = settings.max_tokens
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+            raise SettingsError(f"max_tokens must be an integer >= 1; got {g!r}", "max_tokens")
+        if self.context is not None and len(ids) >= self.context:
+            raise SettingsError(
+                f"the prompt has {len(ids)} tokens; the model's context is {self.context} tokens", "prompt"
+            )
+        if self.context is not None and len(ids) + g > self.context:
+            raise SettingsError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({g}) exceeds the model's context ({self.context}); "
+                f"max_tokens can be at most {self.context - len(ids)}",
+                "max_tokens",
+            )
+        policy, block = self._policy_and_block(settings, g)
+        if settings.cache not in ("none", "prefix", "dual"):
+            raise SettingsError(f"cache must be one of none, prefix, dual; got {settings.cache!r}", "cache")
+        if settings.max_nfe is not None and (not isinstance(settings.max_nfe, int) or settings.max_nfe < 1):
+            raise SettingsError(f"max_nfe must be an integer >= 1; got {settings.max_nfe!r}", "max_nfe")
+        if settings.cfg_scale < 0:
+            raise SettingsError(f"cfg_scale must be >= 0; got {settings.cfg_scale}", "cfg_scale")
+        stops = list(settings.stop)
+        if len(stops) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in stops):
+            raise SettingsError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings", "stop")
+        if any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise SettingsError(f"each stop string must be at most {MAX_STOP_LENGTH} characters", "stop")
+        eos = list(self.default_stop_ids if settings.stop_ids is None else settings.stop_ids)
+        req = Request(
+            prompt=ids,
+            policy=policy,
+            gen_length=g,
+            block_length=block,
+            cache=settings.cache,
+            seed=settings.seed,
+            early_stop=settings.early_stop,
+            eos_ids=eos or None,
+            cfg_scale=settings.cfg_scale,
+            max_nfe=settings.max_nfe,
+        )
+        return req, policy
+
+    def _policy_and_block(self, settings: Settings, g: int) -> tuple[Policy, int]:
+        try:
+            policy = resolve_policy(settings)
+        except ValueError as exc:
+            param = next((k for k in ("threshold", "top_p", "temperature") if f"has no {k} option" in str(exc)), None)
+            raise SettingsError(str(exc), param or "policy") from None
+        block = settings.block_length if settings.block_length is not None else min(32, g)
+        block = policy.blocks(g, block)
+        if not isinstance(block, int) or not 1 <= block <= g or g % block:
+            raise SettingsError(f"block_length must divide max_tokens ({g}); got {block!r}", "block_length")
+        try:
+            policy.validate(g, block)
+        except ValueError as exc:
+            raise SettingsError(str(exc), "policy") from None
+        return policy, block
+
+    def _final_text(self, prefix: list[int], stops: Sequence[str], stop_ids: set, final: bool):
+        """(text, ids, finish reason or None, stop) of a committed prefix."""
+        cut = next((i for i, t in enumerate(prefix) if t in stop_ids), None)
+        ids = prefix if cut is None else prefix[:cut]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        hits = [(text.find(s), s) for s in stops if s in text]
+        if hits:
+            idx, s = min(hits)
+            return text[:idx], self._ids_for(ids, idx), "stop", s
+        if cut is not None:
+            return text, ids, "stop", int(prefix[cut])
+        return text, ids, None, None
+
+    def _ids_for(self, ids: list[int], n_chars: int) -> list[int]:
+        """The shortest prefix of ``ids`` whose text covers the first ``n_chars`` characters."""
+        for k in range(len(ids) + 1):
+            if len(self.tokenizer.decode(ids[:k], skip_special_tokens=True)) >= n_chars:
+                return ids[:k]
+        return ids
+
+    # ---- submitting ------------------------------------------------------------------------------------
+    def prepare(self, prompt: Prompt, settings: Settings) -> tuple[list[int], Request, Policy]:
+        """Encode and validate one request without submitting it (ValueError for a user mistake)."""
+        ids = self.encode(prompt, settings.chat)
+        req, policy = self.request(ids, settings)
+        return ids, req, policy
+
+    def submit(
+        self,
+        prompt: Prompt,
+        settings: Settings,
+        on_event: Callable[[Event], None] | None = None,
+        *,
+        canvas: bool = False,
+        prepared: tuple[list[int], Request, Policy] | None = None,
+    ) -> Any:
+        """Validate and enqueue one request; ``on_event`` gets its events (from the thread that steps).
+
+        ``canvas=True`` also sends a :class:`Canvas` after every forward. Returns the request id (for
+        :meth:`cancel`). Raises ValueError for a user mistake.
+        """
+        ids, req, policy = prepared or self.prepare(prompt, settings)
+        stops = self.default_stop_ids if settings.stop_ids is None else settings.stop_ids
+        with self._lock:
+            rid = self.engine.submit(req)
+            tracker = _Tracker(self, rid, len(ids), settings, _spec(policy), stops, on_event)
+            self._live[rid] = (tracker, canvas)
+            self._wake.notify_all()
+        return rid
+
+    def cancel(self, rid: Any) -> None:
+        """Stop a request: its row is freed at the engine's next round; it ends with finish_reason "cancelled"."""
+        self.engine.cancel(rid)
+        with self._lock:
+            self._wake.notify_all()
+
+    def running(self) -> bool:
+        """Whether the background thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def active(self) -> int:
+        """Requests submitted and not yet finished."""
+        with self._lock:
+            return len(self._live)
+
+    def step(self) -> list[Completion]:
+        """One engine round; routes its updates to the requests' trackers; returns what finished."""
+        done: list[Completion] = []
+        for u in self.engine.step():
+            with self._lock:
+                entry = self._live.get(u.id)
+            if entry is None:
+                continue  # finished by the text layer already (the engine's cancel echo)
+            tracker, canvas = entry
+            comp = tracker.feed(u, canvas)
+            if comp is None:
+                continue
+            with self._lock:
+                self._live.pop(u.id, None)
+            if not u.done:
+                self.engine.cancel(u.id)  # the text is final; free the row
+            if tracker.sink is not None:
+                tracker.sink(comp)
+            done.append(comp)
+        return done
+
+    # ---- synchronous API -------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        settings: Settings | Sequence[Settings] | None = None,
+        *,
+        on_event: Callable[[Event], None] | None = None,
+        canvas: bool = False,
+        **changes: Any,
+    ) -> list[Completion]:
+        """Decode ``prompts`` (texts, id lists or message lists) and return their completions in order.
+
+        ``settings``: one for all, or one per prompt (per-request stop strings, seeds, policies);
+        ``changes`` override fields of every one. ``on_event`` sees every event (progress bars, traces
+        with ``canvas=True``). Steps the engine in this thread, or waits for the background thread
+        when :meth:`start` ran. Raises ValueError (:class:`SettingsError`) before anything runs if
+        any prompt or setting is invalid.
+        """
+        per = list(settings) if isinstance(settings, (list, tuple)) else [settings or Settings()] * len(prompts)
+        if len(per) != len(prompts):
+            raise ValueError(f"settings: one for all prompts or one per prompt ({len(prompts)}); got {len(per)}")
+        per = [s.replace(**changes) if changes else s for s in per]
+        prepared = [self.prepare(p, s) for p, s in zip(prompts, per)]  # every prompt is valid before any runs
+        results: dict[Any, Completion] = {}
+        finished = threading.Event()
+
+        def sink(ev: Event) -> None:
+            if on_event is not None:
+                on_event(ev)
+            if isinstance(ev, Completion):
+                results[ev.id] = ev
+                if len(results) == len(prepared):
+                    finished.set()
+
+        ids = [self.submit(p, s, sink, canvas=canvas, prepared=pre) for p, s, pre in zip(prompts, per, prepared)]
+        if not ids:
+            return []
+        if self._thread is not None:
+            finished.wait()
+        else:
+            while len(results) < len(ids):
+                if not self.step() and not self.engine.has_work() and len(results) < len(ids):
+                    self._abandon(ids, results)
+        failed = next((c for c in results.values() if c.finish_reason == "error"), None)
+        if failed is not None:
+            raise RuntimeError(f"the engine failed: {failed.stop}")
+        return [results[i] for i in ids]
+
+    def _abandon(self, ids: list[Any], results: dict) -> None:
+        """The engine has no work but requests are unfinished (an engine that never reported them)."""
+        missing = [i for i in ids if i not in results]
+        with self._lock:
+            for i in missing:
+                self._live.pop(i, None)
+        raise RuntimeError(f"the engine dropped requests {missing[:5]} without a final update")
+
+    # ---- background thread (the server) ----------------------------------------------------------------
+    def start(self) -> None:
+        """Start the thread that owns the engine and steps it while there is work."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="fewstep-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background thread (requests still live are abandoned; used at server shutdown)."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._live:
+                    self._wake.wait(timeout=1.0)
+                if self._stopping:
+                    return
+            try:
+                self.step()
+                with self._lock:
+                    stranded = [] if self.engine.has_work() else list(self._live.values())
+                if stranded:
+                    self._fail_all(RuntimeError("the engine finished without reporting some requests"))
+            except Exception as exc:  # a bug in the engine: fail every live request, keep serving
+                self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            live, self._live = list(self._live.values()), {}
+        for tracker, _ in live:
+            self.engine.cancel(tracker.id)
+            if tracker.sink is not None:
+                comp = tracker._finish(tracker.emitted, [], "error", None, None)
+                comp.stop = f"{type(exc).__name__}: {exc}"
+                tracker.sink(comp)
+        self._drain()
+
+    def _drain(self) -> None:
+        try:
+            while self.engine.has_work():
+                self.engine.step()
+        except Exception:
+            self.engine = Engine(self.model, max_batch=self.engine.max_batch, tokenizer=self.tokenizer)
+
+
+def _spec(policy: Policy) -> str:
+    """A short spec of a policy's non-default options, e.g. ``entropy:threshold=0.45``."""
+    defaults = type(policy)()
+    opts = [
+        f"{f.name}={getattr(policy, f.name)}"
+        for f in dataclasses.fields(policy)
+        if getattr(policy, f.name) != getattr(defaults, f.name)
+    ]
+    return policy.name + (":" + ",".join(opts) if opts else "")
+
+
+__all__ = [
+    "MAX_STOP_LENGTH",
+    "MAX_STOP_STRINGS",
+    "Canvas",
+    "Completion",
+    "Delta",
+    "Event",
+    "Prompt",
+    "Settings",
+    "SettingsError",
+    "TextGenerator",
+    "encode",
+    "has_chat_template",
+    "resolve_policy",
+]

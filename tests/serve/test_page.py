@@ -1,0 +1,96 @@
+"""The live denoising page in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
+
+Opens ``/``, submits a prompt, waits for the canvas to finish, checks the rendered answer and NFE
+against the API, runs the side-by-side mode, and saves the screenshot the README shows.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serve.conftest import POLICY
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOT = Path(__file__).parents[2] / "docs" / "img" / "serve-page.png"
+PROMPT = "5 + 9 - 1 - 7 + 1 ?"
+
+
+def test_page_in_headless_chromium(server):
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).is_file(), "install Debian's chromium package (apt-get install -y chromium)"
+    api = {}
+    for policy in (POLICY, "llada:steps=64"):
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "policy": policy}, timeout=60).json()
+        api[policy] = (r["choices"][0]["text"], r["usage"]["nfe"])
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 760}, device_scale_factor=1)
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent === 'dparallel'")
+            assert page.input_value("#policy") == POLICY and page.input_value("#max_tokens") == "64"
+            page.fill("#prompt", PROMPT)
+            page.click("#go")
+            pane = page.locator(".pane").first
+            page.wait_for_function("document.querySelector('.pane') && document.querySelector('.pane').dataset.done")
+            assert pane.get_attribute("data-done") == "1", pane.inner_text()
+            text, nfe = api[POLICY]
+            assert pane.locator(".answer").inner_text() == text
+            assert pane.locator(".nfe").inner_text() == str(nfe) and pane.get_attribute("data-nfe") == str(nfe)
+            assert pane.locator(".tok.mask").count() == 0 and pane.locator(".tok").count() == 64
+
+            # side by side: the student's policy against one token per step, on the same prompt
+            page.check("#compare")
+            page.fill("#policy2", "llada:steps=64")
+            page.click("#go")
+            page.wait_for_function(
+                "[...document.querySelectorAll('.pane')].length === 2 && "
+                "[...document.querySelectorAll('.pane')].every(p => p.dataset.done)"
+            )
+            panes = page.locator(".pane")
+            for i, policy in enumerate((POLICY, "llada:steps=64")):
+                assert panes.nth(i).get_attribute("data-done") == "1"
+                assert panes.nth(i).locator(".answer").inner_text() == api[policy][0]
+                assert panes.nth(i).locator(".nfe").inner_text() == str(api[policy][1])
+            # distinct step colours: the student commits many tokens per step, the baseline one
+            colours = [
+                len(
+                    set(
+                        panes.nth(i)
+                        .locator(".tok")
+                        .evaluate_all(
+                            "els => els.filter(e => !e.classList.contains('eos')).map(e => e.style.background)"
+                        )
+                    )
+                )
+                for i in range(2)
+            ]
+            assert colours[0] < colours[1]
+            assert not errors, errors
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
