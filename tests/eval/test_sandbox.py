@@ -15,14 +15,16 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
 
-from fewstep.eval.sandbox import Limits, MiB, Sandbox, _cgroups
+from fewstep.eval.sandbox import Limits, MiB, Sandbox, SandboxWarning, _cgroups
 
 REPS = 10  # repetitions of each limit in the determinism test
 
@@ -388,6 +390,37 @@ def test_limits_are_validated():
         Limits(timeout=0)
     with pytest.raises(ValueError):
         Sandbox(isolation="docker")
+
+
+def test_auto_warns_when_it_falls_back_to_process_isolation(tmp_path):
+    """A machine without namespaces and without bubblewrap, built for real: a child harness inside
+    bubblewrap as an unprivileged uid with user namespaces disabled, and no bwrap on its PATH."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None or not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("building the no-namespace machine needs bubblewrap and /usr/bin/python3")
+    (tmp_path / "python3").symlink_to("/usr/bin/python3")
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    code = (
+        "import warnings\nwarnings.simplefilter('always')\nfrom fewstep.eval.sandbox import Sandbox, Limits\n"
+        "box = Sandbox(Limits(timeout=10))\nprint(box.resolve(), box.run('print(6 * 7)').stdout.strip())"
+    )
+    argv = [bwrap, "--dev-bind", "/", "/", "--unshare-user", "--disable-userns", "--uid", "65534", "--gid", "65534"]
+    argv += ["--setenv", "PATH", str(tmp_path), "--setenv", "PYTHONPATH", src, "/usr/bin/python3", "-c", code]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    if "setting up uid map" in proc.stderr or "No permissions to create new namespace" in proc.stderr:
+        pytest.skip(f"bubblewrap cannot create a user namespace here: {proc.stderr.strip()}")
+    assert proc.stdout.split() == ["process", "42"], proc.stderr
+    assert "SandboxWarning: fewstep sandbox: generated code runs with the weaker 'process' isolation" in proc.stderr
+    assert "Install bubblewrap" in proc.stderr
+
+
+def test_auto_does_not_warn_when_isolation_is_strong():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SandboxWarning)
+        box = _usable("auto")
+    if box is None or box.resolve() == "process":
+        pytest.skip("this machine offers neither namespaces nor bubblewrap")
+    assert box.run("print(1)").passed
 
 
 def test_describe_names_every_layer():

@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -150,6 +151,24 @@ def _last_error_line(stderr: str) -> str:
     return ""
 
 
+class SandboxWarning(UserWarning):
+    """``isolation="auto"`` settled on the weak ``process`` isolation (no network or file-system isolation)."""
+
+
+def _fallback_warning(failures: list[str]) -> str:
+    """The warning for ``auto`` landing on ``process``: why the stronger layers failed, what would help."""
+    hint = ""
+    if shutil.which("bwrap") is None:
+        hint = (
+            " Install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap, or .ci/install-system-packages)"
+            " for the bwrap isolation."
+        )
+    return (
+        "fewstep sandbox: generated code runs with the weaker 'process' isolation (no network or "
+        "file-system isolation): " + "; ".join(failures) + "." + hint
+    )
+
+
 @dataclass
 class _Probe:
     ok: bool
@@ -209,6 +228,8 @@ class Sandbox:
                         probe = self._probe(name, python)
                         if probe.ok:
                             self._resolved, self._python = name, python
+                            if self.isolation == "auto" and name == "process":
+                                warnings.warn(_fallback_warning(failures), SandboxWarning, stacklevel=3)
                             return name
                         failures.append(f"{name} with {python}: {probe.detail}")
                 raise RuntimeError("no usable sandbox isolation: " + "; ".join(failures))
@@ -231,7 +252,7 @@ class Sandbox:
                         name, "print('fewstep-sandbox-ok')", Limits(timeout=30), cgroup=False, python=python
                     )
                     ok = res.passed and res.stdout.strip() == "fewstep-sandbox-ok"
-                    _PROBES[key] = _Probe(ok, "ok" if ok else res.reason + " " + res.stderr.strip()[-300:])
+                    _PROBES[key] = _Probe(ok, "ok" if ok else (res.reason + " " + res.stderr.strip()[-300:]).strip())
             return _PROBES[key]
 
     def describe(self) -> dict[str, str]:
@@ -735,4 +756,4 @@ def _remove_tree(path: str) -> None:
             os.unlink(root)
 
 
-__all__ = ["ISOLATIONS", "GiB", "KiB", "Limits", "MiB", "RunResult", "Sandbox"]
+__all__ = ["ISOLATIONS", "LIMIT_TEXT", "GiB", "KiB", "Limits", "MiB", "RunResult", "Sandbox", "SandboxWarning"]
