@@ -23,6 +23,10 @@ On top of any of them: rlimits (address space, processes, file size, open files,
 capability set with ``no_new_privs``, a fresh unprivileged uid when the harness is root, a per-program
 cgroup (memory for the whole tree, process count) where cgroups can be created, a scrubbed
 environment, and output capture cut at ``Limits.output`` bytes per stream.
+
+A program that hits a limit fails, every time, with the limit named in :attr:`RunResult.reason`
+(``RunResult.limit``): the harness decides from its own observations (cgroup OOM and refused-fork
+counters, the bytes it read, the wall clock), not from which process the kernel chose to kill.
 """
 
 from __future__ import annotations
@@ -61,10 +65,10 @@ class Limits:
     """Per-program limits. Sizes in bytes, times in seconds."""
 
     timeout: float = 10.0  # wall clock, from fork to exit
-    memory: int = 2 * GiB  # address space per process; also the cgroup memory cap of the whole tree
-    processes: int = 64  # RLIMIT_NPROC (unprivileged uid) and the cgroup's pids.max
+    memory: int = 2 * GiB  # address space per process; also the cgroup memory cap of the whole tree (+ 64 MiB)
+    processes: int = 64  # tasks of the program's tree: the cgroup's pids.max, backed by RLIMIT_NPROC
     file_size: int = 16 * MiB  # largest file the program may write (RLIMIT_FSIZE)
-    output: int = 1 * MiB  # captured stdout and stderr are each cut at this size
+    output: int = 1 * MiB  # stdout and stderr each: a program that writes more fails ("output limit exceeded")
     open_files: int = 256  # RLIMIT_NOFILE
     workdir_size: int = 64 * MiB  # size of the tmpfs working directory (namespaces mode)
 
