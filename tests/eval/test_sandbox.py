@@ -385,6 +385,22 @@ def test_namespaces_read_only_fallback_by_remount():
         assert not os.path.exists(target)
 
 
+def test_cgroup_event_counters_of_both_versions(tmp_path):
+    """The verdict's counters as each cgroup version writes them (this machine runs only one version)."""
+    v2, v1m, v1p = tmp_path / "v2", tmp_path / "v1-memory", tmp_path / "v1-pids"
+    for d in (v2, v1m, v1p):
+        d.mkdir()
+    (v2 / "memory.events").write_text("low 0\nhigh 0\nmax 41\noom 2\noom_kill 1\noom_group_kill 1\n")
+    (v2 / "pids.events").write_text("max 0\n")
+    (v1m / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+    (v1p / "pids.events").write_text("max 7\n")
+    layout = _cgroups.CgroupLayout(2, tmp_path, tmp_path)
+    assert _cgroups.ProgramCgroup(layout, [v2]).events() == {"oom": 2, "oom_kill": 1, "pids_max": 0}
+    assert _cgroups.ProgramCgroup(layout, [v1m, v1p]).events() == {"oom": 0, "oom_kill": 3, "pids_max": 7}
+    (v2 / "memory.events").write_text("low 0\nhigh 0\nmax 41\noom 0\noom_kill 0\n")  # hit memory.max, reclaimed
+    assert not _cgroups.ProgramCgroup(layout, [v2]).oom_killed()
+
+
 def test_limits_are_validated():
     with pytest.raises(ValueError):
         Limits(timeout=0)
