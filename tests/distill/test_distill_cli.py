@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from fewstep.train.data import read_jsonl, tokenize_pairs
 from fewstep.train.lora import LoraSpec, apply_lora
 from fewstep.train.objective import SpecialIds
 from fewstep.train.trainer import TrainConfig, Trainer
+from tests.killpoint import killed_at
 from tests.tiny import OFFICIAL_FILES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,14 +177,11 @@ def test_sigkill_and_resume_reach_the_uninterrupted_state(arith_teacher, arith_r
     assert main(_distill(arith_teacher, arith_rollouts, ref, method, *extra)) == 0
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "fewstep", *_distill(arith_teacher, arith_rollouts, out, method, *extra)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = out / "checkpoints" / "step-000003" / "trainer_state.json"
-    deadline = time.time() + 120
-    while not first.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "training.json").exists(), "the run finished before it could be killed"
+    # SIGKILL as the step-6 checkpoint is about to be renamed into place: step 3 is the last complete one
+    killed = subprocess.run(killed_at({"rename_to": "step-000006"}, *cmd[3:]), env=env, stdout=subprocess.DEVNULL)
+    assert killed.returncode == -signal.SIGKILL
+    assert (out / "checkpoints" / "step-000003" / "trainer_state.json").exists()
+    assert not (out / "training.json").exists()
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -73,12 +72,6 @@ def test_per_sequence_losses_do_not_depend_on_the_split(arith_teacher, arith_rol
     assert abs(got[False][2][0] - got[False][0][0]) > 20 * noise
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 WORKER = """
 import json, sys
 from fewstep.cli import main
@@ -109,8 +102,10 @@ def test_two_gloo_processes_follow_the_single_process_trajectory(arith_teacher, 
         "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "OMP_NUM_THREADS": "1",
     }
+    # --standalone: torchrun's own store binds a free port itself (a port probed here and released could be
+    # taken by a parallel test before torchrun binds it)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(script), json.dumps([argv(name, 2) for name in runs]),
     ]  # fmt: skip
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

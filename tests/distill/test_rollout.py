@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import fewstep
 from fewstep.cli import main
 from fewstep.distill import rollout as ro
+from tests.killpoint import killed_at
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -168,22 +168,13 @@ def _cmd(teacher, out, *extra):
 def test_sigkill_and_restart_lose_no_record_and_write_none_twice(arith_teacher, tmp_path):
     assert main(_cmd(arith_teacher, tmp_path / "ref")[3:]) == 0
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen(
-        _cmd(arith_teacher, tmp_path / "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     index = tmp_path / "run" / "shard-00000-of-00001.progress.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(index.read_text())["batches_done"] >= 3:
-                break
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # SIGKILL as the progress file is about to record a 4th batch: 3 batches done, every time
+    rule = {"replace_json": [index.name, "batches_done", 4]}
+    killed = subprocess.run(killed_at(rule, *_cmd(arith_teacher, tmp_path / "run")[3:]), env=env)
+    assert killed.returncode == -signal.SIGKILL
     done = json.loads(index.read_text())["batches_done"]
-    assert 3 <= done < 48, "the run finished before it could be killed"
+    assert done == 3
     out = subprocess.run(_cmd(arith_teacher, tmp_path / "run"), env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert _records(tmp_path / "run") == _records(tmp_path / "ref")

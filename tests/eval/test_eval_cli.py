@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from fewstep.cli import main
+from tests.killpoint import killed_at
 
 ARGS = ["--task", "arith", "--gen-length", "32", "--block-length", "8", "--no-progress"]
 
@@ -98,15 +98,10 @@ def test_resume_after_sigkill(tiny_model_dir, tmp_path):
         str(out),
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rec = out / "records.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if rec.exists() and rec.read_text().count("\n") >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # SIGKILL as soon as 3 records are committed (fsync'd): killed mid-way, every time
+    killed = subprocess.run(killed_at({"fsync_lines": ["records.jsonl", 3]}, *cmd[3:]), env=env)
+    assert killed.returncode == -signal.SIGKILL
     before = rec.read_bytes()
     n_before = before.count(b"\n")
     assert 3 <= n_before < 10, "the run must be killed mid-way for this test to mean anything"

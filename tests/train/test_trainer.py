@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from fewstep.train.mdm import MaskedDiffusionObjective
 from fewstep.train.objective import SpecialIds
 from fewstep.train.presets import init_model, model_config
 from fewstep.train.trainer import TrainConfig, Trainer, global_batch_indices, lr_factor
+from tests.killpoint import killed_at
 from tests.tiny import AUTO_MAP
 
 REPO = Path(__file__).resolve().parents[2]
@@ -212,16 +212,11 @@ def test_sigkill_and_resume_reach_the_uninterrupted_state(task_dir, tmp_path):
     steps = 24
     ref, run = tmp_path / "ref", tmp_path / "run"
     subprocess.run(_pretrain_cmd(task_dir, ref, steps), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(
-        _pretrain_cmd(task_dir, run, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    first = run / "checkpoints" / "step-000004" / "trainer_state.json"
-    deadline = time.time() + 120
-    while not first.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run / "model.safetensors").exists(), "the run finished before it could be killed"
+    # SIGKILL as the step-8 checkpoint is about to be renamed into place: step 4 is the last complete one
+    killed = subprocess.run(killed_at({"rename_to": "step-000008"}, *_pretrain_cmd(task_dir, run, steps)[3:]), env=env)
+    assert killed.returncode == -signal.SIGKILL
+    assert (run / "checkpoints" / "step-000004" / "trainer_state.json").exists()
+    assert not (run / "model.safetensors").exists()
     resumed = subprocess.run(_pretrain_cmd(task_dir, run, steps), check=True, env=env, capture_output=True, text=True)
     assert "resuming" in resumed.stdout
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(run / "model.safetensors"))

@@ -23,6 +23,10 @@ On top of any of them: rlimits (address space, processes, file size, open files,
 capability set with ``no_new_privs``, a fresh unprivileged uid when the harness is root, a per-program
 cgroup (memory for the whole tree, process count) where cgroups can be created, a scrubbed
 environment, and output capture cut at ``Limits.output`` bytes per stream.
+
+A program that hits a limit fails, every time, with the limit named in :attr:`RunResult.reason`
+(``RunResult.limit``): the harness decides from its own observations (cgroup OOM and refused-fork
+counters, the bytes it read, the wall clock), not from which process the kernel chose to kill.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -60,10 +65,10 @@ class Limits:
     """Per-program limits. Sizes in bytes, times in seconds."""
 
     timeout: float = 10.0  # wall clock, from fork to exit
-    memory: int = 2 * GiB  # address space per process; also the cgroup memory cap of the whole tree
-    processes: int = 64  # RLIMIT_NPROC (unprivileged uid) and the cgroup's pids.max
+    memory: int = 2 * GiB  # address space per process; also the cgroup memory cap of the whole tree (+ 64 MiB)
+    processes: int = 64  # tasks of the program's tree: the cgroup's pids.max, backed by RLIMIT_NPROC
     file_size: int = 16 * MiB  # largest file the program may write (RLIMIT_FSIZE)
-    output: int = 1 * MiB  # captured stdout and stderr are each cut at this size
+    output: int = 1 * MiB  # stdout and stderr each: a program that writes more fails ("output limit exceeded")
     open_files: int = 256  # RLIMIT_NOFILE
     workdir_size: int = 64 * MiB  # size of the tmpfs working directory (namespaces mode)
 
@@ -73,14 +78,32 @@ class Limits:
                 raise ValueError(f"sandbox limit {name} must be positive, got {value}")
 
 
+LIMIT_TEXT = {
+    "memory": "memory limit exceeded",
+    "output": "output limit exceeded",
+    "processes": "process limit reached",
+    "time": "timeout",
+    "file_size": "file size limit exceeded",
+    "open_files": "open file limit reached",
+    "disk": "working directory full",
+}
+
+
 @dataclass
 class RunResult:
-    """How one program ended."""
+    """How one program ended.
+
+    ``limit`` names the limit the program hit (a key of :data:`LIMIT_TEXT`), or None. A program that
+    hits a limit fails, whatever it did afterwards: the harness decides from what it observed itself
+    (the wall clock, the output it read, the cgroup's OOM and refused-fork counters), never from which
+    process the kernel happened to kill. Errors an rlimit returns to the program (``MemoryError``,
+    ``File too large``...) fail it when they end it; see ``docs/evaluation.md``.
+    """
 
     exit_code: int | None  # None when killed by a signal, timed out or never started
     signal: int | None = None  # the signal that ended it, if any
     timed_out: bool = False
-    oom_killed: bool = False  # the cgroup's OOM killer acted
+    oom_killed: bool = False  # the process tree hit the cgroup memory cap (OOM event)
     error: str | None = None  # the sandbox itself failed (the program did not run or was not observed)
     stdout: str = ""
     stderr: str = ""
@@ -88,19 +111,19 @@ class RunResult:
     stderr_truncated: bool = False
     duration: float = 0.0
     isolation: str = ""
+    limit: str | None = None  # the limit the program hit, if any (see LIMIT_TEXT)
+    limit_detail: str = ""  # which bound, in words (deterministic: the configured value, not a measurement)
 
     @property
     def passed(self) -> bool:
-        """The program ran to completion and exited with status 0."""
-        return self.error is None and not self.timed_out and self.exit_code == 0
+        """The program ran to completion within every limit and exited with status 0."""
+        return self.error is None and not self.timed_out and self.limit is None and self.exit_code == 0
 
     @property
     def reason(self) -> str:
-        """One line saying why the run passed or failed."""
-        if self.timed_out:
-            return f"timeout after {self.duration:.3g} s"
-        if self.oom_killed:
-            return "memory limit exceeded (killed by the cgroup OOM killer)"
+        """One line saying why the run passed or failed (the same line for the same program, every run)."""
+        if self.limit is not None:
+            return LIMIT_TEXT[self.limit] + (f" ({self.limit_detail})" if self.limit_detail else "")
         if self.error is not None:
             return f"sandbox error: {self.error}"
         if self.signal is not None:
@@ -111,8 +134,18 @@ class RunResult:
             return f"killed by {name}"
         last = _last_error_line(self.stderr)
         if self.exit_code == 0:
-            return "passed" + (" (output cut)" if self.stdout_truncated or self.stderr_truncated else "")
+            return "passed"
         return f"exit code {self.exit_code}" + (f": {last}" if last else "")
+
+
+# The last stderr line of a program that an rlimit ended (only ever used to name the limit of a run
+# that already failed: a program cannot turn a failure into a pass by printing these).
+_SOFT_LIMITS = (
+    ("MemoryError", "memory"),
+    ("OSError: [Errno 27] File too large", "file_size"),
+    ("OSError: [Errno 24] Too many open files", "open_files"),
+    ("OSError: [Errno 28] No space left on device", "disk"),
+)
 
 
 def _last_error_line(stderr: str) -> str:
@@ -120,6 +153,24 @@ def _last_error_line(stderr: str) -> str:
         if line.strip():
             return line.strip()[:300]
     return ""
+
+
+class SandboxWarning(UserWarning):
+    """``isolation="auto"`` settled on the weak ``process`` isolation (no network or file-system isolation)."""
+
+
+def _fallback_warning(failures: list[str]) -> str:
+    """The warning for ``auto`` landing on ``process``: why the stronger layers failed, what would help."""
+    hint = ""
+    if shutil.which("bwrap") is None:
+        hint = (
+            " Install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap, or .ci/install-system-packages)"
+            " for the bwrap isolation."
+        )
+    return (
+        "fewstep sandbox: generated code runs with the weaker 'process' isolation (no network or "
+        "file-system isolation): " + "; ".join(failures) + "." + hint
+    )
 
 
 @dataclass
@@ -181,6 +232,8 @@ class Sandbox:
                         probe = self._probe(name, python)
                         if probe.ok:
                             self._resolved, self._python = name, python
+                            if self.isolation == "auto" and name == "process":
+                                warnings.warn(_fallback_warning(failures), SandboxWarning, stacklevel=3)
                             return name
                         failures.append(f"{name} with {python}: {probe.detail}")
                 raise RuntimeError("no usable sandbox isolation: " + "; ".join(failures))
@@ -203,7 +256,7 @@ class Sandbox:
                         name, "print('fewstep-sandbox-ok')", Limits(timeout=30), cgroup=False, python=python
                     )
                     ok = res.passed and res.stdout.strip() == "fewstep-sandbox-ok"
-                    _PROBES[key] = _Probe(ok, "ok" if ok else res.reason + " " + res.stderr.strip()[-300:])
+                    _PROBES[key] = _Probe(ok, "ok" if ok else (res.reason + " " + res.stderr.strip()[-300:]).strip())
             return _PROBES[key]
 
     def describe(self) -> dict[str, str]:
@@ -290,69 +343,21 @@ class Sandbox:
         proc: subprocess.Popen | None = None
         fds: list[int] = []
         try:
-            all_files: dict[str, str | bytes] = {**(files or {}), PROGRAM_NAME: program}
-            if stdin is not None:
-                all_files[".stdin"] = stdin
-            for name, content in all_files.items():
-                if "/" in name or name in ("", ".", ".."):
-                    raise ValueError(f"sandbox file names must be plain names, got {name!r}")
-                data = content.encode() if isinstance(content, str) else content
-                Path(workdir, name).write_bytes(data)
-            if uid is not None and mode != "namespaces":
-                for p in [workdir, *(os.path.join(workdir, n) for n in all_files)]:
-                    os.chown(p, uid, uid)
+            _write_files(workdir, program, files, stdin, uid if mode != "namespaces" else None)
             if cgroup and self._cgroup_layout is not None:
-                # headroom for the launcher and PID 1 (two small Python processes)
                 try:
                     group = _cgroups.ProgramCgroup.create(
-                        self._cgroup_layout, limits.memory + 64 * MiB, limits.processes + 4
+                        self._cgroup_layout, limits.memory + MEMORY_HEADROOM, limits.processes + HARNESS_TASKS[mode]
                     )
                 except OSError as exc:  # never run without a layer that the probe found
                     return RunResult(None, error=f"could not create the program's cgroup: {exc}", isolation=mode)
-            env = {
-                "PATH": "/usr/local/bin:/usr/bin:/bin",
-                "HOME": workdir,
-                "TMPDIR": workdir,
-                "LANG": "C.UTF-8",
-                "LC_ALL": "C.UTF-8",
-                "PYTHONHASHSEED": "0",
-                "PYTHONDONTWRITEBYTECODE": "1",
-                "PYTHONIOENCODING": "utf-8",
-                "OMP_NUM_THREADS": "1",
-                "OPENBLAS_NUM_THREADS": "1",
-                "MKL_NUM_THREADS": "1",
-            }
+            if not os.access(python, os.X_OK):
+                return RunResult(None, error=f"interpreter not found or not executable: {python}", isolation=mode)
             status_r, status_w = os.pipe()
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
             fds += [status_r, status_w, out_r, out_w, err_r, err_w]
-            cfg = {
-                "mode": mode,
-                "userns": mode == "namespaces" and not self.is_root,
-                "workdir": workdir,
-                "argv": [python, "-s", "-B", PROGRAM_NAME],
-                "env": env,
-                "timeout": limits.timeout,
-                "limits": {
-                    "memory": limits.memory,
-                    "processes": limits.processes,
-                    "file_size": limits.file_size,
-                    "open_files": limits.open_files,
-                    "cpu": int(limits.timeout) + 1,
-                    "workdir_size": limits.workdir_size,
-                },
-                "uid": uid,
-                "gid": uid,
-                "cgroups": [str(d) for d in group.dirs] if group else [],
-                "status_fd": status_w,
-                "parent_pid": os.getpid(),
-                "stdin": os.path.join(workdir, ".stdin") if stdin is not None else None,
-                "force_remount": self.force_remount,
-                "bwrap_argv": _bwrap_argv(workdir, python, uid is not None) if mode == "bwrap" else None,
-                "expose": _interpreter_paths(python) if mode == "namespaces" and uid is not None else [],
-            }
-            if not os.access(python, os.X_OK):
-                return RunResult(None, error=f"interpreter not found or not executable: {python}", isolation=mode)
+            cfg = self._launcher_config(mode, python, workdir, limits, uid, group, status_w, stdin is not None)
             proc = subprocess.Popen(
                 [python, "-I", "-S", "-B", LAUNCHER, json.dumps(cfg)],
                 stdin=subprocess.DEVNULL,
@@ -361,47 +366,219 @@ class Sandbox:
                 pass_fds=(status_w,),
                 start_new_session=True,
                 close_fds=True,
-                env={"PATH": env["PATH"], "LANG": "C.UTF-8"},
+                env={"PATH": cfg["env"]["PATH"], "LANG": "C.UTF-8"},
             )
             for fd in (status_w, out_w, err_w):
                 os.close(fd)
                 fds.remove(fd)
-            out, err, status_raw = _collect(proc, out_r, err_r, status_r, limits)
+            watch = _hard_limit_watch(group)
+
+            def stop_program(_limit: str) -> None:
+                self._stop_program(proc, group, uid)
+
+            out, err, status_raw, stopped = _collect(proc, out_r, err_r, status_r, limits, watch, stop_program)
             status = _parse_status(status_raw, proc)
-            oom = group.oom_killed() if group else False
-            return RunResult(
-                exit_code=status.get("exit"),
-                signal=status.get("signal"),
-                timed_out=bool(status.get("timed_out")),
-                oom_killed=oom
-                and not status.get("timed_out")
-                and status.get("exit") != 0,  # an OOM kill the program survived is no failure
-                error=status.get("error"),
-                stdout=out[0].decode("utf-8", "replace"),
-                stderr=err[0].decode("utf-8", "replace"),
-                stdout_truncated=out[1],
-                stderr_truncated=err[1],
-                duration=float(status.get("duration") or 0.0),
-                isolation=mode,
-            )
+            self._stop(proc, group, uid)  # the tree is gone before the counters are read
+            events = group.events() if group else {}
+            proc = None
+            return _verdict(mode, limits, status, out, err, stopped, events)
         finally:
-            if proc is not None:
-                with contextlib.suppress(OSError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            if group is not None:
-                group.kill_all()
-            if uid is not None:
-                _kill_uid(uid)
-                if mode != "namespaces":
-                    _remove_files_of(uid)
-            if proc is not None:
-                proc.wait()
+            if proc is not None:  # an exception on the way: the tree must not survive it
+                self._stop(proc, group, uid)
+            if uid is not None and mode != "namespaces":
+                _remove_files_of(uid)
             if group is not None:
                 group.remove()
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             _remove_tree(workdir)
+
+    @staticmethod
+    def _stop_program(proc: subprocess.Popen, group: _cgroups.ProgramCgroup | None, uid: int | None) -> None:
+        """A limit was hit: kill the program now. The launcher, alive, reaps it, sweeps and reports.
+
+        With a sandbox uid (root harness) one SIGKILL to each of its processes ends the program; the
+        launcher (namespaces: the kernel; process and bwrap: its sweep) takes the rest. Without one, the
+        launcher's session and the cgroup are killed whole (the launcher's report is then lost).
+        """
+        if uid is not None:
+            for pid in _pids_of_uid(uid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            return
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if group is not None:
+            group.kill_all()
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen, group: _cgroups.ProgramCgroup | None, uid: int | None) -> None:
+        """SIGKILL the launcher's session, the program's cgroup and its uid; reap the launcher."""
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if group is not None:
+            group.kill_all()
+        if uid is not None:
+            _kill_uid(uid)
+        proc.wait()
+
+    def _launcher_config(
+        self,
+        mode: str,
+        python: str,
+        workdir: str,
+        limits: Limits,
+        uid: int | None,
+        group: _cgroups.ProgramCgroup | None,
+        status_w: int,
+        has_stdin: bool,
+    ) -> dict[str, Any]:
+        """The launcher's JSON configuration (see ``_launcher.py``)."""
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": workdir,
+            "TMPDIR": workdir,
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "PYTHONHASHSEED": "0",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONIOENCODING": "utf-8",
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+        # With a pids cgroup, its pids.max is the binding process limit (its refusals are counted, so the
+        # verdict sees them); RLIMIT_NPROC, one above, only backs it up. Without one, RLIMIT_NPROC binds.
+        nproc = limits.processes + 1 if group is not None and uid is not None else limits.processes
+        return {
+            "mode": mode,
+            "userns": mode == "namespaces" and not self.is_root,
+            "workdir": workdir,
+            "argv": [python, "-s", "-B", PROGRAM_NAME],
+            "env": env,
+            "timeout": limits.timeout,
+            "limits": {
+                "memory": limits.memory,
+                "processes": nproc,
+                "file_size": limits.file_size,
+                "open_files": limits.open_files,
+                "cpu": _cpu_seconds(limits),
+                "workdir_size": limits.workdir_size,
+            },
+            "uid": uid,
+            "gid": uid,
+            "cgroups": [str(d) for d in group.dirs] if group else [],
+            "status_fd": status_w,
+            "parent_pid": os.getpid(),
+            "stdin": os.path.join(workdir, ".stdin") if has_stdin else None,
+            "force_remount": self.force_remount,
+            "bwrap_argv": _bwrap_argv(workdir, python, uid is not None) if mode == "bwrap" else None,
+            "expose": _interpreter_paths(python) if mode == "namespaces" and uid is not None else [],
+        }
+
+
+# Memory cap of the tree = limits.memory + this (the launcher and PID 1: two small Python processes).
+MEMORY_HEADROOM = 64 * MiB
+# Tasks of the harness itself inside the program's cgroup, per isolation: the launcher; + PID 1
+# (namespaces); bwrap's monitor, bwrap's PID 1 and the inner launcher (bwrap). pids.max = processes +
+# these, so the program's own tree may hold exactly ``processes`` tasks.
+HARNESS_TASKS = {"process": 1, "namespaces": 2, "bwrap": 3}
+
+
+def _cpu_seconds(limits: Limits) -> int:
+    """RLIMIT_CPU (soft) of each process: past the wall-clock limit, so that it only backs it up."""
+    return int(limits.timeout) + 1
+
+
+def _write_files(
+    workdir: str, program: str, files: dict[str, str | bytes] | None, stdin: str | bytes | None, owner: int | None
+) -> None:
+    all_files: dict[str, str | bytes] = {**(files or {}), PROGRAM_NAME: program}
+    if stdin is not None:
+        all_files[".stdin"] = stdin
+    for name, content in all_files.items():
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"sandbox file names must be plain names, got {name!r}")
+        data = content.encode() if isinstance(content, str) else content
+        Path(workdir, name).write_bytes(data)
+    if owner is not None:
+        for p in [workdir, *(os.path.join(workdir, n) for n in all_files)]:
+            os.chown(p, owner, owner)
+
+
+def _hard_limit_watch(group: _cgroups.ProgramCgroup | None) -> Callable[[], str | None]:
+    """A poll that names the cgroup limit the tree hit (``memory``, ``processes``), or None."""
+
+    def watch() -> str | None:
+        if group is None:
+            return None
+        ev = group.events()
+        if ev["oom"] or ev["oom_kill"]:
+            return "memory"
+        return "processes" if ev["pids_max"] else None
+
+    return watch
+
+
+def _verdict(
+    mode: str,
+    limits: Limits,
+    status: dict[str, Any],
+    out: tuple[bytes, bool],
+    err: tuple[bytes, bool],
+    stopped: str | None,
+    events: dict[str, int],
+) -> RunResult:
+    """How the run ended, from what the harness observed. Hard limits first, in a fixed order.
+
+    The harness's own observations decide (memory and process counters of the cgroup, the output it
+    read, the launcher's wall clock), in this order: memory, processes, output, time. A program's
+    status only counts when no limit was hit; the stderr of a program that already failed only names
+    the rlimit that ended it.
+    """
+    res = RunResult(
+        exit_code=status.get("exit"),
+        signal=status.get("signal"),
+        timed_out=bool(status.get("timed_out")),
+        oom_killed=bool(events.get("oom") or events.get("oom_kill")),
+        error=status.get("error"),
+        stdout=out[0].decode("utf-8", "replace"),
+        stderr=err[0].decode("utf-8", "replace"),
+        stdout_truncated=out[1],
+        stderr_truncated=err[1],
+        duration=float(status.get("duration") or 0.0),
+        isolation=mode,
+    )
+    soft = {
+        "memory": f"a process went over its {limits.memory / MiB:g} MiB address space: MemoryError",
+        "file_size": f"a file went over {limits.file_size} bytes",
+        "open_files": f"more than {limits.open_files} open files",
+        "disk": f"the {limits.workdir_size / MiB:g} MiB working directory is full",
+    }
+    if res.oom_killed:
+        cap = (limits.memory + MEMORY_HEADROOM) / MiB
+        res.limit, res.limit_detail = "memory", f"the process tree went over {cap:g} MiB"
+    elif events.get("pids_max"):
+        res.limit, res.limit_detail = "processes", f"a fork beyond {limits.processes} processes was refused"
+    elif out[1] or err[1]:
+        stream = "stdout" if out[1] else "stderr"
+        res.limit, res.limit_detail = "output", f"more than {limits.output} bytes on {stream}"
+    elif res.timed_out:
+        res.limit, res.limit_detail = "time", f"{limits.timeout:g} s wall clock"
+    elif res.signal == signal.SIGXCPU:
+        res.limit, res.limit_detail = "time", f"{_cpu_seconds(limits)} s CPU time"
+    elif res.signal == signal.SIGXFSZ:
+        res.limit, res.limit_detail = "file_size", soft["file_size"]
+    elif stopped is None and res.error is None and res.exit_code not in (0, None):
+        last = _last_error_line(res.stderr)
+        for prefix, name in _SOFT_LIMITS:
+            if last.startswith(prefix):
+                res.limit, res.limit_detail = name, soft[name]
+                break
+    if res.limit is not None:
+        res.error = None  # the harness stopped the tree on purpose: a missing status is no sandbox error
+    return res
 
 
 def _default_interpreters() -> list[str]:
@@ -459,9 +636,21 @@ def _bwrap_argv(workdir: str, python: str, drop_uid: bool) -> list[str]:
 
 
 def _collect(
-    proc: subprocess.Popen, out_r: int, err_r: int, status_r: int, limits: Limits
-) -> tuple[tuple[bytes, bool], tuple[bytes, bool], bytes]:
-    """Read stdout/stderr (each cut at ``limits.output``) and the status line until the launcher is done."""
+    proc: subprocess.Popen,
+    out_r: int,
+    err_r: int,
+    status_r: int,
+    limits: Limits,
+    watch: Callable[[], str | None],
+    on_limit: Callable[[str], None],
+) -> tuple[tuple[bytes, bool], tuple[bytes, bool], bytes, str | None]:
+    """Read stdout/stderr and the status line until the launcher is done.
+
+    The first time a limit is hit (``output``, or what ``watch`` reports: the cgroup's counters, polled
+    every 50 ms at most), ``on_limit`` is called once to stop the program at once, and reading goes on
+    until the launcher has reported. Returns both streams (each cut at ``limits.output``, with whether
+    it went over), the raw status, and the limit hit first, if any.
+    """
     bufs = {out_r: bytearray(), err_r: bytearray(), status_r: bytearray()}
     cut = {out_r: False, err_r: False, status_r: False}
     sel = selectors.DefaultSelector()
@@ -471,6 +660,7 @@ def _collect(
     # The launcher enforces the timeout itself; this is the backstop if it cannot.
     hard_deadline = time.monotonic() + limits.timeout + 10.0
     exited_at: float | None = None
+    stopped: str | None = None
     try:
         while sel.get_map():
             now = time.monotonic()
@@ -480,6 +670,7 @@ def _collect(
                 break  # something outside the launcher still holds a pipe open: stop listening
             if now > hard_deadline:
                 break
+            hit = stopped or watch()
             for key, _ in sel.select(timeout=0.05):
                 fd = key.fd
                 try:
@@ -494,9 +685,13 @@ def _collect(
                     bufs[fd] += chunk[:room]
                 if len(chunk) > room:
                     cut[fd] = True
+                    hit = hit or "output"
+            if hit is not None and stopped is None:
+                stopped = hit
+                on_limit(hit)
     finally:
         sel.close()
-    return (bytes(bufs[out_r]), cut[out_r]), (bytes(bufs[err_r]), cut[err_r]), bytes(bufs[status_r])
+    return (bytes(bufs[out_r]), cut[out_r]), (bytes(bufs[err_r]), cut[err_r]), bytes(bufs[status_r]), stopped
 
 
 def _parse_status(raw: bytes, proc: subprocess.Popen) -> dict[str, Any]:
@@ -507,15 +702,20 @@ def _parse_status(raw: bytes, proc: subprocess.Popen) -> dict[str, Any]:
         return {"error": f"the sandbox launcher ended without a status (return code {code})", "exit": None}
 
 
+def _pids_of_uid(uid: int) -> list[int]:
+    victims = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{name}").st_uid == uid:
+                    victims.append(int(name))
+    return victims
+
+
 def _kill_uid(uid: int) -> None:
     """SIGKILL every process owned by ``uid`` (a sandbox-only uid) until none is left."""
     for _ in range(1000):
-        victims = []
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                with contextlib.suppress(OSError):
-                    if os.stat(f"/proc/{name}").st_uid == uid:
-                        victims.append(int(name))
+        victims = _pids_of_uid(uid)
         if not victims:
             return
         for pid in victims:
@@ -560,4 +760,4 @@ def _remove_tree(path: str) -> None:
             os.unlink(root)
 
 
-__all__ = ["ISOLATIONS", "GiB", "KiB", "Limits", "MiB", "RunResult", "Sandbox"]
+__all__ = ["ISOLATIONS", "LIMIT_TEXT", "GiB", "KiB", "Limits", "MiB", "RunResult", "Sandbox", "SandboxWarning"]

@@ -5,6 +5,12 @@ Used where the harness may create cgroups (root, or a delegated cgroup v2 subtre
 children. Each program gets a fresh child group of the harness's own group, removed afterwards.
 Where neither is possible the layer is simply absent (``probe()`` returns None) and the sandbox relies
 on the per-process rlimits alone.
+
+The verdict reads the groups' event counters (:meth:`ProgramCgroup.events`): an OOM event (v2
+``memory.events`` ``oom``/``oom_kill``, v1 ``memory.oom_control`` ``oom_kill``) or a refused fork
+(``pids.events`` ``max``) means the tree hit its cap, whichever process the kernel chose to kill or
+refuse. With v2, ``memory.oom.group = 1`` makes the kernel kill the whole tree at once; v1 has no such
+switch, so the harness kills the tree itself as soon as it sees the counter move.
 """
 
 from __future__ import annotations
@@ -117,6 +123,8 @@ class ProgramCgroup:
                 d.mkdir()
                 group.dirs.append(d)
                 (d / "memory.max").write_text(str(memory))
+                if (d / "memory.oom.group").exists():  # one OOM kill takes the whole tree
+                    (d / "memory.oom.group").write_text("1")
                 if (d / "memory.swap.max").exists():
                     (d / "memory.swap.max").write_text("0")
                 (d / "pids.max").write_text(str(processes))
@@ -146,19 +154,31 @@ class ProgramCgroup:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.002)
 
-    def oom_killed(self) -> bool:
-        """Whether the kernel's OOM killer acted inside the group."""
+    def events(self) -> dict[str, int]:
+        """Limit events so far: ``oom`` (times the tree hit its memory cap with nothing to reclaim),
+        ``oom_kill`` (processes the OOM killer took) and ``pids_max`` (forks refused by ``pids.max``)."""
+        found = {"oom": 0, "oom_kill": 0, "pids_max": 0}
+        wanted = {
+            "memory.events": {"oom": "oom", "oom_kill": "oom_kill"},  # v2
+            "memory.oom_control": {"oom_kill": "oom_kill"},  # v1 (no "oom" count there)
+            "pids.events": {"max": "pids_max"},
+        }
         for d in self.dirs:
-            for name in ("memory.events", "memory.oom_control"):
+            for name, keys in wanted.items():
                 try:
                     text = (d / name).read_text()
                 except OSError:
                     continue
                 for line in text.splitlines():
                     key, _, value = line.partition(" ")
-                    if key == "oom_kill" and int(value or 0) > 0:
-                        return True
-        return False
+                    if key in keys and value.strip().isdigit():
+                        found[keys[key]] = max(found[keys[key]], int(value))
+        return found
+
+    def oom_killed(self) -> bool:
+        """Whether the tree hit its memory cap (an OOM event or kill inside the group)."""
+        ev = self.events()
+        return ev["oom"] > 0 or ev["oom_kill"] > 0
 
     def remove(self) -> None:
         for d in reversed(self.dirs):
