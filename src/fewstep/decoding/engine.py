@@ -331,7 +331,8 @@ class Engine:
         self._order = itertools.count()
         self._policies: dict[str, Policy] = {}
         self._running: list[_Row] = []
-        self.forward_calls = 0  # batched model calls so far (for benchmarks)
+        self.forward_calls = 0  # batched model calls so far (at most one per kind of forward per round)
+        self.rounds = 0  # rounds that ran forwards
 
     def _policy(self, spec: Policy | str) -> Policy:
         """One instance per spec string, so requests with the same spec share ``select`` calls."""
@@ -391,6 +392,7 @@ class Engine:
                 )
         failed = [r for r in rows if r.error is not None]
         rows = [r for r in rows if r.error is None]
+        self.rounds += bool(rows)
         logits = self._forward(rows) if rows else {}
         done: set[int] = set()
         commits: dict[int, torch.Tensor] = {}

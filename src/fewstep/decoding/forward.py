@@ -12,8 +12,10 @@ runs at most three calls, one per kind:
   row's block starts at the same column of the padded layout;
 * **dual** (cached forward, dual cache): cached prefix left-padded, the block window right-padded to
   the longest block, then the row's cached suffix, right-padded: the window (the columns replaced in
-  the cache) is the same for every row, as the model's dual mode requires. The refreshed keys/values
-  of each row's window are copied back into its own cache.
+  the cache) is the same for every row, as the model's dual mode requires. The model writes the
+  window's fresh keys/values into the padded copy before attending, exactly what it does in the
+  row's own cache alone; since every dual forward rewrites the whole window, the row's cache (from the
+  block's first, full forward) is never modified.
 
 Every pad is a zero of the attention mask (keys never seen) and sits either before all of a row's real
 columns or after its queries, so the RoPE positions of every query equal the row's own, alone. When no
@@ -125,7 +127,8 @@ def prefix_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
 
 
 def dual_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
-    """Dual-cached forward over aligned block windows; each row's refreshed window is written back to its cache."""
+    """Dual-cached forward over aligned block windows (the row's own cache is only read: every dual forward
+    rewrites the whole window before attending, so the refreshed window never has to outlive the call)."""
     sh = model.logit_shift
     a = [s.start - sh for s in seqs]
     w = [s.end - s.start + sh for s in seqs]
@@ -142,11 +145,4 @@ def dual_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
     out = model.denoise(
         ids, am, start=A + sh, end=A + W, cache=cache, cache_mode="dual", logits_start=A + sh, logits_end=A + sh + L
     )
-    j = 0
-    for s, ai, wi in zip(seqs, a, w):
-        m = s.x.shape[0]
-        for (rk, rv), (k, v) in zip(s.kv.layers, cache.layers):
-            rk[:, :, ai : ai + wi] = k[j : j + m, :, A : A + wi]
-            rv[:, :, ai : ai + wi] = v[j : j + m, :, A : A + wi]
-        j += m
     return _split_logits(out.logits, seqs, [0] * len(seqs))
