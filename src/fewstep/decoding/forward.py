@@ -78,6 +78,21 @@ def _padded_cache(seqs: list[Seqs], layout: list[list[tuple[int, int, int]]], wi
     return KVCache(layers)
 
 
+def _same_geometry(seqs: list[Seqs]) -> bool:
+    """Whether every row has the same canvas length and block (then nothing needs padding)."""
+    return len({(s.x.shape[1], s.start, s.end) for s in seqs}) == 1
+
+
+def _joined_cache(seqs: list[Seqs], width: int) -> KVCache:
+    """The rows' caches (first ``width`` columns) stacked on the batch dimension; one row's cache is used as is."""
+    if len(seqs) == 1:
+        return seqs[0].kv.truncate(width)
+    layers = zip(*(s.kv.layers for s in seqs))
+    return KVCache(
+        [(torch.cat([k[:, :, :width] for k, _ in kv]), torch.cat([v[:, :, :width] for _, v in kv])) for kv in layers]
+    )
+
+
 def _split_logits(logits: torch.Tensor, seqs: list[Seqs], offsets: list[int]) -> list[torch.Tensor]:
     """Per row: its ``[n_seq, L, V]`` block logits, the row's window starting at ``offsets[i]``."""
     out, j = [], 0
@@ -118,7 +133,10 @@ def prefix_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
     Q = max(s.x.shape[1] - c for s, c in zip(seqs, cut))
     placed = [_place([(s.x[:, :c], C - c), (s.x[:, c:], C)], C + Q, s.x.shape[0], pad) for s, c in zip(seqs, cut)]
     ids, am = _stack(placed)
-    cache = _padded_cache(seqs, [[(0, C - c, c)] for c in cut], C)
+    if _same_geometry(seqs):
+        cache = _joined_cache(seqs, C)
+    else:
+        cache = _padded_cache(seqs, [[(0, C - c, c)] for c in cut], C)
     L = max(s.end - s.start for s in seqs)
     out = model.denoise(
         ids, am, start=C + sh, cache=cache, cache_mode="prefix", logits_start=C + sh, logits_end=C + sh + L
@@ -139,8 +157,10 @@ def dual_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
         for s, ai in zip(seqs, a)
     ]
     ids, am = _stack(placed)
-    spans = [[(0, A - ai, ai), (ai, A, wi), (s.end, A + W, ri)] for s, ai, wi, ri in zip(seqs, a, w, r)]
-    cache = _padded_cache(seqs, spans, A + W + R)
+    if _same_geometry(seqs):
+        cache = _joined_cache(seqs, A + W + R)
+    else:  # the window's columns need no copy: the model overwrites them before attending
+        cache = _padded_cache(seqs, [[(0, A - ai, ai), (s.end, A + W, ri)] for s, ai, ri in zip(seqs, a, r)], A + W + R)
     L = max(s.end - s.start for s in seqs)
     out = model.denoise(
         ids, am, start=A + sh, end=A + W, cache=cache, cache_mode="dual", logits_start=A + sh, logits_end=A + sh + L
