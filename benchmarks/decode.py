@@ -12,6 +12,11 @@ Sections (all measured side by side in one run, same process, same thread count)
 * ``overhead``: the engine's cost per step with the real LLaDA vocabulary (126,464 entries), measured
   with a null model whose forward is a free slice of fixed logits; set against the measured forward
   time of the ``cache`` section's synthetic model at batch 32 (dual cache, the cheapest forward).
+* ``batching``: continuous batching (:class:`fewstep.decoding.engine.Engine`, ``max_batch`` rows, a
+  finished row's place refilled at once) against the old lockstep loop (``lockstep_reference.py``:
+  fixed batches of equal settings, one after the other, rows waiting for the slowest at every block)
+  on requests with mixed prompt and answer lengths: rows/s and mean/p50/p99 latency (all requests
+  arrive at once); and the engine's cost per step over a bare loop of the same forwards.
 * ``cache``: (wall-clock, and a contention-robust time that prices every forward at the fastest
   forward of the same shape in the run) a synthetic random LLaDA with LLaDA-8B's widths (d_model 4096, 32 heads, MLP 12288,
   vocabulary 126,464) but few layers; batch 1, 256 new tokens in blocks of 32, a fixed number of steps
@@ -32,15 +37,20 @@ import random
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from lockstep_reference import lockstep_generate  # noqa: E402
 
 import fewstep  # noqa: E402
 from fewstep.decoding import generate  # noqa: E402
+from fewstep.decoding.engine import Engine, Request  # noqa: E402
 from fewstep.models import KVCache, LLaDAConfig, LLaDAModel, ModelOutput  # noqa: E402
 
 BASELINE = "llada"  # steps = gen_length: one token per step
@@ -315,6 +325,149 @@ def section_cache(args) -> tuple[dict, float | None]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# section 4: continuous batching against the old lockstep loop, and the engine's cost over bare forwards
+# ---------------------------------------------------------------------------------------------------
+
+
+def batching_requests(n: int, gen_lengths: list[int], L: int, seed: int = 1) -> list[Request]:
+    """``n`` requests with mixed prompt lengths, answer lengths and two adaptive policies."""
+    rng = random.Random(seed)
+    return [
+        Request(
+            p,
+            policy=rng.choice(["threshold:0.9", "entropy:0.5"]),
+            gen_length=rng.choice(gen_lengths),
+            block_length=L,
+            id=i,
+        )
+        for i, p in enumerate(task_prompts(n, seed))
+    ]
+
+
+def run_lockstep(model, reqs: list[Request], batch: int) -> tuple[dict, float]:
+    """The old way: requests of equal settings in fixed batches (arrival order), one batch after the
+    other, each decoded in lockstep. Returns ``{id: (answer, nfe, finish time)}`` and the makespan."""
+    groups: dict[tuple, list[Request]] = {}
+    for r in reqs:
+        groups.setdefault((r.gen_length, r.policy), []).append(r)
+    chunks = [g[i : i + batch] for g in groups.values() for i in range(0, len(g), batch)]
+    chunks.sort(key=lambda c: c[0].id)  # first come, first served
+    out, t0 = {}, time.perf_counter()
+    for c in chunks:
+        res = lockstep_generate(
+            model, [r.prompt for r in c], c[0].policy, gen_length=c[0].gen_length, block_length=c[0].block_length
+        )
+        t = time.perf_counter() - t0
+        for i, r in enumerate(c):
+            out[r.id] = (res.answers[i].tolist(), int(res.nfe[i]), t)
+    return out, time.perf_counter() - t0
+
+
+def run_continuous(model, reqs: list[Request], batch: int) -> tuple[dict, float, Engine]:
+    """The engine: every request submitted at once, ``max_batch`` rows running, a freed place refilled."""
+    engine = Engine(model, max_batch=batch)
+    out, t0 = {}, time.perf_counter()
+    for r in reqs:
+        engine.submit(replace(r))
+    while engine.has_work():
+        for u in engine.step():
+            if u.done:
+                out[u.id] = (u.result.answer, u.result.nfe, time.perf_counter() - t0)
+    return out, time.perf_counter() - t0, engine
+
+
+def latency_stats(res: dict, makespan: float) -> dict:
+    lat = sorted(t for _, _, t in res.values())
+    return {
+        "rows_per_s": len(lat) / makespan,
+        "seconds": makespan,
+        "mean_latency_s": sum(lat) / len(lat),
+        "p50_latency_s": lat[len(lat) // 2],
+        "p99_latency_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+    }
+
+
+def bare_forward_loop(model, reqs: list[Request], rounds: int) -> float:
+    """``rounds`` forwards of the same batch with no engine at all: a fixed canvas, block logits only."""
+    P, G, L = len(reqs[0].prompt), reqs[0].gen_length, reqs[0].block_length
+    ids = torch.full((len(reqs), P + G), model.config.mask_token_id)
+    ids[:, :P] = torch.tensor([r.prompt for r in reqs])
+    t = time.perf_counter()
+    with torch.no_grad():
+        for k in range(rounds):
+            s = P + (k % (G // L)) * L
+            model.denoise(ids, start=s, end=s + L, logits_start=s, logits_end=s + L)
+    return time.perf_counter() - t
+
+
+def engine_overhead(model, batch: int, G: int, L: int, repeats: int) -> dict:
+    """Engine and old lockstep loop against a bare forward loop, same forwards (fixed steps, no cache)."""
+    prompt = task_prompts(1, seed=5)[0]
+    reqs = [Request(prompt, policy=f"llada:steps={G}", gen_length=G, block_length=L, id=i) for i in range(batch)]
+    eng = lock = bare = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        Engine(model, max_batch=batch).run([replace(r) for r in reqs])
+        eng = min(eng, time.perf_counter() - t)
+        t = time.perf_counter()
+        lockstep_generate(model, [prompt] * batch, f"llada:steps={G}", gen_length=G, block_length=L)
+        lock = min(lock, time.perf_counter() - t)
+        bare = min(bare, bare_forward_loop(model, reqs, G))
+    return {
+        "batch": batch,
+        "forwards": G,
+        "engine_ms_per_step": 1000 * eng / G,
+        "lockstep_ms_per_step": 1000 * lock / G,
+        "bare_forward_ms_per_step": 1000 * bare / G,
+        "engine_overhead": 1 - bare / eng,
+        "lockstep_overhead": 1 - bare / lock,
+    }
+
+
+def section_batching(args) -> dict:
+    model = fewstep.load_model(Path(args.model), dtype="float32", device=args.device)
+    n, B, L = args.batching_requests, args.batch, args.block_length
+    lengths = [L, 2 * L, 4 * L]
+    reqs = batching_requests(n, lengths, L)
+    print(f"\n== batching: {n} requests, answer lengths {lengths} (blocks of {L}), threshold/entropy, max batch {B} ==")
+    run_continuous(model, reqs[:2], B)  # warm-up
+    best = {}
+    for name in ("lockstep", "continuous"):
+        for _ in range(args.repeats):
+            if name == "lockstep":
+                res, span = run_lockstep(model, reqs, B)
+            else:
+                res, span, engine = run_continuous(model, reqs, B)
+            if name not in best or span < best[name][1]:
+                best[name] = (res, span)
+    rows = [{"scheduler": k, **latency_stats(*v)} for k, v in best.items()]
+    lock, cont = best["lockstep"][0], best["continuous"][0]
+    same = sum(lock[i][:2] == cont[i][:2] for i in lock) / len(lock)
+    rows[1]["rounds"], rows[1]["model_calls"] = engine.rounds, engine.forward_calls
+    print_table(rows, list(rows[1]))
+    print(
+        f"  continuous / lockstep: {rows[1]['rows_per_s'] / rows[0]['rows_per_s']:.2f}x rows/s, "
+        f"{rows[0]['mean_latency_s'] / rows[1]['mean_latency_s']:.2f}x lower mean latency; same answers+NFE: {same:.0%}"
+    )
+    G = args.gen_length
+    over = [engine_overhead(model, b, G, L, args.repeats) for b in (1, B)]
+    print(f"\n== engine overhead over a bare forward loop ({Path(args.model).name}, gen {G}, fixed steps) ==")
+    print_table(over, list(over[0]))
+    return {
+        "model": str(args.model),
+        "requests": n,
+        "gen_lengths": lengths,
+        "block_length": L,
+        "max_batch": B,
+        "rows": rows,
+        "same_answers_and_nfe": same,
+        "speedup_rows_per_s": rows[1]["rows_per_s"] / rows[0]["rows_per_s"],
+        "mean_latency_ratio": rows[0]["mean_latency_s"] / rows[1]["mean_latency_s"],
+        "overhead": over,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:
@@ -383,7 +536,12 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="policies,cache,overhead", help="comma-separated: policies, cache, overhead")
+    p.add_argument(
+        "--sections",
+        default="policies,cache,overhead,batching",
+        help="comma-separated: policies, cache, overhead, batching",
+    )
+    p.add_argument("--batching-requests", type=int, default=96, help="batching section: requests in the workload")
     p.add_argument(
         "--model", default=str(ROOT / "tests" / "fixtures" / "llada-tiny-a"), help="trained model (policies)"
     )
@@ -412,6 +570,7 @@ def main(argv=None) -> int:
         args.batch, args.single_runs, args.gen_length, args.block_length, args.repeats = 4, 2, 16, 8, 1
         args.cache_gen_length, args.cache_steps, args.prompt_length, args.vocab = 32, 8, 8, 1024
         args.synthetic = {"d_model": 64, "n_layers": 1, "n_heads": 4, "mlp": 128}
+        args.batching_requests = 8
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     result = {
         "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
@@ -426,6 +585,8 @@ def main(argv=None) -> int:
         result["cache"], forward_b32 = section_cache(args)
     if "overhead" in sections:
         result["overhead"] = section_overhead(args, forward_b32)
+    if "batching" in sections:
+        result["batching"] = section_batching(args)
     result["total_seconds"] = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

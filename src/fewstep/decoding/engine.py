@@ -224,14 +224,10 @@ class _Row:
         return Seqs(x, self.kv, self.s, self.e)
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
-        """The block logits ``[L, V]`` from this row's ``[n_seq, L, V]`` slice (CFG, mask suppression)."""
+        """The block logits ``[L, V]`` from this row's ``[n_seq, L, V]`` slice (CFG combined; a view without)."""
         if self.st.cfg_scale > 0:
-            z = z[1] + (self.st.cfg_scale + 1) * (z[0] - z[1])
-        else:
-            z = z[0].clone()
-        if self.suppress_mask:
-            z[..., self.st.mask_id] = torch.finfo(z.dtype).min
-        return z
+            return z[1] + (self.st.cfg_scale + 1) * (z[0] - z[1])
+        return z[0]
 
     def result(self, cancelled: bool = False) -> RowResult:
         return RowResult(
@@ -273,13 +269,15 @@ class _GroupRNG(RowRNG):
 
 def _group_key(r: _Row) -> tuple:
     st = r.st
-    return (id(st.policy), r.b, r.num_blocks, r.L, r.G, st.mask_id, st.eos)
+    return (id(st.policy), r.b, r.num_blocks, r.L, r.G, st.mask_id, st.eos, r.suppress_mask)
 
 
 def _state(rows: list[_Row], device: torch.device, memory: dict | None = None) -> StepState:
     """The policy's view of ``rows`` (one group: same policy and block geometry)."""
     r0 = rows[0]
-    tokens = torch.stack([r.x[r.s : r.e] for r in rows])
+    gen = torch.stack([r.x[r.P :] for r in rows])  # one group: same answer length and block
+    lo = r0.s - r0.P
+    tokens = gen[:, lo : lo + r0.L]
     if memory is None:
         memory = {k: torch.cat([r.memory[k] for r in rows]) for k in (r0.memory or {})}
     return StepState(
@@ -291,7 +289,7 @@ def _state(rows: list[_Row], device: torch.device, memory: dict | None = None) -
         num_blocks=r0.num_blocks,
         block_length=r0.L,
         gen_length=r0.G,
-        gen_masked=torch.stack([(r.x[r.P :] == r.st.mask_id).sum() for r in rows]),
+        gen_masked=(gen == r0.st.mask_id).sum(-1),
         mask_id=r0.st.mask_id,
         eos_ids=r0.st.eos,
         rng=_GroupRNG(rows, device),
@@ -460,20 +458,27 @@ class Engine:
 
     def _select(self, group: list[_Row], logits: dict, commits: dict, done: set) -> None:
         """One policy call for ``group``: commit, count, and record which rows are done with the block."""
-        policy = group[0].st.policy
+        r0, policy = group[0], group[0].st.policy
         state = _state(group, self.device)
-        sel = policy.select(torch.stack([logits[id(r)] for r in group]), state)
+        z = torch.stack([logits[id(r)] for r in group])
+        if r0.suppress_mask:
+            z[..., r0.st.mask_id] = torch.finfo(z.dtype).min
+        sel = policy.select(z, state)
         commit = sel.commit & state.mask
         new = torch.where(commit, sel.tokens, state.tokens)
+        lo = r0.s - r0.P
+        nfe = torch.tensor([r.nfe + 1 for r in group], device=self.device)
+        ds = torch.stack([r.decode_step[lo : lo + r0.L] for r in group])
+        ds = torch.where(commit, nfe[:, None], ds)
+        counts = commit.sum(-1).tolist()
         for i, r in enumerate(group):
             r.x[r.s : r.e] = new[i]
+            r.decode_step[lo : lo + r0.L] = ds[i]
             r.nfe += 1
             r.steps += 1
             for k, v in (sel.memory or {}).items():
                 r.memory[k] = v[i : i + 1]
-            lo = r.s - r.P
-            r.decode_step[lo : lo + r.L] = torch.where(commit[i], r.nfe, r.decode_step[lo : lo + r.L])
-            r.tokens_per_step.append(int(commit[i].sum()))
+            r.tokens_per_step.append(counts[i])
             commits[id(r)] = commit[i]
         finished = policy.block_done(_state(group, self.device))
         for r, f in zip(group, finished.tolist()):

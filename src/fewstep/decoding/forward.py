@@ -106,8 +106,10 @@ def _split_logits(logits: torch.Tensor, seqs: list[Seqs], offsets: list[int]) ->
 def full_forward(model, seqs: list[Seqs], pad: int, want_cache: bool) -> tuple[list[torch.Tensor], list]:
     """Whole-canvas forward (left padding). Returns per-row logits and, with ``want_cache``, per-row caches."""
     n_max = max(s.x.shape[1] for s in seqs)
-    placed = [_place([(s.x, n_max - s.x.shape[1])], n_max, s.x.shape[0], pad) for s in seqs]
-    ids, am = _stack(placed)
+    if len({s.x.shape[1] for s in seqs}) == 1:
+        ids, am = torch.cat([s.x for s in seqs]), None
+    else:
+        ids, am = _stack([_place([(s.x, n_max - s.x.shape[1])], n_max, s.x.shape[0], pad) for s in seqs])
     offs = [n_max - s.x.shape[1] for s in seqs]
     lo = min(o + s.start for o, s in zip(offs, seqs))
     hi = max(o + s.end for o, s in zip(offs, seqs))
