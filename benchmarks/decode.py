@@ -31,6 +31,7 @@ Sections (all measured side by side in one run, same process, same thread count)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import random
@@ -376,6 +377,43 @@ def run_continuous(model, reqs: list[Request], batch: int) -> tuple[dict, float,
     return out, time.perf_counter() - t0, engine
 
 
+def arrivals_continuous(model, reqs: list[Request], at: list[float], batch: int) -> tuple[dict, float]:
+    """Requests submitted at their arrival times (between rounds); ``{id: (answer, nfe, latency)}``."""
+    engine, out, i, t0 = Engine(model, max_batch=batch), {}, 0, time.perf_counter()
+    while i < len(reqs) or engine.has_work():
+        while i < len(reqs) and at[i] <= time.perf_counter() - t0:
+            engine.submit(replace(reqs[i]))
+            i += 1
+        if not engine.has_work():
+            time.sleep(max(0.0, at[i] - (time.perf_counter() - t0)))
+            continue
+        for u in engine.step():
+            if u.done:
+                out[u.id] = (u.result.answer, u.result.nfe, time.perf_counter() - t0 - at[u.id])
+    return out, time.perf_counter() - t0
+
+
+def arrivals_lockstep(model, reqs: list[Request], at: list[float], batch: int) -> tuple[dict, float]:
+    """The old way under arrivals: when the running batch ends, the oldest waiting request's settings
+    make the next batch (up to ``batch`` waiting requests with those settings), decoded in lockstep."""
+    out, waiting, i, t0 = {}, [], 0, time.perf_counter()
+    while i < len(reqs) or waiting:
+        while i < len(reqs) and at[i] <= time.perf_counter() - t0:
+            waiting.append(reqs[i])
+            i += 1
+        if not waiting:
+            time.sleep(max(0.0, at[i] - (time.perf_counter() - t0)))
+            continue
+        key = (waiting[0].gen_length, waiting[0].policy)
+        chunk = [r for r in waiting if (r.gen_length, r.policy) == key][:batch]
+        waiting = [r for r in waiting if r not in chunk]
+        res = lockstep_generate(model, [r.prompt for r in chunk], key[1], gen_length=key[0],
+                                block_length=chunk[0].block_length)  # fmt: skip
+        for j, r in enumerate(chunk):
+            out[r.id] = (res.answers[j].tolist(), int(res.nfe[j]), time.perf_counter() - t0 - at[r.id])
+    return out, time.perf_counter() - t0
+
+
 def latency_stats(res: dict, makespan: float) -> dict:
     lat = sorted(t for _, _, t in res.values())
     return {
@@ -449,6 +487,17 @@ def section_batching(args) -> dict:
         f"  continuous / lockstep: {rows[1]['rows_per_s'] / rows[0]['rows_per_s']:.2f}x rows/s, "
         f"{rows[0]['mean_latency_s'] / rows[1]['mean_latency_s']:.2f}x lower mean latency; same answers+NFE: {same:.0%}"
     )
+    rate = args.arrival_load * rows[0]["rows_per_s"]
+    rng = random.Random(2)
+    at = list(itertools.accumulate(rng.expovariate(rate) for _ in reqs))
+    print(f"\n== the same requests arriving at random (Poisson, {rate:.1f}/s = {args.arrival_load:.0%} of the "
+          "lockstep throughput above) ==")  # fmt: skip
+    arr = []
+    for name, fn in (("lockstep", arrivals_lockstep), ("continuous", arrivals_continuous)):
+        res, span = fn(model, reqs, at, B)
+        arr.append({"scheduler": name, **latency_stats(res, span)})
+        arr[-1]["same_answers_and_nfe"] = sum(res[i][:2] == lock[i][:2] for i in lock) / len(lock)
+    print_table(arr, list(arr[0]))
     G = args.gen_length
     over = [engine_overhead(model, b, G, L, args.repeats) for b in (1, B)]
     print(f"\n== engine overhead over a bare forward loop ({Path(args.model).name}, gen {G}, fixed steps) ==")
@@ -542,6 +591,7 @@ def main(argv=None) -> int:
         help="comma-separated: policies, cache, overhead, batching",
     )
     p.add_argument("--batching-requests", type=int, default=96, help="batching section: requests in the workload")
+    p.add_argument("--arrival-load", type=float, default=0.7, help="batching section: arrival rate / lockstep rows/s")
     p.add_argument(
         "--model", default=str(ROOT / "tests" / "fixtures" / "llada-tiny-a"), help="trained model (policies)"
     )

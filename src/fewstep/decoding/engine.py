@@ -314,10 +314,16 @@ class _Inbox:
 class Engine:
     """Decodes requests that arrive at any time, in continuously batched rounds (see the module docstring)."""
 
-    def __init__(self, model, *, max_batch: int = 32, tokenizer=None):
+    def __init__(self, model, *, max_batch: int = 32, tokenizer=None, max_padding: float = 0.25):
+        """``max_padding``: the share of padded columns one batched call may run before the engine splits
+        a kind of forward into calls of similar lengths (rows sorted by the columns they run). Padding
+        costs compute in proportion on a CPU and little on a GPU; ``float("inf")``: always one call per
+        kind of forward per round."""
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1; got {max_batch!r}")
-        self.model, self.max_batch, self.tokenizer = model, max_batch, tokenizer
+        if not max_padding >= 0:
+            raise ValueError(f"max_padding must be >= 0; got {max_padding!r}")
+        self.model, self.max_batch, self.tokenizer, self.max_padding = model, max_batch, tokenizer, max_padding
         self.device = model.device
         cfg = model.config
         eos = stop_ids(model, tokenizer)
@@ -437,9 +443,7 @@ class Engine:
         for r in rows:
             kinds["full" if r.st.cache == "none" or r.steps == 0 else r.st.cache].append(r)
         out: dict[int, torch.Tensor] = {}
-        for kind, group in kinds.items():
-            if not group:
-                continue
+        for kind, group in ((k, g) for k, rs in kinds.items() for g in self._calls(k, rs)):
             seqs = [r.seqs() for r in group]
             self.forward_calls += 1
             if kind == "full":
@@ -455,6 +459,27 @@ class Engine:
             for r, z in zip(group, zs):
                 out[id(r)] = r.logits(z)
         return out
+
+    def _calls(self, kind: str, rows: list[_Row]) -> list[list[_Row]]:
+        """Split one kind's rows into calls whose padded columns stay within ``max_padding`` (by length)."""
+        if not rows:
+            return []
+        sh = self.model.logit_shift
+
+        def cols(r: _Row) -> int:  # the columns this row runs through the network
+            return len(r.x) if kind == "full" else (len(r.x) - r.s + sh if kind == "prefix" else r.L + sh)
+
+        calls: list[list[_Row]] = []
+        real = 0
+        for r in sorted(rows, key=lambda r: (cols(r), len(r.x), r.order)):
+            c = cols(r)
+            if calls and (len(calls[-1]) + 1) * c <= (1 + self.max_padding) * (real + c):
+                calls[-1].append(r)
+                real += c
+            else:
+                calls.append([r])
+                real = c
+        return calls
 
     def _select(self, group: list[_Row], logits: dict, commits: dict, done: set) -> None:
         """One policy call for ``group``: commit, count, and record which rows are done with the block."""
