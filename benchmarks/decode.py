@@ -510,6 +510,8 @@ def section_batching(args) -> dict:
         "max_batch": B,
         "rows": rows,
         "same_answers_and_nfe": same,
+        "arrival_rate_per_s": rate,
+        "arrivals": arr,
         "speedup_rows_per_s": rows[1]["rows_per_s"] / rows[0]["rows_per_s"],
         "mean_latency_ratio": rows[0]["mean_latency_s"] / rows[1]["mean_latency_s"],
         "overhead": over,
@@ -580,6 +582,22 @@ def markdown(result: dict) -> str:
                 + (f"{rs:.1f} | {r['robust_speedup_vs_none']:.2f}x" if rs else "- | -")
                 + f" | {100 * r['outside_forward']:.2f} % |"
             )
+    if "batching" in result:
+        b = result["batching"]
+        out += [
+            "",
+            "| workload | scheduler | rows/s | mean latency s | p50 s | p99 s |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for label, rows in (("all at once", b["rows"]), (f"Poisson {b['arrival_rate_per_s']:.1f}/s", b["arrivals"])):
+            for r in rows:
+                out.append(f"| {label} | {r['scheduler']} | {r['rows_per_s']:.1f} | {r['mean_latency_s']:.2f} | "
+                           f"{r['p50_latency_s']:.2f} | {r['p99_latency_s']:.2f} |")  # fmt: skip
+        out += ["", "| batch | engine ms/step | old lockstep ms/step | bare forward ms/step | engine overhead |",
+                "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for r in b["overhead"]:
+            out.append(f"| {r['batch']} | {r['engine_ms_per_step']:.1f} | {r['lockstep_ms_per_step']:.1f} | "
+                       f"{r['bare_forward_ms_per_step']:.1f} | {100 * r['engine_overhead']:.0f} % |")  # fmt: skip
     return "\n".join(out)
 
 
