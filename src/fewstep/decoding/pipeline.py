@@ -1,17 +1,14 @@
-"""The one generation loop of fewstep: blocks, caches, per-row progress and NFE, early stop, trace.
+"""``fewstep.generate``: a batch of prompts through the step-level engine (:mod:`fewstep.decoding.engine`).
 
-The loop freezes the prompt, appends ``gen_length`` masks and decodes them block by block
-(semi-autoregressive; one block = the whole answer when ``block_length == gen_length``). At each step
-it runs the model on the rows that still work on the block, hands the block's logits to the policy
-(:mod:`fewstep.decoding.policies`) and writes what the policy commits. It knows nothing about the
-rule (the policy decides) nor about the architecture (``model.denoise`` aligns the logits).
-
-Per-row bookkeeping: a row that is done with the block leaves the batch of the forward, so it stops
-counting NFE and its trajectory is exactly what it gets alone. Cache modes (Fast-dLLM semantics,
-batched): ``none`` recomputes the whole canvas every step; ``prefix`` runs a full forward at the
-start of each block, keeps the keys/values before the block and then runs only the block and
-everything after it; ``dual`` also keeps the keys/values after the block and runs only the block
-(its own keys/values are refreshed in place every step).
+``generate`` validates its arguments, unpads the prompts, submits one request per row to an
+:class:`~fewstep.decoding.engine.Engine` whose running set holds the whole batch, steps it to the end
+and assembles a :class:`GenerateOutput`. The engine is the only generation loop of the package: every
+row has its own progress (block, steps, policy memory, random stream, KV cache, NFE), so a row's
+trajectory is exactly the one it gets alone, and a row that finishes its block moves on at once.
+Cache modes (Fast-dLLM semantics): ``none`` recomputes the whole canvas every step; ``prefix`` runs a
+full forward at the start of each block, keeps the keys/values before the block and then runs only
+the block and everything after it; ``dual`` also keeps the keys/values after the block and runs only
+the block (its own keys/values are recomputed every step).
 """
 
 from __future__ import annotations

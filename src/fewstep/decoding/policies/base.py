@@ -2,7 +2,7 @@
 
 A policy decides, at each denoising step, which still-masked positions of the current block to
 commit and with which tokens. It never calls the model: the generation loop
-(:mod:`fewstep.decoding.pipeline`) hands it the logits of the block and a :class:`StepState`, and
+(:mod:`fewstep.decoding.engine`) hands it the logits of the block and a :class:`StepState`, and
 gets back a :class:`Selection`. Everything is batched: ``R`` rows (the rows still working on the
 block; finished rows are not in the batch), ``L`` block positions, ``V`` vocabulary entries.
 
