@@ -399,7 +399,7 @@ class Engine:
         self.rounds += bool(rows)
         logits = self._forward(rows) if rows else {}
         done: set[int] = set()
-        commits: dict[int, torch.Tensor] = {}
+        commits: dict[int, tuple[list[int], list[int]]] = {}
         for group in _groups(rows):
             self._select(group, logits, commits, done)
         for r in failed:
@@ -495,7 +495,7 @@ class Engine:
         nfe = torch.tensor([r.nfe + 1 for r in group], device=self.device)
         ds = torch.stack([r.decode_step[lo : lo + r0.L] for r in group])
         ds = torch.where(commit, nfe[:, None], ds)
-        counts = commit.sum(-1).tolist()
+        flags, new_l = commit.tolist(), new.tolist()
         for i, r in enumerate(group):
             r.x[r.s : r.e] = new[i]
             r.decode_step[lo : lo + r0.L] = ds[i]
@@ -503,18 +503,17 @@ class Engine:
             r.steps += 1
             for k, v in (sel.memory or {}).items():
                 r.memory[k] = v[i : i + 1]
-            r.tokens_per_step.append(counts[i])
-            commits[id(r)] = commit[i]
+            pos = [j for j, f in enumerate(flags[i]) if f]
+            r.tokens_per_step.append(len(pos))
+            commits[id(r)] = ([lo + j for j in pos], [new_l[i][j] for j in pos])
         finished = policy.block_done(_state(group, self.device))
         for r, f in zip(group, finished.tolist()):
             if f and not (r.quirk_extra_nfe and r.steps < 2):
                 done.add(id(r))
 
-    def _advance(self, r: _Row, commit: torch.Tensor, block_done: bool) -> Update:
+    def _advance(self, r: _Row, commit: tuple[list[int], list[int]], block_done: bool) -> Update:
         """After a row's forward: next block, early stop, end, or ``max_nfe``; its update."""
-        block = r.b
-        pos = (commit.nonzero().flatten() + (r.s - r.P)).tolist()
-        toks = r.x[[r.P + p for p in pos]].tolist()
+        block, (pos, toks) = r.b, commit
         finished = False
         if block_done:
             if r.early_stop() or r.b + 1 == r.num_blocks:
