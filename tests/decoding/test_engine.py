@@ -265,6 +265,13 @@ class Counting(Policy):
         return Selection(logits.argmax(-1), state.mask & (state.mask.cumsum(-1) == 1))
 
 
+class Broken(Policy):
+    name = "broken"
+
+    def select(self, logits, state):
+        raise IndexError("a bug in a policy")
+
+
 class Stuck(Policy):
     name = "stuck"
 
@@ -281,6 +288,7 @@ def test_one_select_call_per_policy_and_errors_stay_per_request():
         for i, c in enumerate(["none", "prefix", "dual"])
     ]
     reqs.append(Request(prompts[0], policy=Stuck(), gen_length=8, block_length=8, max_steps_per_block=3, id=3))
+    reqs.append(Request(prompts[1], policy=Broken(), gen_length=8, block_length=8, id=4))
     engine = Engine(m)
     for r in reqs:
         engine.submit(r)
@@ -289,6 +297,7 @@ def test_one_select_call_per_policy_and_errors_stay_per_request():
         results.update({u.id: u.result for u in engine.step() if u.done})
     assert pol.calls == [3] * 8  # three prompt lengths and cache modes, one select call per round
     assert "made no progress on block 0 within 3 forwards" in results[3].error
+    assert results[4].error == "policy broken failed: IndexError: a bug in a policy" and results[4].nfe == 0
     assert all(results[i].error is None and results[i].nfe == 8 for i in range(3))
     with pytest.raises(RuntimeError, match="made no progress"):
         Engine(m).run([replace(reqs[3], id=None)])

@@ -32,8 +32,8 @@ Contract (callers rely on every name here):
 * A cancelled request emits one last ``Update`` with ``done=True`` and ``result.cancelled=True``.
 * ``max_nfe``: a request that reached it stops; its answer keeps ``mask_id`` where nothing was
   committed and ``result.stopped_by_max_nfe`` is True.
-* A row whose policy makes no progress within ``max_steps_per_block`` forwards ends with
-  ``result.error`` set (``run`` raises ``RuntimeError`` with it); the other rows go on.
+* A row whose policy makes no progress within ``max_steps_per_block`` forwards, or whose policy raises,
+  ends with ``result.error`` set (``run`` raises ``RuntimeError`` with it); the other rows go on.
 """
 
 from __future__ import annotations
@@ -401,11 +401,17 @@ class Engine:
         done: set[int] = set()
         commits: dict[int, tuple[list[int], list[int]]] = {}
         for group in _groups(rows):
-            self._select(group, logits, commits, done)
+            try:
+                self._select(group, logits, commits, done)
+            except Exception as exc:  # a policy that fails ends its own rows, not the engine
+                for r in group:
+                    r.error = f"policy {r.st.policy.describe()} failed: {type(exc).__name__}: {exc}"
+                failed += group
         for r in failed:
             updates.append(self._finish(r, None))
         for r in rows:
-            updates.append(self._advance(r, commits[id(r)], id(r) in done))
+            if r.error is None:
+                updates.append(self._advance(r, commits[id(r)], id(r) in done))
         return updates
 
     def _admit(self) -> list[Update]:
