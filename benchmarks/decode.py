@@ -15,8 +15,10 @@ Sections (all measured side by side in one run, same process, same thread count)
 * ``batching``: continuous batching (:class:`fewstep.decoding.engine.Engine`, ``max_batch`` rows, a
   finished row's place refilled at once) against the old lockstep loop (``lockstep_reference.py``:
   fixed batches of equal settings, one after the other, rows waiting for the slowest at every block)
-  on requests with mixed prompt and answer lengths: rows/s and mean/p50/p99 latency (all requests
-  arrive at once); and the engine's cost per step over a bare loop of the same forwards.
+  on requests with mixed prompt and answer lengths: rows/s and mean/p50/p99 latency, all requests at
+  once and arriving at random (Poisson); and the engine's cost per step over a bare loop of the same
+  forwards. Timed on this thread's CPU clock (one torch thread), so other jobs on a shared machine do
+  not enter the numbers; waiting for an arrival advances that clock without sleeping.
 * ``cache``: (wall-clock, and a contention-robust time that prices every forward at the fastest
   forward of the same shape in the run) a synthetic random LLaDA with LLaDA-8B's widths (d_model 4096, 32 heads, MLP 12288,
   vocabulary 126,464) but few layers; batch 1, 256 new tokens in blocks of 32, a fixed number of steps
@@ -330,6 +332,21 @@ def section_cache(args) -> tuple[dict, float | None]:
 # ---------------------------------------------------------------------------------------------------
 
 
+class Clock:
+    """The batching section's clock: this thread's CPU time (torch runs on this thread with one thread),
+    so other jobs on a shared machine do not enter the measurement; waiting for an arrival advances it
+    without sleeping."""
+
+    def __init__(self):
+        self.t0, self.skipped = time.thread_time(), 0.0
+
+    def __call__(self) -> float:
+        return time.thread_time() - self.t0 + self.skipped
+
+    def wait_until(self, t: float) -> None:
+        self.skipped += max(0.0, t - self())
+
+
 def batching_requests(n: int, gen_lengths: list[int], L: int, seed: int = 1) -> list[Request]:
     """``n`` requests with mixed prompt lengths, answer lengths and two adaptive policies."""
     rng = random.Random(seed)
@@ -353,56 +370,56 @@ def run_lockstep(model, reqs: list[Request], batch: int) -> tuple[dict, float]:
         groups.setdefault((r.gen_length, r.policy), []).append(r)
     chunks = [g[i : i + batch] for g in groups.values() for i in range(0, len(g), batch)]
     chunks.sort(key=lambda c: c[0].id)  # first come, first served
-    out, t0 = {}, time.perf_counter()
+    out, clock = {}, Clock()
     for c in chunks:
         res = lockstep_generate(
             model, [r.prompt for r in c], c[0].policy, gen_length=c[0].gen_length, block_length=c[0].block_length
         )
-        t = time.perf_counter() - t0
+        t = clock()
         for i, r in enumerate(c):
             out[r.id] = (res.answers[i].tolist(), int(res.nfe[i]), t)
-    return out, time.perf_counter() - t0
+    return out, clock()
 
 
 def run_continuous(model, reqs: list[Request], batch: int, max_padding: float = 0.25) -> tuple[dict, float, Engine]:
     """The engine: every request submitted at once, ``max_batch`` rows running, a freed place refilled."""
     engine = Engine(model, max_batch=batch, max_padding=max_padding)
-    out, t0 = {}, time.perf_counter()
+    out, clock = {}, Clock()
     for r in reqs:
         engine.submit(replace(r))
     while engine.has_work():
         for u in engine.step():
             if u.done:
-                out[u.id] = (u.result.answer, u.result.nfe, time.perf_counter() - t0)
-    return out, time.perf_counter() - t0, engine
+                out[u.id] = (u.result.answer, u.result.nfe, clock())
+    return out, clock(), engine
 
 
 def arrivals_continuous(model, reqs: list[Request], at: list[float], batch: int) -> tuple[dict, float]:
     """Requests submitted at their arrival times (between rounds); ``{id: (answer, nfe, latency)}``."""
-    engine, out, i, t0 = Engine(model, max_batch=batch), {}, 0, time.perf_counter()
+    engine, out, i, clock = Engine(model, max_batch=batch), {}, 0, Clock()
     while i < len(reqs) or engine.has_work():
-        while i < len(reqs) and at[i] <= time.perf_counter() - t0:
+        while i < len(reqs) and at[i] <= clock():
             engine.submit(replace(reqs[i]))
             i += 1
         if not engine.has_work():
-            time.sleep(max(0.0, at[i] - (time.perf_counter() - t0)))
+            clock.wait_until(at[i])
             continue
         for u in engine.step():
             if u.done:
-                out[u.id] = (u.result.answer, u.result.nfe, time.perf_counter() - t0 - at[u.id])
-    return out, time.perf_counter() - t0
+                out[u.id] = (u.result.answer, u.result.nfe, clock() - at[u.id])
+    return out, clock()
 
 
 def arrivals_lockstep(model, reqs: list[Request], at: list[float], batch: int) -> tuple[dict, float]:
     """The old way under arrivals: when the running batch ends, the oldest waiting request's settings
     make the next batch (up to ``batch`` waiting requests with those settings), decoded in lockstep."""
-    out, waiting, i, t0 = {}, [], 0, time.perf_counter()
+    out, waiting, i, clock = {}, [], 0, Clock()
     while i < len(reqs) or waiting:
-        while i < len(reqs) and at[i] <= time.perf_counter() - t0:
+        while i < len(reqs) and at[i] <= clock():
             waiting.append(reqs[i])
             i += 1
         if not waiting:
-            time.sleep(max(0.0, at[i] - (time.perf_counter() - t0)))
+            clock.wait_until(at[i])
             continue
         key = (waiting[0].gen_length, waiting[0].policy)
         chunk = [r for r in waiting if (r.gen_length, r.policy) == key][:batch]
@@ -410,8 +427,8 @@ def arrivals_lockstep(model, reqs: list[Request], at: list[float], batch: int) -
         res = lockstep_generate(model, [r.prompt for r in chunk], key[1], gen_length=key[0],
                                 block_length=chunk[0].block_length)  # fmt: skip
         for j, r in enumerate(chunk):
-            out[r.id] = (res.answers[j].tolist(), int(res.nfe[j]), time.perf_counter() - t0 - at[r.id])
-    return out, time.perf_counter() - t0
+            out[r.id] = (res.answers[j].tolist(), int(res.nfe[j]), clock() - at[r.id])
+    return out, clock()
 
 
 def latency_stats(res: dict, makespan: float) -> dict:
@@ -430,12 +447,12 @@ def bare_forward_loop(model, reqs: list[Request], rounds: int) -> float:
     P, G, L = len(reqs[0].prompt), reqs[0].gen_length, reqs[0].block_length
     ids = torch.full((len(reqs), P + G), model.config.mask_token_id)
     ids[:, :P] = torch.tensor([r.prompt for r in reqs])
-    t = time.perf_counter()
+    t = time.thread_time()
     with torch.no_grad():
         for k in range(rounds):
             s = P + (k % (G // L)) * L
             model.denoise(ids, start=s, end=s + L, logits_start=s, logits_end=s + L)
-    return time.perf_counter() - t
+    return time.thread_time() - t
 
 
 def engine_overhead(model, batch: int, G: int, L: int, repeats: int) -> dict:
@@ -444,12 +461,12 @@ def engine_overhead(model, batch: int, G: int, L: int, repeats: int) -> dict:
     reqs = [Request(prompt, policy=f"llada:steps={G}", gen_length=G, block_length=L, id=i) for i in range(batch)]
     eng = lock = bare = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = time.thread_time()
         Engine(model, max_batch=batch).run([replace(r) for r in reqs])
-        eng = min(eng, time.perf_counter() - t)
-        t = time.perf_counter()
+        eng = min(eng, time.thread_time() - t)
+        t = time.thread_time()
         lockstep_generate(model, [prompt] * batch, f"llada:steps={G}", gen_length=G, block_length=L)
-        lock = min(lock, time.perf_counter() - t)
+        lock = min(lock, time.thread_time() - t)
         bare = min(bare, bare_forward_loop(model, reqs, G))
     return {
         "batch": batch,
