@@ -265,6 +265,30 @@ class Counting(Policy):
         return Selection(logits.argmax(-1), state.mask & (state.mask.cumsum(-1) == 1))
 
 
+@dataclass
+class CountingAnyBlock(Counting):
+    """The same rule, declared not to read the block scalars: rows at any block share a call."""
+
+    name = "counting-any-block"
+    uses_block_scalars = False
+
+
+def test_rows_of_different_answer_lengths_share_a_select_call():
+    m = model(LLADA)
+    prompts = base_prompts(LLADA)
+    pol, ref = CountingAnyBlock(calls=[]), Counting(calls=[])
+    specs = [(8, 8, "none"), (16, 8, "dual"), (24, 8, "prefix")]
+    for p in (pol, ref):
+        engine = Engine(m)
+        reqs = [Request(prompts[i], policy=p, gen_length=g, block_length=b, cache=c, id=i)
+                for i, (g, b, c) in enumerate(specs)]  # fmt: skip
+        res = {r.id: r for r in engine.run(reqs)}
+        for r in reqs:
+            assert_same(res[r.id], alone(m, replace(r, policy=type(p)(calls=[]))), f"request {r.id}")
+    assert pol.calls[:8] == [3] * 8 and pol.calls[8:16] == [2] * 8  # answers of 8, 16, 24 tokens, rows at blocks 0-2
+    assert max(ref.calls) == 1  # a rule that reads the block scalars: one call per block geometry
+
+
 class Broken(Policy):
     name = "broken"
 

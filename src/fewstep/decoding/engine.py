@@ -268,16 +268,23 @@ class _GroupRNG(RowRNG):
 
 
 def _group_key(r: _Row) -> tuple:
+    """Rows that can share one ``select`` call: same policy, block length, mask/EOS ids, and (for rules
+    that read the batch-wide block scalars of ``StepState``) the same block and answer length."""
     st = r.st
-    return (id(st.policy), r.b, r.num_blocks, r.L, r.G, st.mask_id, st.eos, r.suppress_mask)
+    key = (id(st.policy), r.L, st.mask_id, st.eos, r.suppress_mask)
+    return key + ((r.b, r.num_blocks, r.G) if st.policy.uses_block_scalars else ())
 
 
 def _state(rows: list[_Row], device: torch.device, memory: dict | None = None) -> StepState:
     """The policy's view of ``rows`` (one group: same policy and block geometry)."""
     r0 = rows[0]
-    gen = torch.stack([r.x[r.P :] for r in rows])  # one group: same answer length and block
-    lo = r0.s - r0.P
-    tokens = gen[:, lo : lo + r0.L]
+    if len({(r.G, r.b) for r in rows}) == 1:
+        gen = torch.stack([r.x[r.P :] for r in rows])
+        lo = r0.s - r0.P
+        tokens, gen_masked = gen[:, lo : lo + r0.L], (gen == r0.st.mask_id).sum(-1)
+    else:  # rows at different blocks / answer lengths (a rule that does not read the block scalars)
+        tokens = torch.stack([r.x[r.s : r.e] for r in rows])
+        gen_masked = torch.stack([(r.x[r.P :] == r.st.mask_id).sum() for r in rows])
     if memory is None:
         memory = {k: torch.cat([r.memory[k] for r in rows]) for k in (r0.memory or {})}
     return StepState(
@@ -289,7 +296,7 @@ def _state(rows: list[_Row], device: torch.device, memory: dict | None = None) -
         num_blocks=r0.num_blocks,
         block_length=r0.L,
         gen_length=r0.G,
-        gen_masked=(gen == r0.st.mask_id).sum(-1),
+        gen_masked=gen_masked,
         mask_id=r0.st.mask_id,
         eos_ids=r0.st.eos,
         rng=_GroupRNG(rows, device),
@@ -497,21 +504,21 @@ class Engine:
         sel = policy.select(z, state)
         commit = sel.commit & state.mask
         new = torch.where(commit, sel.tokens, state.tokens)
-        lo = r0.s - r0.P
+        los = [r.s - r.P for r in group]
         nfe = torch.tensor([r.nfe + 1 for r in group], device=self.device)
-        ds = torch.stack([r.decode_step[lo : lo + r0.L] for r in group])
+        ds = torch.stack([r.decode_step[lo : lo + r.L] for r, lo in zip(group, los)])
         ds = torch.where(commit, nfe[:, None], ds)
         flags, new_l = commit.tolist(), new.tolist()
         for i, r in enumerate(group):
             r.x[r.s : r.e] = new[i]
-            r.decode_step[lo : lo + r0.L] = ds[i]
+            r.decode_step[los[i] : los[i] + r.L] = ds[i]
             r.nfe += 1
             r.steps += 1
             for k, v in (sel.memory or {}).items():
                 r.memory[k] = v[i : i + 1]
             pos = [j for j, f in enumerate(flags[i]) if f]
             r.tokens_per_step.append(len(pos))
-            commits[id(r)] = ([lo + j for j in pos], [new_l[i][j] for j in pos])
+            commits[id(r)] = ([los[i] + j for j in pos], [new_l[i][j] for j in pos])
         finished = policy.block_done(_state(group, self.device))
         for r, f in zip(group, finished.tolist()):
             if f and not (r.quirk_extra_nfe and r.steps < 2):

@@ -104,6 +104,11 @@ class Policy:
     summary: ClassVar[str] = ""
     #: the option a bare value sets in the ``"name:value"`` form (e.g. ``threshold:0.9``)
     positional: ClassVar[str | None] = None
+    #: whether the rule reads the batch-wide block scalars of :class:`StepState` (``block``,
+    #: ``num_blocks``, ``block_length``, ``gen_length``). A rule that does not (it looks only at the
+    #: logits, the mask and per-row tensors) lets the engine decide rows at different blocks and of
+    #: different answer lengths in one ``select`` call.
+    uses_block_scalars: ClassVar[bool] = True
 
     def validate(self, gen_length: int, block_length: int) -> None:
         """Raise ``ValueError`` if the policy cannot run with these lengths."""
