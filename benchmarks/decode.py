@@ -12,6 +12,13 @@ Sections (all measured side by side in one run, same process, same thread count)
 * ``overhead``: the engine's cost per step with the real LLaDA vocabulary (126,464 entries), measured
   with a null model whose forward is a free slice of fixed logits; set against the measured forward
   time of the ``cache`` section's synthetic model at batch 32 (dual cache, the cheapest forward).
+* ``batching``: continuous batching (:class:`fewstep.decoding.engine.Engine`, ``max_batch`` rows, a
+  finished row's place refilled at once) against the old lockstep loop (``lockstep_reference.py``:
+  fixed batches of equal settings, one after the other, rows waiting for the slowest at every block)
+  on requests with mixed prompt and answer lengths: rows/s and mean/p50/p99 latency, all requests at
+  once and arriving at random (Poisson); and the engine's cost per step over a bare loop of the same
+  forwards. Timed on this thread's CPU clock (one torch thread), so other jobs on a shared machine do
+  not enter the numbers; waiting for an arrival advances that clock without sleeping.
 * ``cache``: (wall-clock, and a contention-robust time that prices every forward at the fastest
   forward of the same shape in the run) a synthetic random LLaDA with LLaDA-8B's widths (d_model 4096, 32 heads, MLP 12288,
   vocabulary 126,464) but few layers; batch 1, 256 new tokens in blocks of 32, a fixed number of steps
@@ -26,21 +33,27 @@ Sections (all measured side by side in one run, same process, same thread count)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import random
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from lockstep_reference import lockstep_generate  # noqa: E402
 
 import fewstep  # noqa: E402
 from fewstep.decoding import generate  # noqa: E402
+from fewstep.decoding.engine import Engine, Request  # noqa: E402
 from fewstep.models import KVCache, LLaDAConfig, LLaDAModel, ModelOutput  # noqa: E402
 
 BASELINE = "llada"  # steps = gen_length: one token per step
@@ -315,6 +328,218 @@ def section_cache(args) -> tuple[dict, float | None]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# section 4: continuous batching against the old lockstep loop, and the engine's cost over bare forwards
+# ---------------------------------------------------------------------------------------------------
+
+
+class Clock:
+    """The batching section's clock: this thread's CPU time (torch runs on this thread with one thread),
+    so other jobs on a shared machine do not enter the measurement; waiting for an arrival advances it
+    without sleeping."""
+
+    def __init__(self):
+        self.t0, self.skipped = time.thread_time(), 0.0
+
+    def __call__(self) -> float:
+        return time.thread_time() - self.t0 + self.skipped
+
+    def wait_until(self, t: float) -> None:
+        self.skipped += max(0.0, t - self())
+
+
+def batching_requests(n: int, gen_lengths: list[int], L: int, seed: int = 1) -> list[Request]:
+    """``n`` requests with mixed prompt lengths, answer lengths and two adaptive policies."""
+    rng = random.Random(seed)
+    return [
+        Request(
+            p,
+            policy=rng.choice(["threshold:0.9", "entropy:0.5"]),
+            gen_length=rng.choice(gen_lengths),
+            block_length=L,
+            id=i,
+        )
+        for i, p in enumerate(task_prompts(n, seed))
+    ]
+
+
+def run_lockstep(model, reqs: list[Request], batch: int) -> tuple[dict, float]:
+    """The old way: requests of equal settings in fixed batches (arrival order), one batch after the
+    other, each decoded in lockstep. Returns ``{id: (answer, nfe, finish time)}`` and the makespan."""
+    groups: dict[tuple, list[Request]] = {}
+    for r in reqs:
+        groups.setdefault((r.gen_length, r.policy), []).append(r)
+    chunks = [g[i : i + batch] for g in groups.values() for i in range(0, len(g), batch)]
+    chunks.sort(key=lambda c: c[0].id)  # first come, first served
+    out, clock = {}, Clock()
+    for c in chunks:
+        res = lockstep_generate(
+            model, [r.prompt for r in c], c[0].policy, gen_length=c[0].gen_length, block_length=c[0].block_length
+        )
+        t = clock()
+        for i, r in enumerate(c):
+            out[r.id] = (res.answers[i].tolist(), int(res.nfe[i]), t)
+    return out, clock()
+
+
+def run_continuous(model, reqs: list[Request], batch: int, max_padding: float = 0.25) -> tuple[dict, float, Engine]:
+    """The engine: every request submitted at once, ``max_batch`` rows running, a freed place refilled."""
+    engine = Engine(model, max_batch=batch, max_padding=max_padding)
+    out, clock = {}, Clock()
+    for r in reqs:
+        engine.submit(replace(r))
+    while engine.has_work():
+        for u in engine.step():
+            if u.done:
+                out[u.id] = (u.result.answer, u.result.nfe, clock())
+    return out, clock(), engine
+
+
+def arrivals_continuous(model, reqs: list[Request], at: list[float], batch: int) -> tuple[dict, float]:
+    """Requests submitted at their arrival times (between rounds); ``{id: (answer, nfe, latency)}``."""
+    engine, out, i, clock = Engine(model, max_batch=batch), {}, 0, Clock()
+    while i < len(reqs) or engine.has_work():
+        while i < len(reqs) and at[i] <= clock():
+            engine.submit(replace(reqs[i]))
+            i += 1
+        if not engine.has_work():
+            clock.wait_until(at[i])
+            continue
+        for u in engine.step():
+            if u.done:
+                out[u.id] = (u.result.answer, u.result.nfe, clock() - at[u.id])
+    return out, clock()
+
+
+def arrivals_lockstep(model, reqs: list[Request], at: list[float], batch: int) -> tuple[dict, float]:
+    """The old way under arrivals: when the running batch ends, the oldest waiting request's settings
+    make the next batch (up to ``batch`` waiting requests with those settings), decoded in lockstep."""
+    out, waiting, i, clock = {}, [], 0, Clock()
+    while i < len(reqs) or waiting:
+        while i < len(reqs) and at[i] <= clock():
+            waiting.append(reqs[i])
+            i += 1
+        if not waiting:
+            clock.wait_until(at[i])
+            continue
+        key = (waiting[0].gen_length, waiting[0].policy)
+        chunk = [r for r in waiting if (r.gen_length, r.policy) == key][:batch]
+        waiting = [r for r in waiting if r not in chunk]
+        res = lockstep_generate(model, [r.prompt for r in chunk], key[1], gen_length=key[0],
+                                block_length=chunk[0].block_length)  # fmt: skip
+        for j, r in enumerate(chunk):
+            out[r.id] = (res.answers[j].tolist(), int(res.nfe[j]), clock() - at[r.id])
+    return out, clock()
+
+
+def latency_stats(res: dict, makespan: float) -> dict:
+    lat = sorted(t for _, _, t in res.values())
+    return {
+        "rows_per_s": len(lat) / makespan,
+        "seconds": makespan,
+        "mean_latency_s": sum(lat) / len(lat),
+        "p50_latency_s": lat[len(lat) // 2],
+        "p99_latency_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+    }
+
+
+def bare_forward_loop(model, reqs: list[Request], rounds: int) -> float:
+    """``rounds`` forwards of the same batch with no engine at all: a fixed canvas, block logits only."""
+    P, G, L = len(reqs[0].prompt), reqs[0].gen_length, reqs[0].block_length
+    ids = torch.full((len(reqs), P + G), model.config.mask_token_id)
+    ids[:, :P] = torch.tensor([r.prompt for r in reqs])
+    t = time.thread_time()
+    with torch.no_grad():
+        for k in range(rounds):
+            s = P + (k % (G // L)) * L
+            model.denoise(ids, start=s, end=s + L, logits_start=s, logits_end=s + L)
+    return time.thread_time() - t
+
+
+def engine_overhead(model, batch: int, G: int, L: int, repeats: int) -> dict:
+    """Engine and old lockstep loop against a bare forward loop, same forwards (fixed steps, no cache)."""
+    prompt = task_prompts(1, seed=5)[0]
+    reqs = [Request(prompt, policy=f"llada:steps={G}", gen_length=G, block_length=L, id=i) for i in range(batch)]
+    eng = lock = bare = float("inf")
+    for _ in range(repeats):
+        t = time.thread_time()
+        Engine(model, max_batch=batch).run([replace(r) for r in reqs])
+        eng = min(eng, time.thread_time() - t)
+        t = time.thread_time()
+        lockstep_generate(model, [prompt] * batch, f"llada:steps={G}", gen_length=G, block_length=L)
+        lock = min(lock, time.thread_time() - t)
+        bare = min(bare, bare_forward_loop(model, reqs, G))
+    return {
+        "batch": batch,
+        "forwards": G,
+        "engine_ms_per_step": 1000 * eng / G,
+        "lockstep_ms_per_step": 1000 * lock / G,
+        "bare_forward_ms_per_step": 1000 * bare / G,
+        "engine_overhead": 1 - bare / eng,
+        "lockstep_overhead": 1 - bare / lock,
+    }
+
+
+def section_batching(args) -> dict:
+    model = fewstep.load_model(Path(args.model), dtype="float32", device=args.device)
+    n, B, L = args.batching_requests, args.batch, args.block_length
+    lengths = [L, 2 * L, 4 * L]
+    reqs = batching_requests(n, lengths, L)
+    print(f"\n== batching: {n} requests, answer lengths {lengths} (blocks of {L}), threshold/entropy, max batch {B} ==")
+    run_continuous(model, reqs[:2], B)  # warm-up
+    best = {}
+    engines = {}
+    for name in ("lockstep", "continuous", "continuous, max_padding=inf"):
+        for _ in range(args.repeats):
+            if name == "lockstep":
+                res, span = run_lockstep(model, reqs, B)
+            else:
+                res, span, engines[name] = run_continuous(
+                    model, reqs, B, 0.25 if name == "continuous" else float("inf")
+                )
+            if name not in best or span < best[name][1]:
+                best[name] = (res, span)
+    rows = [{"scheduler": k, **latency_stats(*v)} for k, v in best.items()]
+    lock = best["lockstep"][0]
+    same = min(sum(lock[i][:2] == v[0][i][:2] for i in lock) / len(lock) for v in best.values())
+    for r in rows[1:]:
+        r["rounds"], r["model_calls"] = engines[r["scheduler"]].rounds, engines[r["scheduler"]].forward_calls
+    print_table(rows, list(rows[1]))
+    print(
+        f"  continuous / lockstep: {rows[1]['rows_per_s'] / rows[0]['rows_per_s']:.2f}x rows/s, "
+        f"{rows[0]['mean_latency_s'] / rows[1]['mean_latency_s']:.2f}x lower mean latency; same answers+NFE: {same:.0%}"
+    )
+    rate = args.arrival_load * rows[0]["rows_per_s"]
+    rng = random.Random(2)
+    at = list(itertools.accumulate(rng.expovariate(rate) for _ in reqs))
+    print(f"\n== the same requests arriving at random (Poisson, {rate:.1f}/s = {args.arrival_load:.0%} of the "
+          "lockstep throughput above) ==")  # fmt: skip
+    arr = []
+    for name, fn in (("lockstep", arrivals_lockstep), ("continuous", arrivals_continuous)):
+        res, span = fn(model, reqs, at, B)
+        arr.append({"scheduler": name, **latency_stats(res, span)})
+        arr[-1]["same_answers_and_nfe"] = sum(res[i][:2] == lock[i][:2] for i in lock) / len(lock)
+    print_table(arr, list(arr[0]))
+    G = args.gen_length
+    over = [engine_overhead(model, b, G, L, args.repeats) for b in (1, B)]
+    print(f"\n== engine overhead over a bare forward loop ({Path(args.model).name}, gen {G}, fixed steps) ==")
+    print_table(over, list(over[0]))
+    return {
+        "model": str(args.model),
+        "requests": n,
+        "gen_lengths": lengths,
+        "block_length": L,
+        "max_batch": B,
+        "rows": rows,
+        "same_answers_and_nfe": same,
+        "arrival_rate_per_s": rate,
+        "arrivals": arr,
+        "speedup_rows_per_s": rows[1]["rows_per_s"] / rows[0]["rows_per_s"],
+        "mean_latency_ratio": rows[0]["mean_latency_s"] / rows[1]["mean_latency_s"],
+        "overhead": over,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:
@@ -378,12 +603,34 @@ def markdown(result: dict) -> str:
                 + (f"{rs:.1f} | {r['robust_speedup_vs_none']:.2f}x" if rs else "- | -")
                 + f" | {100 * r['outside_forward']:.2f} % |"
             )
+    if "batching" in result:
+        b = result["batching"]
+        out += [
+            "",
+            "| workload | scheduler | rows/s | mean latency s | p50 s | p99 s |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for label, rows in (("all at once", b["rows"]), (f"Poisson {b['arrival_rate_per_s']:.1f}/s", b["arrivals"])):
+            for r in rows:
+                out.append(f"| {label} | {r['scheduler']} | {r['rows_per_s']:.1f} | {r['mean_latency_s']:.2f} | "
+                           f"{r['p50_latency_s']:.2f} | {r['p99_latency_s']:.2f} |")  # fmt: skip
+        out += ["", "| batch | engine ms/step | old lockstep ms/step | bare forward ms/step | engine overhead |",
+                "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for r in b["overhead"]:
+            out.append(f"| {r['batch']} | {r['engine_ms_per_step']:.1f} | {r['lockstep_ms_per_step']:.1f} | "
+                       f"{r['bare_forward_ms_per_step']:.1f} | {100 * r['engine_overhead']:.0f} % |")  # fmt: skip
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="policies,cache,overhead", help="comma-separated: policies, cache, overhead")
+    p.add_argument(
+        "--sections",
+        default="policies,cache,overhead,batching",
+        help="comma-separated: policies, cache, overhead, batching",
+    )
+    p.add_argument("--batching-requests", type=int, default=96, help="batching section: requests in the workload")
+    p.add_argument("--arrival-load", type=float, default=0.7, help="batching section: arrival rate / lockstep rows/s")
     p.add_argument(
         "--model", default=str(ROOT / "tests" / "fixtures" / "llada-tiny-a"), help="trained model (policies)"
     )
@@ -412,6 +659,7 @@ def main(argv=None) -> int:
         args.batch, args.single_runs, args.gen_length, args.block_length, args.repeats = 4, 2, 16, 8, 1
         args.cache_gen_length, args.cache_steps, args.prompt_length, args.vocab = 32, 8, 8, 1024
         args.synthetic = {"d_model": 64, "n_layers": 1, "n_heads": 4, "mlp": 128}
+        args.batching_requests = 8
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     result = {
         "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
@@ -426,6 +674,8 @@ def main(argv=None) -> int:
         result["cache"], forward_b32 = section_cache(args)
     if "overhead" in sections:
         result["overhead"] = section_overhead(args, forward_b32)
+    if "batching" in sections:
+        result["batching"] = section_batching(args)
     result["total_seconds"] = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,12 @@ def test_decode_benchmark_quick(tmp_path, capsys):
     assert [r["cache"] for r in res["cache"]["rows"]] == ["none", "prefix", "dual"]
     assert all(r["nfe"] == 8 for r in res["cache"]["rows"])
     assert all(r["ms_per_step"] > 0 for r in res["overhead"]["rows"])
+    b = res["batching"]
+    assert [r["scheduler"] for r in b["rows"]] == ["lockstep", "continuous", "continuous, max_padding=inf"]
+    assert b["same_answers_and_nfe"] == 1
+    assert all(r["rows_per_s"] > 0 and r["mean_latency_s"] > 0 for r in b["rows"] + b["arrivals"])
+    assert all(r["same_answers_and_nfe"] == 1 for r in b["arrivals"])
+    assert all(r["bare_forward_ms_per_step"] > 0 for r in b["overhead"])
     assert "tokens_per_s" in capsys.readouterr().out
     assert bench.main(["--report", str(out)]) == 0
     report = capsys.readouterr().out

@@ -1,21 +1,27 @@
-"""fewstep.decoding: one batch-first generation loop and the unmasking policies it runs.
+"""fewstep.decoding: one step-level, continuous-batching engine and the unmasking policies it runs.
 
-``generate(model, input_ids, policy="threshold:0.9", gen_length=256, block_length=32, cache="dual")``
-(:mod:`fewstep.decoding.pipeline`) runs any policy of :mod:`fewstep.decoding.policies` with any cache
-mode, on a left-padded batch, with per-row NFE. See ``docs/decoding.md``.
+:class:`Engine` (:mod:`fewstep.decoding.engine`) decodes :class:`Request` rows that join and leave at
+any round; ``generate(model, input_ids, policy="threshold:0.9", gen_length=256, block_length=32,
+cache="dual")`` (:mod:`fewstep.decoding.pipeline`) is a thin call of it for a batch of prompts, with
+per-row NFE. See ``docs/decoding.md``.
 """
 
+from fewstep.decoding.engine import Engine, Request, RowResult, Update
 from fewstep.decoding.pipeline import CACHE_MODES, GenerateOutput, StepEvent, generate, stop_ids
 from fewstep.decoding.policies import POLICIES, Policy, Selection, StepState, parse_policy, policy_help
 
 __all__ = [
     "CACHE_MODES",
     "POLICIES",
+    "Engine",
     "GenerateOutput",
     "Policy",
+    "Request",
+    "RowResult",
     "Selection",
     "StepEvent",
     "StepState",
+    "Update",
     "generate",
     "parse_policy",
     "policy_help",

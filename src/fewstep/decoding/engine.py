@@ -1,9 +1,23 @@
-"""The step-level engine: the interface that ``fewstep.generate`` and the server share (issue 12).
+"""The step-level, continuous-batching engine that ``fewstep.generate`` and the server share (issue 12).
 
-This file fixes the **contract**. The implementation below is the simplest correct one: each
-:meth:`Engine.step` decodes the oldest pending request alone, through :func:`fewstep.generate`, and
-returns all of its per-forward updates at once. It is exact by construction (every request is decoded
-alone) but it does not batch; the continuous-batching engine replaces the body, not the interface.
+Every request becomes a **row** that carries its own progress: prompt and answer length, block length,
+current block and steps in it, policy and policy memory, random stream (a seeded row has its own
+generator), KV cache and NFE. A round (:meth:`Engine.step`):
+
+1. acts on the inbox: cancelled rows leave (one last ``Update``), waiting requests join the running set
+   in FIFO order up to ``max_batch``;
+2. rows entering a block get their policy memory (``start_block``, one call per policy group);
+3. runs at most three batched model calls, one per kind of forward (:mod:`fewstep.decoding.forward`):
+   full-canvas forwards (cache ``none``, and the first forward of a block with a cache), prefix-cached
+   forwards and dual-cached forwards. Rows of every length, block and cache mode share these calls;
+4. groups the rows by policy (same instance, or same spec string) and block geometry and makes one
+   ``select`` call per group; commits, counts NFE, and asks the policy which rows are done;
+5. a row whose block is done moves to its next block at once ("first done, first out"), stops at an EOS
+   with ``early_stop``, finishes after its last block, or stops at ``max_nfe``.
+
+Exactness: a row's forward sees exactly its own canvas at its own RoPE positions (pads are masked keys,
+before its real columns or after its queries); its policy state, memory, step counter and random stream
+are its own, so each request gets the tokens and NFE it gets alone, whatever shares the round.
 
 Contract (callers rely on every name here):
 
@@ -11,13 +25,15 @@ Contract (callers rely on every name here):
   :meth:`Engine.submit`, at once, with a message fit for a user.
 * ``Engine(model, *, max_batch=32, tokenizer=None)``: ``submit(request) -> id`` and ``cancel(id)`` are
   thread-safe and cheap (they only enqueue; the engine acts on them at the start of its next round);
-  ``step()`` runs one round (one batched forward over the running rows) and returns the
-  :class:`Update` of every request that took part; ``has_work()`` says whether any request is pending
-  or running; ``run(requests)`` submits and steps until all are done and returns their
-  :class:`RowResult` in order. Only one thread may call ``step``/``run``.
+  ``step()`` runs one round and returns the :class:`Update` of every request that took part;
+  ``has_work()`` says whether any request is pending or running; ``run(requests)`` submits and steps
+  until all are done and returns their :class:`RowResult` in order. Only one thread may call
+  ``step``/``run``.
 * A cancelled request emits one last ``Update`` with ``done=True`` and ``result.cancelled=True``.
 * ``max_nfe``: a request that reached it stops; its answer keeps ``mask_id`` where nothing was
   committed and ``result.stopped_by_max_nfe`` is True.
+* A row whose policy makes no progress within ``max_steps_per_block`` forwards, or whose policy raises,
+  ends with ``result.error`` set (``run`` raises ``RuntimeError`` with it); the other rows go on.
 """
 
 from __future__ import annotations
@@ -29,7 +45,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fewstep.decoding.policies import Policy
+import torch
+
+from fewstep.decoding.forward import Seqs, dual_forward, full_forward, prefix_forward
+from fewstep.decoding.policies import Policy, StepState, parse_policy
+from fewstep.decoding.policies.base import RowRNG
+
+CACHE_MODES = ("none", "prefix", "dual")
+# token strings that end a turn in the chat formats fewstep knows (looked up in the tokenizer's vocab)
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|eot|>")
+
+
+def stop_ids(model, tokenizer=None) -> tuple[int, ...]:
+    """End-of-sequence ids: the model config's ``eos_token_id`` (int or list), the tokenizer's EOS and
+    every known end-of-turn token present in the tokenizer's vocabulary. Never hard-coded ids."""
+    ids: list[int] = []
+    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    ids.extend(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    if tokenizer is not None:
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            ids.append(tokenizer.eos_token_id)
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        ids.extend(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return tuple(dict.fromkeys(int(i) for i in ids))
 
 
 @dataclass
@@ -47,6 +85,10 @@ class Request:
     cfg_scale: float = 0.0
     max_nfe: int | None = None
     id: Any = None  # assigned by Engine.submit when None
+    mask_id: int | None = None  # default: the model's mask token
+    quirk_cache_extra_nfe: bool = False  # see fewstep.generate
+    quirk_mask_prediction: bool = False
+    max_steps_per_block: int | None = None  # default 4 * block_length + 64
 
 
 @dataclass
@@ -62,6 +104,7 @@ class RowResult:
     finished_early: bool = False  # early_stop hit an EOS
     cancelled: bool = False
     stopped_by_max_nfe: bool = False
+    error: str | None = None  # the policy made no progress (see max_steps_per_block)
 
 
 @dataclass
@@ -81,6 +124,194 @@ class Update:
 
 
 @dataclass
+class Settings:
+    """A request's resolved decoding settings (validated; no prompt needed)."""
+
+    policy: Policy
+    gen_length: int
+    block_length: int
+    cache: str
+    cfg_scale: float
+    mask_id: int
+    eos: tuple[int, ...]
+    fill_id: int | None  # early stop's filler (None: no early stop)
+    limit: int
+
+
+def resolve_settings(model, req: Request, tokenizer=None, policy: Policy | None = None) -> Settings:
+    """Validate ``req``'s settings against ``model``; ValueError with a message fit for a user."""
+    cfg = model.config
+    policy = parse_policy(req.policy) if policy is None else policy
+    if req.cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}; got {req.cache!r}")
+    vocab = int(cfg.vocab_size)
+    mask_id = int(cfg.mask_token_id if req.mask_id is None else req.mask_id)
+    if not 0 <= mask_id < vocab:
+        raise ValueError(f"mask_id must be in [0, {vocab - 1}] (the vocabulary); got {mask_id}")
+    G = req.gen_length
+    if not isinstance(G, int) or isinstance(G, bool) or G < 1:
+        raise ValueError(f"gen_length must be an integer >= 1; got {G!r}")
+    L = min(32, G) if req.block_length is None else req.block_length
+    L = policy.blocks(G, L)
+    if not isinstance(L, int) or not 1 <= L <= G:
+        raise ValueError(f"block_length must be in [1, gen_length={G}]; got {L!r}")
+    if G % L:
+        raise ValueError(f"gen_length ({G}) must be a multiple of block_length ({L}); valid block lengths divide {G}")
+    if req.cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be >= 0; got {req.cfg_scale}")
+    if req.max_nfe is not None and (not isinstance(req.max_nfe, int) or req.max_nfe < 1):
+        raise ValueError(f"max_nfe must be an integer >= 1 or None; got {req.max_nfe!r}")
+    policy.validate(G, L)
+    eos = tuple(int(i) for i in req.eos_ids) if req.eos_ids is not None else stop_ids(model, tokenizer)
+    fill_id = eos[0] if eos else None
+    if req.early_stop and fill_id is None:
+        raise ValueError("early_stop needs eos_ids (the model config has no eos_token_id)")
+    limit = req.max_steps_per_block or 4 * L + 64
+    return Settings(
+        policy, G, L, req.cache, float(req.cfg_scale), mask_id, eos, fill_id if req.early_stop else None, limit
+    )
+
+
+def check_prompt(model, prompt: Sequence[int], gen_length: int) -> list[int]:
+    """The prompt as a list of ints; ValueError if it is empty, out of the vocabulary or too long."""
+    ids = [int(t) for t in prompt]
+    vocab = int(model.config.vocab_size)
+    if not ids:
+        raise ValueError("the prompt must hold at least one token")
+    if any(not 0 <= t < vocab for t in ids):
+        raise ValueError(f"input_ids must be token ids in [0, {vocab - 1}] (the vocabulary)")
+    n, max_len = len(ids) + gen_length, getattr(model.config, "max_sequence_length", None)
+    if max_len is not None and max_len < n:
+        raise ValueError(
+            f"prompt length ({len(ids)}) + gen_length ({gen_length}) = {n} exceeds the model's context "
+            f"(max_sequence_length {max_len}); valid gen_length: <= {max_len - len(ids)}"
+        )
+    return ids
+
+
+class _Row:
+    """One running request: its canvas and every counter of its own progress."""
+
+    def __init__(self, req: Request, st: Settings, prompt: list[int], device: torch.device, order: int):
+        self.req, self.st, self.order = req, st, order
+        self.P, self.G, self.L = len(prompt), st.gen_length, st.block_length
+        self.num_blocks = self.G // self.L
+        self.x = torch.tensor(prompt + [st.mask_id] * self.G, dtype=torch.long, device=device)
+        self.gen = None if req.seed is None else torch.Generator(device=device).manual_seed(int(req.seed))
+        self.suppress_mask = not req.quirk_mask_prediction
+        self.quirk_extra_nfe = req.quirk_cache_extra_nfe and st.cache != "none"
+        self.nfe, self.tokens_per_step = 0, []
+        self.decode_step = torch.zeros(self.G, dtype=torch.long, device=device)
+        self.b, self.steps, self.memory, self.kv = 0, 0, None, None
+        self.finished_early = self.stopped_by_max_nfe = False
+        self.error: str | None = None
+
+    @property
+    def s(self) -> int:
+        return self.P + self.b * self.L
+
+    @property
+    def e(self) -> int:
+        return self.s + self.L
+
+    def seqs(self) -> Seqs:
+        """The sequences this row runs: its canvas, and with CFG the copy with the prompt masked."""
+        x = self.x[None]
+        if self.st.cfg_scale > 0:
+            un = x.clone()
+            un[:, : self.P] = self.st.mask_id
+            x = torch.cat([x, un])
+        return Seqs(x, self.kv, self.s, self.e)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The block logits ``[L, V]`` from this row's ``[n_seq, L, V]`` slice (CFG combined; a view without)."""
+        if self.st.cfg_scale > 0:
+            return z[1] + (self.st.cfg_scale + 1) * (z[0] - z[1])
+        return z[0]
+
+    def result(self, cancelled: bool = False) -> RowResult:
+        return RowResult(
+            id=self.req.id,
+            prompt=self.x[: self.P].tolist(),
+            answer=self.x[self.P :].tolist(),
+            nfe=self.nfe,
+            tokens_per_step=list(self.tokens_per_step),
+            decode_step=self.decode_step.tolist(),
+            finished_early=self.finished_early,
+            cancelled=cancelled,
+            stopped_by_max_nfe=self.stopped_by_max_nfe,
+            error=self.error,
+        )
+
+    def early_stop(self) -> bool:
+        """With early stop: if the answer so far holds an EOS, fill everything after it with EOS."""
+        if self.st.fill_id is None:
+            return False
+        hit = torch.isin(self.x[self.P : self.e], torch.tensor(self.st.eos, device=self.x.device))
+        if not bool(hit.any()):
+            return False
+        first = int(hit.nonzero()[0])
+        self.x[self.P + first + 1 :] = self.st.fill_id
+        self.decode_step[first + 1 :] = 0
+        self.finished_early = True
+        return True
+
+
+class _GroupRNG(RowRNG):
+    """The random streams of one policy group: row ``j`` draws from its own generator (or the global
+    RNG when unseeded); with no seeded row, one draw for the group (torch's global stream, as before)."""
+
+    def __init__(self, rows: list[_Row], device: torch.device):
+        gens = [r.gen for r in rows]
+        self.generators = None if all(g is None for g in gens) else gens
+        self.device = device
+
+
+def _group_key(r: _Row) -> tuple:
+    """Rows that can share one ``select`` call: same policy, block length, mask/EOS ids, and (for rules
+    that read the batch-wide block scalars of ``StepState``) the same block and answer length."""
+    st = r.st
+    key = (id(st.policy), r.L, st.mask_id, st.eos, r.suppress_mask)
+    return key + ((r.b, r.num_blocks, r.G) if st.policy.uses_block_scalars else ())
+
+
+def _state(rows: list[_Row], device: torch.device, memory: dict | None = None) -> StepState:
+    """The policy's view of ``rows`` (one group: same policy and block geometry)."""
+    r0 = rows[0]
+    if len({(r.G, r.b) for r in rows}) == 1:
+        gen = torch.stack([r.x[r.P :] for r in rows])
+        lo = r0.s - r0.P
+        tokens, gen_masked = gen[:, lo : lo + r0.L], (gen == r0.st.mask_id).sum(-1)
+    else:  # rows at different blocks / answer lengths (a rule that does not read the block scalars)
+        tokens = torch.stack([r.x[r.s : r.e] for r in rows])
+        gen_masked = torch.stack([(r.x[r.P :] == r.st.mask_id).sum() for r in rows])
+    if memory is None:
+        memory = {k: torch.cat([r.memory[k] for r in rows]) for k in (r0.memory or {})}
+    return StepState(
+        tokens=tokens,
+        mask=tokens == r0.st.mask_id,
+        step=torch.tensor([r.steps for r in rows], dtype=torch.long, device=device),
+        rows=torch.arange(len(rows), device=device),
+        block=r0.b,
+        num_blocks=r0.num_blocks,
+        block_length=r0.L,
+        gen_length=r0.G,
+        gen_masked=gen_masked,
+        mask_id=r0.st.mask_id,
+        eos_ids=r0.st.eos,
+        rng=_GroupRNG(rows, device),
+        memory=memory,
+    )
+
+
+def _groups(rows: list[_Row]) -> list[list[_Row]]:
+    out: dict[tuple, list[_Row]] = {}
+    for r in rows:
+        out.setdefault(_group_key(r), []).append(r)
+    return list(out.values())
+
+
+@dataclass
 class _Inbox:
     lock: threading.Lock = field(default_factory=threading.Lock)
     pending: deque = field(default_factory=deque)
@@ -88,22 +319,49 @@ class _Inbox:
 
 
 class Engine:
-    """Decodes requests that arrive at any time; see the module docstring for the contract."""
+    """Decodes requests that arrive at any time, in continuously batched rounds (see the module docstring)."""
 
-    def __init__(self, model, *, max_batch: int = 32, tokenizer=None):
-        self.model, self.max_batch, self.tokenizer = model, max_batch, tokenizer
+    def __init__(self, model, *, max_batch: int = 32, tokenizer=None, max_padding: float = 0.25):
+        """``max_padding``: the share of padded columns one batched call may run before the engine splits
+        a kind of forward into calls of similar lengths (rows sorted by the columns they run). Padding
+        costs compute in proportion on a CPU and little on a GPU; ``float("inf")``: always one call per
+        kind of forward per round."""
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1; got {max_batch!r}")
+        if not max_padding >= 0:
+            raise ValueError(f"max_padding must be >= 0; got {max_padding!r}")
+        self.model, self.max_batch, self.tokenizer, self.max_padding = model, max_batch, tokenizer, max_padding
+        self.device = model.device
+        cfg = model.config
+        eos = stop_ids(model, tokenizer)
+        self.pad_id = int(
+            cfg.pad_token_id if getattr(cfg, "pad_token_id", None) is not None else (eos[0] if eos else 0)
+        )
         self._inbox = _Inbox()
         self._ids = itertools.count()
+        self._order = itertools.count()
+        self._policies: dict[str, Policy] = {}
+        self._running: list[_Row] = []
+        self.forward_calls = 0  # batched model calls so far (at most one per kind of forward per round)
+        self.rounds = 0  # rounds that ran forwards
+
+    def _policy(self, spec: Policy | str) -> Policy:
+        """One instance per spec string, so requests with the same spec share ``select`` calls."""
+        if isinstance(spec, Policy):
+            return spec
+        key = spec.strip() if isinstance(spec, str) else spec
+        if key not in self._policies:
+            self._policies[key] = parse_policy(spec)
+        return self._policies[key]
 
     def submit(self, request: Request) -> Any:
         """Validate and enqueue ``request``; returns its id. Raises ValueError for bad settings."""
-        from fewstep.decoding.policies import parse_policy
-
-        parse_policy(request.policy)  # fail fast on a bad spec
-        if request.id is None:
-            request.id = next(self._ids)
+        st = resolve_settings(self.model, request, self.tokenizer, self._policy(request.policy))
+        prompt = check_prompt(self.model, request.prompt, st.gen_length)
         with self._inbox.lock:
-            self._inbox.pending.append(request)
+            if request.id is None:
+                request.id = next(self._ids)
+            self._inbox.pending.append((request, st, prompt))
         return request.id
 
     def cancel(self, request_id: Any) -> None:
@@ -112,67 +370,196 @@ class Engine:
             self._inbox.cancelled.add(request_id)
 
     def has_work(self) -> bool:
+        """Whether any request is pending or running."""
         with self._inbox.lock:
-            return bool(self._inbox.pending)
+            return bool(self._inbox.pending) or bool(self._running)
 
+    @property
+    def running(self) -> int:
+        """Rows in the running set."""
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a place in the running set."""
+        with self._inbox.lock:
+            return len(self._inbox.pending)
+
+    # -- one round --------------------------------------------------------------------------------
+
+    @torch.no_grad()
     def step(self) -> list[Update]:
-        """Decode the oldest pending request alone (placeholder for one batched round)."""
-        with self._inbox.lock:
-            if not self._inbox.pending:
-                return []
-            req = self._inbox.pending.popleft()
-            cancelled = req.id in self._inbox.cancelled
-            self._inbox.cancelled.discard(req.id)
-        if cancelled:
-            res = RowResult(req.id, list(req.prompt), [], 0, [], [], cancelled=True)
-            return [Update(req.id, 0, 0, [], [], [], [], self.model.config.mask_token_id, True, res)]
-        return self._decode_alone(req)
-
-    def _decode_alone(self, req: Request) -> list[Update]:
-        from fewstep.decoding.pipeline import generate
-
-        mask_id = int(self.model.config.mask_token_id)
-        updates: list[Update] = []
-
-        def on_step(ev) -> None:
-            ans = ev.canvas[0, ev.prompt_length :].tolist()
-            updates.append(Update(req.id, int(ev.nfe[0]), ev.block, ev.positions[0], ev.tokens[0], ans, [], mask_id))
-
-        out = generate(
-            self.model,
-            [list(req.prompt)],
-            req.policy,
-            gen_length=req.gen_length,
-            block_length=req.block_length,
-            cache=req.cache,
-            seed=None if req.seed is None else [req.seed],
-            early_stop=req.early_stop,
-            eos_ids=req.eos_ids,
-            tokenizer=self.tokenizer,
-            cfg_scale=req.cfg_scale,
-            callback=on_step,
-        )
-        res = RowResult(
-            id=req.id,
-            prompt=list(req.prompt),
-            answer=out.answers[0].tolist(),
-            nfe=int(out.nfe[0]),
-            tokens_per_step=out.tokens_per_step[0],
-            decode_step=out.decode_step[0].tolist(),
-            finished_early=bool(out.finished_early[0]) if out.finished_early is not None else False,
-        )
-        for u in updates:
-            u.decode_step = res.decode_step
-        if updates:
-            updates[-1].done, updates[-1].result = True, res
+        """One round: inbox, block starts, one batched forward per kind, policy commits, row exits."""
+        updates = self._admit()
+        rows = list(self._running)
+        if not rows:
+            return updates
+        self._start_blocks([r for r in rows if r.memory is None])
+        for r in rows:
+            if r.steps >= r.st.limit:
+                r.error = (
+                    f"policy {r.st.policy.describe()} made no progress on block {r.b} within {r.st.limit} "
+                    "forwards (raise max_steps_per_block if this is intended)"
+                )
+        failed = [r for r in rows if r.error is not None]
+        rows = [r for r in rows if r.error is None]
+        self.rounds += bool(rows)
+        logits = self._forward(rows) if rows else {}
+        done: set[int] = set()
+        commits: dict[int, tuple[list[int], list[int]]] = {}
+        for group in _groups(rows):
+            try:
+                self._select(group, logits, commits, done)
+            except Exception as exc:  # a policy that fails ends its own rows, not the engine
+                for r in group:
+                    r.error = f"policy {r.st.policy.describe()} failed: {type(exc).__name__}: {exc}"
+                failed += group
+        for r in failed:
+            updates.append(self._finish(r, None))
+        for r in rows:
+            if r.error is None:
+                updates.append(self._advance(r, commits[id(r)], id(r) in done))
         return updates
 
+    def _admit(self) -> list[Update]:
+        """Cancellations and FIFO admission (up to ``max_batch`` running rows)."""
+        updates = []
+        with self._inbox.lock:
+            cancelled, self._inbox.cancelled = self._inbox.cancelled, set()
+            keep = deque()
+            for req, st, prompt in self._inbox.pending:
+                if req.id in cancelled:
+                    row = _Row(req, st, prompt, self.device, -1)
+                    updates.append(self._final(row, cancelled=True))
+                else:
+                    keep.append((req, st, prompt))
+            self._inbox.pending = keep
+            for row in [r for r in self._running if r.req.id in cancelled]:
+                self._running.remove(row)
+                updates.append(self._final(row, cancelled=True))
+            while self._inbox.pending and len(self._running) < self.max_batch:
+                req, st, prompt = self._inbox.pending.popleft()
+                self._running.append(_Row(req, st, prompt, self.device, next(self._order)))
+        return updates
+
+    def _start_blocks(self, rows: list[_Row]) -> None:
+        """Policy memory for rows entering a block (one ``start_block`` call per group)."""
+        for group in _groups(rows):
+            state = _state(group, self.device, memory={})
+            mem = group[0].st.policy.start_block(state)
+            for i, r in enumerate(group):
+                r.memory = {k: v[i : i + 1] for k, v in mem.items()}
+
+    def _forward(self, rows: list[_Row]) -> dict[int, torch.Tensor]:
+        """Block logits ``[L, V]`` per row (keyed by ``id(row)``): at most one model call per kind."""
+        kinds: dict[str, list[_Row]] = {"full": [], "prefix": [], "dual": []}
+        for r in rows:
+            kinds["full" if r.st.cache == "none" or r.steps == 0 else r.st.cache].append(r)
+        out: dict[int, torch.Tensor] = {}
+        for kind, group in ((k, g) for k, rs in kinds.items() for g in self._calls(k, rs)):
+            seqs = [r.seqs() for r in group]
+            self.forward_calls += 1
+            if kind == "full":
+                want = any(r.st.cache != "none" for r in group)
+                zs, caches = full_forward(self.model, seqs, self.pad_id, want)
+                for r, kv in zip(group, caches):
+                    if r.st.cache != "none":
+                        r.kv = kv
+            elif kind == "prefix":
+                zs = prefix_forward(self.model, seqs, self.pad_id)
+            else:
+                zs = dual_forward(self.model, seqs, self.pad_id)
+            for r, z in zip(group, zs):
+                out[id(r)] = r.logits(z)
+        return out
+
+    def _calls(self, kind: str, rows: list[_Row]) -> list[list[_Row]]:
+        """Split one kind's rows into calls whose padded columns stay within ``max_padding`` (by length)."""
+        if not rows:
+            return []
+        sh = self.model.logit_shift
+
+        def cols(r: _Row) -> int:  # the columns this row runs through the network
+            return len(r.x) if kind == "full" else (len(r.x) - r.s + sh if kind == "prefix" else r.L + sh)
+
+        calls: list[list[_Row]] = []
+        real = 0
+        for r in sorted(rows, key=lambda r: (cols(r), len(r.x), r.order)):
+            c = cols(r)
+            if calls and (len(calls[-1]) + 1) * c <= (1 + self.max_padding) * (real + c):
+                calls[-1].append(r)
+                real += c
+            else:
+                calls.append([r])
+                real = c
+        return calls
+
+    def _select(self, group: list[_Row], logits: dict, commits: dict, done: set) -> None:
+        """One policy call for ``group``: commit, count, and record which rows are done with the block."""
+        r0, policy = group[0], group[0].st.policy
+        state = _state(group, self.device)
+        z = torch.stack([logits[id(r)] for r in group])
+        if r0.suppress_mask:
+            z[..., r0.st.mask_id] = torch.finfo(z.dtype).min
+        sel = policy.select(z, state)
+        commit = sel.commit & state.mask
+        new = torch.where(commit, sel.tokens, state.tokens)
+        los = [r.s - r.P for r in group]
+        nfe = torch.tensor([r.nfe + 1 for r in group], device=self.device)
+        ds = torch.stack([r.decode_step[lo : lo + r.L] for r, lo in zip(group, los)])
+        ds = torch.where(commit, nfe[:, None], ds)
+        flags, new_l = commit.tolist(), new.tolist()
+        for i, r in enumerate(group):
+            r.x[r.s : r.e] = new[i]
+            r.decode_step[los[i] : los[i] + r.L] = ds[i]
+            r.nfe += 1
+            r.steps += 1
+            for k, v in (sel.memory or {}).items():
+                r.memory[k] = v[i : i + 1]
+            pos = [j for j, f in enumerate(flags[i]) if f]
+            r.tokens_per_step.append(len(pos))
+            commits[id(r)] = ([los[i] + j for j in pos], [new_l[i][j] for j in pos])
+        finished = policy.block_done(_state(group, self.device))
+        for r, f in zip(group, finished.tolist()):
+            if f and not (r.quirk_extra_nfe and r.steps < 2):
+                done.add(id(r))
+
+    def _advance(self, r: _Row, commit: tuple[list[int], list[int]], block_done: bool) -> Update:
+        """After a row's forward: next block, early stop, end, or ``max_nfe``; its update."""
+        block, (pos, toks) = r.b, commit
+        finished = False
+        if block_done:
+            if r.early_stop() or r.b + 1 == r.num_blocks:
+                finished = True
+            else:
+                r.b, r.steps, r.memory, r.kv = r.b + 1, 0, None, None
+        if not finished and r.req.max_nfe is not None and r.nfe >= r.req.max_nfe:
+            r.stopped_by_max_nfe = finished = True
+        if finished:
+            return self._finish(r, (block, pos, toks))
+        return Update(r.req.id, r.nfe, block, pos, toks, r.x[r.P :].tolist(), r.decode_step.tolist(), r.st.mask_id)
+
+    def _finish(self, r: _Row, step: tuple | None) -> Update:
+        self._running.remove(r)
+        up = self._final(r)
+        if step is not None:
+            up.block, up.positions, up.tokens = step
+        return up
+
+    def _final(self, r: _Row, cancelled: bool = False) -> Update:
+        res = r.result(cancelled=cancelled)
+        return Update(r.req.id, r.nfe, r.b, [], [], res.answer, res.decode_step, r.st.mask_id, True, res)
+
     def run(self, requests: Sequence[Request]) -> list[RowResult]:
-        """Submit ``requests``, step until every one is done, return their results in order."""
+        """Submit ``requests``, step until every one is done, return their results in order.
+
+        Raises ``RuntimeError`` when a request ended with an error (a policy that made no progress)."""
         ids = [self.submit(r) for r in requests]
         results: dict[Any, RowResult] = {}
         while len(results) < len(ids):
             for u in self.step():
                 if u.done and u.result is not None:
+                    if u.result.error is not None:
+                        raise RuntimeError(u.result.error)
                     results[u.id] = u.result
         return [results[i] for i in ids]

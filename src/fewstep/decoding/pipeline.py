@@ -1,33 +1,28 @@
-"""The one generation loop of fewstep: blocks, caches, per-row progress and NFE, early stop, trace.
+"""``fewstep.generate``: a batch of prompts through the step-level engine (:mod:`fewstep.decoding.engine`).
 
-The loop freezes the prompt, appends ``gen_length`` masks and decodes them block by block
-(semi-autoregressive; one block = the whole answer when ``block_length == gen_length``). At each step
-it runs the model on the rows that still work on the block, hands the block's logits to the policy
-(:mod:`fewstep.decoding.policies`) and writes what the policy commits. It knows nothing about the
-rule (the policy decides) nor about the architecture (``model.denoise`` aligns the logits).
-
-Per-row bookkeeping: a row that is done with the block leaves the batch of the forward, so it stops
-counting NFE and its trajectory is exactly what it gets alone. Cache modes (Fast-dLLM semantics,
-batched): ``none`` recomputes the whole canvas every step; ``prefix`` runs a full forward at the
-start of each block, keeps the keys/values before the block and then runs only the block and
-everything after it; ``dual`` also keeps the keys/values after the block and runs only the block
-(its own keys/values are refreshed in place every step).
+``generate`` validates its arguments, unpads the prompts, submits one request per row to an
+:class:`~fewstep.decoding.engine.Engine` whose running set holds the whole batch, steps it to the end
+and assembles a :class:`GenerateOutput`. The engine is the only generation loop of the package: every
+row has its own progress (block, steps, policy memory, random stream, KV cache, NFE), so a row's
+trajectory is exactly the one it gets alone, and a row that finishes its block moves on at once.
+Cache modes (Fast-dLLM semantics): ``none`` recomputes the whole canvas every step; ``prefix`` runs a
+full forward at the start of each block, keeps the keys/values before the block and then runs only
+the block and everything after it; ``dual`` also keeps the keys/values after the block and runs only
+the block (its own keys/values are recomputed every step).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from fewstep.decoding.policies import Policy, StepState, parse_policy
-from fewstep.decoding.policies.base import RowRNG
+from fewstep.decoding.engine import CACHE_MODES, END_OF_TURN_TOKENS, Engine, Request, resolve_settings, stop_ids
+from fewstep.decoding.policies import Policy, parse_policy
 
-CACHE_MODES = ("none", "prefix", "dual")
-# token strings that end a turn in the chat formats fewstep knows (looked up in the tokenizer's vocab)
-END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|eot|>")
+__all__ = ["CACHE_MODES", "END_OF_TURN_TOKENS", "GenerateOutput", "StepEvent", "generate", "stop_ids"]
 
 
 @dataclass
@@ -75,20 +70,6 @@ class GenerateOutput:
         """Mean committed tokens per forward, per row (``gen_length / nfe`` unless stopped early)."""
         committed = torch.tensor([sum(t) for t in self.tokens_per_step], dtype=torch.float64)
         return committed / self.nfe.clamp_min(1).to(torch.float64)
-
-
-def stop_ids(model, tokenizer=None) -> tuple[int, ...]:
-    """End-of-sequence ids: the model config's ``eos_token_id`` (int or list), the tokenizer's EOS and
-    every known end-of-turn token present in the tokenizer's vocabulary. Never hard-coded ids."""
-    ids: list[int] = []
-    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
-    ids.extend(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-    if tokenizer is not None:
-        if getattr(tokenizer, "eos_token_id", None) is not None:
-            ids.append(tokenizer.eos_token_id)
-        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-        ids.extend(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    return tuple(dict.fromkeys(int(i) for i in ids))
 
 
 def _prepare_inputs(input_ids, attention_mask, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -158,6 +139,9 @@ def generate(
 ) -> GenerateOutput:
     """Generate ``gen_length`` tokens after each prompt with a diffusion LM and an unmasking policy.
 
+    A thin call of the step-level engine (:class:`fewstep.decoding.engine.Engine`): one request per
+    row, every row decoded with its own progress (a row that finishes its block moves on at once).
+
     Args:
         model: a fewstep model (:func:`fewstep.load_model`), anything with ``denoise`` and ``config``.
         input_ids: ``[B, P]`` prompts, left-padded when ``attention_mask`` is given, or a list of token
@@ -177,7 +161,8 @@ def generate(
             its answer is filled with EOS and it stops counting NFE). Off by default (reference parity).
         seed: int (row ``i`` uses ``seed + i``) or one seed per row: per-row random streams, so sampling
             does not depend on the batch. None uses torch's global RNG.
-        callback: called with a :class:`StepEvent` after every forward.
+        callback: called with a :class:`StepEvent` after every forward (one event per block that rows
+            of the batch worked on in that round).
         trace: record every step in ``GenerateOutput.trace``.
         quirk_cache_extra_nfe: Fast-dLLM's / dParallel's cached samplers test for block completion only
             after a cached forward, so a block finished by its first (full) forward costs one more,
@@ -191,245 +176,78 @@ def generate(
             exceeding it raises ``RuntimeError`` (a policy that never commits would loop forever).
     """
     cfg = model.config
-    device = model.device
     policy = parse_policy(policy)
-    if cache not in CACHE_MODES:
-        raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}; got {cache!r}")
-    vocab = int(cfg.vocab_size)
-    mask_id = int(cfg.mask_token_id if mask_id is None else mask_id)
-    if not 0 <= mask_id < vocab:
-        raise ValueError(f"mask_id must be in [0, {vocab - 1}] (the vocabulary); got {mask_id}")
-    if not isinstance(gen_length, int) or gen_length < 1:
-        raise ValueError(f"gen_length must be an integer >= 1; got {gen_length!r}")
-    if block_length is None:
-        block_length = min(32, gen_length)
-    block_length = policy.blocks(gen_length, block_length)
-    if not isinstance(block_length, int) or not 1 <= block_length <= gen_length:
-        raise ValueError(f"block_length must be in [1, gen_length={gen_length}]; got {block_length!r}")
-    if gen_length % block_length:
-        raise ValueError(
-            f"gen_length ({gen_length}) must be a multiple of block_length ({block_length}); "
-            f"valid block lengths divide {gen_length}"
-        )
-    if cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be >= 0; got {cfg_scale}")
-    policy.validate(gen_length, block_length)
-    eos = tuple(int(i) for i in eos_ids) if eos_ids is not None else stop_ids(model, tokenizer)
-    fill_id = eos[0] if eos else None
-    if early_stop and fill_id is None:
-        raise ValueError("early_stop needs eos_ids (the model config has no eos_token_id)")
-    pad_id = cfg.pad_token_id if getattr(cfg, "pad_token_id", None) is not None else (fill_id or 0)
-    ids, am = _prepare_inputs(input_ids, attention_mask, pad_id, device)
-    B, P = ids.shape
-    if bool(((ids < 0) | (ids >= vocab)).any()):
-        raise ValueError(f"input_ids must be token ids in [0, {vocab - 1}] (the vocabulary)")
-    N = P + gen_length
-    max_len = getattr(cfg, "max_sequence_length", None)
-    if max_len is not None and max_len < N:
-        raise ValueError(
-            f"prompt length ({P}) + gen_length ({gen_length}) = {N} exceeds the model's context "
-            f"(max_sequence_length {max_len}); valid gen_length: <= {max_len - P}"
-        )
-    run = _Run(
-        model=model,
+    base = Request(
+        prompt=[0],
         policy=policy,
-        ids=ids,
-        am=am,
         gen_length=gen_length,
         block_length=block_length,
         cache=cache,
+        early_stop=early_stop,
+        eos_ids=eos_ids,
         cfg_scale=cfg_scale,
         mask_id=mask_id,
-        eos=eos,
-        fill_id=fill_id if early_stop else None,
-        rng=RowRNG(_seeds(seed, B), device),
-        trace=trace,
-        callback=callback,
         quirk_cache_extra_nfe=quirk_cache_extra_nfe,
-        suppress_mask=not quirk_mask_prediction,
-        limit=max_steps_per_block or 4 * block_length + 64,
+        quirk_mask_prediction=quirk_mask_prediction,
+        max_steps_per_block=max_steps_per_block,
     )
-    return run.run()
-
-
-class _Run:
-    """State of one :func:`generate` call: the canvas, per-row counters and the block loop."""
-
-    def __init__(
-        self,
-        *,
-        model,
-        policy,
-        ids,
-        am,
-        gen_length,
-        block_length,
-        cache,
-        cfg_scale,
-        mask_id,
-        eos,
-        fill_id,
-        rng,
-        trace,
-        callback,
-        quirk_cache_extra_nfe,
-        suppress_mask,
-        limit,
-    ):
-        self.model, self.policy, self.cache, self.cfg_scale = model, policy, cache, cfg_scale
-        self.mask_id, self.eos, self.fill_id, self.rng = mask_id, eos, fill_id, rng
-        self.callback, self.quirk_extra_nfe, self.limit = callback, quirk_cache_extra_nfe, limit
-        self.suppress_mask = suppress_mask
-        self.G, self.L = gen_length, block_length
-        self.num_blocks = gen_length // block_length
-        B, P = ids.shape
-        self.B, self.P = B, P
-        device = ids.device
-        self.x = torch.cat([ids, torch.full((B, gen_length), mask_id, dtype=torch.long, device=device)], dim=1)
-        self.am = None if am is None else torch.cat([am, torch.ones((B, gen_length), dtype=am.dtype, device=device)], 1)
-        self.nfe = torch.zeros(B, dtype=torch.long, device=device)
-        self.decode_step = torch.zeros(B, gen_length, dtype=torch.long, device=device)
-        self.finished = torch.zeros(B, dtype=torch.bool, device=device)
-        self.tokens_per_step: list[list[int]] = [[] for _ in range(B)]
-        self.trace: list[dict[str, Any]] | None = [] if trace else None
-        # per-block state
-        self.b = self.s = self.e = 0
-        self.steps_taken = torch.zeros(B, dtype=torch.long, device=device)
-        self.memory: dict[str, torch.Tensor] = {}
-        self.kv = None
-
-    def run(self) -> GenerateOutput:
-        for b in range(self.num_blocks):
-            if bool(self.finished.all()):
-                break
-            self.block(b)
-        return GenerateOutput(
-            sequences=self.x,
-            nfe=self.nfe,
-            tokens_per_step=self.tokens_per_step,
-            decode_step=self.decode_step,
-            prompt_length=self.P,
-            policy=self.policy.describe(),
-            cache=self.cache,
-            trace=self.trace,
-            finished_early=self.finished if self.fill_id is not None else None,
+    st = resolve_settings(model, base, tokenizer, policy)  # settings errors first, as before
+    pad_id = cfg.pad_token_id if getattr(cfg, "pad_token_id", None) is not None else (st.eos[0] if st.eos else 0)
+    ids, am = _prepare_inputs(input_ids, attention_mask, pad_id, model.device)
+    B, P = ids.shape
+    vocab = int(cfg.vocab_size)
+    if bool(((ids < 0) | (ids >= vocab)).any()):
+        raise ValueError(f"input_ids must be token ids in [0, {vocab - 1}] (the vocabulary)")
+    max_len = getattr(cfg, "max_sequence_length", None)
+    if max_len is not None and max_len < P + gen_length:
+        raise ValueError(
+            f"prompt length ({P}) + gen_length ({gen_length}) = {P + gen_length} exceeds the model's context "
+            f"(max_sequence_length {max_len}); valid gen_length: <= {max_len - P}"
         )
+    seeds = _seeds(seed, B)
+    engine = Engine(model, max_batch=B, tokenizer=tokenizer)
+    for i in range(B):
+        row = ids[i] if am is None else ids[i][am[i].bool()]
+        engine.submit(replace(base, prompt=row.tolist(), seed=None if seeds is None else seeds[i], id=i))
+    return _drive(engine, ids, st, policy.describe(), callback, trace)
 
-    def state(self, rows: torch.Tensor) -> StepState:
-        """The policy's view of ``rows`` on the current block."""
-        block = self.x[rows, self.s : self.e]
-        return StepState(
-            tokens=block,
-            mask=block == self.mask_id,
-            step=self.steps_taken[rows],
-            rows=rows,
-            block=self.b,
-            num_blocks=self.num_blocks,
-            block_length=self.L,
-            gen_length=self.G,
-            gen_masked=(self.x[rows, self.P :] == self.mask_id).sum(-1),
-            mask_id=self.mask_id,
-            eos_ids=self.eos,
-            rng=self.rng,
-            memory={k: v[rows] for k, v in self.memory.items()},
-        )
 
-    def block(self, b: int) -> None:
-        """Decode block ``b`` for every unfinished row; rows leave as soon as the policy says they are done."""
-        self.b, self.s, self.e = b, self.P + b * self.L, self.P + (b + 1) * self.L
-        active = ~self.finished
-        self.steps_taken.zero_()
-        self.memory, self.kv = {}, None
-        rows = active.nonzero().flatten()
-        for k, v in self.policy.start_block(self.state(rows)).items():
-            self.memory[k] = torch.zeros((self.B, *v.shape[1:]), dtype=v.dtype, device=v.device)
-            self.memory[k][rows] = v
-        first = True
-        while rows.numel():
-            if int(self.steps_taken[rows].max()) >= self.limit:
-                raise RuntimeError(
-                    f"policy {self.policy.describe()} made no progress on block {b} within {self.limit} "
-                    "forwards (raise max_steps_per_block if this is intended)"
-                )
-            done = self.step(rows, first)
-            first = False
-            if bool(done.any()):
-                active[rows[done]] = False
-                if self.fill_id is not None:
-                    self.early_stop(rows[done])
-            rows = active.nonzero().flatten()
-
-    def step(self, rows: torch.Tensor, first: bool) -> torch.Tensor:
-        """One forward for ``rows`` and the policy's commit; returns which rows are done with the block."""
-        s, e, P = self.s, self.e, self.P
-        logits = self.forward(rows, first)
-        state = self.state(rows)
-        sel = self.policy.select(logits, state)
-        commit = sel.commit & state.mask
-        self.x[rows, s:e] = torch.where(commit, sel.tokens, state.tokens)
-        self.nfe[rows] += 1
-        self.steps_taken[rows] += 1
-        for k, v in (sel.memory or {}).items():
-            self.memory[k][rows] = v
-        ds = self.decode_step[rows, s - P : e - P]
-        self.decode_step[rows, s - P : e - P] = torch.where(commit, self.nfe[rows, None], ds)
-        for r, c in zip(rows.tolist(), commit.sum(-1).tolist()):
-            self.tokens_per_step[r].append(c)
-        if self.trace is not None or self.callback is not None:
-            pos = [(torch.nonzero(c).flatten() + (s - P)).tolist() for c in commit]
-            tok = [self.x[r, [P + i for i in p]].tolist() for r, p in zip(rows.tolist(), pos)]
-            if self.trace is not None:
-                self.trace.append({"block": self.b, "rows": rows.tolist(), "positions": pos, "tokens": tok})
-            if self.callback is not None:
-                self.callback(StepEvent(self.b, rows, pos, tok, self.nfe, self.x, P))
-        done = self.policy.block_done(self.state(rows))
-        if self.quirk_extra_nfe and self.cache != "none":
-            done &= self.steps_taken[rows] >= 2
-        return done
-
-    def forward(self, rows: torch.Tensor, first: bool) -> torch.Tensor:
-        """Block logits ``[R, L, V]`` for ``rows``; with CFG the conditional and unconditional copies
-        run in one call. Keeps the KV cache (and the rows it holds) in ``self.kv``."""
-        s, e, model = self.s, self.e, self.model
-        xr = self.x[rows]
-        amr = None if self.am is None else self.am[rows]
-        cfg = self.cfg_scale > 0
-        if cfg:
-            un = xr.clone()
-            un[:, : self.P] = self.mask_id
-            xr = torch.cat([xr, un])
-            amr = None if amr is None else torch.cat([amr, amr])
-        if self.cache == "none":
-            out = model.denoise(xr, amr, start=s, end=e, logits_start=s, logits_end=e)
-        elif first:
-            out = model.denoise(xr, amr, use_cache=True, logits_start=s, logits_end=e)
-            self.kv = (out.past_key_values, rows)
-        else:
-            past, kv_rows = self.kv
-            if kv_rows.shape != rows.shape or not bool((kv_rows == rows).all()):
-                keep = torch.isin(kv_rows, rows).nonzero().flatten()  # finished rows leave the cache
-                if cfg:
-                    keep = torch.cat([keep, keep + kv_rows.numel()])
-                past = past.select_rows(keep)
-                self.kv = (past, rows)
-            out = model.denoise(
-                xr, amr, start=s, end=e, cache=past, cache_mode=self.cache, logits_start=s, logits_end=e
-            )
-        logits = out.logits
-        if cfg:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + (self.cfg_scale + 1) * (cond - uncond)
-        if self.suppress_mask:
-            logits[..., self.mask_id] = torch.finfo(logits.dtype).min
-        return logits
-
-    def early_stop(self, rows: torch.Tensor) -> None:
-        """Rows whose answer so far holds an EOS id stop: everything after the first EOS becomes EOS."""
-        P = self.P
-        hit = torch.isin(self.x[rows, P : self.e], torch.tensor(self.eos, device=self.x.device))
-        for r, h in zip(rows.tolist(), hit):
-            if bool(h.any()):
-                first = int(h.nonzero()[0])
-                self.x[r, P + first + 1 :] = self.fill_id
-                self.decode_step[r, first + 1 :] = 0
-                self.finished[r] = True
+def _drive(engine: Engine, ids: torch.Tensor, st, policy: str, callback, trace: bool) -> GenerateOutput:
+    """Step ``engine`` to the end, turning its updates into StepEvents / trace entries per block."""
+    B, P = ids.shape
+    G, device = st.gen_length, ids.device
+    canvas = torch.cat([ids, torch.full((B, G), st.mask_id, dtype=torch.long, device=device)], 1)
+    nfe = torch.zeros(B, dtype=torch.long, device=device)
+    steps: list[dict[str, Any]] | None = [] if trace else None
+    results = {}
+    while engine.has_work():
+        by_block: dict[int, list] = {}
+        for u in engine.step():
+            if u.done:
+                if u.result.error is not None:
+                    raise RuntimeError(u.result.error)
+                results[u.id] = u.result
+            if u.nfe > int(nfe[u.id]):  # this update is a forward of row u.id
+                nfe[u.id] = u.nfe
+                canvas[u.id, P:] = torch.tensor(u.answer, dtype=torch.long, device=device)
+                by_block.setdefault(u.block, []).append(u)
+        for block in sorted(by_block):
+            ups = by_block[block]
+            rows, pos, tok = [u.id for u in ups], [u.positions for u in ups], [u.tokens for u in ups]
+            if steps is not None:
+                steps.append({"block": block, "rows": rows, "positions": pos, "tokens": tok})
+            if callback is not None:
+                callback(StepEvent(block, torch.tensor(rows, device=device), pos, tok, nfe, canvas, P))
+    res = [results[i] for i in range(B)]
+    answers = torch.tensor([r.answer for r in res], dtype=torch.long, device=device)
+    return GenerateOutput(
+        sequences=torch.cat([ids, answers], 1),
+        nfe=torch.tensor([r.nfe for r in res], dtype=torch.long, device=device),
+        tokens_per_step=[r.tokens_per_step for r in res],
+        decode_step=torch.tensor([r.decode_step for r in res], dtype=torch.long, device=device),
+        prompt_length=P,
+        policy=policy,
+        cache=st.cache,
+        trace=steps,
+        finished_early=torch.tensor([r.finished_early for r in res], device=device) if st.fill_id is not None else None,
+    )

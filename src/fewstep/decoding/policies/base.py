@@ -2,7 +2,7 @@
 
 A policy decides, at each denoising step, which still-masked positions of the current block to
 commit and with which tokens. It never calls the model: the generation loop
-(:mod:`fewstep.decoding.pipeline`) hands it the logits of the block and a :class:`StepState`, and
+(:mod:`fewstep.decoding.engine`) hands it the logits of the block and a :class:`StepState`, and
 gets back a :class:`Selection`. Everything is batched: ``R`` rows (the rows still working on the
 block; finished rows are not in the batch), ``L`` block positions, ``V`` vocabulary entries.
 
@@ -104,6 +104,11 @@ class Policy:
     summary: ClassVar[str] = ""
     #: the option a bare value sets in the ``"name:value"`` form (e.g. ``threshold:0.9``)
     positional: ClassVar[str | None] = None
+    #: whether the rule reads the batch-wide block scalars of :class:`StepState` (``block``,
+    #: ``num_blocks``, ``block_length``, ``gen_length``). A rule that does not (it looks only at the
+    #: logits, the mask and per-row tensors) lets the engine decide rows at different blocks and of
+    #: different answer lengths in one ``select`` call.
+    uses_block_scalars: ClassVar[bool] = True
 
     def validate(self, gen_length: int, block_length: int) -> None:
         """Raise ``ValueError`` if the policy cannot run with these lengths."""

@@ -40,6 +40,7 @@ class EntropyThresholdPolicy(Policy):
 
     summary = "dParallel entropy threshold (LLaDA numerics): lowest entropy + every H <= threshold"
     name = "entropy"
+    uses_block_scalars = False
     positional = "threshold"
 
     threshold: float = 0.5

@@ -48,6 +48,7 @@ class ConfidenceThresholdPolicy(Policy):
 
     summary = "Fast-dLLM confidence threshold: every mask with c >= threshold, always the top-1"
     name = "threshold"
+    uses_block_scalars = False
     positional = "threshold"
 
     threshold: float = 0.9
@@ -79,6 +80,7 @@ class FactorPolicy(Policy):
 
     summary = "Fast-dLLM factor rule: the largest n with (n + 1)(1 - c_(n)) <= factor"
     name = "factor"
+    uses_block_scalars = False
     positional = "factor"
 
     factor: float = 1.0

@@ -1,0 +1,170 @@
+"""Batched forwards over rows that sit at different places: one model call per kind of forward.
+
+The engine's rows each have their own canvas length ``N`` (prompt + answer), their own current block
+``[s, e)`` and their own KV cache (``[n_seq, H, N, D]`` per layer, ``n_seq`` = 2 with CFG). A round
+runs at most three calls, one per kind:
+
+* **full** (cache ``none``, and the first forward of a block in ``prefix``/``dual``, which also
+  returns the row's cache): canvases **left-padded** to the longest, so every real column keeps the
+  position it has alone; logits for the union of the rows' block windows, sliced per row;
+* **prefix** (cached forward, Fast-dLLM prefix cache): the cached columns ``[0, s)`` are left-padded
+  to the longest cache and the run columns ``[s, N)`` right-padded to the longest suffix, so every
+  row's block starts at the same column of the padded layout;
+* **dual** (cached forward, dual cache): cached prefix left-padded, the block window right-padded to
+  the longest block, then the row's cached suffix, right-padded: the window (the columns replaced in
+  the cache) is the same for every row, as the model's dual mode requires. The model writes the
+  window's fresh keys/values into the padded copy before attending, exactly what it does in the
+  row's own cache alone; since every dual forward rewrites the whole window, the row's cache (from the
+  block's first, full forward) is never modified.
+
+Every pad is a zero of the attention mask (keys never seen) and sits either before all of a row's real
+columns or after its queries, so the RoPE positions of every query equal the row's own, alone. When no
+row is padded no mask is passed at all: a batch of equal rows runs exactly the call a row runs alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fewstep.models.base import KVCache
+
+
+@dataclass
+class Seqs:
+    """The sequences one row contributes to a call: its canvas, and with CFG its unconditional copy."""
+
+    x: torch.Tensor  # [n_seq, N]
+    kv: KVCache | None  # [n_seq, H, N, D] per layer (cached kinds)
+    start: int  # block start column s
+    end: int  # block end column e
+
+
+def _place(parts: list[tuple[torch.Tensor, int]], width: int, n: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids ``[n, width]`` and mask from ``(tensor [n, w], column)`` parts (pad elsewhere)."""
+    device = parts[0][0].device
+    ids = torch.full((n, width), pad, dtype=torch.long, device=device)
+    am = torch.zeros((n, width), dtype=torch.long, device=device)
+    for t, col in parts:
+        ids[:, col : col + t.shape[1]] = t
+        am[:, col : col + t.shape[1]] = 1
+    return ids, am
+
+
+def _stack(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ids = torch.cat([r[0] for r in rows])
+    am = torch.cat([r[1] for r in rows])
+    return ids, (None if bool(am.all()) else am)
+
+
+def _padded_cache(seqs: list[Seqs], layout: list[list[tuple[int, int, int]]], width: int) -> KVCache:
+    """A batched cache ``[sum n_seq, H, width, D]`` with each row's cached columns ``(src, dst, len)`` copied in."""
+    layers = []
+    for li in range(len(seqs[0].kv)):
+        k0, v0 = seqs[0].kv[li]
+        n = sum(s.x.shape[0] for s in seqs)
+        k = k0.new_zeros((n, k0.shape[1], width, k0.shape[3]))
+        v = v0.new_zeros((n, v0.shape[1], width, v0.shape[3]))
+        j = 0
+        for s, spans in zip(seqs, layout):
+            rk, rv = s.kv[li]
+            m = rk.shape[0]
+            for src, dst, length in spans:
+                k[j : j + m, :, dst : dst + length] = rk[:, :, src : src + length]
+                v[j : j + m, :, dst : dst + length] = rv[:, :, src : src + length]
+            j += m
+        layers.append((k, v))
+    return KVCache(layers)
+
+
+def _same_geometry(seqs: list[Seqs]) -> bool:
+    """Whether every row has the same canvas length and block (then nothing needs padding)."""
+    return len({(s.x.shape[1], s.start, s.end) for s in seqs}) == 1
+
+
+def _joined_cache(seqs: list[Seqs], width: int) -> KVCache:
+    """The rows' caches (first ``width`` columns) stacked on the batch dimension; one row's cache is used as is."""
+    if len(seqs) == 1:
+        return seqs[0].kv.truncate(width)
+    layers = zip(*(s.kv.layers for s in seqs))
+    return KVCache(
+        [(torch.cat([k[:, :, :width] for k, _ in kv]), torch.cat([v[:, :, :width] for _, v in kv])) for kv in layers]
+    )
+
+
+def _split_logits(logits: torch.Tensor, seqs: list[Seqs], offsets: list[int]) -> list[torch.Tensor]:
+    """Per row: its ``[n_seq, L, V]`` block logits, the row's window starting at ``offsets[i]``."""
+    out, j = [], 0
+    for s, off in zip(seqs, offsets):
+        m, L = s.x.shape[0], s.end - s.start
+        out.append(logits[j : j + m, off : off + L])
+        j += m
+    return out
+
+
+def full_forward(model, seqs: list[Seqs], pad: int, want_cache: bool) -> tuple[list[torch.Tensor], list]:
+    """Whole-canvas forward (left padding). Returns per-row logits and, with ``want_cache``, per-row caches."""
+    n_max = max(s.x.shape[1] for s in seqs)
+    if len({s.x.shape[1] for s in seqs}) == 1:
+        ids, am = torch.cat([s.x for s in seqs]), None
+    else:
+        ids, am = _stack([_place([(s.x, n_max - s.x.shape[1])], n_max, s.x.shape[0], pad) for s in seqs])
+    offs = [n_max - s.x.shape[1] for s in seqs]
+    lo = min(o + s.start for o, s in zip(offs, seqs))
+    hi = max(o + s.end for o, s in zip(offs, seqs))
+    out = model.denoise(ids, am, start=lo, end=hi, use_cache=want_cache, logits_start=lo, logits_end=hi)
+    logits = _split_logits(out.logits, seqs, [o + s.start - lo for o, s in zip(offs, seqs)])
+    caches: list = [None] * len(seqs)
+    if want_cache:
+        j = 0
+        for i, (s, o) in enumerate(zip(seqs, offs)):
+            m = s.x.shape[0]
+            caches[i] = KVCache(
+                [(k[j : j + m, :, o:].clone(), v[j : j + m, :, o:].clone()) for k, v in out.past_key_values]
+            )
+            j += m
+    return logits, caches
+
+
+def prefix_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
+    """Prefix-cached forward: cache ``[0, s - shift)`` left-padded, columns from there on right-padded."""
+    sh = model.logit_shift
+    cut = [s.start - sh for s in seqs]
+    C = max(cut)
+    Q = max(s.x.shape[1] - c for s, c in zip(seqs, cut))
+    placed = [_place([(s.x[:, :c], C - c), (s.x[:, c:], C)], C + Q, s.x.shape[0], pad) for s, c in zip(seqs, cut)]
+    ids, am = _stack(placed)
+    if _same_geometry(seqs):
+        cache = _joined_cache(seqs, C)
+    else:
+        cache = _padded_cache(seqs, [[(0, C - c, c)] for c in cut], C)
+    L = max(s.end - s.start for s in seqs)
+    out = model.denoise(
+        ids, am, start=C + sh, cache=cache, cache_mode="prefix", logits_start=C + sh, logits_end=C + sh + L
+    )
+    return _split_logits(out.logits, seqs, [0] * len(seqs))
+
+
+def dual_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
+    """Dual-cached forward over aligned block windows (the row's own cache is only read: every dual forward
+    rewrites the whole window before attending, so the refreshed window never has to outlive the call)."""
+    sh = model.logit_shift
+    a = [s.start - sh for s in seqs]
+    w = [s.end - s.start + sh for s in seqs]
+    r = [s.x.shape[1] - s.end for s in seqs]
+    A, W, R = max(a), max(w), max(r)
+    placed = [
+        _place([(s.x[:, :ai], A - ai), (s.x[:, ai : s.end], A), (s.x[:, s.end :], A + W)], A + W + R, s.x.shape[0], pad)
+        for s, ai in zip(seqs, a)
+    ]
+    ids, am = _stack(placed)
+    if _same_geometry(seqs):
+        cache = _joined_cache(seqs, A + W + R)
+    else:  # the window's columns need no copy: the model overwrites them before attending
+        cache = _padded_cache(seqs, [[(0, A - ai, ai), (s.end, A + W, ri)] for s, ai, ri in zip(seqs, a, r)], A + W + R)
+    L = max(s.end - s.start for s in seqs)
+    out = model.denoise(
+        ids, am, start=A + sh, end=A + W, cache=cache, cache_mode="dual", logits_start=A + sh, logits_end=A + sh + L
+    )
+    return _split_logits(out.logits, seqs, [0] * len(seqs))
