@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fewstep.models.base import AttentionInputs, DiffusionLM, resolve_positions
+from fewstep.models.base import AttentionInputs, DiffusionLM, attention_inputs, resolve_positions
 
 
 def block_causal_mask(
@@ -41,6 +41,29 @@ def block_causal_mask(
         valid = key_valid[:, None, :].expand(-1, query_positions.shape[1], -1)
         allowed = valid if allowed is None else allowed & valid
     return None if allowed is None else allowed[:, None]
+
+
+def block_inputs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    past_key_values,
+    replace_position: torch.Tensor | None,
+    block_length: int | None,
+) -> AttentionInputs:
+    """The attention inputs of one block-diffusion forward.
+
+    ``attention_mask`` is either the usual 2-D padding mask (the block-causal mask is built from the
+    positions) or an explicit 4-D boolean mask ``[B, 1, Tq, Lk]`` (True = attend) with ``position_ids``,
+    e.g. the ``[noisy | clean]`` training mask of :func:`fewstep.distill.dparallel.block_diffusion_mask`.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype != torch.bool or position_ids is None:
+            raise ValueError("a 4-D attention_mask must be boolean (True = attend) and come with position_ids")
+        ctx = attention_inputs(input_ids, None, position_ids, past_key_values, replace_position)
+        return AttentionInputs(ctx.positions, attention_mask, ctx.past, ctx.columns)
+    ctx = attention_inputs(input_ids, attention_mask, position_ids, past_key_values, replace_position)
+    return block_attention_inputs(ctx, attention_mask, block_length, input_ids.shape[0])
 
 
 def block_attention_inputs(

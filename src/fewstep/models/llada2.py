@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.models.base import ConfigFields, KVCache, ModelOutput, RMSNorm, attend, attention_inputs
-from fewstep.models.block import BlockDiffusionLM, PartialRotary, block_attention_inputs
+from fewstep.models.base import ConfigFields, KVCache, ModelOutput, RMSNorm, attend
+from fewstep.models.block import BlockDiffusionLM, PartialRotary, block_inputs
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -341,8 +341,8 @@ class LLaDA2Model(BlockDiffusionLM):
         ``replace_position`` select the cache mode (``base.py``); ``block_length`` overrides the model's
         (0 = full bidirectional attention); ``logits_range=(a, b)`` runs the LM head on ``[a, b)`` only.
         """
-        ctx = attention_inputs(input_ids, attention_mask, position_ids, past_key_values, replace_position)
-        ctx = block_attention_inputs(ctx, attention_mask, self.resolve_block_length(block_length), input_ids.shape[0])
+        bl = self.resolve_block_length(block_length)
+        ctx = block_inputs(input_ids, attention_mask, position_ids, past_key_values, replace_position, bl)
         x, presents = self.run_layers(self.model.layers, self.model.word_embeddings(input_ids), ctx, ctx.positions)
         if logits_range is not None:
             x = x[:, logits_range[0] : logits_range[1]]

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.models.base import ConfigFields, KVCache, ModelOutput, RMSNorm, attend, attention_inputs
-from fewstep.models.block import BlockDiffusionLM, PartialRotary, block_attention_inputs
+from fewstep.models.base import ConfigFields, KVCache, ModelOutput, RMSNorm, attend
+from fewstep.models.block import BlockDiffusionLM, PartialRotary, block_inputs
 from fewstep.models.llada2 import SwiGLU
 
 
@@ -185,8 +185,8 @@ class SDARModel(BlockDiffusionLM):
         **_: Any,
     ) -> ModelOutput:
         """Run the network on ``input_ids`` [B, T]; arguments as :meth:`fewstep.models.llada2.LLaDA2Model.forward`."""
-        ctx = attention_inputs(input_ids, attention_mask, position_ids, past_key_values, replace_position)
-        ctx = block_attention_inputs(ctx, attention_mask, self.resolve_block_length(block_length), input_ids.shape[0])
+        bl = self.resolve_block_length(block_length)
+        ctx = block_inputs(input_ids, attention_mask, position_ids, past_key_values, replace_position, bl)
         x, presents = self.run_layers(self.model.layers, self.model.embed_tokens(input_ids), ctx, ctx.positions)
         if logits_range is not None:
             x = x[:, logits_range[0] : logits_range[1]]
