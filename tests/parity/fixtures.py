@@ -18,7 +18,7 @@ import pytest
 
 DEFAULT_DIRS = [
     Path(__file__).resolve().parent.parent / "fixtures" / n
-   for n in ("llada-tiny-a", "dream-tiny-a", "llada2-tiny-a", "sdar-tiny-a")
+    for n in ("llada-tiny-a", "dream-tiny-a", "llada2-tiny-a", "sdar-tiny-a")
 ]
 
 

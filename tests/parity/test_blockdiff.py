@@ -105,7 +105,9 @@ def test_dfactory_losses(fixture_dir, item):
         got = block_certainty_forcing_loss(logits, labels, confidence_beta=beta)["total"]
         assert float(got) == pytest.approx(want, rel=RTOL)
     nbd = block_certainty_forcing_loss(plain, labels)
-    assert float(nbd["consistency"]) == pytest.approx(case["non_block_diffusion_mode"]["consistency_loss_same_token"], rel=RTOL)
+    assert float(nbd["consistency"]) == pytest.approx(
+        case["non_block_diffusion_mode"]["consistency_loss_same_token"], rel=RTOL
+    )
     assert float(nbd["confidence"]) == pytest.approx(case["non_block_diffusion_mode"]["confidence_loss"], abs=1e-7)
 
 
@@ -183,9 +185,7 @@ def test_official_sampler_engine(fixture_dir, case):
         stop = a["stopping_criteria_idx"]
         opts = dict(cache="prefix", eos_ids=tuple(stop or ()), early_stop=bool(stop), quirk_unstored_blocks=True)
         want, stop_ids = case["output_ids"][: P + a["gen_length"]], tuple(stop or ())
-    out = fewstep.generate(
-        m, prompt, _policy(case), gen_length=a["gen_length"], block_length=a["block_length"], **opts
-    )
+    out = fewstep.generate(m, prompt, _policy(case), gen_length=a["gen_length"], block_length=a["block_length"], **opts)
     seq = out.sequences[0].tolist()
     cut = next((i + 1 for i in range(P, len(want)) if want[i] in stop_ids), len(want))
     assert seq[:cut] == want[:cut]

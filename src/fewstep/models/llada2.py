@@ -15,10 +15,11 @@ sum 1 (if ``norm_topk_prob`` and top-k > 1), times ``routed_scaling_factor``. A 
 (width ``moe_intermediate_size * num_shared_experts``) is added unweighted.
 
 Experts are computed batched (:meth:`SparseMoE.forward`): the token-expert assignments are sorted by
-expert and every expert runs once on its contiguous slice with one grouped matrix multiply
-(``torch._grouped_mm``) over the experts' weights viewed as one stacked tensor; no Python loop over
-tokens or experts. Training (gradients through the experts) and LoRA-wrapped experts take the per-expert
-path over the same sorted slices.
+expert (one ``argsort``) and all experts run at once over the experts' weights viewed as one stacked
+tensor: a padded batched matmul per projection (the fastest on CPU, measured in
+``benchmarks/models_blockdiff.py``), or a grouped matmul (``torch._grouped_mm``) when padding would be
+large; no Python loop over tokens or experts. Training (gradients through the experts) and LoRA-wrapped
+experts take the per-expert path over the same sorted slices.
 
 Attention is block-causal (:mod:`fewstep.models.block`) with the model's ``block_length``. The checkpoint
 keys are the released per-expert ones and equal ``"model." + module name`` (``lm_head`` at the top)::
@@ -197,14 +198,15 @@ class SparseMoE(nn.Module):
         shared = cfg.moe_intermediate_size * cfg.num_shared_experts
         self.shared_experts = SwiGLU(cfg.hidden_size, shared) if cfg.num_shared_experts else None
         self._stacked: dict[str, torch.Tensor] = {}
+        self.batched = True  # False: the per-expert loop (the benchmark's baseline)
 
     def stacked(self) -> dict[str, torch.Tensor] | None:
         """The experts' weights as ``[E, out, in]`` tensors whose slices *are* the expert parameters.
 
         Built once (the per-expert storage is replaced by views of one stacked tensor, so no copy stays
-        resident); None when the experts are not plain linears (LoRA-wrapped) or no grouped matmul exists.
+        resident); None when the experts are not plain linears (LoRA-wrapped).
         """
-        if _grouped_mm is None or not all(type(getattr(e, n)) is nn.Linear for e in self.experts for n in _PROJ):
+        if not all(type(getattr(e, n)) is nn.Linear for e in self.experts for n in _PROJ):
             return None
         first, last = self.experts[0], self.experts[-1]
         st = self._stacked
@@ -230,12 +232,9 @@ class SparseMoE(nn.Module):
         counts = torch.bincount(idx.view(-1), minlength=self.cfg.num_experts)
         tokens = flat[order // k]
         train = torch.is_grad_enabled() and any(p.requires_grad for p in self.experts.parameters())
-        st = None if train else self.stacked()
+        st = None if (train or not self.batched) else self.stacked()
         if st is not None and tokens.dtype == st["gate_proj"].dtype:
-            offs = counts.cumsum(0).to(torch.int32)
-            g = _grouped_mm(tokens, st["gate_proj"].transpose(1, 2), offs=offs)
-            u = _grouped_mm(tokens, st["up_proj"].transpose(1, 2), offs=offs)
-            out = _grouped_mm(F.silu(g) * u, st["down_proj"].transpose(1, 2), offs=offs)
+            out = self.grouped(tokens, counts, idx.view(-1)[order], st)
         else:
             out = self.per_expert(tokens, counts)
         unsorted = torch.empty_like(out).index_copy_(0, order, out)
@@ -243,6 +242,28 @@ class SparseMoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(shape)
+
+    def grouped(
+        self, tokens: torch.Tensor, counts: torch.Tensor, expert: torch.Tensor, st: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """All experts at once on the expert-sorted ``tokens``: one padded batched matmul per projection
+        (``[E, C, D] @ [E, D, I]``, C = the largest group) when the padding stays small, else one grouped
+        matmul (``torch._grouped_mm``) over the contiguous groups."""
+        E, n = counts.shape[0], tokens.shape[0]
+        cap = int(counts.max()) if n else 0
+        if E * cap <= 8 * n or E * cap * tokens.shape[1] * tokens.element_size() <= 64 << 20:
+            start = counts.cumsum(0) - counts
+            slot = torch.arange(n, device=tokens.device) - start[expert]
+            padded = tokens.new_zeros(E, cap, tokens.shape[1])
+            padded[expert, slot] = tokens
+            h = F.silu(torch.bmm(padded, st["gate_proj"].transpose(1, 2))) * torch.bmm(
+                padded, st["up_proj"].transpose(1, 2)
+            )
+            return torch.bmm(h, st["down_proj"].transpose(1, 2))[expert, slot]
+        offs = counts.cumsum(0).to(torch.int32)
+        g = _grouped_mm(tokens, st["gate_proj"].transpose(1, 2), offs=offs)
+        u = _grouped_mm(tokens, st["up_proj"].transpose(1, 2), offs=offs)
+        return _grouped_mm(F.silu(g) * u, st["down_proj"].transpose(1, 2), offs=offs)
 
     def per_expert(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The same sorted slices, one expert module call each (training, LoRA, and the benchmark's baseline)."""
@@ -321,7 +342,9 @@ class LLaDA2Model(BlockDiffusionLM):
         self.block_length = config.block_length
         self.rope = PartialRotary(config.rotary_dim, config.rope_theta, min(config.max_position_embeddings, 4096))
         self.model = Backbone(config, self.rope)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
 
     def forward(
         self,

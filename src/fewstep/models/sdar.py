@@ -85,6 +85,7 @@ class SDARConfig(ConfigFields):
         if bad:
             raise ValueError("unsupported SDAR variant: " + "; ".join(bad))
         kwargs, extra = cls.split_known(cfg)
+        kwargs.setdefault("pad_token_id", kwargs.get("eos_token_id"))  # SDAR names no pad: pad with EOS
         return cls(**kwargs, extra=extra)
 
     @property
@@ -170,7 +171,9 @@ class SDARModel(BlockDiffusionLM):
         self.block_length = config.block_size
         self.rope = PartialRotary(config.head_size, config.rope_theta, min(config.max_position_embeddings, 4096))
         self.model = SDARBackbone(config, self.rope)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
 
     def forward(
         self,

@@ -139,4 +139,3 @@ def _all_positions(state: StepState) -> StepState:
     """A view of ``state`` whose candidates are every block position (x̂ is needed everywhere)."""
     mask = torch.ones_like(state.mask)
     return StepState(**{**state.__dict__, "mask": mask})
-
