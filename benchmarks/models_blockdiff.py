@@ -61,15 +61,20 @@ LLADA2_MINI = dict(
     eos_token_id=156892,
 )
 
+# Peak RSS from VmHWM (per address space, so it starts fresh at exec; ru_maxrss would carry the forked
+# parent's resident set over) and the interpreter + torch baseline before loading.
 LOAD_CHILD = """
-import resource, sys, time, torch
+import sys, time, torch
 sys.path.insert(0, sys.argv[2])
 import fewstep
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field)) * 1024
+base = kib("VmRSS:")
 t = time.perf_counter()
 m = fewstep.load_model(sys.argv[1], dtype="bfloat16")
 dt = time.perf_counter() - t
 n = sum(p.numel() * p.element_size() for p in m.state_dict().values())
-print(dt, n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(dt, n, kib("VmHWM:"), base)
 """
 
 
@@ -135,12 +140,14 @@ def main() -> None:
         proc = subprocess.run(
             [sys.executable, "-c", LOAD_CHILD, tmp, str(ROOT / "src")], capture_output=True, text=True, check=True
         )
-        dt, n, rss = proc.stdout.split()
+        dt, n, rss, base = (float(v) for v in proc.stdout.split())
         result["load"] = {
-            "seconds": round(float(dt), 2),
+            "seconds": round(dt, 2),
             "weight_bytes": int(n),
             "peak_rss_bytes": int(rss),
-            "rss_over_weights": round(int(rss) / int(n), 3),
+            "baseline_rss_bytes": int(base),
+            "rss_over_weights": round(rss / n, 3),
+            "rss_above_baseline_over_weights": round((rss - base) / n, 3),
         }
     print(json.dumps(result["load"]), flush=True)
     ids = torch.randint(0, 150000, (1, args.seq))

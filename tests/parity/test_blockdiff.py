@@ -191,3 +191,30 @@ def test_official_sampler_engine(fixture_dir, case):
     assert seq[:cut] == want[:cut]
     assert int(out.nfe[0]) == case["nfe"]
     assert out.decode_step[0].tolist()[: cut - P] == case["decode_step"][: cut - P]
+
+
+@pytest.mark.parametrize(("fixture_dir", "item"), params(_loss_items))
+def test_dfactory_objective(fixture_dir, item):
+    """The trainer-facing objective on the oracle batch gives the recorded combined losses."""
+    from fewstep.distill.dparallel import BlockDiffusionDParallelObjective
+    from fewstep.train.objective import SpecialIds
+
+    spec, case = item
+    s = oracles(fixture_dir)["special_ids"]
+    batch = {
+        "input_ids": torch.tensor(spec["input_ids"]),
+        "noisy_input_ids": torch.tensor(case["noisy_input_ids"]),
+        "labels": torch.tensor(case["labels"]),
+    }
+    for key, want in case["combined_loss"].items():
+        obj = BlockDiffusionDParallelObjective(
+            SpecialIds(mask=s["mask"], eos=s["eos"], pad=s.get("pad", s["eos"])),
+            max_length=spec["max_seq_len"],
+            block_size=spec["block_size"],
+            confidence_beta=float(key.removeprefix("beta_")),
+            noise_range=tuple(spec["noise_range"]),
+        )
+        with torch.no_grad():
+            total, logs = obj.loss(model(fixture_dir), batch)
+        assert float(total) == pytest.approx(want, rel=RTOL)
+        assert logs["num_correct"] == case["num_correct_argmax"]

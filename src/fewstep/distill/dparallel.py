@@ -493,3 +493,61 @@ def block_certainty_forcing_loss(
     ce = masked_cross_entropy(logits, safe, mask)
     conf, n = certainty_forcing_entropy(logits, safe, mask, temperature=1.0)
     return {"consistency": ce, "confidence": conf, "total": ce + confidence_beta * conf, "num_correct": n}
+
+
+class BlockDiffusionDParallelObjective(Objective):
+    """dFactory's dParallel certainty forcing for block-diffusion models (LLaDA2-MoE, SDAR).
+
+    ``collate``: ``prompt + response + [EOS]`` right-padded with EOS to ``max_length`` (as
+    :class:`DParallelObjective`), then :func:`mdm_noise` with the trainer's generator. ``loss``: one
+    ``[noisy | clean]`` forward under :func:`block_diffusion_mask` and
+    :func:`block_certainty_forcing_loss` (dFactory's defaults: block 32, same-token labels,
+    ``confidence_beta`` 0 = CE only; dParallel's certainty forcing is ``confidence_beta > 0``).
+    """
+
+    name = "dparallel"
+    needs_teacher = False
+
+    def __init__(
+        self,
+        ids: SpecialIds,
+        max_length: int = 384,
+        *,
+        block_size: int = 32,
+        confidence_beta: float = 1.0,
+        noise_range: tuple[float, float] = (0.3, 0.8),
+        same_token_labels: bool = True,
+    ):
+        super().__init__(ids, max_length)
+        if block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size}")
+        lo, hi = noise_range
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"noise_range must satisfy 0 <= low <= high <= 1, got {noise_range}")
+        self.block_size, self.confidence_beta = block_size, confidence_beta
+        self.noise_range, self.same_token_labels = (lo, hi), same_token_labels
+
+    def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Fixed-length EOS-padded clean ids, the noised ids and the labels (-100 off the masked positions)."""
+        eos = self.ids.eos
+        rows = [pad_fixed([*ex["prompt_ids"], *ex["response_ids"], eos], self.max_length, eos) for ex in examples]
+        input_ids = torch.tensor(rows, dtype=torch.long)
+        prompts = [len(ex["prompt_ids"]) for ex in examples]
+        noisy, labels = mdm_noise(input_ids, prompts, self.ids.mask, generator, self.noise_range)
+        return {"input_ids": input_ids, "noisy_input_ids": noisy, "labels": labels}
+
+    def loss(
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        *,
+        step: int = 0,
+        max_steps: int = 1,
+        teacher: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """One block-diffusion forward and the consistency + ``confidence_beta`` x confidence loss."""
+        logits = block_diffusion_logits(model, batch["noisy_input_ids"], batch["input_ids"], self.block_size)
+        out = block_certainty_forcing_loss(logits, batch["labels"], self.confidence_beta, self.same_token_labels)
+        logs = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+        logs["loss"] = logs.pop("total")
+        return out["total"], logs
