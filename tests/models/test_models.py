@@ -12,9 +12,9 @@ import torch
 import fewstep
 from fewstep.models import load_model, save_model
 from fewstep.models.loading import ARCHITECTURES, architecture_of
-from tests.parity.fixtures import DEFAULT_DIRS
+from tests.parity.fixtures import BLOCK_DIRS, DEFAULT_DIRS
 
-FIXTURES = {d.name: d for d in DEFAULT_DIRS}
+FIXTURES = {d.name: d for d in DEFAULT_DIRS + BLOCK_DIRS}
 ARCHS = sorted(FIXTURES)
 
 

@@ -16,17 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-DEFAULT_DIRS = [
-    Path(__file__).resolve().parent.parent / "fixtures" / n
-    for n in ("llada-tiny-a", "dream-tiny-a", "llada2-tiny-a", "sdar-tiny-a")
-]
+_HERE = Path(__file__).resolve().parent.parent / "fixtures"
+DEFAULT_DIRS = [_HERE / n for n in ("llada-tiny-a", "dream-tiny-a")]
+#: the block-diffusion fixtures (LLaDA2-MoE, SDAR); part of the default parity run
+BLOCK_DIRS = [_HERE / n for n in ("llada2-tiny-a", "sdar-tiny-a")]
 
 
 def fixture_dirs() -> list[Path]:
     env = os.environ.get("FEWSTEP_FIXTURES")
     if env:
         return [Path(p) for p in env.split(os.pathsep) if p]
-    return DEFAULT_DIRS
+    return DEFAULT_DIRS + BLOCK_DIRS
 
 
 @functools.cache
