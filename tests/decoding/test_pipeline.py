@@ -24,12 +24,17 @@ SPECS = {
     "entropy-dream": "entropy-dream:0.5",
     "cad": "cad:threshold=0.9,max_tokens=4,eos_ratio=0.5",
     "dream": "dream:alg=confidence_threshold,steps=16",
+    "llada2": "llada2:threshold=0.9,steps=4",
+    "sdar": "sdar:denoising_steps=4,confidence_threshold=0.6",
 }
 EXTRA_SPECS = [
     "llada:steps=32,remasking=random",
     "cad:mode=global,threshold=0.8",
     "dream:maskgit_plus",
     "dream:topk_margin",
+    "sdar:sequential",
+    "sdar:entropy_bounded",
+    "sdar:low_confidence_static",
 ]
 
 
@@ -62,7 +67,7 @@ def test_batch_equals_single(d, spec, cache):
     out = assert_batch_equals_single(model(d), prompts(d), spec, gen_length=32, block_length=8, cache=cache, **seeds)
     assert out.sequences.shape == (3, 13 + 32)
     if not spec.startswith(
-        ("llada", "dream:maskgit", "dream:topk")
+        ("llada", "dream:maskgit", "dream:topk", "sdar:sequential", "sdar:low_confidence_static")
     ):  # adaptive rules: rows really progress at different speeds
         assert len({tuple(t) for t in out.tokens_per_step}) > 1
 

@@ -11,9 +11,10 @@ import torch
 
 import fewstep
 from fewstep.models import load_model, save_model
-from tests.parity.fixtures import DEFAULT_DIRS
+from fewstep.models.loading import ARCHITECTURES, architecture_of
+from tests.parity.fixtures import BLOCK_DIRS, DEFAULT_DIRS
 
-FIXTURES = {d.name: d for d in DEFAULT_DIRS}
+FIXTURES = {d.name: d for d in DEFAULT_DIRS + BLOCK_DIRS}
 ARCHS = sorted(FIXTURES)
 
 
@@ -55,7 +56,9 @@ def test_left_padded_batch_equals_rows_alone(model):
         batch = model(ids, attention_mask=mask).logits
         for i, r in enumerate(rows):
             alone = model(r[None]).logits[0]
-            torch.testing.assert_close(batch[i, -len(r) :], alone, atol=1e-5, rtol=0)
+            # LLaDA2's fixture logits are ~5x larger (its LM head was scaled): same relative rounding
+            atol = 2e-5 if getattr(model, "block_diffusion", False) else 1e-5
+            torch.testing.assert_close(batch[i, -len(r) :], alone, atol=atol, rtol=0)
 
 
 def test_padding_is_not_ignored(model):
@@ -118,8 +121,12 @@ def test_save_sharded_bf16_roundtrip(model, tmp_path):
     as_fp32 = load_model(tmp_path / "sharded", dtype="float32")
     assert as_fp32.dtype == torch.float32
     ids = torch.randint(0, 100, (1, 12))
+    ref = model
+    if getattr(model, "block_diffusion", False) and hasattr(model.config, "num_experts"):
+        # MoE routing is discontinuous: bf16 rounding may switch experts, so compare with the rounded weights
+        ref = load_model(tmp_path / "sharded", dtype="bfloat16").float()
     with torch.no_grad():
-        torch.testing.assert_close(as_fp32(ids).logits, model(ids).logits, atol=0.5, rtol=0.05)
+        torch.testing.assert_close(as_fp32(ids).logits, ref(ids).logits, atol=0.5, rtol=0.05)
 
 
 def test_load_model_public_api_and_config(fixture_dir):
@@ -191,9 +198,11 @@ def test_wrong_shape_is_named(fixture_dir, tmp_path):
 def test_missing_required_config_key(fixture_dir, tmp_path):
     d = _copy(fixture_dir, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    cfg.pop("mask_token_id")
+    required = ARCHITECTURES[architecture_of(cfg)][0].REQUIRED
+    key = "mask_token_id" if "mask_token_id" in required else required[-1]  # LLaDA2 has a default mask id
+    cfg.pop(key)
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="missing required keys: mask_token_id"):
+    with pytest.raises(ValueError, match=f"missing required keys: {key}"):
         load_model(d)
 
 

@@ -16,14 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-DEFAULT_DIRS = [Path(__file__).resolve().parent.parent / "fixtures" / n for n in ("llada-tiny-a", "dream-tiny-a")]
+_HERE = Path(__file__).resolve().parent.parent / "fixtures"
+DEFAULT_DIRS = [_HERE / n for n in ("llada-tiny-a", "dream-tiny-a")]
+#: the block-diffusion fixtures (LLaDA2-MoE, SDAR); part of the default parity run
+BLOCK_DIRS = [_HERE / n for n in ("llada2-tiny-a", "sdar-tiny-a")]
 
 
 def fixture_dirs() -> list[Path]:
     env = os.environ.get("FEWSTEP_FIXTURES")
     if env:
         return [Path(p) for p in env.split(os.pathsep) if p]
-    return DEFAULT_DIRS
+    return DEFAULT_DIRS + BLOCK_DIRS
 
 
 @functools.cache
@@ -50,6 +53,22 @@ def model(d: Path):
     import fewstep
 
     return fewstep.load_model(d, dtype="float32")
+
+
+def block_length_of(d: Path, key: str) -> int | None:
+    """The attention a ``logits_*`` array was recorded with: None for a full-attention family (no
+    ``logits_inputs`` block lengths), the ``mask_block_length`` of ``logits_seqN``, and 0 (full
+    bidirectional) for the ``logits_nomask_*`` / ``logits_fullattn_*`` variants of block-diffusion fixtures."""
+    spec = oracles(d).get("logits_inputs") or {}
+    name = key.removeprefix("logits_")
+    if not any("mask_block_length" in v for v in spec.values()):
+        return None
+    if name in spec:
+        return int(spec[name]["mask_block_length"])
+    variant, _, seq = name.partition("_")
+    if variant in ("nomask", "fullattn") and seq in spec:
+        return 0
+    raise AssertionError(f"{d.name}: cannot tell which attention {key} was recorded with")
 
 
 def params(items_of) -> list:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.parity.fixtures import arrays, model, oracles, params
+from tests.parity.fixtures import arrays, block_length_of, model, oracles, params
 
 ATOL = 1e-4
 
@@ -30,9 +30,12 @@ def _cache_items(d):
 @pytest.mark.parametrize(("fixture_dir", "key"), params(_logit_items))
 def test_logits(fixture_dir, key):
     a = arrays(fixture_dir)
-    ids = torch.from_numpy(a[f"{key}_input_ids"]).long()
+    seq = key.rsplit("_", 1)[-1] if f"{key}_input_ids" not in a else key.removeprefix("logits_")
+    ids = torch.from_numpy(a[f"logits_{seq}_input_ids"]).long()
+    block = block_length_of(fixture_dir, key)
+    kwargs = {} if block is None else {"block_length": block}  # block-diffusion: block-causal or full
     with torch.no_grad():
-        got = model(fixture_dir)(ids).logits.numpy()
+        got = model(fixture_dir)(ids, **kwargs).logits.numpy()
     np.testing.assert_allclose(got, a[key], atol=ATOL, rtol=0)
 
 

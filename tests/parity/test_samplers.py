@@ -125,9 +125,14 @@ SAMPLERS: dict[str, Mapping] = {
 }
 
 
+#: block-diffusion samplers: their cases run in test_blockdiff.py
+BLOCK_SAMPLERS = ("dfactory.generate", "sdar.block_diffusion_generate")
+
+
 def _cases(d):
     for case in oracles(d).get("sampler_cases", []):
-        yield case["id"], case
+        if case["sampler"] not in BLOCK_SAMPLERS:
+            yield case["id"], case
 
 
 @pytest.mark.parametrize(("fixture_dir", "case"), params(_cases))

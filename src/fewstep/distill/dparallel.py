@@ -418,3 +418,130 @@ class DParallelObjective(Objective):
             return out.total, out.log_dict()
 
         return mean_over_rows(ids.shape[0], row)
+
+
+# -- block-diffusion models (LLaDA2-MoE, SDAR): dFactory's LLaDA2 dParallel trainer ----------------------
+#
+# dFactory (``train_llada2_bd_with_dparallel.py``) trains a block-diffusion model on one noised view:
+# ``process_mdm_tokenized_example`` masks response positions with a per-example noise level, the model
+# sees the ``[noisy | clean]`` concatenation under the block-diffusion training mask (positions
+# ``cat(arange(n), arange(n))``), and the loss on the noisy half's logits is the masked CE ("consistency")
+# plus ``confidence_beta`` times the mean *untempered* entropy over the correctly predicted labels.
+
+
+def mdm_noise(
+    input_ids: torch.Tensor,
+    prompt_lengths: list[int] | torch.Tensor,
+    mask_id: int,
+    generator: torch.Generator,
+    noise_range: tuple[float, float] = (0.3, 0.8),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(noisy_input_ids, labels)`` as ``process_mdm_tokenized_example`` draws them, row by row.
+
+    Per row: ``t = U·(hi − lo) + lo`` from one ``torch.rand(1)``, then ``torch.rand(L) < t`` masks the
+    positions ``≥ prompt_length``; labels are the clean ids at masked positions and -100 elsewhere.
+    """
+    lo, hi = noise_range
+    noisy, labels = input_ids.clone(), torch.full_like(input_ids, -100)
+    for i in range(input_ids.shape[0]):
+        t = torch.rand(1, generator=generator) * (hi - lo) + lo
+        draw = torch.rand(input_ids.shape[1], generator=generator) < t
+        draw[: int(prompt_lengths[i])] = False
+        noisy[i, draw] = mask_id
+        labels[i, draw] = input_ids[i, draw]
+    return noisy, labels
+
+
+def block_diffusion_mask(length: int, block_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """The ``[2n, 2n]`` boolean training mask over ``[noisy | clean]`` (True = attend), dFactory's layout.
+
+    Noisy block b sees its own noisy block and the clean blocks before b; clean block b sees the clean
+    blocks up to b (block-causal); clean never sees noisy.
+    """
+    blk = torch.arange(length, device=device) // block_size
+    same = blk[:, None] == blk[None, :]
+    earlier = blk[None, :] < blk[:, None]
+    causal = blk[None, :] <= blk[:, None]
+    top = torch.cat((same, earlier), dim=1)
+    bottom = torch.cat((torch.zeros_like(same), causal), dim=1)
+    return torch.cat((top, bottom), dim=0)
+
+
+def block_diffusion_logits(model: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The noisy half's logits of one ``[noisy | clean]`` forward under :func:`block_diffusion_mask`."""
+    b, n = noisy.shape
+    mask = block_diffusion_mask(n, block_size, noisy.device)[None, None].expand(b, 1, 2 * n, 2 * n)
+    pos = torch.arange(n, device=noisy.device).repeat(2)[None].expand(b, -1)
+    out = model(input_ids=torch.cat((noisy, clean), dim=1), attention_mask=mask, position_ids=pos)
+    return out.logits[:, :n]
+
+
+def block_certainty_forcing_loss(
+    logits: torch.Tensor, labels: torch.Tensor, confidence_beta: float = 0.0, same_token: bool = True
+) -> dict[str, torch.Tensor]:
+    """``consistency`` (masked CE, same position or shifted), ``confidence`` and their ``total``."""
+    if not same_token:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != -100
+    safe = labels.clamp_min(0)
+    ce = masked_cross_entropy(logits, safe, mask)
+    conf, n = certainty_forcing_entropy(logits, safe, mask, temperature=1.0)
+    return {"consistency": ce, "confidence": conf, "total": ce + confidence_beta * conf, "num_correct": n}
+
+
+class BlockDiffusionDParallelObjective(Objective):
+    """dFactory's dParallel certainty forcing for block-diffusion models (LLaDA2-MoE, SDAR).
+
+    ``collate``: ``prompt + response + [EOS]`` right-padded with EOS to ``max_length`` (as
+    :class:`DParallelObjective`), then :func:`mdm_noise` with the trainer's generator. ``loss``: one
+    ``[noisy | clean]`` forward under :func:`block_diffusion_mask` and
+    :func:`block_certainty_forcing_loss` (dFactory's defaults: block 32, same-token labels,
+    ``confidence_beta`` 0 = CE only; dParallel's certainty forcing is ``confidence_beta > 0``).
+    """
+
+    name = "dparallel"
+    needs_teacher = False
+
+    def __init__(
+        self,
+        ids: SpecialIds,
+        max_length: int = 384,
+        *,
+        block_size: int = 32,
+        confidence_beta: float = 1.0,
+        noise_range: tuple[float, float] = (0.3, 0.8),
+        same_token_labels: bool = True,
+    ):
+        super().__init__(ids, max_length)
+        if block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size}")
+        lo, hi = noise_range
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"noise_range must satisfy 0 <= low <= high <= 1, got {noise_range}")
+        self.block_size, self.confidence_beta = block_size, confidence_beta
+        self.noise_range, self.same_token_labels = (lo, hi), same_token_labels
+
+    def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Fixed-length EOS-padded clean ids, the noised ids and the labels (-100 off the masked positions)."""
+        eos = self.ids.eos
+        rows = [pad_fixed([*ex["prompt_ids"], *ex["response_ids"], eos], self.max_length, eos) for ex in examples]
+        input_ids = torch.tensor(rows, dtype=torch.long)
+        prompts = [len(ex["prompt_ids"]) for ex in examples]
+        noisy, labels = mdm_noise(input_ids, prompts, self.ids.mask, generator, self.noise_range)
+        return {"input_ids": input_ids, "noisy_input_ids": noisy, "labels": labels}
+
+    def loss(
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        *,
+        step: int = 0,
+        max_steps: int = 1,
+        teacher: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """One block-diffusion forward and the consistency + ``confidence_beta`` x confidence loss."""
+        logits = block_diffusion_logits(model, batch["noisy_input_ids"], batch["input_ids"], self.block_size)
+        out = block_certainty_forcing_loss(logits, batch["labels"], self.confidence_beta, self.same_token_labels)
+        logs = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+        logs["loss"] = logs.pop("total")
+        return out["total"], logs

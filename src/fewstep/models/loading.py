@@ -25,10 +25,21 @@ from fewstep.assets import resolve_model
 from fewstep.models.base import DiffusionLM
 from fewstep.models.dream import DreamConfig, DreamModel
 from fewstep.models.llada import LLaDAConfig, LLaDAModel
+from fewstep.models.llada2 import LLaDA2Config, LLaDA2Model
+from fewstep.models.sdar import SDARConfig, SDARModel
 
 ARCHITECTURES: dict[str, tuple[type, type]] = {
     "llada": (LLaDAConfig, LLaDAModel),
     "dream": (DreamConfig, DreamModel),
+    "llada2": (LLaDA2Config, LLaDA2Model),
+    "sdar": (SDARConfig, SDARModel),
+}
+#: Block-diffusion families: ``model_type`` / ``architectures`` names -> fewstep architecture.
+BLOCK_DIFFUSION_TYPES: dict[str, str] = {
+    "llada2_moe": "llada2",
+    "LLaDA2MoeModelLM": "llada2",
+    "sdar": "sdar",
+    "SDARForCausalLM": "sdar",
 }
 _DTYPES = {
     "float32": torch.float32,
@@ -77,9 +88,12 @@ def architecture_of(cfg: dict[str, Any]) -> str:
         return "llada"
     if mt == "dream" or "DreamModel" in archs:
         return "dream"
+    for name in (str(cfg.get("model_type", "")), *archs):
+        if name in BLOCK_DIFFUSION_TYPES:
+            return BLOCK_DIFFUSION_TYPES[name]
     raise ValueError(
         f"unknown model_type {cfg.get('model_type')!r} (architectures {archs}); fewstep supports "
-        "LLaDA (model_type 'llada') and Dream (model_type 'Dream')"
+        "LLaDA (model_type 'llada'), Dream (model_type 'Dream'), LLaDA2-MoE ('llada2_moe') and SDAR ('sdar')"
     )
 
 
@@ -205,7 +219,7 @@ def load_model(
     check_device_dtype(device, dtype)
     model = build_model(cfg).to(dtype)  # still on the meta device: no memory yet
     model.to_empty(device=device)
-    params = dict(model.named_parameters())
+    params = checkpoint_tensors(model)
     expected = {model.checkpoint_key(k): k for k in params}
     found = {k for keys in files.values() for k in keys}
     missing = sorted(set(expected) - found)
@@ -243,6 +257,11 @@ def load_model(
     model.requires_grad_(False)
     model.checkpoint_path = str(folder)
     return model
+
+
+def checkpoint_tensors(model: DiffusionLM) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint fills: every parameter and every persistent buffer (LLaDA2's ``expert_bias``)."""
+    return {k: v for k, v in model.state_dict(keep_vars=True).items()}
 
 
 def _few(keys: list[str], n: int = 5) -> str:

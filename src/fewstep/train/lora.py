@@ -40,6 +40,27 @@ _ROLE_PATTERNS: dict[str, dict[str, str]] = {
         "up": r"layers\.\d+\.mlp\.up_proj",
         "down": r"layers\.\d+\.mlp\.down_proj",
     },
+    # LLaDA2-MoE: q, k and v share one fused ``query_key_value`` (any of them adapts it); the MLP roles
+    # cover the dense layers' MLP, every routed expert and the shared experts; the router (``mlp.gate``,
+    # not a linear) is never adapted.
+    "llada2": {
+        "q": r"model\.layers\.\d+\.attention\.query_key_value",
+        "k": r"model\.layers\.\d+\.attention\.query_key_value",
+        "v": r"model\.layers\.\d+\.attention\.query_key_value",
+        "o": r"model\.layers\.\d+\.attention\.dense",
+        "gate": r"model\.layers\.\d+\.mlp\.(experts\.\d+\.|shared_experts\.)?gate_proj",
+        "up": r"model\.layers\.\d+\.mlp\.(experts\.\d+\.|shared_experts\.)?up_proj",
+        "down": r"model\.layers\.\d+\.mlp\.(experts\.\d+\.|shared_experts\.)?down_proj",
+    },
+    "sdar": {
+        "q": r"model\.layers\.\d+\.self_attn\.q_proj",
+        "k": r"model\.layers\.\d+\.self_attn\.k_proj",
+        "v": r"model\.layers\.\d+\.self_attn\.v_proj",
+        "o": r"model\.layers\.\d+\.self_attn\.o_proj",
+        "gate": r"model\.layers\.\d+\.mlp\.gate_proj",
+        "up": r"model\.layers\.\d+\.mlp\.up_proj",
+        "down": r"model\.layers\.\d+\.mlp\.down_proj",
+    },
 }
 #: The reference recipes' target lists, as roles (what they *meant*: all seven projections).
 ALL_ROLES = ROLES
@@ -69,7 +90,7 @@ def target_regex(architecture: str, roles: tuple[str, ...] | list[str]) -> str:
     if architecture not in _ROLE_PATTERNS:
         raise ValueError(f"no LoRA role map for architecture {architecture!r}")
     pats = _ROLE_PATTERNS[architecture]
-    return "(" + "|".join(pats[r] for r in roles) + ")"
+    return "(" + "|".join(dict.fromkeys(pats[r] for r in roles)) + ")"
 
 
 def target_modules(model: nn.Module, roles: tuple[str, ...] | list[str]) -> list[str]:

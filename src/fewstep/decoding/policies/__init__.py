@@ -10,6 +10,8 @@ name               rule                                                       cl
 ``entropy-dream``  dParallel entropy threshold (Dream semi-AR numerics)       :class:`DreamEntropyThresholdPolicy`
 ``cad``            CD4LM Confidence-Adaptive Decoding                         :class:`CADPolicy`
 ``dream``          Dream diffusion_generate (entropy, maskgit_plus, ...)      :class:`DreamPolicy`
+``llada2``         LLaDA2 generate: threshold 0.95 with top-k fallback         :class:`LLaDA2Policy`
+``sdar``           SDAR block_diffusion_generate (4 remasking strategies)      :class:`SDARPolicy`
 =================  =========================================================  ==============================
 
 A spec is ``NAME``, ``NAME:VALUE`` (sets the policy's main option, e.g. ``threshold:0.9``,
@@ -29,6 +31,8 @@ from fewstep.decoding.policies.dparallel import DreamEntropyThresholdPolicy, Ent
 from fewstep.decoding.policies.dream import DreamPolicy
 from fewstep.decoding.policies.fastdllm import ConfidenceThresholdPolicy, FactorPolicy
 from fewstep.decoding.policies.llada import LowConfidencePolicy
+from fewstep.decoding.policies.llada2 import LLaDA2Policy
+from fewstep.decoding.policies.sdar import SDARPolicy
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
@@ -40,6 +44,8 @@ POLICIES: dict[str, type[Policy]] = {
         DreamEntropyThresholdPolicy,
         CADPolicy,
         DreamPolicy,
+        LLaDA2Policy,
+        SDARPolicy,
     )
 }
 
@@ -51,8 +57,10 @@ __all__ = [
     "DreamPolicy",
     "EntropyThresholdPolicy",
     "FactorPolicy",
+    "LLaDA2Policy",
     "LowConfidencePolicy",
     "Policy",
+    "SDARPolicy",
     "Selection",
     "StepState",
     "parse_policy",

@@ -1,0 +1,136 @@
+"""What the block-diffusion families (LLaDA2-MoE, SDAR) share: block-causal attention and partial RoPE.
+
+Block-causal attention, as the official code builds it (dFactory's ``generate``, SDAR's
+``block_diff_mask``): the sequence is cut into blocks of ``block_length`` positions counted from
+position 0, and a query attends to **every** position of its own block and of all earlier blocks
+(bidirectional inside a block, causal across blocks). fewstep counts the positions of a left-padded
+row from its first real token (see :func:`fewstep.models.base.resolve_positions`), so the block
+boundaries of a padded row are exactly those the row has alone, and padding keys are never attended.
+
+Because a committed block never attends to later blocks, the KV cache of the committed blocks is
+**exact** for these models (unlike the approximate cache of full-attention LLaDA/Dream): the
+``prefix`` mode of :meth:`~fewstep.models.base.DiffusionLM.denoise` gives the uncached logits.
+
+``block_length`` 0 (or None) means full bidirectional attention, which is what the official forwards
+compute with ``attention_mask=None`` (LLaDA2, SDPA) or an all-ones mask (SDAR).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fewstep.models.base import AttentionInputs, DiffusionLM, attention_inputs, resolve_positions
+
+
+def block_causal_mask(
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    block_length: int | None,
+) -> torch.Tensor | None:
+    """SDPA boolean mask ``[B, 1, Tq, Lk]`` (True = attend): same or earlier block, and not a padding key.
+
+    None when nothing is masked (full attention, no padding), so SDPA takes its unmasked kernel.
+    """
+    allowed = None
+    if block_length:
+        qb = torch.div(query_positions, block_length, rounding_mode="floor")
+        kb = torch.div(key_positions, block_length, rounding_mode="floor")
+        allowed = kb[:, None, :] <= qb[:, :, None]
+    if key_valid is not None:
+        valid = key_valid[:, None, :].expand(-1, query_positions.shape[1], -1)
+        allowed = valid if allowed is None else allowed & valid
+    return None if allowed is None else allowed[:, None]
+
+
+def block_inputs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    past_key_values,
+    replace_position: torch.Tensor | None,
+    block_length: int | None,
+) -> AttentionInputs:
+    """The attention inputs of one block-diffusion forward.
+
+    ``attention_mask`` is either the usual 2-D padding mask (the block-causal mask is built from the
+    positions) or an explicit 4-D boolean mask ``[B, 1, Tq, Lk]`` (True = attend) with ``position_ids``,
+    e.g. the ``[noisy | clean]`` training mask of :func:`fewstep.distill.dparallel.block_diffusion_mask`.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype != torch.bool or position_ids is None:
+            raise ValueError("a 4-D attention_mask must be boolean (True = attend) and come with position_ids")
+        ctx = attention_inputs(input_ids, None, position_ids, past_key_values, replace_position)
+        return AttentionInputs(ctx.positions, attention_mask, ctx.past, ctx.columns)
+    ctx = attention_inputs(input_ids, attention_mask, position_ids, past_key_values, replace_position)
+    return block_attention_inputs(ctx, attention_mask, block_length, input_ids.shape[0])
+
+
+def block_attention_inputs(
+    ctx: AttentionInputs, attention_mask: torch.Tensor | None, block_length: int | None, batch: int
+) -> AttentionInputs:
+    """Replace the key-padding mask of ``ctx`` by the block-causal mask over every key of this forward."""
+    if ctx.columns is not None or ctx.past is None:
+        key_len = ctx.past.length if ctx.columns is not None else ctx.positions.shape[1]
+    else:
+        key_len = ctx.past.length + ctx.positions.shape[1]
+    device = ctx.positions.device
+    key_pos = resolve_positions(batch, key_len, 0, attention_mask, None, None, device)
+    valid = None if ctx.mask is None else ctx.mask[:, 0, 0, :]
+    mask = block_causal_mask(ctx.positions, key_pos, valid, block_length)
+    return AttentionInputs(ctx.positions, mask, ctx.past, ctx.columns)
+
+
+class PartialRotary:
+    """RoPE (rotate-half) on the first ``rotary_dim`` dims of each head; the rest pass through.
+
+    ``inv_freq`` is built over ``rotary_dim`` dims (transformers' default RoPE init with
+    ``partial_rotary_factor``). The sin/cos table is built on the CPU in fp32 and the rotation runs in fp32.
+    """
+
+    def __init__(self, rotary_dim: int, theta: float, max_len: int):
+        self.rotary_dim, self.theta = rotary_dim, theta
+        self._cpu = self._build(max_len)
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _build(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cpu = torch.device("cpu")
+        d = self.rotary_dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=cpu).float() / d))
+        angles = torch.outer(torch.arange(length, dtype=torch.float, device=cpu), inv_freq)
+        table = torch.cat((angles, angles), dim=-1)
+        return table.sin(), table.cos()
+
+    def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if length > self._cpu[0].shape[0]:
+            self._cpu = self._build(max(length, 2 * self._cpu[0].shape[0]))
+            self._tables.clear()
+        if device not in self._tables or self._tables[device][0].shape[0] != self._cpu[0].shape[0]:
+            self._tables[device] = (self._cpu[0].to(device), self._cpu[1].to(device))
+        return self._tables[device]
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` [B, H, T, D] by per-row ``positions`` [B, T]."""
+        sin, cos = self._table(int(positions.max()) + 1, x.device)
+        sin, cos = sin[positions][:, None], cos[positions][:, None]
+        d = self.rotary_dim
+        rot, rest = x[..., :d].float(), x[..., d:]
+        half = d // 2
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = (rot * cos + rotated * sin).to(x.dtype)
+        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+class BlockDiffusionLM(DiffusionLM):
+    """Base of the block-diffusion models: ``block_length`` is the block size of block-causal attention.
+
+    ``forward(..., block_length=None)`` uses ``self.block_length`` (from the config, settable by the
+    decoding loop); ``block_length=0`` forces full bidirectional attention.
+    """
+
+    logit_shift = 0
+    block_diffusion = True
+    block_length: int = 32
+
+    def resolve_block_length(self, block_length: int | None) -> int:
+        return self.block_length if block_length is None else int(block_length)
