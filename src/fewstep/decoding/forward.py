@@ -251,7 +251,10 @@ def block_forward(model, runs: list[BlockRun], pad: int) -> tuple[list[torch.Ten
         c = 0 if r.kv is None else r.kv.length
         logits.append(None if r.logits is None else out.logits[j : j + m, r.logits[0] - lo : r.logits[1] - lo])
         if r.store:
-            kv = [(k[j : j + m, :, C - c : C + T].clone(), v[j : j + m, :, C - c : C + T].clone()) for k, v in out.past_key_values]
+            kv = [
+                (k[j : j + m, :, C - c : C + T].clone(), v[j : j + m, :, C - c : C + T].clone())
+                for k, v in out.past_key_values
+            ]
             caches.append(KVCache(kv))
         else:
             caches.append(None)
