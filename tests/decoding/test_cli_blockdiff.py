@@ -17,7 +17,7 @@ TOKENIZER = Path(fewstep.__file__).parent / "assets" / "models" / "dparallel"  #
 
 @pytest.mark.parametrize("d", BLOCK_DIRS, ids=lambda d: d.name)
 def test_generate_cli_equals_generate(d, capsys):
-    prompt = list(oracles(d)["prompts"].values())[0]
+    prompt = next(iter(oracles(d)["prompts"].values()))
     ids = " ".join(map(str, prompt))
     args = ["generate", "--model", str(d), "--prompt-ids", ids, "--policy", "llada2", "--cache", "prefix"]
     main([*args, "--gen-length", "16", "--block-length", "8", "--dtype", "float32", "--device", "cpu", "--json"])
