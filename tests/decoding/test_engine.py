@@ -19,7 +19,7 @@ import torch
 from fewstep.decoding import Policy, Selection, StepState, generate, parse_policy
 from fewstep.decoding.engine import Engine, Request, RowResult
 from fewstep.models.loading import load_model, load_tokenizer
-from tests.parity.fixtures import DEFAULT_DIRS, model, oracles
+from tests.parity.fixtures import BLOCK_DIRS, DEFAULT_DIRS, model, oracles
 
 LLADA, DREAM = DEFAULT_DIRS
 SHIPPED = Path(__file__).resolve().parents[2] / "src" / "fewstep" / "assets" / "models" / "dparallel"
@@ -352,3 +352,78 @@ def test_submit_validates_and_is_thread_safe():
     assert len({r.id for r in reqs}) == 8 and sorted(results) == sorted(r.id for r in reqs)
     for r in reqs:
         assert_same(results[r.id], alone(m, r), f"request {r.id}")
+
+
+# -- block-diffusion models (LLaDA2-MoE, SDAR) -----------------------------------------------------------
+
+BLOCK_POLICIES = [
+    "threshold:0.9",
+    "llada:steps=8",
+    "entropy:0.5",
+    "cad:threshold=0.9,max_tokens=4,eos_ratio=0.5",
+    "factor:1.0",
+    "llada2",
+    "sdar:low_confidence_dynamic",
+    "sdar:remasking_strategy=entropy_bounded,quirk_iteration_cap=True,quirk_row_entropy=True",
+    "sdar:remasking_strategy=low_confidence_static,quirk_uncapped_topk=True",
+    "threshold:threshold=0.8,temperature=0.7",
+]
+
+
+def block_requests(rng: random.Random, prompts, n: int) -> list[Request]:
+    """Block-model requests: prompt tails at every offset in their block (and none), block lengths that do
+    not divide the answer or exceed it, both caches, EOS stops and the official samplers' quirks."""
+    out = []
+    for i in range(n):
+        p = rng.choice(prompts)
+        gen, block = rng.choice([(8, 4), (16, 4), (16, 8), (12, 8), (8, 16), (24, 8)])
+        spec = rng.choice(BLOCK_POLICIES)
+        seed = rng.randint(0, 10**6) if "temperature" in spec or rng.random() < 0.3 else None
+        out.append(
+            Request(
+                prompt=p[: rng.randint(2, len(p))],
+                policy=spec,
+                gen_length=gen,
+                block_length=block,
+                cache=rng.choice(["none", "prefix", "dual"]),
+                seed=seed,
+                cfg_scale=rng.choice([0.0, 0.0, 0.0, 0.5]),
+                early_stop=rng.random() < 0.4,
+                eos_early_stop=rng.random() < 0.3,
+                quirk_unstored_blocks="quirk_iteration_cap" in spec,
+                id=i,
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("fixture", ["llada2-tiny-a", "sdar-tiny-a"])
+def test_block_models_random_arrivals_equal_alone(fixture):
+    """Block-model rows at different blocks, block lengths, phases (prefill, denoise, store) and caches
+    share one call per round; each gets exactly the tokens, NFE and decode steps it gets alone."""
+    d = next(d for d in BLOCK_DIRS if d.name == fixture)
+    m = model(d)
+    rng = random.Random(11)
+    reqs = block_requests(rng, list(oracles(d)["prompts"].values()), 10)
+    engine = Engine(m, max_batch=4, max_padding=float("inf"))
+    results, _ = run_with_arrivals(engine, reqs, rng)
+    for r in reqs:
+        assert_same(results[r.id], alone(m, r), f"request {r.id} ({r.policy}, cache {r.cache})")
+    assert engine.forward_calls == engine.rounds  # one block-causal call per round, whatever the rows do
+    assert engine.rounds < sum(results[r.id].nfe for r in reqs) / 2
+
+
+@pytest.mark.parametrize("fixture", ["llada2-tiny-a", "sdar-tiny-a"])
+def test_block_cache_is_exact_and_counts_prefill_and_stores(fixture):
+    """The exact cache of committed blocks gives the tokens of recomputing the canvas; its NFE adds one
+    prefill (complete prompt blocks) and one store forward per decoded block."""
+    d = next(d for d in BLOCK_DIRS if d.name == fixture)
+    m = model(d)
+    for prompt in oracles(d)["prompts"].values():
+        for policy, B in (("threshold:0.9", 4), ("llada2", 8), ("sdar", 16)):
+            P, G = len(prompt), 32
+            none = generate(m, [prompt], policy, gen_length=G, block_length=B, cache="none")
+            pre = generate(m, [prompt], policy, gen_length=G, block_length=B, cache="prefix")
+            assert pre.sequences.tolist() == none.sequences.tolist(), (policy, B, P)
+            blocks = -(-(P + G) // B) - P // B
+            assert int(pre.nfe[0]) == int(none.nfe[0]) + (P >= B) + blocks, (policy, B, P)

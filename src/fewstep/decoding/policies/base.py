@@ -129,6 +129,13 @@ class Policy:
         """``[R]`` True for rows that are done with the block (state after this step's writes)."""
         return ~state.mask.any(-1)
 
+    def iteration_cap(self) -> int | None:
+        """Iterations the official loop allows per block, its store forward included (None: no cap).
+
+        Only read with the loop option ``quirk_unstored_blocks``: a block that spent them all on denoising
+        forwards is never stored in the cache (SDAR)."""
+        return None
+
     def describe(self) -> str:
         """``name:key=value,...`` with every option that differs from its default."""
         if not is_dataclass(self):
