@@ -200,6 +200,18 @@ def resolve_policy(settings: Settings) -> Policy:
     return dataclasses.replace(policy, **changes) if changes else policy
 
 
+def first_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
+    """``(index, stop)`` of the earliest stop string in ``text`` (empty strings stop nothing), or None."""
+    hits = [(text.find(s), s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    hit = first_stop(text, stops)
+    return text if hit is None else text[: hit[0]]
+
+
 def _holdback(text: str, stops: Sequence[str]) -> int:
     """How many trailing characters of ``text`` could still be the start of a stop string."""
     best = 0
@@ -414,9 +426,9 @@ class TextGenerator:
         ids = prefix if cut is None else prefix[:cut]
         before = len(ids)
         text = self.decode(ids, skip_special_tokens=not settings.stop_in_raw)
-        hits = [(text.find(s), s) for s in settings.stop if s and s in text]
-        if hits:
-            idx, s = min(hits)
+        hit = first_stop(text, settings.stop)
+        if hit is not None:
+            idx, s = hit
             text = self._drop_specials(text[:idx]) if settings.stop_in_raw else text[:idx]
             return text, self._ids_for(ids, len(text)), "stop", s, before
         if settings.stop_in_raw:
@@ -649,7 +661,9 @@ __all__ = [
     "Settings",
     "SettingsError",
     "TextGenerator",
+    "cut_at_stop",
     "encode",
+    "first_stop",
     "has_chat_template",
     "render",
     "resolve_policy",
