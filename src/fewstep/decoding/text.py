@@ -111,6 +111,18 @@ class Completion:
         """Answer tokens committed by the forwards (EOS filled in by early stop not counted)."""
         return sum(self.tokens_per_step)
 
+    def stats(self) -> dict[str, Any]:
+        """The per-request speed record of ``fewstep eval`` and the lm-eval adapter: NFE, answer tokens
+        before the first stop id, tokens per forward, and the batch's time shared out over its rows."""
+        return {
+            "nfe": self.nfe,
+            "gen_tokens": self.answer_tokens,
+            "tokens_per_step": self.tokens_per_forward,
+            "latency_s": self.batch_seconds / self.batch_rows,
+            "batch_seconds": self.batch_seconds,
+            "batch_rows": self.batch_rows,
+        }
+
 
 @dataclass
 class Delta:

@@ -162,15 +162,8 @@ def _run_batch(task: Task, protocol, batch, gen, settings: EvalSettings, sandbox
     from fewstep.decoding.text import Settings
 
     prompts = [protocol(r) for r in batch]
-    base = Settings(
-        policy=settings.policy,
-        max_tokens=settings.gen_length,
-        block_length=settings.block_length,
-        cache=settings.cache,
-        early_stop=settings.early_stop,
-        chat=False,
-        cancel_at_stop=False,
-    )
+    same = {k: getattr(settings, k) for k in ("policy", "block_length", "cache", "early_stop")}
+    base = Settings(max_tokens=settings.gen_length, chat=False, cancel_at_stop=False, **same)
     seed = settings.seed  # row i of a batch uses seed + i, as fewstep.generate(seed=int) does
     per = [base.replace(stop=p.stop, seed=None if seed is None else seed + i) for i, p in enumerate(prompts)]
     outs = gen.generate([p.render(gen.tokenizer) for p in prompts], per)
@@ -183,12 +176,7 @@ def _run_batch(task: Task, protocol, batch, gen, settings: EvalSettings, sandbox
             "extracted": s.extracted,
             "passed": s.passed,
             "reason": s.reason,
-            "nfe": o.nfe,
-            "gen_tokens": o.answer_tokens,
-            "tokens_per_step": o.tokens_per_forward,
-            "latency_s": o.batch_seconds / o.batch_rows,
-            "batch_seconds": o.batch_seconds,
-            "batch_rows": o.batch_rows,
+            **o.stats(),
         }
         for i, (rec, s, o) in enumerate(zip(batch, scored, outs))
     ]

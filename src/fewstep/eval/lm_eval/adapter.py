@@ -351,12 +351,7 @@ class FewstepLM(TemplateLM):
             stat = {
                 "task": getattr(req, "task_name", None),
                 "doc_id": getattr(req, "doc_id", None),
-                "nfe": o.nfe,
-                "gen_tokens": o.answer_tokens,
-                "tokens_per_step": o.tokens_per_forward,
-                "latency_s": o.batch_seconds / o.batch_rows,
-                "batch_seconds": o.batch_seconds,
-                "batch_rows": o.batch_rows,
+                **o.stats(),
                 "gen_length": prepared[i][1],
             }
             self.generation_stats.append(stat)
