@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     progress, callback = _progress(len(prompts) * args.gen_length, quiet=args.json)
     recorder = StepRecorder(then=callback)
     try:
-        comps = TextGenerator(model, tokenizer).generate(prompts, per, on_event=recorder, canvas=True)
+        gen = TextGenerator(model, tokenizer, max_batch=max(len(prompts), 1))  # one batch, as given
+        comps = gen.generate(prompts, per, on_event=recorder, canvas=True)
     finally:
         if progress is not None:
             progress.stop()
