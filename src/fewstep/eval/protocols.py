@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+from fewstep.decoding.text import (
+    cut_at_stop,  # noqa: F401  (re-exported: the text layer cuts stop strings)
+    has_chat_template,
+    render,
+)
 from fewstep.eval import datasets
 
 
@@ -49,23 +54,10 @@ class Prompt:
 
     def render(self, tokenizer: Any = None) -> str:
         """The prompt string: the chat template applied to the messages (or the raw text), plus ``gen_prefix``."""
-        if self.messages is None:
-            return self.text + self.gen_prefix
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        if self.messages is not None and not has_chat_template(tokenizer):
             raise ValueError("this prompt protocol uses a chat template, but the tokenizer has none")
-        rendered = tokenizer.apply_chat_template(list(self.messages), tokenize=False, add_generation_prompt=True)
-        return rendered + self.gen_prefix
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to the first occurrence of any stop string."""
-    end = len(text)
-    for s in stop:
-        if s:
-            i = text.find(s)
-            if i != -1:
-                end = min(end, i)
-    return text[:end]
+        prompt = self.text if self.messages is None else list(self.messages)
+        return render(tokenizer, prompt, chat=self.messages is not None, prefix=self.gen_prefix)
 
 
 @dataclass(frozen=True)
