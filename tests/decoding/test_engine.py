@@ -199,6 +199,32 @@ def test_cancellation_of_pending_and_running_requests():
         assert_same(results[i], alone(m, reqs[i]), f"request {i}")
 
 
+def test_cancel_keeps_nothing_for_finished_or_unknown_ids_and_has_work_lasts_to_the_last_update():
+    """A stale cancel (an id not pending or running) is ignored at once, so it can never cancel a later
+    request that reuses the id; ``has_work`` stays True until the round that emits the last update."""
+    m = model(LLADA)
+    req = Request(base_prompts(LLADA)[0], policy="llada:steps=8", gen_length=8, block_length=8, id=7)
+    want = alone(m, req)
+    engine = Engine(m)
+    assert engine.cancel(7) is False and not engine.has_work()  # unknown: nothing kept
+    engine.submit(replace(req))
+    ups = []
+    while engine.has_work():
+        assert not (ups and ups[-1].done)  # work left means no last update yet
+        ups += engine.step()
+    assert ups[-1].done and not ups[-1].result.cancelled and [u.done for u in ups].count(True) == 1
+    assert_same(ups[-1].result, want, "the id cancelled before it was submitted")
+    assert engine.cancel(7) is False  # finished: nothing kept
+    assert_same(engine.run([replace(req)])[0], want, "the id reused after a stale cancel")
+    engine.submit(replace(req, id=9))
+    with pytest.raises(ValueError, match="request id 9 is already pending or running") as err:
+        engine.submit(replace(req, id=9))
+    assert err.value.field == "id"
+    assert engine.cancel(9) is True
+    (last,) = engine.step()
+    assert last.done and last.result.cancelled and not engine.has_work()
+
+
 def test_max_nfe_stops_a_row_and_leaves_the_others_exact():
     m = model(LLADA)
     prompts = base_prompts(LLADA)
@@ -336,8 +362,12 @@ def test_submit_validates_and_is_thread_safe():
         engine.submit(Request([1, 2, 3], policy="nope"))
     with pytest.raises(ValueError, match="exceeds the model's context"):
         engine.submit(Request([1, 2, 3], gen_length=8192))
-    with pytest.raises(ValueError, match="max_nfe must be"):
+    with pytest.raises(ValueError, match="max_nfe must be") as err:
         engine.submit(Request([1, 2, 3], gen_length=8, max_nfe=0))
+    assert err.value.field == "max_nfe"  # a RequestError naming the field, for API errors
+    with pytest.raises(ValueError, match="the prompt has 4096 tokens") as err:
+        engine.validate(Request([1] * 4096, gen_length=8))
+    assert err.value.field == "prompt" and not engine.has_work()  # validate enqueues nothing
     prompts = base_prompts(LLADA)
     reqs = [Request(prompts[i % 3][: 5 + i], policy="threshold:0.9", gen_length=16, block_length=8) for i in range(8)]
     threads = [threading.Thread(target=engine.submit, args=(r,)) for r in reqs]

@@ -21,12 +21,15 @@ are its own, so each request gets the tokens and NFE it gets alone, whatever sha
 
 Contract (callers rely on every name here):
 
-* ``Request``: one prompt and how to decode it. Validation errors raise ``ValueError`` from
-  :meth:`Engine.submit`, at once, with a message fit for a user.
+* ``Request``: one prompt and how to decode it. Validation errors raise :class:`RequestError` (a
+  ``ValueError`` whose ``field`` names the ``Request`` field at fault) from :meth:`Engine.submit`, at
+  once, with a message fit for a user; :meth:`Engine.validate` runs the same checks without enqueuing.
 * ``Engine(model, *, max_batch=32, tokenizer=None)``: ``submit(request) -> id`` and ``cancel(id)`` are
   thread-safe and cheap (they only enqueue; the engine acts on them at the start of its next round);
   ``step()`` runs one round and returns the :class:`Update` of every request that took part;
-  ``has_work()`` says whether any request is pending or running; ``run(requests)`` submits and steps
+  ``has_work()`` is True from ``submit`` until the round that emits the request's last update (so a
+  loop ``while has_work(): step()`` always sees every request finish); ``cancel`` of an id that is not pending or running (finished, unknown) does nothing
+  and keeps nothing; ``run(requests)`` submits and steps
   until all are done and returns their :class:`RowResult` in order. Only one thread may call
   ``step``/``run``.
 * A cancelled request emits one last ``Update`` with ``done=True`` and ``result.cancelled=True``.
@@ -68,6 +71,14 @@ def stop_ids(model, tokenizer=None) -> tuple[int, ...]:
         vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
         ids.extend(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
     return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+class RequestError(ValueError):
+    """A bad request (a user mistake); ``field`` names the :class:`Request` field at fault."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -145,53 +156,71 @@ class Settings:
 def resolve_settings(model, req: Request, tokenizer=None, policy: Policy | None = None) -> Settings:
     """Validate ``req``'s settings against ``model``; ValueError with a message fit for a user."""
     cfg = model.config
-    policy = parse_policy(req.policy) if policy is None else policy
+    try:
+        policy = parse_policy(req.policy) if policy is None else policy
+    except ValueError as exc:
+        raise RequestError(str(exc), "policy") from None
     if req.cache not in CACHE_MODES:
-        raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}; got {req.cache!r}")
+        raise RequestError(f"cache must be one of {', '.join(CACHE_MODES)}; got {req.cache!r}")
     vocab = int(cfg.vocab_size)
     mask_id = int(cfg.mask_token_id if req.mask_id is None else req.mask_id)
     if not 0 <= mask_id < vocab:
-        raise ValueError(f"mask_id must be in [0, {vocab - 1}] (the vocabulary); got {mask_id}")
+        raise RequestError(f"mask_id must be in [0, {vocab - 1}] (the vocabulary); got {mask_id}", "mask_id")
     G = req.gen_length
     if not isinstance(G, int) or isinstance(G, bool) or G < 1:
-        raise ValueError(f"gen_length must be an integer >= 1; got {G!r}")
+        raise RequestError(f"gen_length must be an integer >= 1; got {G!r}", "gen_length")
     bd = bool(getattr(model, "block_diffusion", False))
     L = (int(model.block_length) if bd else min(32, G)) if req.block_length is None else req.block_length
     L = policy.blocks(G, L)
     if bd:  # blocks of the model's attention, aligned to absolute positions: any length >= 1
         if not isinstance(L, int) or isinstance(L, bool) or L < 1:
-            raise ValueError(f"block_length must be an integer >= 1; got {L!r}")
+            raise RequestError(f"block_length must be an integer >= 1; got {L!r}", "block_length")
     elif not isinstance(L, int) or not 1 <= L <= G:
-        raise ValueError(f"block_length must be in [1, gen_length={G}]; got {L!r}")
+        raise RequestError(f"block_length must be in [1, gen_length={G}]; got {L!r}", "block_length")
     elif G % L:
-        raise ValueError(f"gen_length ({G}) must be a multiple of block_length ({L}); valid block lengths divide {G}")
+        msg = f"gen_length ({G}) must be a multiple of block_length ({L}); valid block lengths divide {G}"
+        raise RequestError(msg, "block_length")
     if req.cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be >= 0; got {req.cfg_scale}")
-    if req.max_nfe is not None and (not isinstance(req.max_nfe, int) or req.max_nfe < 1):
-        raise ValueError(f"max_nfe must be an integer >= 1 or None; got {req.max_nfe!r}")
-    policy.validate(-(-G // L) * L if bd else G, L)
+        raise RequestError(f"cfg_scale must be >= 0; got {req.cfg_scale}", "cfg_scale")
+    if req.max_nfe is not None and (
+        not isinstance(req.max_nfe, int) or isinstance(req.max_nfe, bool) or req.max_nfe < 1
+    ):
+        raise RequestError(f"max_nfe must be an integer >= 1 or None; got {req.max_nfe!r}", "max_nfe")
+    try:
+        policy.validate(-(-G // L) * L if bd else G, L)
+    except ValueError as exc:
+        raise RequestError(str(exc), "policy") from None
     eos = tuple(int(i) for i in req.eos_ids) if req.eos_ids is not None else stop_ids(model, tokenizer)
     fill_id = eos[0] if eos else None
     if (req.early_stop or req.eos_early_stop) and fill_id is None:
-        raise ValueError("early_stop and eos_early_stop need eos_ids (the model config has no eos_token_id)")
+        msg = "early_stop and eos_early_stop need eos_ids (the model config has no eos_token_id)"
+        raise RequestError(msg, "eos_ids")
     limit = req.max_steps_per_block or 4 * L + 64
     fill = fill_id if req.early_stop else None
     return Settings(policy, G, L, req.cache, float(req.cfg_scale), mask_id, eos, fill, limit, bd)
 
 
 def check_prompt(model, prompt: Sequence[int], gen_length: int) -> list[int]:
-    """The prompt as a list of ints; ValueError if it is empty, out of the vocabulary or too long."""
+    """The prompt as a list of ints; :class:`RequestError` if it is empty, out of the vocabulary or too
+    long (``field`` "prompt", or "gen_length" when the prompt alone fits the context)."""
     ids = [int(t) for t in prompt]
     vocab = int(model.config.vocab_size)
     if not ids:
-        raise ValueError("the prompt must hold at least one token")
-    if any(not 0 <= t < vocab for t in ids):
-        raise ValueError(f"input_ids must be token ids in [0, {vocab - 1}] (the vocabulary)")
+        raise RequestError("the prompt must hold at least one token", "prompt")
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise RequestError(f"input_ids must be token ids in [0, {vocab - 1}] (the vocabulary); got {bad[:5]}", "prompt")
     n, max_len = len(ids) + gen_length, getattr(model.config, "max_sequence_length", None)
+    if max_len is not None and len(ids) >= max_len:
+        raise RequestError(
+            f"the prompt has {len(ids)} tokens; the model's context (max_sequence_length) is {max_len} tokens",
+            "prompt",
+        )
     if max_len is not None and max_len < n:
-        raise ValueError(
+        raise RequestError(
             f"prompt length ({len(ids)}) + gen_length ({gen_length}) = {n} exceeds the model's context "
-            f"(max_sequence_length {max_len}); valid gen_length: <= {max_len - len(ids)}"
+            f"(max_sequence_length {max_len}); valid gen_length: <= {max_len - len(ids)}",
+            "gen_length",
         )
     return ids
 
@@ -362,7 +391,8 @@ def _groups(rows: list[_Row]) -> list[list[_Row]]:
 class _Inbox:
     lock: threading.Lock = field(default_factory=threading.Lock)
     pending: deque = field(default_factory=deque)
-    cancelled: set = field(default_factory=set)
+    cancelled: set = field(default_factory=set)  # ids to cancel at the next round (cleared every round)
+    live: set = field(default_factory=set)  # ids submitted whose last update has not been emitted
 
 
 class Engine:
@@ -401,25 +431,45 @@ class Engine:
             self._policies[key] = parse_policy(spec)
         return self._policies[key]
 
+    def validate(self, request: Request) -> tuple[Settings, list[int]]:
+        """The checks of :meth:`submit` without enqueuing: the resolved settings and the prompt as ints.
+
+        Raises :class:`RequestError` (``field``: the request field at fault) for a user mistake."""
+        try:
+            policy = self._policy(request.policy)
+        except ValueError as exc:
+            raise RequestError(str(exc), "policy") from None
+        g = request.gen_length
+        g = g if isinstance(g, int) and not isinstance(g, bool) and g > 0 else 0  # a bad one: resolve_settings says so
+        prompt = check_prompt(self.model, request.prompt, g)  # the context first: an answer too long is the mistake
+        return resolve_settings(self.model, request, self.tokenizer, policy), prompt
+
     def submit(self, request: Request) -> Any:
-        """Validate and enqueue ``request``; returns its id. Raises ValueError for bad settings."""
-        st = resolve_settings(self.model, request, self.tokenizer, self._policy(request.policy))
-        prompt = check_prompt(self.model, request.prompt, st.gen_length)
+        """Validate and enqueue ``request``; returns its id. Raises :class:`RequestError` (a ValueError)
+        for bad settings, or for an explicit ``id`` that is already pending or running."""
+        st, prompt = self.validate(request)
         with self._inbox.lock:
             if request.id is None:
                 request.id = next(self._ids)
+            elif request.id in self._inbox.live:
+                raise RequestError(f"request id {request.id!r} is already pending or running", "id")
+            self._inbox.live.add(request.id)
             self._inbox.pending.append((request, st, prompt))
         return request.id
 
-    def cancel(self, request_id: Any) -> None:
-        """Cancel a pending or running request (acted on at the start of the next round)."""
+    def cancel(self, request_id: Any) -> bool:
+        """Cancel a pending or running request (acted on at the start of the next round); True if it was
+        one. An id that is finished or unknown is ignored (nothing is kept for it)."""
         with self._inbox.lock:
+            if request_id not in self._inbox.live:
+                return False
             self._inbox.cancelled.add(request_id)
+            return True
 
     def has_work(self) -> bool:
-        """Whether any request is pending or running."""
+        """Whether any request is pending or running (True until the round that emits its last update)."""
         with self._inbox.lock:
-            return bool(self._inbox.pending) or bool(self._running)
+            return bool(self._inbox.live)
 
     @property
     def running(self) -> int:
@@ -479,12 +529,14 @@ class Engine:
                 if req.id in cancelled:
                     row = _Row(req, st, prompt, self.device, -1)
                     updates.append(self._final(row, cancelled=True))
+                    self._inbox.live.discard(req.id)
                 else:
                     keep.append((req, st, prompt))
             self._inbox.pending = keep
             for row in [r for r in self._running if r.req.id in cancelled]:
                 self._running.remove(row)
                 updates.append(self._final(row, cancelled=True))
+                self._inbox.live.discard(row.req.id)
             while self._inbox.pending and len(self._running) < self.max_batch:
                 req, st, prompt = self._inbox.pending.popleft()
                 self._running.append(_Row(req, st, prompt, self.device, next(self._order)))
@@ -622,6 +674,8 @@ class Engine:
 
     def _finish(self, r: _Row, step: tuple | None) -> Update:
         self._running.remove(r)
+        with self._inbox.lock:
+            self._inbox.live.discard(r.req.id)
         up = self._final(r)
         if step is not None:
             up.block, up.positions, up.tokens = step

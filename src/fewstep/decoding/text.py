@@ -19,7 +19,8 @@ still start a stop string held back. A stop id ends the text at once but the row
 engine ends it (``early_stop``: after the block holding the EOS), so its NFE is exactly what
 :func:`fewstep.generate` reports for it. A stop string (which the engine does not know) finishes the
 request at once and cancels its row, so its NFE counts the forwards until the string became final.
-``max_nfe`` is enforced here too (the text layer stops a row that reached it).
+Validation and ``max_nfe`` are the engine's (:meth:`Engine.validate`, checked again at submit); the
+text layer adds its own knobs (stop strings, sampling options) and names the API parameter at fault.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fewstep.decoding.engine import Engine, Request, RowResult, Update
+from fewstep.decoding.engine import Engine, Request, RequestError, RowResult, Update
 from fewstep.decoding.policies import Policy, parse_policy
 
 Prompt = str | Sequence[int] | Sequence[dict]  # text, token ids, or chat messages [{"role", "content"}]
@@ -47,6 +48,7 @@ class SettingsError(ValueError):
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+_PARAMS = {"gen_length": "max_tokens"}  # engine Request fields that the text layer names differently
 
 
 @dataclass
@@ -244,6 +246,7 @@ class _Tracker:
         self.t0 = time.perf_counter()
         self.first_delta: float | None = None
         self.emitted = ""
+        self.committed = 0  # length of the committed prefix of the answer (it only grows)
         self.steps = [0] * settings.max_tokens
         self.done = False
         self.nfe = 0
@@ -260,22 +263,21 @@ class _Tracker:
             if 0 <= p < len(self.steps) and self.steps[p] == 0:
                 self.steps[p] = u.nfe
         answer = u.result.answer if (u.done and u.result is not None and u.result.answer) else u.answer
-        prefix = []
-        for t in answer:
-            if t == mask:
-                break
-            prefix.append(int(t))
-        final = u.done or len(prefix) == len(answer)
-        cap = self.settings.max_nfe
-        capped = cap is not None and u.nfe >= cap and not final  # the engine may not enforce max_nfe
+        k = self.committed
+        while k < len(answer) and answer[k] != mask:
+            k += 1
+        final = u.done or k == len(answer)
+        if k == self.committed and not final and not canvas:
+            return None  # nothing new is final: no detokenisation
+        self.committed = k
+        prefix = [int(t) for t in answer[:k]]
         text, ids, reason, stop, self.before_stop = self.gen._final_text(prefix, self.settings, self.stop_ids)
         if canvas and self.sink is not None and not (u.done and u.result is not None and u.result.cancelled):
             self.sink(self._canvas(u, answer, mask, text if reason else self._safe(text)))
-        running = not u.done and not capped
-        if running and reason is None and not final:
+        if reason is None and not final:
             self._emit(self._safe(text))
             return None
-        if running and (isinstance(stop, int) or not self.settings.cancel_at_stop):
+        if not u.done and (isinstance(stop, int) or not self.settings.cancel_at_stop):
             # the engine ends the row itself (early_stop, or the full length), so NFE is what it gets alone
             self._emit(text if reason else self._safe(text))
             return None
@@ -336,7 +338,6 @@ class TextGenerator:
         self.engine = engine or Engine(model, max_batch=max_batch, tokenizer=tokenizer)
         self.default_stop_ids = stop_ids(model, tokenizer)
         self.mask_id = int(model.config.mask_token_id)
-        self.vocab = int(model.config.vocab_size)
         self.context = getattr(model.config, "max_sequence_length", None)
         self._lock = threading.Lock()
         self._live: dict[Any, tuple[_Tracker, bool]] = {}
@@ -363,33 +364,13 @@ class TextGenerator:
         return self._pieces[token]
 
     def request(self, prompt_ids: Sequence[int], settings: Settings) -> tuple[Request, Policy]:
-        """Validate settings against the model and build the engine Request (ValueError for a user mistake)."""
-        ids = [int(t) for t in prompt_ids]
-        if not ids:
-            raise SettingsError("the prompt is empty", "prompt")
-        bad = [t for t in ids if not 0 <= t < self.vocab]
-        if bad:
-            raise SettingsError(f"prompt token ids must be in [0, {self.vocab - 1}]; got {bad[:5]}", "prompt")
-        g = settings.max_tokens
-        if not isinstance(g, int) or isinstance(g, bool) or g < 1:
-            raise SettingsError(f"max_tokens must be an integer >= 1; got {g!r}", "max_tokens")
-        if self.context is not None and len(ids) >= self.context:
-            raise SettingsError(
-                f"the prompt has {len(ids)} tokens; the model's context is {self.context} tokens", "prompt"
-            )
-        if self.context is not None and len(ids) + g > self.context:
-            raise SettingsError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({g}) exceeds the model's context ({self.context}); "
-                f"max_tokens can be at most {self.context - len(ids)}",
-                "max_tokens",
-            )
-        policy, block = self._policy_and_block(settings, g)
-        if settings.cache not in ("none", "prefix", "dual"):
-            raise SettingsError(f"cache must be one of none, prefix, dual; got {settings.cache!r}", "cache")
-        if settings.max_nfe is not None and (not isinstance(settings.max_nfe, int) or settings.max_nfe < 1):
-            raise SettingsError(f"max_nfe must be an integer >= 1; got {settings.max_nfe!r}", "max_nfe")
-        if settings.cfg_scale < 0:
-            raise SettingsError(f"cfg_scale must be >= 0; got {settings.cfg_scale}", "cfg_scale")
+        """Build the engine Request and validate it with the engine's own checks (:meth:`Engine.validate`);
+        :class:`SettingsError` (a ValueError) naming the API parameter at fault for a user mistake."""
+        try:
+            policy = resolve_policy(settings)
+        except ValueError as exc:
+            param = next((k for k in ("threshold", "top_p", "temperature") if f"has no {k} option" in str(exc)), None)
+            raise SettingsError(str(exc), param or "policy") from None
         stops = [s for s in settings.stop if s != ""]  # an empty stop string stops nothing
         if len(stops) > MAX_STOP_STRINGS or any(not isinstance(s, str) for s in stops):
             raise SettingsError(f"stop must be at most {MAX_STOP_STRINGS} strings", "stop")
@@ -397,10 +378,10 @@ class TextGenerator:
             raise SettingsError(f"each stop string must be at most {MAX_STOP_LENGTH} characters", "stop")
         eos = list(self.default_stop_ids if settings.stop_ids is None else settings.stop_ids)
         req = Request(
-            prompt=ids,
+            prompt=list(prompt_ids),
             policy=policy,
-            gen_length=g,
-            block_length=block,
+            gen_length=settings.max_tokens,
+            block_length=settings.block_length,
             cache=settings.cache,
             seed=settings.seed,
             early_stop=settings.early_stop,
@@ -408,29 +389,11 @@ class TextGenerator:
             cfg_scale=settings.cfg_scale,
             max_nfe=settings.max_nfe,
         )
+        try:
+            self.engine.validate(req)
+        except RequestError as exc:
+            raise SettingsError(str(exc), _PARAMS.get(exc.field, exc.field)) from None
         return req, policy
-
-    def _policy_and_block(self, settings: Settings, g: int) -> tuple[Policy, int]:
-        try:
-            policy = resolve_policy(settings)
-        except ValueError as exc:
-            param = next((k for k in ("threshold", "top_p", "temperature") if f"has no {k} option" in str(exc)), None)
-            raise SettingsError(str(exc), param or "policy") from None
-        block = settings.block_length if settings.block_length is not None else min(32, g)
-        block = policy.blocks(g, block)
-        if not isinstance(block, int) or not 1 <= block <= g:
-            raise SettingsError(f"block_length must be in [1, max_tokens={g}]; got {block!r}", "block_length")
-        if g % block:
-            raise SettingsError(
-                f"max_tokens = gen_length ({g}) must be a multiple of block_length ({block}); "
-                f"valid block lengths divide {g}",
-                "block_length",
-            )
-        try:
-            policy.validate(g, block)
-        except ValueError as exc:
-            raise SettingsError(str(exc), "policy") from None
-        return policy, block
 
     def _final_text(self, prefix: list[int], settings: Settings, stop_ids: set):
         """(text, ids, finish reason or None, stop, tokens before the first stop id) of a committed prefix."""
@@ -617,18 +580,16 @@ class TextGenerator:
             self._thread = None
 
     def _loop(self) -> None:
+        """Step while the engine has work (rows the text layer already finished included, so a cancelled
+        row is freed at the next round); otherwise sleep on the condition that submit/cancel/stop notify."""
         while True:
             with self._lock:
-                while not self._stopping and not self._live:
-                    self._wake.wait(timeout=1.0)
+                while not self._stopping and not self.engine.has_work():
+                    self._wake.wait(timeout=1.0)  # a safety net; submit, cancel and stop notify
                 if self._stopping:
                     return
             try:
                 self.step()
-                with self._lock:
-                    stranded = [] if self.engine.has_work() else list(self._live.values())
-                if stranded:
-                    self._fail_all(RuntimeError("the engine finished without reporting some requests"))
             except Exception as exc:  # a bug in the engine: fail every live request, keep serving
                 self._fail_all(exc)
 

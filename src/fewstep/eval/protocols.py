@@ -21,12 +21,18 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from fewstep.decoding.text import (
-    cut_at_stop,  # noqa: F401  (re-exported: the text layer cuts stop strings)
-    has_chat_template,
-    render,
-)
 from fewstep.eval import datasets
+
+# The text layer (``fewstep.decoding.text``) is imported where it is used: it pulls in torch, and
+# ``fewstep.eval`` (the sandbox and scoring above all) must import without it.
+
+
+def __getattr__(name: str):
+    if name == "cut_at_stop":  # its old home; the text layer cuts stop strings
+        from fewstep.decoding.text import cut_at_stop
+
+        return cut_at_stop
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,8 @@ class Prompt:
 
     def render(self, tokenizer: Any = None) -> str:
         """The prompt string: the chat template applied to the messages (or the raw text), plus ``gen_prefix``."""
+        from fewstep.decoding.text import has_chat_template, render
+
         if self.messages is not None and not has_chat_template(tokenizer):
             raise ValueError("this prompt protocol uses a chat template, but the tokenizer has none")
         prompt = self.text if self.messages is None else list(self.messages)

@@ -6,6 +6,7 @@ OpenAI-style error naming its field (``param``), with status 400, never a traceb
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -214,8 +215,15 @@ def _settings(body: dict, defaults: Settings, chat: bool) -> Settings:
 
 
 # ---- responses ----------------------------------------------------------------------------------------
+_ID_PREFIX = uuid.uuid4().hex[
+    :12
+]  # one random draw per process; a counter after it (uuid4 per request costs a syscall)
+_ID_COUNT = itertools.count()
+
+
 def new_id(chat: bool) -> str:
-    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    """A response id unique to this server process: ``cmpl-`` or ``chatcmpl-``, then 24 hex digits."""
+    return ("chatcmpl-" if chat else "cmpl-") + f"{_ID_PREFIX}{next(_ID_COUNT):012x}"
 
 
 def usage(comps: list[Completion]) -> dict[str, Any]:
