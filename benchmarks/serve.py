@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 VOCAB_8B = 126464
 
 
-def build_model(which: str, layers: int, quick: bool):
+def build_model(which: str, layers: int, quick: bool, cache: str = "none"):
     """(model, tokenizer, default settings, prompts as text) of a benchmark model."""
     import fewstep
     from fewstep.commands import resolve_model
@@ -54,7 +54,7 @@ def build_model(which: str, layers: int, quick: bool):
         return (
             fewstep.load_model(d),
             fewstep.load_tokenizer(d),
-            Settings(policy="entropy:0.45", max_tokens=64, block_length=32),
+            Settings(policy="entropy:0.45", max_tokens=64, block_length=32, cache=cache),
             prompts,
         )
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -72,7 +72,7 @@ def build_model(which: str, layers: int, quick: bool):
     tok = build_word_tokenizer(f"w{i}" for i in range(5, vocab))  # ids 0-4 special, then one word per id
     words = [f"w{i}" for i in range(5, 4000 if not quick else 1000)]
     prompts = [" ".join(words[(7 * i + 13 * j) % len(words)] for j in range(16)) for i in range(256)]
-    return model, tok, Settings(policy="llada:steps=4", max_tokens=32, block_length=32), prompts
+    return model, tok, Settings(policy="llada:steps=4", max_tokens=32, block_length=32, cache=cache), prompts
 
 
 def serve_main(args) -> int:
@@ -83,7 +83,7 @@ def serve_main(args) -> int:
     from fewstep.serve import ServeConfig, create_app, run
 
     torch.set_num_threads(args.threads)
-    model, tok, settings, _ = build_model(args._serve, args.layers, args.quick)
+    model, tok, settings, _ = build_model(args._serve, args.layers, args.quick, args.cache)
     gen = TextGenerator(model, tok, max_batch=32)
     app = create_app(gen, ServeConfig(model_name=args._serve, defaults=settings, max_queue=1024))
     run(app, "127.0.0.1", args.port, log_level="warning")
@@ -107,6 +107,7 @@ def direct(model, tok, settings, prompts) -> dict:
             settings.policy,
             gen_length=settings.max_tokens,
             block_length=settings.block_length,
+            cache=settings.cache,
             tokenizer=tok,
             early_stop=True,
         )
@@ -243,7 +244,7 @@ def _free_port() -> int:
 def bench_model(which: str, levels: list[int], args) -> dict:
     import httpx
 
-    model, tok, settings, prompts = build_model(which, args.layers, args.quick)
+    model, tok, settings, prompts = build_model(which, args.layers, args.quick, args.cache)
     port = _free_port()
     cmd = [
         sys.executable,
@@ -256,6 +257,8 @@ def bench_model(which: str, levels: list[int], args) -> dict:
         str(args.layers),
         "--threads",
         str(args.threads),
+        "--cache",
+        args.cache,
     ] + (["--quick"] if args.quick else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen(cmd, env=env)
@@ -297,6 +300,7 @@ def bench_model(which: str, levels: list[int], args) -> dict:
         "policy": str(settings.policy),
         "max_tokens": settings.max_tokens,
         "block_length": settings.block_length,
+        "cache": settings.cache,
         "load_average_1min_at_start": round(load, 2),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "forward_batching_gain": ceiling,
@@ -328,7 +332,7 @@ def forward_batching_gain(model, tokens: int = 80, batch: int = 32) -> dict:
 def markdown(result: dict) -> str:
     lines = []
     for m in result["models"]:
-        lines.append(f"\n**{m['model']}** (policy `{m['policy']}`, {m['max_tokens']} tokens; 1-min load average "
+        lines.append(f"\n**{m['model']}** (policy `{m['policy']}`, cache {m.get('cache', 'none')}, {m['max_tokens']} tokens; 1-min load average "
                      f"{m.get('load_average_1min_at_start')} -> {m.get('load_average_1min_at_end')})\n")  # fmt: skip
         if m.get("forward_batching_gain"):
             g = m["forward_batching_gain"]
@@ -355,6 +359,8 @@ def main(argv=None) -> int:
     p.add_argument("--requests-8b", type=int, default=8, help="8b-shaped: requests per level")
     p.add_argument("--layers", type=int, default=1, help="layers of the 8B-shaped model (LLaDA-8B has 32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server and the direct run")
+    p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none",
+                   help="KV cache mode of both the server and the direct run")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     p.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="the clients' HTTP library")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))

@@ -421,6 +421,7 @@ class Engine:
         self._running: list[_Row] = []
         self.forward_calls = 0  # batched model calls so far (at most one per kind of forward per round)
         self.rounds = 0  # rounds that ran forwards
+        self.cancelled = 0  # requests cancelled so far (before or while running)
 
     def _policy(self, spec: Policy | str) -> Policy:
         """One instance per spec string, so requests with the same spec share ``select`` calls."""
@@ -683,6 +684,7 @@ class Engine:
 
     def _final(self, r: _Row, cancelled: bool = False) -> Update:
         res = r.result(cancelled=cancelled)
+        self.cancelled += cancelled
         return Update(r.req.id, r.nfe, r.b - r.b0, [], [], res.answer, res.decode_step, r.st.mask_id, True, res)
 
     def run(self, requests: Sequence[Request]) -> list[RowResult]:
