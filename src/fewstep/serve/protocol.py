@@ -198,11 +198,12 @@ def _settings(body: dict, defaults: Settings, chat: bool) -> Settings:
         raise ApiError(400, f"'max_nfe' must be >= 1; got {max_nfe}", param="max_nfe")
     seed = _get(body, "seed", (int,), None)
     g = max_tokens if max_tokens is not None else defaults.max_tokens
-    default_block = defaults.block_length if defaults.block_length is not None else 32
+    if block is None and defaults.block_length is not None:
+        block = min(defaults.block_length, g)
     return defaults.replace(
         policy=policy if policy is not None else defaults.policy,
         max_tokens=g,
-        block_length=block if block is not None else min(default_block, g),
+        block_length=block,  # None: the engine's default (32 at most; a block-diffusion model's own block size)
         cache=cache,
         temperature=_number(body, "temperature", 0.0, 2.0),
         top_p=_number(body, "top_p", 0.0, 1.0),
