@@ -166,6 +166,16 @@ def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = F
         raise ValueError(f"{name} must be in {lb}{lo}, {hi}{rb}; got {value}")
 
 
+def check_confidence_options(policy: Any) -> None:
+    """Validate the options the confidence rules share: ``temperature`` >= 0, ``remasking`` and
+    ``probs_dtype`` (each only where the policy has it)."""
+    check_range(f"{policy.name}.temperature", policy.temperature, 0.0, float("inf"))
+    if hasattr(policy, "remasking"):
+        check_choice(f"{policy.name}.remasking", policy.remasking, ("low_confidence", "random"))
+    if hasattr(policy, "probs_dtype"):
+        check_choice(f"{policy.name}.probs_dtype", policy.probs_dtype, tuple(PROBS_DTYPES))
+
+
 def chunks(z: torch.Tensor, itemsize: int = 8):
     """Row slices of ``z`` whose float64 copy (``itemsize`` bytes per value) stays under :data:`CHUNK_BYTES`:
     policies score ``[K, V]`` candidate logits chunk by chunk to bound their temporaries."""
