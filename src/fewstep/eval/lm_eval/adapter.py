@@ -12,7 +12,8 @@ lm-eval's own CLI), or, from Python, ``lm_eval.simple_evaluate(model=FewstepLM(.
 * ``loglikelihood``: LLaDA's Monte Carlo ELBO estimate (:mod:`fewstep.eval.lm_eval.likelihood`), an
   estimate of a lower bound, not an exact log-likelihood; ``is_greedy`` by LLaDA's greedy suffix
   check.
-* ``loglikelihood_rolling`` (perplexity tasks) raises ``NotImplementedError``.
+* ``loglikelihood_rolling`` (perplexity tasks) raises ``NotImplementedError``; so does ``loglikelihood`` on
+  a block-diffusion model (LLaDA2, SDAR), whose ELBO differs from LLaDA's (``generate_until`` works).
 
 Multi-GPU: under ``accelerate launch`` each process takes its rank's share of the documents (lm-eval
 shards them by ``rank`` / ``world_size``, which come from accelerate) on its own GPU.
@@ -68,7 +69,7 @@ class FewstepLM(TemplateLM):
     * ``dtype`` (default bfloat16 on GPU, float32 on CPU), ``device`` (default cuda if available;
       the process's GPU under accelerate);
     * ``policy`` (default ``threshold:0.9``), ``gen_length`` (default: the request's ``max_gen_toks``),
-      ``block_length`` (32), ``cache`` (none / prefix / dual), ``batch_size`` (lm-eval's
+      ``block_length`` (32; a block-diffusion model's own block size), ``cache`` (none / prefix / dual), ``batch_size`` (lm-eval's
       ``--batch_size``), ``early_stop`` (True: a row stops after the block holding its EOS),
       ``cfg_scale`` (0), ``seed`` (1234: per-request seeds for sampling policies and the Monte Carlo draws);
     * ``mc_num`` (128), ``mc_batch_size`` (16), ``check_greedy`` (True; alias ``is_check_greedy``) for
@@ -91,7 +92,7 @@ class FewstepLM(TemplateLM):
         device: str | None = None,
         policy: str = "threshold:0.9",
         gen_length: int | None = None,
-        block_length: int = 32,
+        block_length: int | None = None,
         cache: str | None = "none",
         batch_size: int | str | None = 1,
         max_batch_size: int | None = None,
@@ -163,7 +164,7 @@ class FewstepLM(TemplateLM):
             raise ValueError("fewstep: --batch_size auto is not supported; pass an integer (prompts decoded together)")
         self.batch_size = _as_int("batch_size", batch_size)
         self.gen_length = None if gen_length is None else _as_int("gen_length", gen_length)
-        self.block_length = _as_int("block_length", block_length)
+        self.block_length = None if block_length is None else _as_int("block_length", block_length)
         self.max_gen_toks = _as_int("max_gen_toks", max_gen_toks)
 
     # ------------------------------------------------------------------ loading and basic properties
@@ -273,12 +274,14 @@ class FewstepLM(TemplateLM):
                 f"fewstep: generating gen_length={self.gen_length} tokens (model_args) instead of the task's {requested}",
             )
         gen_length = self.gen_length or requested
-        block = min(self.block_length, gen_length)
-        if gen_length % block:
-            raise ValueError(
-                f"fewstep: gen_length {gen_length} is not a multiple of block_length {block}; "
-                "pass gen_length=... (a multiple of block_length) in --model_args"
-            )
+        block = self.block_length  # None on a block-diffusion model: its own block size (any length works)
+        if not getattr(self.model, "block_diffusion", False):
+            block = min(32 if block is None else block, gen_length)
+            if gen_length % block:
+                raise ValueError(
+                    f"fewstep: gen_length {gen_length} is not a multiple of block_length {block}; "
+                    "pass gen_length=... (a multiple of block_length) in --model_args"
+                )
         if kw.get("do_sample") or float(kw.get("temperature") or 0) > 0:
             self._warn_once(
                 "sampling",
@@ -425,6 +428,12 @@ class FewstepLM(TemplateLM):
         """``(log p estimate, is_greedy)`` per ``((context, continuation), context_ids, continuation_ids)``."""
         from tqdm import tqdm
 
+        if getattr(self.model, "block_diffusion", False) and requests:
+            raise NotImplementedError(
+                "fewstep: loglikelihood on a block-diffusion model (LLaDA2, SDAR) is not supported: LLaDA's Monte "
+                "Carlo ELBO masks the whole continuation under full attention, while a block-causal model is "
+                "trained to see earlier blocks clean. Use generate_until tasks (e.g. gsm8k) with these models."
+            )
         out = []
         for key, ctx, cont in tqdm(requests, disable=disable_tqdm or self.rank != 0, desc="fewstep loglikelihood"):
             ctx, cont = list(ctx), list(cont)
