@@ -28,7 +28,7 @@ every call), per layer as ``[B, n_kv_heads, L, head_dim]``.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Self
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -122,6 +122,9 @@ def key_padding_mask(attention_mask: torch.Tensor | None, key_len: int) -> torch
     return attention_mask.bool()[:, None, None, :]
 
 
+_Config = TypeVar("_Config", bound="ConfigFields")
+
+
 class ConfigFields:
     """Shared config.json plumbing of the architecture configs (dataclasses with an ``extra`` dict).
 
@@ -133,7 +136,7 @@ class ConfigFields:
     REQUIRED: tuple[str, ...] = ()
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> Self:
+    def from_dict(cls: type[_Config], cfg: dict[str, Any]) -> _Config:
         """Validate a config.json dict: required keys present, unsupported variants rejected with the reason."""
         missing = cls.missing(cfg)
         if missing:
@@ -182,16 +185,10 @@ class HFConfigFields(ConfigFields):
 
     @classmethod
     def unsupported(cls, cfg: dict[str, Any]) -> list[str]:
-        """SiLU only, no RoPE scaling (a ``"default"`` rope type is plain RoPE), no sliding window."""
-        bad = []
+        """SiLU only (each family adds its own RoPE-scaling and sliding-window rules)."""
         if cfg.get("hidden_act", "silu") != "silu":
-            bad.append(f"hidden_act={cfg['hidden_act']!r} (fewstep supports 'silu')")
-        scaling = cfg.get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-            bad.append(f"rope_scaling={scaling!r} (fewstep supports plain RoPE)")
-        if cfg.get("use_sliding_window"):
-            bad.append("use_sliding_window=true (fewstep supports false)")
-        return bad
+            return [f"hidden_act={cfg['hidden_act']!r} (fewstep supports 'silu')"]
+        return []
 
     @property
     def head_size(self) -> int:

@@ -62,6 +62,17 @@ class DreamConfig(HFConfigFields):
         "mask_token_id",
     )
 
+    @classmethod
+    def unsupported(cls, cfg: dict[str, Any]) -> list[str]:
+        """Rejects RoPE scaling and sliding windows, which Dream never uses."""
+        bad = super().unsupported(cfg)
+        scaling = cfg.get("rope_scaling")
+        if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            bad.append(f"rope_scaling={scaling!r} (fewstep supports none)")
+        if cfg.get("use_sliding_window"):
+            bad.append("use_sliding_window=true (fewstep supports false)")
+        return bad
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -92,7 +103,7 @@ class DreamModel(DecoderLM):
     def __init__(self, config: DreamConfig):
         rope = RotaryEmbedding(config.head_dim, config.rope_theta, max_len=None, fp32=False)  # per call, in dtype
         layers = (DreamLayer(config) for _ in range(config.num_hidden_layers))
-        super().__init__(config, rope, layers, **config.stack_sizes())
+        super().__init__(config, rope, layers)
 
     @staticmethod
     def checkpoint_key(module_key: str) -> str:

@@ -245,30 +245,21 @@ class DecoderLM(DiffusionLM):
     """A model that is token embedding -> decoder layers -> final norm -> LM head: the forward driver.
 
     A family names the four parts as its checkpoint does in ``stack_names`` (dotted names live in plain
-    containers, e.g. ``model.layers``) and passes its config, its :class:`RotaryEmbedding`, its layers and
-    the stack's sizes (``config.stack_sizes()``) to ``__init__``. ``fp32_logits`` casts the logits to float32 (LLaDA2-MoE's head does).
+    containers, e.g. ``model.layers``) and passes its config (whose ``stack_sizes()`` gives the sizes), its
+    :class:`RotaryEmbedding` and its layers to ``__init__``. ``fp32_logits`` casts the logits to float32
+    (LLaDA2-MoE's head does).
     """
 
     #: checkpoint names of the (token embedding, decoder layers, final norm, LM head)
     stack_names: tuple[str, str, str, str]
     fp32_logits: bool = False
 
-    def __init__(
-        self,
-        config: Any,
-        rope: RotaryEmbedding,
-        layers: Iterable[nn.Module],
-        *,
-        vocab: int,
-        dim: int,
-        eps: float,
-        tied: bool,
-    ):
+    def __init__(self, config: Any, rope: RotaryEmbedding, layers: Iterable[nn.Module]):
         super().__init__()
         self.config, self.rope = config, rope
-        self.build_stack(vocab, dim, eps, layers, tied)
+        self.build_stack(layers, **config.stack_sizes())
 
-    def build_stack(self, vocab: int, dim: int, eps: float, layers: Iterable[nn.Module], tied: bool) -> None:
+    def build_stack(self, layers: Iterable[nn.Module], vocab: int, dim: int, eps: float, tied: bool) -> None:
         """Register the embedding, ``layers``, final RMSNorm and LM head (None if ``tied``) under ``stack_names``."""
         parts = (nn.Embedding(vocab, dim), nn.ModuleList(layers), RMSNorm(dim, eps), lm_head(dim, vocab, tied))
         for name, part in zip(self.stack_names, parts, strict=True):
@@ -299,21 +290,20 @@ class DecoderLM(DiffusionLM):
         use_cache: bool = False,
         replace_position: torch.Tensor | None = None,
         logits_range: tuple[int, int] | None = None,
+        block_length: int | None = None,
         **_: Any,
     ) -> ModelOutput:
-        """Run the network on ``input_ids`` [B, T] with full bidirectional attention.
+        """Run the network on ``input_ids`` [B, T].
 
-        ``attention_mask`` ([B, key length], 1 = real token) masks padding keys. ``past_key_values`` and
-        ``replace_position`` select the cache mode (see ``base.py``). ``logits_range=(a, b)`` computes
-        the LM head only for query positions ``[a, b)`` (saves memory with large vocabularies).
+        ``attention_mask`` ([B, key length], 1 = real token) masks padding keys (a block-diffusion model also
+        takes an explicit 4-D boolean mask with ``position_ids``). ``past_key_values`` and
+        ``replace_position`` select the cache mode (see ``base.py``). ``block_length`` overrides a
+        block-diffusion model's block size (0 = full bidirectional attention; full-attention models ignore
+        it). ``logits_range=(a, b)`` computes the LM head only for query positions ``[a, b)`` (saves memory
+        with large vocabularies).
         """
-        ctx = attention_inputs(input_ids, attention_mask, position_ids, past_key_values, replace_position)
-        return self.decode(input_ids, ctx, use_cache, logits_range)
-
-    def decode(
-        self, input_ids: torch.Tensor, ctx: AttentionInputs, use_cache: bool, logits_range: tuple[int, int] | None
-    ) -> ModelOutput:
-        """Embedding, every layer (cache, masks, positions from ``ctx``), final norm, LM head on ``logits_range``."""
+        inputs = (input_ids, attention_mask, position_ids, past_key_values, replace_position)
+        ctx = self.attention_context(block_length, *inputs)
         embed, layers, norm, head = self.stack()
         x = embed(input_ids)
         x, presents = self.run_layers(layers, x, ctx, self.rope.cos_sin(ctx.positions, x.dtype))
@@ -325,33 +315,20 @@ class DecoderLM(DiffusionLM):
             logits = logits.float()
         return ModelOutput(logits=logits, past_key_values=KVCache(presents) if use_cache else None)
 
+    def attention_context(self, block_length: int | None, *inputs: Any) -> AttentionInputs:
+        """Cache mode, query positions and key-padding mask of one forward (full attention: ``block_length``
+        ignored); ``inputs`` are the arguments of :func:`~fewstep.models.base.attention_inputs`."""
+        return attention_inputs(*inputs)
+
 
 class BlockDecoderLM(DecoderLM, BlockDiffusionLM):
     """A block-diffusion :class:`DecoderLM`: block-causal attention (see ``block.py``), and module names
     that are the checkpoint names (``model.*`` and a top-level ``lm_head``)."""
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        past_key_values: KVCache | list | None = None,
-        use_cache: bool = False,
-        replace_position: torch.Tensor | None = None,
-        logits_range: tuple[int, int] | None = None,
-        block_length: int | None = None,
-        **_: Any,
-    ) -> ModelOutput:
-        """Run the network on ``input_ids`` [B, T] with block-causal attention (see ``block.py``).
-
-        ``attention_mask`` ([B, key length], 1 = real token) masks left padding, or is an explicit 4-D
-        boolean mask with ``position_ids``; ``past_key_values`` and ``replace_position`` select the cache
-        mode (``base.py``); ``block_length`` overrides the model's (0 = full bidirectional attention);
-        ``logits_range=(a, b)`` runs the LM head on ``[a, b)`` only.
-        """
-        bl = self.resolve_block_length(block_length)
-        ctx = block_inputs(input_ids, attention_mask, position_ids, past_key_values, replace_position, bl)
-        return self.decode(input_ids, ctx, use_cache, logits_range)
+    def attention_context(self, block_length: int | None, *inputs: Any) -> AttentionInputs:
+        """The block-causal mask of ``block_length`` (None: the model's) or an explicit 4-D mask, see
+        :func:`~fewstep.models.block.block_inputs`."""
+        return block_inputs(*inputs, self.resolve_block_length(block_length))
 
     @staticmethod
     def checkpoint_key(module_key: str) -> str:

@@ -197,7 +197,7 @@ class LLaDAModel(DecoderLM):
             config.head_dim, config.rope_theta, config.max_sequence_length, fp32=config.rope_full_precision
         )
         layers = (LLaDABlock(config) for _ in range(config.n_layers))
-        super().__init__(config, rope, layers, **config.stack_sizes())
+        super().__init__(config, rope, layers)
 
     # -- checkpoint I/O -----------------------------------------------------------------------------
     @staticmethod

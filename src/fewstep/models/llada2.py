@@ -116,6 +116,8 @@ class LLaDA2Config(HFConfigFields):
         bad = super().unsupported(cfg)
         if cfg.get("score_function", "sigmoid") not in ("sigmoid", "softmax"):
             bad.append(f"score_function={cfg['score_function']!r} (fewstep supports sigmoid, softmax)")
+        if cfg.get("rope_scaling"):
+            bad.append("rope_scaling is set (fewstep supports plain RoPE)")
         if cfg.get("n_group") and cfg["num_experts"] % cfg["n_group"]:
             bad.append(f"num_experts={cfg['num_experts']} is not divisible by n_group={cfg['n_group']}")
         return bad
@@ -297,7 +299,7 @@ class LLaDA2Model(BlockDecoderLM):
     def __init__(self, config: LLaDA2Config):
         rope = RotaryEmbedding(config.rotary_dim, config.rope_theta, min(config.max_position_embeddings, 4096))
         layers = (DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        super().__init__(config, rope, layers, **config.stack_sizes())
+        super().__init__(config, rope, layers)
         self.block_length = config.block_length
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:

@@ -66,6 +66,15 @@ class SDARConfig(HFConfigFields):
     )
 
     @classmethod
+    def unsupported(cls, cfg: dict[str, Any]) -> list[str]:
+        bad = super().unsupported(cfg)
+        if cfg.get("rope_scaling"):
+            bad.append("rope_scaling is set (fewstep supports plain RoPE)")
+        if cfg.get("use_sliding_window"):
+            bad.append("use_sliding_window=true (fewstep supports full attention within the block structure)")
+        return bad
+
+    @classmethod
     def complete(cls, kwargs: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
         kwargs.setdefault("pad_token_id", kwargs.get("eos_token_id"))  # SDAR names no pad: pad with EOS
         return kwargs
@@ -96,5 +105,5 @@ class SDARModel(BlockDecoderLM):
     def __init__(self, config: SDARConfig):
         rope = RotaryEmbedding(config.head_size, config.rope_theta, min(config.max_position_embeddings, 4096))
         layers = (SDARLayer(config) for _ in range(config.num_hidden_layers))
-        super().__init__(config, rope, layers, **config.stack_sizes())
+        super().__init__(config, rope, layers)
         self.block_length = config.block_size
