@@ -434,7 +434,9 @@ class BlockDiffusionCD4LMObjective(CD4LMObjective):
         clean, valid = batch["clean_input_ids"], self.padding_mask(batch)
         student = block_diffusion_logits(model, batch["input_ids"], clean, block, valid)
         with torch.no_grad():
-            teacher_logits = block_diffusion_logits(teacher, batch["teacher_consistency_input_ids"], clean, block, valid)
+            teacher_logits = block_diffusion_logits(
+                teacher, batch["teacher_consistency_input_ids"], clean, block, valid
+            )
         return student, teacher_logits
 
 
