@@ -15,6 +15,7 @@ from fewstep.cli import main
 from fewstep.distill import build_objective
 from fewstep.distill.dparallel import block_diffusion_logits
 from fewstep.train.data import read_jsonl, tokenize_pairs
+from fewstep.train.lora import ALL_ROLES, target_modules
 from fewstep.train.objective import SpecialIds
 from fewstep.train.trainer import TrainConfig, Trainer
 from tests.distill.blockdata import FAMILIES, block_checkpoint, teacher_answers, write_jsonl
@@ -135,7 +136,7 @@ RUNS = [
 
 
 @pytest.mark.parametrize(("family", "method", "finetune"), RUNS)
-def test_distill_on_block_models(bases, tmp_path, family, method, finetune):
+def test_distill_on_block_models(bases, tmp_path, capsys, family, method, finetune):
     """A few steps of ``fewstep distill`` lower the objective on fixed batches; the student is a drop-in
     replacement of the base; LoRA adapts attention and experts, never the router, and merges back exactly."""
     folder, data = bases[family]
@@ -153,6 +154,11 @@ def test_distill_on_block_models(bases, tmp_path, family, method, finetune):
     assert after < 0.98 * before, (before, after)
     assert_drop_in(folder, out)
     if finetune == "lora":
+        adapted = target_modules(base, ALL_ROLES)
+        assert (
+            f"({len(adapted)} modules)" in capsys.readouterr().out
+            and len(adapted) == {"llada2": 63, "sdar": 21}[family]
+        )
         keys = set(load_file(str(out / "adapter" / "adapter_model.safetensors")))
         assert any(".self_attn." in k or ".attention." in k for k in keys)
         assert any(".mlp." in k and "_proj" in k for k in keys) and not any(".mlp.gate.lora" in k for k in keys)

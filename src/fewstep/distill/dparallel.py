@@ -19,6 +19,12 @@ Every loss is a pure function of logits, labels and masks. Randomness comes from
 batch bugs that are harmless at its batch size of 1 (see :func:`complementary_masks`); the parity
 suite checks it against the recorded oracles. The default is the intended per-row semantics; at batch
 size 1 both give identical masks from the same random streams.
+
+Block-diffusion models (LLaDA2-MoE, SDAR; ``RECIPES["llada2"]``, ``RECIPES["sdar"]``) are trained the way
+dFactory's LLaDA2 dParallel trainer does (:class:`BlockDiffusionDParallelObjective`, end of this file): one
+noised view per sequence, fed as ``[noisy | clean]`` under the block-diffusion mask
+(:func:`block_diffusion_logits`, also CD4LM's builder on these models), so that every noisy block sees
+exactly what it sees when it is decoded: itself and the clean blocks before it.
 """
 
 from __future__ import annotations
