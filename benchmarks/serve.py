@@ -2,7 +2,7 @@
 one-at-a-time :func:`fewstep.generate` in the same run. Results: a printed table and JSON.
 
 For each model the server runs in its own process (this script started again with ``--_serve``), the
-clients here (asyncio + httpx, streaming SSE). Per concurrency level: requests/s, output tokens/s
+clients here (asyncio + aiohttp, or httpx with --client httpx; streaming SSE). Per concurrency level: requests/s, output tokens/s
 (completion tokens of the answers), time to first delta (request sent -> first non-empty text
 chunk), p50 / p99 request latency (sent -> ``[DONE]``). The direct row decodes the same prompts one
 by one with ``fewstep.generate`` in this process (no HTTP, no text layer), in turn with the 1-client
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 VOCAB_8B = 126464
 
 
-def build_model(which: str, layers: int, quick: bool):
+def build_model(which: str, layers: int, quick: bool, cache: str = "none"):
     """(model, tokenizer, default settings, prompts as text) of a benchmark model."""
     import fewstep
     from fewstep.commands import resolve_model
@@ -54,7 +54,7 @@ def build_model(which: str, layers: int, quick: bool):
         return (
             fewstep.load_model(d),
             fewstep.load_tokenizer(d),
-            Settings(policy="entropy:0.45", max_tokens=64, block_length=32),
+            Settings(policy="entropy:0.45", max_tokens=64, block_length=32, cache=cache),
             prompts,
         )
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -72,7 +72,7 @@ def build_model(which: str, layers: int, quick: bool):
     tok = build_word_tokenizer(f"w{i}" for i in range(5, vocab))  # ids 0-4 special, then one word per id
     words = [f"w{i}" for i in range(5, 4000 if not quick else 1000)]
     prompts = [" ".join(words[(7 * i + 13 * j) % len(words)] for j in range(16)) for i in range(256)]
-    return model, tok, Settings(policy="llada:steps=4", max_tokens=32, block_length=32), prompts
+    return model, tok, Settings(policy="llada:steps=4", max_tokens=32, block_length=32, cache=cache), prompts
 
 
 def serve_main(args) -> int:
@@ -83,7 +83,7 @@ def serve_main(args) -> int:
     from fewstep.serve import ServeConfig, create_app, run
 
     torch.set_num_threads(args.threads)
-    model, tok, settings, _ = build_model(args._serve, args.layers, args.quick)
+    model, tok, settings, _ = build_model(args._serve, args.layers, args.quick, args.cache)
     gen = TextGenerator(model, tok, max_batch=32)
     app = create_app(gen, ServeConfig(model_name=args._serve, defaults=settings, max_queue=1024))
     run(app, "127.0.0.1", args.port, log_level="warning")
@@ -107,6 +107,7 @@ def direct(model, tok, settings, prompts) -> dict:
             settings.policy,
             gen_length=settings.max_tokens,
             block_length=settings.block_length,
+            cache=settings.cache,
             tokenizer=tok,
             early_stop=True,
         )
@@ -138,52 +139,88 @@ def _row(name, clients, n, wall, lat, ttfd, tokens) -> dict:
     }
 
 
-async def _clients(url: str, prompts: list[str], clients: int, client=None) -> dict:
-    """``clients`` concurrent streaming clients over ``prompts``; ``client``: an open httpx.AsyncClient to reuse."""
-    import httpx
+class _Client:
+    """One streaming HTTP client library behind one call: ``lines(url, body)`` yields the SSE lines."""
 
+    def __init__(self, kind: str, connections: int):
+        self.kind, self.connections, self.session = kind, connections, None
+
+    async def __aenter__(self):
+        if self.kind == "aiohttp":
+            import aiohttp
+
+            connector = aiohttp.TCPConnector(limit=self.connections)
+            self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600))
+        else:
+            import httpx
+
+            limits = httpx.Limits(max_connections=self.connections)
+            self.session = httpx.AsyncClient(timeout=600, limits=limits)
+        return self
+
+    async def __aexit__(self, *exc):
+        await (self.session.close() if self.kind == "aiohttp" else self.session.aclose())
+
+    async def get(self, url: str) -> None:
+        if self.kind == "aiohttp":
+            async with self.session.get(url) as r:
+                await r.read()
+        else:
+            await self.session.get(url)
+
+    async def lines(self, url: str, body: dict):
+        if self.kind == "aiohttp":
+            async with self.session.post(url, json=body) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"HTTP {r.status}: {await r.read()}")
+                async for raw in r.content:
+                    yield raw.decode().rstrip("\r\n")
+        else:
+            async with self.session.stream("POST", url, json=body) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
+                async for line in r.aiter_lines():
+                    yield line
+
+
+async def _clients(url: str, prompts: list[str], clients: int, client: _Client | None = None, kind="aiohttp") -> dict:
+    """``clients`` concurrent streaming clients over ``prompts``; ``client``: an open :class:`_Client` to reuse."""
     queue: asyncio.Queue = asyncio.Queue()
     for p in prompts:
         queue.put_nowait(p)
     lat, ttfd, tokens = [], [], [0]
 
-    async def one(client: httpx.AsyncClient) -> None:
+    async def one(client: _Client) -> None:
         while not queue.empty():
             prompt = queue.get_nowait()
             t = time.perf_counter()
             first = None
-            async with client.stream("POST", url + "/v1/completions", json={"prompt": prompt, "stream": True}) as r:
-                if r.status_code != 200:
-                    raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    ev = json.loads(line[6:])
-                    if first is None and ev["choices"][0]["text"]:
-                        first = time.perf_counter() - t
-                    if "usage" in ev:
-                        tokens[0] += ev["usage"]["completion_tokens"]
+            async for line in client.lines(url + "/v1/completions", {"prompt": prompt, "stream": True}):
+                if not line.startswith("data: {"):
+                    continue
+                ev = json.loads(line[6:])
+                if first is None and ev["choices"][0]["text"]:
+                    first = time.perf_counter() - t
+                if "usage" in ev:
+                    tokens[0] += ev["usage"]["completion_tokens"]
             lat.append(time.perf_counter() - t)
             ttfd.append(first if first is not None else lat[-1])
 
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
-            limits = httpx.Limits(max_connections=clients + 4)
-            client = await stack.enter_async_context(httpx.AsyncClient(timeout=600, limits=limits))
-            await client.get(url + "/health")  # open the connections before the clock starts
+            client = await stack.enter_async_context(_Client(kind, clients + 4))
+            await client.get(url + "/health")  # open a connection before the clock starts
         t0 = time.perf_counter()
         await asyncio.gather(*(one(client) for _ in range(clients)))
         wall = time.perf_counter() - t0
     return _row("fewstep serve (streaming)", clients, len(prompts), wall, lat, ttfd, tokens[0])
 
 
-async def _interleaved(url, model, tok, settings, prompts) -> tuple[dict, dict]:
+async def _interleaved(url, model, tok, settings, prompts, kind: str) -> tuple[dict, dict]:
     """Direct fewstep.generate and one streaming client, request by request in turn (the same load on the
     machine for both, so the HTTP overhead is not drowned by other processes' load changing over time)."""
-    import httpx
-
     d_lat, s_lat, s_ttfd, d_tok, s_tok = [], [], [], 0, 0
-    async with httpx.AsyncClient(timeout=600) as client:  # one kept-alive connection, as a real client
+    async with _Client(kind, 1) as client:  # one kept-alive connection, as a real client
         await client.get(url + "/health")
         for p in prompts:
             row = direct(model, tok, settings, [p])
@@ -207,7 +244,7 @@ def _free_port() -> int:
 def bench_model(which: str, levels: list[int], args) -> dict:
     import httpx
 
-    model, tok, settings, prompts = build_model(which, args.layers, args.quick)
+    model, tok, settings, prompts = build_model(which, args.layers, args.quick, args.cache)
     port = _free_port()
     cmd = [
         sys.executable,
@@ -220,6 +257,8 @@ def bench_model(which: str, levels: list[int], args) -> dict:
         str(args.layers),
         "--threads",
         str(args.threads),
+        "--cache",
+        args.cache,
     ] + (["--quick"] if args.quick else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen(cmd, env=env)
@@ -238,18 +277,20 @@ def bench_model(which: str, levels: list[int], args) -> dict:
         n_direct = args.requests_8b if which != "embedded" else args.requests
         warm = prompts[:2]
         direct(model, tok, settings, warm)
-        asyncio.run(_clients(url, warm, 1))
-        rows = list(asyncio.run(_interleaved(url, model, tok, settings, prompts[:n_direct])))
+        asyncio.run(_clients(url, warm, 1, kind=args.client))
+        load = os.getloadavg()[0]
+        rows = list(asyncio.run(_interleaved(url, model, tok, settings, prompts[:n_direct], args.client)))
         for row in rows:
             print(json.dumps(row), flush=True)
         for c in levels[1:]:
             n = max(n_direct, c * (2 if which == "embedded" else 1))
-            rows.append(_clients_sync(url, prompts[:n], c))
+            rows.append(asyncio.run(_clients(url, prompts[:n], c, kind=args.client)))
             print(json.dumps(rows[-1]), flush=True)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     base = rows[0]
+    ceiling = forward_batching_gain(model) if which == "embedded" else None
     for r in rows[1:]:
         r["speedup_vs_direct"] = round(r["requests_per_s"] / base["requests_per_s"], 3)
         if r["clients"] == 1:
@@ -259,18 +300,44 @@ def bench_model(which: str, levels: list[int], args) -> dict:
         "policy": str(settings.policy),
         "max_tokens": settings.max_tokens,
         "block_length": settings.block_length,
+        "cache": settings.cache,
+        "load_average_1min_at_start": round(load, 2),
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+        "forward_batching_gain": ceiling,
         "rows": rows,
     }
 
 
-def _clients_sync(url, prompts, clients) -> dict:
-    return asyncio.run(_clients(url, prompts, clients))
+def forward_batching_gain(model, tokens: int = 80, batch: int = 32) -> dict:
+    """The ceiling batching can reach on this machine: one model forward of ``tokens`` columns, per row,
+    alone and in a batch of ``batch`` (whatever the engine does, rows share at best this)."""
+    import torch
+
+    vocab = int(model.config.vocab_size)
+    out = {}
+    with torch.no_grad():
+        for b in (1, batch):
+            x = torch.randint(5, vocab, (b, tokens), generator=torch.Generator().manual_seed(0))
+            kw = {"start": tokens - 32, "end": tokens, "logits_start": tokens - 32, "logits_end": tokens}
+            model.denoise(x, None, **kw)
+            reps = max(3, 96 // b)
+            t = time.perf_counter()
+            for _ in range(reps):
+                model.denoise(x, None, **kw)
+            out[b] = (time.perf_counter() - t) / reps / b
+    return {"tokens": tokens, "batch": batch, "ms_per_row_alone": round(out[1] * 1e3, 3),
+            "ms_per_row_batched": round(out[batch] * 1e3, 3), "gain": round(out[1] / out[batch], 3)}  # fmt: skip
 
 
 def markdown(result: dict) -> str:
     lines = []
     for m in result["models"]:
-        lines.append(f"\n**{m['model']}** (policy `{m['policy']}`, {m['max_tokens']} tokens)\n")
+        lines.append(f"\n**{m['model']}** (policy `{m['policy']}`, cache {m.get('cache', 'none')}, {m['max_tokens']} tokens; 1-min load average "
+                     f"{m.get('load_average_1min_at_start')} -> {m.get('load_average_1min_at_end')})\n")  # fmt: skip
+        if m.get("forward_batching_gain"):
+            g = m["forward_batching_gain"]
+            lines.append(f"one forward per row: {g['ms_per_row_alone']} ms alone, {g['ms_per_row_batched']} ms in a "
+                         f"batch of {g['batch']} (batching gain {g['gain']}x)\n")  # fmt: skip
         lines.append("| mode | clients | req/s | output tok/s | TTFD p50 | latency p50 | latency p99 | vs direct |")
         lines.append("|---|---|---|---|---|---|---|---|")
         for r in m["rows"]:
@@ -292,7 +359,10 @@ def main(argv=None) -> int:
     p.add_argument("--requests-8b", type=int, default=8, help="8b-shaped: requests per level")
     p.add_argument("--layers", type=int, default=1, help="layers of the 8B-shaped model (LLaDA-8B has 32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server and the direct run")
+    p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none",
+                   help="KV cache mode of both the server and the direct run")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
+    p.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="the clients' HTTP library")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     p.add_argument("--report", metavar="JSON", help="print the markdown table of a results file and exit")
     p.add_argument("--_serve", default=None, help=argparse.SUPPRESS)
@@ -311,8 +381,7 @@ def main(argv=None) -> int:
     result = {
         "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
                  "cpu_count": os.cpu_count(), "device": "cpu"},
-        "engine": "decoding.engine as in this branch (one request at a time; the continuous-batching engine "
-                  "replaces its body)",
+        "engine": "decoding.engine: continuous batching (max_batch 32)", "client": args.client,
         "quick": args.quick, "models": [],
     }  # fmt: skip
     t0 = time.perf_counter()

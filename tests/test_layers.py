@@ -19,7 +19,17 @@ import fewstep
 ROOT = Path(fewstep.__file__).parent
 
 # assets (the shipped checkpoints and the resolver) sits below models, which resolve names through it
-RANK = {"assets": -1, "models": 0, "plotting": 0, "decoding": 1, "train": 2, "tasks": 2, "distill": 3, "eval": 3, "serve": 3}
+RANK = {
+    "assets": -1,
+    "models": 0,
+    "plotting": 0,
+    "decoding": 1,
+    "train": 2,
+    "tasks": 2,
+    "distill": 3,
+    "eval": 3,
+    "serve": 3,
+}
 TOP = 4  # commands, cli, __main__ and the root facade (fewstep/__init__.py)
 SIDEWAYS = {("distill", "eval")}
 TASK_IMPORTERS = ("eval", "distill.rollout", "commands")

@@ -127,7 +127,7 @@ def test_prompt_ids_without_tokenizer(capsys):
         (["--policy", "threshold:2"], r"threshold.threshold must be in [0.0, 1.0]"),
         (["--gen-length", "30", "--block-length", "8"], "gen_length (30) must be a multiple of block_length (8)"),
         (["--prompt-ids", "1 x"], "--prompt-ids expects space-separated integers"),
-        (["--prompt-ids", "1 99999"], "prompt token ids must be in [0, 511]"),
+        (["--prompt-ids", "1 99999"], "input_ids must be token ids in [0, 511]"),
     ],
 )
 def test_user_errors_are_one_line(capsys, argv, message):

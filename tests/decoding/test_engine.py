@@ -19,7 +19,7 @@ import torch
 from fewstep.decoding import Policy, Selection, StepState, generate, parse_policy
 from fewstep.decoding.engine import Engine, Request, RowResult
 from fewstep.models.loading import load_model, load_tokenizer
-from tests.parity.fixtures import DEFAULT_DIRS, model, oracles
+from tests.parity.fixtures import BLOCK_DIRS, DEFAULT_DIRS, model, oracles
 
 LLADA, DREAM = DEFAULT_DIRS
 SHIPPED = Path(__file__).resolve().parents[2] / "src" / "fewstep" / "assets" / "models" / "dparallel"
@@ -199,6 +199,32 @@ def test_cancellation_of_pending_and_running_requests():
         assert_same(results[i], alone(m, reqs[i]), f"request {i}")
 
 
+def test_cancel_keeps_nothing_for_finished_or_unknown_ids_and_has_work_lasts_to_the_last_update():
+    """A stale cancel (an id not pending or running) is ignored at once, so it can never cancel a later
+    request that reuses the id; ``has_work`` stays True until the round that emits the last update."""
+    m = model(LLADA)
+    req = Request(base_prompts(LLADA)[0], policy="llada:steps=8", gen_length=8, block_length=8, id=7)
+    want = alone(m, req)
+    engine = Engine(m)
+    assert engine.cancel(7) is False and not engine.has_work()  # unknown: nothing kept
+    engine.submit(replace(req))
+    ups = []
+    while engine.has_work():
+        assert not (ups and ups[-1].done)  # work left means no last update yet
+        ups += engine.step()
+    assert ups[-1].done and not ups[-1].result.cancelled and [u.done for u in ups].count(True) == 1
+    assert_same(ups[-1].result, want, "the id cancelled before it was submitted")
+    assert engine.cancel(7) is False  # finished: nothing kept
+    assert_same(engine.run([replace(req)])[0], want, "the id reused after a stale cancel")
+    engine.submit(replace(req, id=9))
+    with pytest.raises(ValueError, match="request id 9 is already pending or running") as err:
+        engine.submit(replace(req, id=9))
+    assert err.value.field == "id"
+    assert engine.cancel(9) is True
+    (last,) = engine.step()
+    assert last.done and last.result.cancelled and not engine.has_work()
+
+
 def test_max_nfe_stops_a_row_and_leaves_the_others_exact():
     m = model(LLADA)
     prompts = base_prompts(LLADA)
@@ -336,8 +362,12 @@ def test_submit_validates_and_is_thread_safe():
         engine.submit(Request([1, 2, 3], policy="nope"))
     with pytest.raises(ValueError, match="exceeds the model's context"):
         engine.submit(Request([1, 2, 3], gen_length=8192))
-    with pytest.raises(ValueError, match="max_nfe must be"):
+    with pytest.raises(ValueError, match="max_nfe must be") as err:
         engine.submit(Request([1, 2, 3], gen_length=8, max_nfe=0))
+    assert err.value.field == "max_nfe"  # a RequestError naming the field, for API errors
+    with pytest.raises(ValueError, match="the prompt has 4096 tokens") as err:
+        engine.validate(Request([1] * 4096, gen_length=8))
+    assert err.value.field == "prompt" and not engine.has_work()  # validate enqueues nothing
     prompts = base_prompts(LLADA)
     reqs = [Request(prompts[i % 3][: 5 + i], policy="threshold:0.9", gen_length=16, block_length=8) for i in range(8)]
     threads = [threading.Thread(target=engine.submit, args=(r,)) for r in reqs]
@@ -352,3 +382,78 @@ def test_submit_validates_and_is_thread_safe():
     assert len({r.id for r in reqs}) == 8 and sorted(results) == sorted(r.id for r in reqs)
     for r in reqs:
         assert_same(results[r.id], alone(m, r), f"request {r.id}")
+
+
+# -- block-diffusion models (LLaDA2-MoE, SDAR) -----------------------------------------------------------
+
+BLOCK_POLICIES = [
+    "threshold:0.9",
+    "llada:steps=8",
+    "entropy:0.5",
+    "cad:threshold=0.9,max_tokens=4,eos_ratio=0.5",
+    "factor:1.0",
+    "llada2",
+    "sdar:low_confidence_dynamic",
+    "sdar:remasking_strategy=entropy_bounded,quirk_iteration_cap=True,quirk_row_entropy=True",
+    "sdar:remasking_strategy=low_confidence_static,quirk_uncapped_topk=True",
+    "threshold:threshold=0.8,temperature=0.7",
+]
+
+
+def block_requests(rng: random.Random, prompts, n: int) -> list[Request]:
+    """Block-model requests: prompt tails at every offset in their block (and none), block lengths that do
+    not divide the answer or exceed it, both caches, EOS stops and the official samplers' quirks."""
+    out = []
+    for i in range(n):
+        p = rng.choice(prompts)
+        gen, block = rng.choice([(8, 4), (16, 4), (16, 8), (12, 8), (8, 16), (24, 8)])
+        spec = rng.choice(BLOCK_POLICIES)
+        seed = rng.randint(0, 10**6) if "temperature" in spec or rng.random() < 0.3 else None
+        out.append(
+            Request(
+                prompt=p[: rng.randint(2, len(p))],
+                policy=spec,
+                gen_length=gen,
+                block_length=block,
+                cache=rng.choice(["none", "prefix", "dual"]),
+                seed=seed,
+                cfg_scale=rng.choice([0.0, 0.0, 0.0, 0.5]),
+                early_stop=rng.random() < 0.4,
+                eos_early_stop=rng.random() < 0.3,
+                quirk_unstored_blocks="quirk_iteration_cap" in spec,
+                id=i,
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("fixture", ["llada2-tiny-a", "sdar-tiny-a"])
+def test_block_models_random_arrivals_equal_alone(fixture):
+    """Block-model rows at different blocks, block lengths, phases (prefill, denoise, store) and caches
+    share one call per round; each gets exactly the tokens, NFE and decode steps it gets alone."""
+    d = next(d for d in BLOCK_DIRS if d.name == fixture)
+    m = model(d)
+    rng = random.Random(11)
+    reqs = block_requests(rng, list(oracles(d)["prompts"].values()), 10)
+    engine = Engine(m, max_batch=4, max_padding=float("inf"))
+    results, _ = run_with_arrivals(engine, reqs, rng)
+    for r in reqs:
+        assert_same(results[r.id], alone(m, r), f"request {r.id} ({r.policy}, cache {r.cache})")
+    assert engine.forward_calls == engine.rounds  # one block-causal call per round, whatever the rows do
+    assert engine.rounds < sum(results[r.id].nfe for r in reqs) / 2
+
+
+@pytest.mark.parametrize("fixture", ["llada2-tiny-a", "sdar-tiny-a"])
+def test_block_cache_is_exact_and_counts_prefill_and_stores(fixture):
+    """The exact cache of committed blocks gives the tokens of recomputing the canvas; its NFE adds one
+    prefill (complete prompt blocks) and one store forward per decoded block."""
+    d = next(d for d in BLOCK_DIRS if d.name == fixture)
+    m = model(d)
+    for prompt in oracles(d)["prompts"].values():
+        for policy, B in (("threshold:0.9", 4), ("llada2", 8), ("sdar", 16)):
+            P, G = len(prompt), 32
+            none = generate(m, [prompt], policy, gen_length=G, block_length=B, cache="none")
+            pre = generate(m, [prompt], policy, gen_length=G, block_length=B, cache="prefix")
+            assert pre.sequences.tolist() == none.sequences.tolist(), (policy, B, P)
+            blocks = -(-(P + G) // B) - P // B
+            assert int(pre.nfe[0]) == int(none.nfe[0]) + (P >= B) + blocks, (policy, B, P)

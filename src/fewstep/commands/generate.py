@@ -1,4 +1,5 @@
-"""`fewstep generate`: answer prompts with a diffusion LM, a chosen unmasking policy and cache mode."""
+"""`fewstep generate`: answer prompts with a diffusion LM, a chosen unmasking policy and cache mode (through the
+text layer, :mod:`fewstep.decoding.text`)."""
 
 from __future__ import annotations
 
@@ -90,128 +91,101 @@ def _load_tokenizer(path: Path, required: bool):
         return None
 
 
-def _encode(tokenizer, text: str, chat: bool) -> list[int]:
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in some versions
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    return [int(i) for i in tokenizer(text)["input_ids"]]
+def _prompts(args: argparse.Namespace) -> list:
+    """The prompts as given: texts (``--prompt``) or token id lists (``--prompt-ids``)."""
+    if args.prompt is not None:
+        return list(args.prompt)
+    try:
+        return [[int(t) for t in s.replace(",", " ").split()] for s in args.prompt_ids]
+    except ValueError:
+        raise ValueError("--prompt-ids expects space-separated integers") from None
 
 
-def _answer_text(tokenizer, ids: list[int], stop: tuple[int, ...]) -> str:
-    """The answer up to (not including) its first EOS / end-of-turn token."""
-    cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
-    if tokenizer is None:
-        return " ".join(map(str, ids[:cut]))
-    return tokenizer.decode(ids[:cut], skip_special_tokens=True)
-
-
-# Long (~100 lines) on purpose for now: the generate-wrapping part moves onto the text layer over the
-# engine in the next step (issue 14 brief); what remains is wiring.
 def run(args: argparse.Namespace) -> int:
-    """Load the model, generate, print answers with NFE, tokens/step and time."""
+    """Load the model, answer the prompts through the text layer, print answers with NFE, tokens/step and time."""
     import torch
 
     import fewstep
-    from fewstep.decoding import parse_policy, stop_ids
-    from fewstep.decoding.trace import render_row, trace_json
+    from fewstep.decoding import parse_policy
+    from fewstep.decoding.text import Settings, TextGenerator
+    from fewstep.decoding.trace import StepRecorder, completions_json
 
     policy = parse_policy(args.policy)  # fail fast on a bad spec, before loading a model
     model_dir = resolve_model(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
     tokenizer = _load_tokenizer(Path(args.tokenizer or model_dir), required=args.prompt is not None)
-    if args.prompt is not None:
-        prompts = list(args.prompt)
-        rows = [_encode(tokenizer, p, args.chat) for p in prompts]
-    else:
-        try:
-            rows = [[int(t) for t in s.replace(",", " ").split()] for s in args.prompt_ids]
-        except ValueError:
-            raise ValueError("--prompt-ids expects space-separated integers") from None
-        prompts = [" ".join(map(str, r)) for r in rows]
-    if any(not r for r in rows):
-        raise ValueError("empty prompt")
-
+    prompts = _prompts(args)
     t0 = time.perf_counter()
     model = fewstep.load_model(model_dir, dtype=dtype, device=device)
     load_s = time.perf_counter() - t0
-    stop = stop_ids(model, tokenizer)
-    vocab = model.config.vocab_size
-    bad = [t for r in rows for t in r if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"prompt token ids must be in [0, {vocab - 1}]; got {bad[:5]}")
-
-    progress, callback = _progress(len(rows) * args.gen_length, quiet=args.json)
-    t1 = time.perf_counter()
+    base = Settings(
+        policy=policy,
+        max_tokens=args.gen_length,
+        block_length=args.block_length,
+        cache=args.cache,
+        cfg_scale=args.cfg_scale,
+        early_stop=args.early_stop,
+        chat=args.chat,
+        special_tokens=True,  # plain prompts get the tokenizer's BOS (the chat template writes its own)
+    )
+    per = [base.replace(seed=None if args.seed is None else args.seed + i) for i in range(len(prompts))]
+    progress, callback = _progress(len(prompts) * args.gen_length, quiet=args.json)
+    recorder = StepRecorder(then=callback)
     try:
-        out = fewstep.generate(
-            model,
-            rows,
-            policy,
-            gen_length=args.gen_length,
-            block_length=args.block_length,
-            cache=args.cache,
-            cfg_scale=args.cfg_scale,
-            tokenizer=tokenizer,
-            early_stop=args.early_stop,
-            seed=args.seed,
-            trace=args.trace or args.trace_json is not None,
-            callback=callback,
-        )
-        if str(device).startswith("cuda"):
-            torch.cuda.synchronize()
+        gen = TextGenerator(model, tokenizer, max_batch=max(len(prompts), 1))  # one batch, as given
+        comps = gen.generate(prompts, per, on_event=recorder, canvas=True)
     finally:
         if progress is not None:
             progress.stop()
-    gen_s = time.perf_counter() - t1
-
-    results = []
-    for i, prompt in enumerate(prompts):
-        nfe = int(out.nfe[i])
-        committed = sum(out.tokens_per_step[i])
-        results.append(
-            {
-                "prompt": prompt,
-                "answer": _answer_text(tokenizer, out.answers[i].tolist(), stop),
-                "nfe": nfe,
-                "tokens_per_step": committed / max(nfe, 1),
-            }
-        )
+    shown = [p if isinstance(p, str) else " ".join(map(str, p)) for p in prompts]
     if args.trace_json:
-        doc = trace_json(out, tokenizer, prompts)
+        doc = completions_json(comps, recorder, policy.describe(), args.cache, tokenizer, shown)
         doc.update(model=str(model_dir), gen_length=args.gen_length, block_length=args.block_length or "default")
         Path(args.trace_json).write_text(json.dumps(doc, indent=1) + "\n")
+    gen_s = comps[0].batch_seconds
     summary = {
-        "policy": out.policy,
+        "policy": policy.describe(),
         "cache": args.cache,
         "seconds": gen_s,
         "load_seconds": load_s,
-        "tokens_per_second": sum(sum(t) for t in out.tokens_per_step) / max(gen_s, 1e-9),
+        "tokens_per_second": sum(c.committed for c in comps) / max(gen_s, 1e-9),
     }
+    results = [
+        {"prompt": p, "answer": c.text, "nfe": c.nfe, "tokens_per_step": c.committed / max(c.nfe, 1)}
+        for p, c in zip(shown, comps)
+    ]
     if args.json:
         print(json.dumps({**summary, "results": results}, indent=1))
         return 0
+    _print(args, results, summary, comps, recorder, tokenizer, int(model.config.mask_token_id))
+    return 0
+
+
+def _print(args, results, summary, comps, recorder, tokenizer, mask_id: int) -> None:
+    """The human output: per prompt its trace (``--trace``), answer and speed; then the totals."""
     from rich.console import Console
 
+    from fewstep.decoding.trace import render_steps
+
     console = Console(highlight=False)
-    for i, r in enumerate(results):
+    for i, (r, c) in enumerate(zip(results, comps)):
         if args.trace:
             console.rule(f"trace, prompt {i + 1}" if len(results) > 1 else "trace")
-            render_row(out, i, tokenizer, model.config.mask_token_id, console)
+            render_steps(recorder.steps.get(c.id, []), args.gen_length, tokenizer, mask_id, console)
         if len(results) > 1:
             console.print(f"[bold]prompt {i + 1}:[/bold] {r['prompt']}")
         console.print(r["answer"], markup=False)
         console.print(
-            f"[dim]NFE {r['nfe']} · {r['tokens_per_step']:.2f} tokens/step · policy {out.policy} · cache {args.cache}[/dim]"
+            f"[dim]NFE {r['nfe']} · {r['tokens_per_step']:.2f} tokens/step · policy {summary['policy']} · "
+            f"cache {args.cache}[/dim]"
         )
+    gen_s, load_s = summary["seconds"], summary["load_seconds"]
     console.print(
         f"[dim]{gen_s:.2f} s generation ({summary['tokens_per_second']:.1f} tokens/s) · {load_s:.2f} s model load[/dim]"
     )
     if args.trace_json:
         console.print(f"[dim]trace saved to {args.trace_json}[/dim]")
-    return 0
 
 
 def _progress(total: int, quiet: bool):
@@ -221,6 +195,8 @@ def _progress(total: int, quiet: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from fewstep.decoding.text import Canvas
+
     progress = Progress(
         TextColumn("decoding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)
     )
@@ -228,6 +204,7 @@ def _progress(total: int, quiet: bool):
     progress.start()
 
     def callback(event) -> None:
-        progress.advance(task, sum(len(p) for p in event.positions))
+        if isinstance(event, Canvas):
+            progress.advance(task, len(event.committed))
 
     return progress, callback

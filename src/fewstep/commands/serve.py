@@ -42,7 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="default max_tokens, the answer canvas (default: the model card's, else 128)",
     )
     parser.add_argument(
-        "--block-length", type=int, default=None, help="default semi-autoregressive block length (default: 32)"
+        "--block-length",
+        type=int,
+        default=None,
+        help="default semi-autoregressive block length (default: 32, at most the answer length; a "
+        "block-diffusion model's own block size)",
     )
     parser.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default: 32)")
     parser.add_argument(

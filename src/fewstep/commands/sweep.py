@@ -41,7 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N records")
     parser.add_argument("--protocol", default=None, help="prompt protocol (default: the task's default)")
     parser.add_argument("--gen-length", type=int, default=256, help="tokens to generate")
-    parser.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block length")
+    parser.add_argument(
+        "--block-length",
+        type=int,
+        default=None,
+        help="semi-autoregressive block length (default: 32, at most --gen-length; a block-diffusion model's own "
+        "block size)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
     parser.add_argument("--no-early-stop", dest="early_stop", action="store_false", help="decode blocks after EOS")

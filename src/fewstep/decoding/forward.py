@@ -17,6 +17,13 @@ runs at most three calls, one per kind:
   row's own cache alone; since every dual forward rewrites the whole window, the row's cache (from the
   block's first, full forward) is never modified.
 
+Block-diffusion models (``model.block_diffusion``) take a fourth kind, **block** (:func:`block_forward`):
+every row runs a span of its canvas (the whole canvas up to its block without a cache; with the exact
+cache of committed blocks, the prompt prefill, its current block, or the store forward of a completed
+block) against its cache; cached columns left-padded, run columns right-padded, explicit positions and an
+explicit block-causal mask built per row (each row with its own block length), so prefill, denoising and
+store forwards of rows at any block share one call.
+
 Every pad is a zero of the attention mask (keys never seen) and sits either before all of a row's real
 columns or after its queries, so the RoPE positions of every query equal the row's own, alone. When no
 row is padded no mask is passed at all: a batch of equal rows runs exactly the call a row runs alone.
@@ -168,3 +175,94 @@ def dual_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
         ids, am, start=A + sh, end=A + W, cache=cache, cache_mode="dual", logits_start=A + sh, logits_end=A + sh + L
     )
     return _split_logits(out.logits, seqs, [0] * len(seqs))
+
+
+@dataclass
+class BlockRun:
+    """One row's part of a block-diffusion call (:func:`block_forward`)."""
+
+    x: torch.Tensor  # [n_seq, T] the canvas columns run through the network
+    kv: KVCache | None  # the cache of the committed blocks before them (None: nothing cached)
+    start: int  # the absolute position of x's first column (from the row's first real token)
+    block_length: int
+    logits: tuple[int, int] | None  # columns of x whose logits are wanted (None: none)
+    store: bool  # return the row's cache after the call (its kv followed by x's keys/values)
+
+
+def _block_mask(runs: list[BlockRun], C: int, Q: int) -> torch.Tensor:
+    """``[n, 1, Q, C + Q]`` bool: each row's cached columns, and its run columns in the same or an earlier block."""
+    n = sum(r.x.shape[0] for r in runs)
+    device = runs[0].x.device
+    mask = torch.zeros((n, 1, Q, C + Q), dtype=torch.bool, device=device)
+    j = 0
+    for r in runs:
+        m, T = r.x.shape
+        c = 0 if r.kv is None else r.kv.length
+        blk = torch.div(torch.arange(r.start, r.start + T, device=device), r.block_length, rounding_mode="floor")
+        mask[j : j + m, :, :, C - c : C] = True  # the cache holds committed earlier blocks only
+        mask[j : j + m, :, :T, C : C + T] = blk[None, :] <= blk[:, None]
+        mask[j : j + m, :, T:, C : C + T] = True  # pad queries (discarded) attend to real keys: no empty rows
+        j += m
+    return mask
+
+
+def block_forward(model, runs: list[BlockRun], pad: int) -> tuple[list[torch.Tensor | None], list[KVCache | None]]:
+    """One block-causal call over ``runs``; per row its ``[n_seq, l, V]`` logits and (``store``) its new cache.
+
+    A row's queries see exactly what they see alone: its own cached keys and the keys of its run columns
+    allowed by block-causal attention, at its own positions (explicit, so a cache with a gap, SDAR's
+    unstored blocks, keeps the positions it has alone)."""
+    C = max(0 if r.kv is None else r.kv.length for r in runs)
+    Q = max(r.x.shape[1] for r in runs)
+    n = sum(r.x.shape[0] for r in runs)
+    device = runs[0].x.device
+    ids = torch.full((n, Q), pad, dtype=torch.long, device=device)
+    pos = torch.empty((n, Q), dtype=torch.long, device=device)
+    j = 0
+    for r in runs:
+        m, T = r.x.shape
+        ids[j : j + m, :T] = r.x
+        pos[j : j + m] = (torch.arange(Q, device=device).clamp(max=T - 1) + r.start)[None]
+        j += m
+    cache = None
+    if C:
+        lens = [0 if r.kv is None else r.kv.length for r in runs]
+        if len(runs) == 1:
+            cache = runs[0].kv
+        else:
+            seqs = [Seqs(r.x, r.kv if r.kv is not None else _empty_like(runs, r.x.shape[0]), 0, 0) for r in runs]
+            cache = _padded_cache(seqs, [[(0, C - c, c)] if c else [] for c in lens], C)
+    want = [r.logits for r in runs if r.logits is not None]
+    lo, hi = (min(a for a, _ in want), max(b for _, b in want)) if want else (0, 1)
+    store = any(r.store for r in runs)
+    out = model(
+        ids,
+        attention_mask=_block_mask(runs, C, Q),
+        position_ids=pos,
+        past_key_values=cache,
+        use_cache=store,
+        logits_range=(lo, hi),
+    )
+    logits: list[torch.Tensor | None] = []
+    caches: list[KVCache | None] = []
+    j = 0
+    for r in runs:
+        m, T = r.x.shape
+        c = 0 if r.kv is None else r.kv.length
+        logits.append(None if r.logits is None else out.logits[j : j + m, r.logits[0] - lo : r.logits[1] - lo])
+        if r.store:
+            kv = [
+                (k[j : j + m, :, C - c : C + T].clone(), v[j : j + m, :, C - c : C + T].clone())
+                for k, v in out.past_key_values
+            ]
+            caches.append(KVCache(kv))
+        else:
+            caches.append(None)
+        j += m
+    return logits, caches
+
+
+def _empty_like(runs: list[BlockRun], m: int) -> KVCache:
+    """An empty cache shaped like the others (a row with nothing cached in a call that has a cache)."""
+    ref = next(r.kv for r in runs if r.kv is not None)
+    return KVCache([(k[:1, :, :0].expand(m, -1, -1, -1), v[:1, :, :0].expand(m, -1, -1, -1)) for k, v in ref.layers])

@@ -136,6 +136,9 @@ def generate(
     quirk_cache_extra_nfe: bool = False,
     quirk_mask_prediction: bool = False,
     max_steps_per_block: int | None = None,
+    eos_early_stop: bool = False,
+    quirk_early_stop_scans_prompt: bool = False,
+    quirk_unstored_blocks: bool = False,
 ) -> GenerateOutput:
     """Generate ``gen_length`` tokens after each prompt with a diffusion LM and an unmasking policy.
 
@@ -174,6 +177,20 @@ def generate(
             rounding); parity tests turn the quirk on.
         max_steps_per_block: safety limit on forwards per block (default ``4 * block_length + 64``);
             exceeding it raises ``RuntimeError`` (a policy that never commits would loop forever).
+        eos_early_stop: LLaDA2's mid-block stop: after a forward that committed an EOS, a row whose
+            answer is decoded up to its first EOS stops at once (the rest is EOS).
+        quirk_early_stop_scans_prompt: LLaDA2's ``eos_early_stop`` searches for the EOS from position 0,
+            so an EOS inside the prompt ends the generation (answer all EOS). Off: from the answer start.
+        quirk_unstored_blocks: block-diffusion models with ``cache="prefix"``: a block left with masks
+            (``SDARPolicy(quirk_iteration_cap=True)``) is never stored in the cache, as SDAR's sampler does.
+
+    Block-diffusion models (LLaDA2-MoE, SDAR; ``model.block_diffusion``): ``block_length`` is the block
+    size of the model's block-causal attention (default: the model's); blocks are aligned to positions
+    from each row's first token and decoding starts at the block holding the prompt tail; ``cache``
+    ``"prefix"`` (or ``"dual"``, the same for these models) is the **exact** cache of committed blocks:
+    one prefill of the complete prompt blocks, per-block cached forwards and one store forward per
+    completed block, each counted as one NFE (SDAR's official count); ``"none"`` re-runs the canvas up to
+    the current block every step (LLaDA2's official sampler). See ``docs/models.md``.
     """
     cfg = model.config
     policy = parse_policy(policy)
@@ -190,6 +207,9 @@ def generate(
         quirk_cache_extra_nfe=quirk_cache_extra_nfe,
         quirk_mask_prediction=quirk_mask_prediction,
         max_steps_per_block=max_steps_per_block,
+        eos_early_stop=eos_early_stop,
+        quirk_early_stop_scans_prompt=quirk_early_stop_scans_prompt,
+        quirk_unstored_blocks=quirk_unstored_blocks,
     )
     st = resolve_settings(model, base, tokenizer, policy)  # settings errors first, as before
     pad_id = cfg.pad_token_id if getattr(cfg, "pad_token_id", None) is not None else (st.eos[0] if st.eos else 0)
@@ -209,10 +229,10 @@ def generate(
     for i in range(B):
         row = ids[i] if am is None else ids[i][am[i].bool()]
         engine.submit(replace(base, prompt=row.tolist(), seed=None if seeds is None else seeds[i], id=i))
-    return _drive(engine, ids, st, policy.describe(), callback, trace)
+    return _drive(engine, ids, st, policy.describe(), callback, trace, early=early_stop or eos_early_stop)
 
 
-def _drive(engine: Engine, ids: torch.Tensor, st, policy: str, callback, trace: bool) -> GenerateOutput:
+def _drive(engine: Engine, ids: torch.Tensor, st, policy: str, callback, trace: bool, early: bool) -> GenerateOutput:
     """Step ``engine`` to the end, turning its updates into StepEvents / trace entries per block."""
     B, P = ids.shape
     G, device = st.gen_length, ids.device
@@ -240,8 +260,11 @@ def _drive(engine: Engine, ids: torch.Tensor, st, policy: str, callback, trace: 
                 callback(StepEvent(block, torch.tensor(rows, device=device), pos, tok, nfe, canvas, P))
     res = [results[i] for i in range(B)]
     answers = torch.tensor([r.answer for r in res], dtype=torch.long, device=device)
+    prompts = ids.clone()  # a block model's policy may overwrite prompt tokens (SDAR's uncapped top-k quirk)
+    for i, r in enumerate(res):
+        prompts[i, P - len(r.prompt) :] = torch.tensor(r.prompt, dtype=torch.long, device=device)
     return GenerateOutput(
-        sequences=torch.cat([ids, answers], 1),
+        sequences=torch.cat([prompts, answers], 1),
         nfe=torch.tensor([r.nfe for r in res], dtype=torch.long, device=device),
         tokens_per_step=[r.tokens_per_step for r in res],
         decode_step=torch.tensor([r.decode_step for r in res], dtype=torch.long, device=device),
@@ -249,5 +272,5 @@ def _drive(engine: Engine, ids: torch.Tensor, st, policy: str, callback, trace: 
         policy=policy,
         cache=st.cache,
         trace=steps,
-        finished_early=torch.tensor([r.finished_early for r in res], device=device) if st.fill_id is not None else None,
+        finished_early=torch.tensor([r.finished_early for r in res], device=device) if early else None,
     )

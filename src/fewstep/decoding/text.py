@@ -1,8 +1,8 @@
 """The text layer: prompts in, answers out, on top of the step-level engine (issue 12, item 2).
 
 ``encode prompt -> engine Request -> incremental detokenisation -> answer + stats``, shared by every
-caller that speaks text (``fewstep serve``, and later ``fewstep generate``, the eval runner, rollout,
-the lm-eval adapter and ``tasks/evaluate.py``)::
+caller that speaks text: ``fewstep serve``, ``fewstep generate``, the eval runner, the rollout
+generator, the lm-eval adapter and ``tasks/evaluate.py`` (its six users)::
 
     gen = TextGenerator(model, tokenizer)
     outs = gen.generate(["3 + 4 - 2 ?"], Settings(policy="entropy:0.45", max_tokens=64, stop=["."]))
@@ -19,7 +19,8 @@ still start a stop string held back. A stop id ends the text at once but the row
 engine ends it (``early_stop``: after the block holding the EOS), so its NFE is exactly what
 :func:`fewstep.generate` reports for it. A stop string (which the engine does not know) finishes the
 request at once and cancels its row, so its NFE counts the forwards until the string became final.
-``max_nfe`` is enforced here too (the text layer stops a row that reached it).
+Validation and ``max_nfe`` are the engine's (:meth:`Engine.validate`, checked again at submit); the
+text layer adds its own knobs (stop strings, sampling options) and names the API parameter at fault.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fewstep.decoding.engine import Engine, Request, RowResult, Update
+from fewstep.decoding.engine import Engine, Request, RequestError, RowResult, Update
 from fewstep.decoding.policies import Policy, parse_policy
 
 Prompt = str | Sequence[int] | Sequence[dict]  # text, token ids, or chat messages [{"role", "content"}]
@@ -47,6 +48,7 @@ class SettingsError(ValueError):
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+_PARAMS = {"gen_length": "max_tokens"}  # engine Request fields that the text layer names differently
 
 
 @dataclass
@@ -69,6 +71,15 @@ class Settings:
     # True: text prompts go through the chat template when the tokenizer has one; False: always raw;
     # None: text raw, chat messages through the template (when there is one)
     chat: bool | None = None
+    prefix: str = ""  # text the answer starts with: appended to the (templated) prompt, not part of the answer
+    special_tokens: bool = False  # raw text prompts get the tokenizer's special tokens (BOS): fewstep generate
+    # True: a stop string finishes the request at once (its row is cancelled: fewer forwards, the server's
+    # way); False: the row decodes on until the engine ends it and the text is cut at the end, so NFE is
+    # what fewstep.generate reports (the eval's, rollout's and lm-eval's measured NFE)
+    cancel_at_stop: bool = True
+    # match stop strings in the text decoded with special tokens kept, then drop the specials (the
+    # LLaDA/dParallel lm-eval harnesses' convention: an ``until`` string may be a special token)
+    stop_in_raw: bool = False
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -91,6 +102,28 @@ class Completion:
     policy: str = ""
     id: Any = None
     row: RowResult | None = None  # the engine's result (None when the text layer finished it first)
+    answer_tokens: int = 0  # answer tokens before the first stop id (what stop strings cut aside)
+    tokens_per_step: list[int] = dataclasses.field(default_factory=list)  # committed at each of its forwards
+    decode_step: list[int] = dataclasses.field(default_factory=list)  # per position: the NFE that committed it
+    batch_seconds: float = 0.0  # generate(): wall time of the whole call (CUDA synchronised)
+    batch_rows: int = 1  # generate(): prompts in that call
+
+    @property
+    def committed(self) -> int:
+        """Answer tokens committed by the forwards (EOS filled in by early stop not counted)."""
+        return sum(self.tokens_per_step)
+
+    def stats(self) -> dict[str, Any]:
+        """The per-request speed record of ``fewstep eval`` and the lm-eval adapter: NFE, answer tokens
+        before the first stop id, tokens per forward, and the batch's time shared out over its rows."""
+        return {
+            "nfe": self.nfe,
+            "gen_tokens": self.answer_tokens,
+            "tokens_per_step": self.tokens_per_forward,
+            "latency_s": self.batch_seconds / self.batch_rows,
+            "batch_seconds": self.batch_seconds,
+            "batch_rows": self.batch_rows,
+        }
 
 
 @dataclass
@@ -122,26 +155,46 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode(tokenizer: Any, prompt: Prompt, chat: bool | None = None) -> list[int]:
-    """Token ids of a prompt: text (raw, or in the chat template with ``chat=True``), ids, or messages.
+def _templated(tokenizer: Any, prompt: Any, chat: bool | None) -> bool:
+    """Whether ``prompt`` goes through the chat template (see :attr:`Settings.chat`)."""
+    return has_chat_template(tokenizer) and (bool(chat) if isinstance(prompt, str) else chat is not False)
 
-    Messages go through the tokenizer's chat template unless ``chat=False``; without one (the embedded
-    tiny models) their contents are joined by newlines as raw text. No special tokens are added to raw text (a chat
-    template writes its own), as in ``fewstep eval``.
+
+def render(tokenizer: Any, prompt: str | Sequence[dict], chat: bool | None = None, prefix: str = "") -> str:
+    """The text the model conditions on: a text prompt (raw, or as a user turn in the chat template with
+    ``chat=True``) or chat messages (in the template unless ``chat=False``), then ``prefix``.
+
+    Without a chat template (the embedded tiny models) messages' contents are joined by newlines.
     """
-    if isinstance(prompt, str):
-        if chat and has_chat_template(tokenizer):
-            return encode(tokenizer, [{"role": "user", "content": prompt}], True)
-        return [int(i) for i in tokenizer(prompt, add_special_tokens=False)["input_ids"]]
-    items = list(prompt)
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
-        return [int(t) for t in items]
-    if not all(isinstance(m, dict) for m in items):
-        raise ValueError("a prompt is a string, a list of token ids, or a list of chat messages")
-    if chat is False or not has_chat_template(tokenizer):
-        return encode(tokenizer, "\n".join(str(m.get("content", "")) for m in items), False)
-    text = tokenizer.apply_chat_template(items, tokenize=False, add_generation_prompt=True)
-    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    if not isinstance(prompt, str):
+        items = list(prompt)
+        if not all(isinstance(m, dict) for m in items):
+            raise ValueError("a prompt is a string, a list of token ids, or a list of chat messages")
+        if not _templated(tokenizer, items, chat):
+            return "\n".join(str(m.get("content", "")) for m in items) + prefix
+        return tokenizer.apply_chat_template(items, tokenize=False, add_generation_prompt=True) + prefix
+    if _templated(tokenizer, prompt, chat):
+        return render(tokenizer, [{"role": "user", "content": prompt}], True, prefix)
+    return prompt + prefix
+
+
+def encode(
+    tokenizer: Any, prompt: Prompt, chat: bool | None = None, *, prefix: str = "", special_tokens: bool = False
+) -> list[int]:
+    """Token ids of a prompt: text or chat messages (:func:`render`, then tokenised), or token ids as given.
+
+    No special tokens are added (a chat template writes its own), as in ``fewstep eval``, unless
+    ``special_tokens`` and the prompt is raw text (``fewstep generate``'s plain prompts get the BOS).
+    ``prefix`` is appended to token ids as its own tokens, to text before tokenising.
+    """
+    items = prompt if isinstance(prompt, str) else list(prompt)
+    if not isinstance(items, str) and all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+        return [int(t) for t in items] + (encode(tokenizer, prefix) if prefix else [])
+    if tokenizer is None:
+        raise SettingsError("a text prompt needs a tokenizer (give token ids instead)", "prompt")
+    add = special_tokens and not _templated(tokenizer, items, chat)
+    text = render(tokenizer, items, chat, prefix)
+    return [int(i) for i in tokenizer(text, add_special_tokens=add)["input_ids"]]
 
 
 def resolve_policy(settings: Settings) -> Policy:
@@ -159,6 +212,18 @@ def resolve_policy(settings: Settings) -> Policy:
             raise ValueError(f"policy {policy.name!r} has no {key} option (options: {', '.join(sorted(names))})")
         changes[key] = value
     return dataclasses.replace(policy, **changes) if changes else policy
+
+
+def first_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
+    """``(index, stop)`` of the earliest stop string in ``text`` (empty strings stop nothing), or None."""
+    hits = [(text.find(s), s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    hit = first_stop(text, stops)
+    return text if hit is None else text[: hit[0]]
 
 
 def _holdback(text: str, stops: Sequence[str]) -> int:
@@ -181,34 +246,40 @@ class _Tracker:
         self.t0 = time.perf_counter()
         self.first_delta: float | None = None
         self.emitted = ""
+        self.committed = 0  # length of the committed prefix of the answer (it only grows)
         self.steps = [0] * settings.max_tokens
         self.done = False
         self.nfe = 0
+        self.per_step: list[int] = []
+        self.before_stop = 0
 
     def feed(self, u: Update, canvas: bool) -> Completion | None:
         """Process one update; returns the Completion when the request is finished."""
         mask = u.mask_id
         self.nfe = u.nfe
+        if u.positions or not u.done:
+            self.per_step.append(len(u.positions))
         for p in u.positions:
             if 0 <= p < len(self.steps) and self.steps[p] == 0:
                 self.steps[p] = u.nfe
         answer = u.result.answer if (u.done and u.result is not None and u.result.answer) else u.answer
-        prefix = []
-        for t in answer:
-            if t == mask:
-                break
-            prefix.append(int(t))
-        final = u.done or len(prefix) == len(answer)
-        cap = self.settings.max_nfe
-        capped = cap is not None and u.nfe >= cap and not final  # the engine may not enforce max_nfe
-        text, ids, reason, stop = self.gen._final_text(prefix, self.settings.stop, self.stop_ids, final)
+        k = self.committed
+        while k < len(answer) and answer[k] != mask:
+            k += 1
+        final = u.done or k == len(answer)
+        if k == self.committed and not final and not canvas:
+            return None  # nothing new is final: no detokenisation
+        self.committed = k
+        prefix = [int(t) for t in answer[:k]]
+        text, ids, reason, stop, self.before_stop = self.gen._final_text(prefix, self.settings, self.stop_ids)
         if canvas and self.sink is not None and not (u.done and u.result is not None and u.result.cancelled):
             self.sink(self._canvas(u, answer, mask, text if reason else self._safe(text)))
-        if reason is None and not final and not capped:
+        if reason is None and not final:
             self._emit(self._safe(text))
             return None
-        if isinstance(stop, int) and not u.done and not capped:
-            self._emit(text)  # final; the engine ends the row itself (early_stop), so NFE is what it gets alone
+        if not u.done and (isinstance(stop, int) or not self.settings.cancel_at_stop):
+            # the engine ends the row itself (early_stop, or the full length), so NFE is what it gets alone
+            self._emit(text if reason else self._safe(text))
             return None
         if reason is None:
             reason = "cancelled" if (u.result is not None and u.result.cancelled) else "length"
@@ -234,9 +305,8 @@ class _Tracker:
 
     def _finish(self, text: str, ids: list[int], reason: str, stop, row: RowResult | None) -> Completion:
         self.done = True
-        committed = sum(1 for s in self.steps if s)
-        if row is not None and row.tokens_per_step:
-            committed = sum(row.tokens_per_step)
+        per_step = row.tokens_per_step if row is not None and row.tokens_per_step else self.per_step
+        committed = sum(per_step) if per_step else sum(1 for s in self.steps if s)
         nfe = row.nfe if row is not None and not row.cancelled else self.nfe
         return Completion(
             text=text,
@@ -252,6 +322,9 @@ class _Tracker:
             policy=self.policy,
             id=self.id,
             row=row,
+            answer_tokens=self.before_stop,
+            tokens_per_step=list(per_step),
+            decode_step=list(row.decode_step) if row is not None and row.decode_step else list(self.steps),
         )
 
 
@@ -265,7 +338,6 @@ class TextGenerator:
         self.engine = engine or Engine(model, max_batch=max_batch, tokenizer=tokenizer)
         self.default_stop_ids = stop_ids(model, tokenizer)
         self.mask_id = int(model.config.mask_token_id)
-        self.vocab = int(model.config.vocab_size)
         self.context = getattr(model.config, "max_sequence_length", None)
         self._lock = threading.Lock()
         self._live: dict[Any, tuple[_Tracker, bool]] = {}
@@ -275,54 +347,41 @@ class TextGenerator:
         self._pieces: dict[int, str] = {}
 
     # ---- prompts and requests -------------------------------------------------------------------------
-    def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
-        return encode(self.tokenizer, prompt, chat)
+    def encode(self, prompt: Prompt, chat: bool | None = None, **options: Any) -> list[int]:
+        """:func:`encode` with this generator's tokenizer (``options``: ``prefix``, ``special_tokens``)."""
+        return encode(self.tokenizer, prompt, chat, **options)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of token ids (the ids themselves, space-separated, without a tokenizer)."""
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def piece(self, token: int) -> str:
         """The text of one token (for the canvas view)."""
         if token not in self._pieces:
-            self._pieces[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+            self._pieces[token] = self.decode([token], skip_special_tokens=False)
         return self._pieces[token]
 
     def request(self, prompt_ids: Sequence[int], settings: Settings) -> tuple[Request, Policy]:
-        """Validate settings against the model and build the engine Request (ValueError for a user mistake)."""
-        ids = [int(t) for t in prompt_ids]
-        if not ids:
-            raise SettingsError("the prompt is empty", "prompt")
-        bad = [t for t in ids if not 0 <= t < self.vocab]
-        if bad:
-            raise SettingsError(f"prompt token ids must be in [0, {self.vocab - 1}]; got {bad[:5]}", "prompt")
-        g = settings.max_tokens
-        if not isinstance(g, int) or isinstance(g, bool) or g < 1:
-            raise SettingsError(f"max_tokens must be an integer >= 1; got {g!r}", "max_tokens")
-        if self.context is not None and len(ids) >= self.context:
-            raise SettingsError(
-                f"the prompt has {len(ids)} tokens; the model's context is {self.context} tokens", "prompt"
-            )
-        if self.context is not None and len(ids) + g > self.context:
-            raise SettingsError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({g}) exceeds the model's context ({self.context}); "
-                f"max_tokens can be at most {self.context - len(ids)}",
-                "max_tokens",
-            )
-        policy, block = self._policy_and_block(settings, g)
-        if settings.cache not in ("none", "prefix", "dual"):
-            raise SettingsError(f"cache must be one of none, prefix, dual; got {settings.cache!r}", "cache")
-        if settings.max_nfe is not None and (not isinstance(settings.max_nfe, int) or settings.max_nfe < 1):
-            raise SettingsError(f"max_nfe must be an integer >= 1; got {settings.max_nfe!r}", "max_nfe")
-        if settings.cfg_scale < 0:
-            raise SettingsError(f"cfg_scale must be >= 0; got {settings.cfg_scale}", "cfg_scale")
-        stops = list(settings.stop)
-        if len(stops) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in stops):
-            raise SettingsError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings", "stop")
+        """Build the engine Request and validate it with the engine's own checks (:meth:`Engine.validate`);
+        :class:`SettingsError` (a ValueError) naming the API parameter at fault for a user mistake."""
+        try:
+            policy = resolve_policy(settings)
+        except ValueError as exc:
+            param = next((k for k in ("threshold", "top_p", "temperature") if f"has no {k} option" in str(exc)), None)
+            raise SettingsError(str(exc), param or "policy") from None
+        stops = [s for s in settings.stop if s != ""]  # an empty stop string stops nothing
+        if len(stops) > MAX_STOP_STRINGS or any(not isinstance(s, str) for s in stops):
+            raise SettingsError(f"stop must be at most {MAX_STOP_STRINGS} strings", "stop")
         if any(len(s) > MAX_STOP_LENGTH for s in stops):
             raise SettingsError(f"each stop string must be at most {MAX_STOP_LENGTH} characters", "stop")
         eos = list(self.default_stop_ids if settings.stop_ids is None else settings.stop_ids)
         req = Request(
-            prompt=ids,
+            prompt=list(prompt_ids),
             policy=policy,
-            gen_length=g,
-            block_length=block,
+            gen_length=settings.max_tokens,
+            block_length=settings.block_length,
             cache=settings.cache,
             seed=settings.seed,
             early_stop=settings.early_stop,
@@ -330,48 +389,47 @@ class TextGenerator:
             cfg_scale=settings.cfg_scale,
             max_nfe=settings.max_nfe,
         )
+        try:
+            self.engine.validate(req)
+        except RequestError as exc:
+            raise SettingsError(str(exc), _PARAMS.get(exc.field, exc.field)) from None
         return req, policy
 
-    def _policy_and_block(self, settings: Settings, g: int) -> tuple[Policy, int]:
-        try:
-            policy = resolve_policy(settings)
-        except ValueError as exc:
-            param = next((k for k in ("threshold", "top_p", "temperature") if f"has no {k} option" in str(exc)), None)
-            raise SettingsError(str(exc), param or "policy") from None
-        block = settings.block_length if settings.block_length is not None else min(32, g)
-        block = policy.blocks(g, block)
-        if not isinstance(block, int) or not 1 <= block <= g or g % block:
-            raise SettingsError(f"block_length must divide max_tokens ({g}); got {block!r}", "block_length")
-        try:
-            policy.validate(g, block)
-        except ValueError as exc:
-            raise SettingsError(str(exc), "policy") from None
-        return policy, block
-
-    def _final_text(self, prefix: list[int], stops: Sequence[str], stop_ids: set, final: bool):
-        """(text, ids, finish reason or None, stop) of a committed prefix."""
+    def _final_text(self, prefix: list[int], settings: Settings, stop_ids: set):
+        """(text, ids, finish reason or None, stop, tokens before the first stop id) of a committed prefix."""
         cut = next((i for i, t in enumerate(prefix) if t in stop_ids), None)
         ids = prefix if cut is None else prefix[:cut]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        hits = [(text.find(s), s) for s in stops if s in text]
-        if hits:
-            idx, s = min(hits)
-            return text[:idx], self._ids_for(ids, idx), "stop", s
+        before = len(ids)
+        text = self.decode(ids, skip_special_tokens=not settings.stop_in_raw)
+        hit = first_stop(text, settings.stop)
+        if hit is not None:
+            idx, s = hit
+            text = self._drop_specials(text[:idx]) if settings.stop_in_raw else text[:idx]
+            return text, self._ids_for(ids, len(text)), "stop", s, before
+        if settings.stop_in_raw:
+            text = self._drop_specials(text)
         if cut is not None:
-            return text, ids, "stop", int(prefix[cut])
-        return text, ids, None, None
+            return text, ids, "stop", int(prefix[cut]), before
+        return text, ids, None, None, before
+
+    def _drop_specials(self, text: str) -> str:
+        """``text`` without the special tokens written in it (re-tokenised; unchanged when there are none)."""
+        specials = [t for t in getattr(self.tokenizer, "all_special_tokens", []) if t]
+        if not any(t in text for t in specials):
+            return text
+        return self.decode(self.tokenizer(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
 
     def _ids_for(self, ids: list[int], n_chars: int) -> list[int]:
         """The shortest prefix of ``ids`` whose text covers the first ``n_chars`` characters."""
         for k in range(len(ids) + 1):
-            if len(self.tokenizer.decode(ids[:k], skip_special_tokens=True)) >= n_chars:
+            if len(self.decode(ids[:k])) >= n_chars:
                 return ids[:k]
         return ids
 
     # ---- submitting ------------------------------------------------------------------------------------
     def prepare(self, prompt: Prompt, settings: Settings) -> tuple[list[int], Request, Policy]:
         """Encode and validate one request without submitting it (ValueError for a user mistake)."""
-        ids = self.encode(prompt, settings.chat)
+        ids = self.encode(prompt, settings.chat, prefix=settings.prefix, special_tokens=settings.special_tokens)
         req, policy = self.request(ids, settings)
         return ids, req, policy
 
@@ -468,6 +526,8 @@ class TextGenerator:
                 if len(results) == len(prepared):
                     finished.set()
 
+        self._sync()
+        t0 = time.perf_counter()
         ids = [self.submit(p, s, sink, canvas=canvas, prepared=pre) for p, s, pre in zip(prompts, per, prepared)]
         if not ids:
             return []
@@ -477,10 +537,22 @@ class TextGenerator:
             while len(results) < len(ids):
                 if not self.step() and not self.engine.has_work() and len(results) < len(ids):
                     self._abandon(ids, results)
+        self._sync()
+        seconds = time.perf_counter() - t0
         failed = next((c for c in results.values() if c.finish_reason == "error"), None)
         if failed is not None:
             raise RuntimeError(f"the engine failed: {failed.stop}")
+        for c in results.values():
+            c.batch_seconds, c.batch_rows = seconds, len(ids)
         return [results[i] for i in ids]
+
+    def _sync(self) -> None:
+        """Wait for the GPU (timings cover the work, not its launch)."""
+        device = getattr(self.model, "device", None)
+        if device is not None and str(device).startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize(device)
 
     def _abandon(self, ids: list[Any], results: dict) -> None:
         """The engine has no work but requests are unfinished (an engine that never reported them)."""
@@ -508,18 +580,16 @@ class TextGenerator:
             self._thread = None
 
     def _loop(self) -> None:
+        """Step while the engine has work (rows the text layer already finished included, so a cancelled
+        row is freed at the next round); otherwise sleep on the condition that submit/cancel/stop notify."""
         while True:
             with self._lock:
-                while not self._stopping and not self._live:
-                    self._wake.wait(timeout=1.0)
+                while not self._stopping and not self.engine.has_work():
+                    self._wake.wait(timeout=1.0)  # a safety net; submit, cancel and stop notify
                 if self._stopping:
                     return
             try:
                 self.step()
-                with self._lock:
-                    stranded = [] if self.engine.has_work() else list(self._live.values())
-                if stranded:
-                    self._fail_all(RuntimeError("the engine finished without reporting some requests"))
             except Exception as exc:  # a bug in the engine: fail every live request, keep serving
                 self._fail_all(exc)
 
@@ -564,7 +634,10 @@ __all__ = [
     "Settings",
     "SettingsError",
     "TextGenerator",
+    "cut_at_stop",
     "encode",
+    "first_stop",
     "has_chat_template",
+    "render",
     "resolve_policy",
 ]

@@ -1,16 +1,20 @@
-"""Step traces: per-row replay of ``GenerateOutput.trace``, as JSON or as a rich rendering.
+"""Step traces: per-row steps, as JSON or as a rich rendering.
 
 ``generate(..., trace=True)`` records, for every forward, which rows took part and which answer
-positions each committed. :func:`row_steps` replays that into per-row steps; :func:`trace_json` makes a
-JSON document of it (with token strings when a tokenizer is given) and :func:`render_row` draws the
-answer canvas after each step, the tokens committed at that step highlighted.
+positions each committed; :func:`row_steps` replays that into per-row steps. The text layer's
+``Canvas`` events carry the same per request: :class:`StepRecorder` collects them (``fewstep generate``).
+:func:`trace_json` / :func:`completions_json` make a JSON document of either (with token strings when
+a tokenizer is given) and :func:`render_row` / :func:`render_steps` draw the answer canvas after each
+step, the tokens committed at that step highlighted.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fewstep.decoding.pipeline import GenerateOutput
+from fewstep.decoding.text import Canvas
 
 MASK_GLYPH = "░"
 
@@ -47,39 +51,87 @@ def token_text(tokenizer, token: int) -> str:
     return str(piece if piece is not None else token).translate(_MARKERS)
 
 
+def _row_doc(prompt_ids, answer, nfe, tokens_per_step, steps, tokenizer, prompt, text) -> dict[str, Any]:
+    if tokenizer is not None:
+        for s in steps:
+            s["text"] = [token_text(tokenizer, t) for t in s["tokens"]]
+    row: dict[str, Any] = {
+        "prompt_ids": list(prompt_ids),
+        "answer_ids": list(answer),
+        "nfe": int(nfe),
+        "tokens_per_step": list(tokens_per_step),
+        "steps": steps,
+    }
+    if prompt is not None:
+        row["prompt"] = prompt
+    if text is not None:
+        row["answer"] = text
+    return row
+
+
 def trace_json(out: GenerateOutput, tokenizer=None, prompts: list[str] | None = None) -> dict[str, Any]:
     """A JSON-serialisable document of the whole generation and its per-row steps."""
     rows = []
     for r in range(out.sequences.shape[0]):
         answer = out.answers[r].tolist()
-        steps = row_steps(out, r)
-        if tokenizer is not None:
-            for s in steps:
-                s["text"] = [token_text(tokenizer, t) for t in s["tokens"]]
-        row: dict[str, Any] = {
-            "prompt_ids": out.sequences[r, : out.prompt_length].tolist(),
-            "answer_ids": answer,
-            "nfe": int(out.nfe[r]),
-            "tokens_per_step": out.tokens_per_step[r],
-            "steps": steps,
-        }
-        if prompts is not None:
-            row["prompt"] = prompts[r]
-        if tokenizer is not None:
-            row["answer"] = tokenizer.decode(answer, skip_special_tokens=True)
-        rows.append(row)
+        text = tokenizer.decode(answer, skip_special_tokens=True) if tokenizer is not None else None
+        prompt = None if prompts is None else prompts[r]
+        prompt_ids = out.sequences[r, : out.prompt_length].tolist()
+        rows.append(
+            _row_doc(prompt_ids, answer, out.nfe[r], out.tokens_per_step[r], row_steps(out, r), tokenizer, prompt, text)
+        )
     return {"policy": out.policy, "cache": out.cache, "prompt_length": out.prompt_length, "rows": rows}
+
+
+class StepRecorder:
+    """An ``on_event`` hook for the text layer (with ``canvas=True``): every request's steps, in order."""
+
+    def __init__(self, then: Callable[[Any], None] | None = None):
+        self.steps: dict[Any, list[dict[str, Any]]] = {}
+        self.then = then
+
+    def __call__(self, event: Any) -> None:
+        if isinstance(event, Canvas):
+            steps = self.steps.setdefault(event.id, [])
+            if not steps or steps[-1]["nfe"] < event.nfe:
+                tokens = [event.tokens[p] for p in event.committed]
+                steps.append(
+                    {"nfe": event.nfe, "block": event.block, "positions": list(event.committed), "tokens": tokens}
+                )
+        if self.then is not None:
+            self.then(event)
+
+
+def completions_json(
+    comps, recorder: StepRecorder, policy: str, cache: str, tokenizer=None, prompts=None
+) -> dict[str, Any]:
+    """:func:`trace_json`'s document for the text layer's completions (prompt ids as given, not padded)."""
+    rows = []
+    for i, c in enumerate(comps):
+        answer = c.row.answer if c.row is not None else c.token_ids
+        prompt = None if prompts is None else prompts[i]
+        prompt_ids = c.row.prompt if c.row is not None else []
+        steps = [dict(s) for s in recorder.steps.get(c.id, [])]
+        rows.append(_row_doc(prompt_ids, answer, c.nfe, c.tokens_per_step, steps, tokenizer, prompt, c.text))
+    length = max((len(r["prompt_ids"]) for r in rows), default=0)
+    return {"policy": policy, "cache": cache, "prompt_length": length, "rows": rows}
 
 
 def render_row(out: GenerateOutput, row: int, tokenizer=None, mask_id: int | None = None, console=None) -> None:
     """Print the answer canvas of ``row`` after each of its steps (rich); new tokens highlighted."""
+    render_steps(row_steps(out, row), out.answers.shape[1], tokenizer, mask_id, console)
+
+
+def render_steps(
+    steps: list[dict[str, Any]], length: int, tokenizer=None, mask_id: int | None = None, console=None
+) -> None:
+    """Print an answer canvas of ``length`` positions after each of ``steps`` (rich); new tokens highlighted."""
     from rich.console import Console
     from rich.text import Text
 
     console = console or Console()
-    G = out.answers.shape[1]
-    canvas: list[int | None] = [None] * G
-    for step in row_steps(out, row):
+    canvas: list[int | None] = [None] * length
+    for step in steps:
         new = set(step["positions"])
         for p, t in zip(step["positions"], step["tokens"]):
             canvas[p] = t

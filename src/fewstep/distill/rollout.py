@@ -1,7 +1,7 @@
 """Teacher rollouts: self-distillation data as dParallel uses it (algorithms.md section 3.2).
 
-The teacher answers a prompt set with a chosen decoding policy (batched through
-:func:`fewstep.generate`), each answer is checked by the prompt set's verifier where one exists, and
+The teacher answers a prompt set with a chosen decoding policy (batched through the text layer,
+:class:`fewstep.decoding.text.TextGenerator`), each answer is checked by the prompt set's verifier where one exists, and
 the answers are kept or dropped as configured (``correct``, ``all``, ``incorrect``). The output is a
 folder of JSONL shards whose records carry ``prompt`` and ``response`` (what ``fewstep distill``
 reads), the verdict and generation statistics.
@@ -33,11 +33,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fewstep.decoding.text import cut_at_stop as cut_at  # noqa: F401  (the rollout's name for it)
+from fewstep.decoding.text import encode, has_chat_template, render
 
 Record = dict[str, Any]
 Verifier = Callable[[Record, str], bool]
@@ -225,38 +227,20 @@ def load_prompts(
     return records, None
 
 
-def has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def render_prompt(record: Record, tokenizer: Any, chat: str = "auto") -> str:
     """The exact text the model conditions on: the chat template around the prompt (``chat="on"``, or
     ``"auto"`` when the tokenizer has one and the record is not ``raw``), else the prompt itself; plus
-    the record's ``gen_prefix``."""
+    the record's ``gen_prefix`` (rendered by the text layer, :func:`fewstep.decoding.text.render`)."""
     if chat not in CHAT_MODES:
         raise ValueError(f"chat must be one of {', '.join(CHAT_MODES)}; got {chat!r}")
     messages = record.get("messages")
     use = chat == "on" or (chat == "auto" and has_chat_template(tokenizer) and not record.get("raw"))
     if messages is not None and chat != "off" and not use:
         raise ValueError(f"prompt {record.get('id')!r} is a chat conversation but the tokenizer has no chat template")
-    if use:
-        if not has_chat_template(tokenizer):
-            raise ValueError("--chat-template on, but the tokenizer has no chat template")
-        turns = messages or [{"role": "user", "content": record["prompt"]}]
-        text = tokenizer.apply_chat_template(list(turns), tokenize=False, add_generation_prompt=True)
-    else:
-        text = record["prompt"]
-    return text + record.get("gen_prefix", "")
-
-
-def cut_at(text: str, stops: Sequence[str]) -> str:
-    """``text`` up to the first occurrence of any stop string."""
-    end = len(text)
-    for s in stops:
-        i = text.find(s) if s else -1
-        if i != -1:
-            end = min(end, i)
-    return text[:end]
+    if use and not has_chat_template(tokenizer):
+        raise ValueError("--chat-template on, but the tokenizer has no chat template")
+    prompt = (messages or record["prompt"]) if use else record["prompt"]
+    return render(tokenizer, prompt, chat=use, prefix=record.get("gen_prefix", ""))
 
 
 # -- the run -----------------------------------------------------------------------------------------------
@@ -398,7 +382,7 @@ def prepare_prompts(
 ) -> tuple[list[str], list[list[int]]]:
     """Rendered prompt texts and their token ids (no special tokens added: a chat template writes its own)."""
     texts = [render_prompt(r, tokenizer, chat) for r in records]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = [encode(tokenizer, t, chat=False) for t in texts]
     unk = getattr(tokenizer, "unk_token_id", None)
     for r, t, row in zip(records, texts, ids):
         if not row:
@@ -416,8 +400,69 @@ def process_order(lengths: Sequence[int], sort_by_length: bool, rank: int, world
     return order[rank::world]
 
 
-# Long (~135 lines) on purpose for now: the generation loop it wraps (resume, sharding over processes,
-# batching) moves onto the text layer over the engine in the next step (issue 14 brief), which splits it.
+def _open_run(cfg: RolloutConfig, out: Path, manifest: dict[str, Any], rank: int) -> None:
+    """Rank 0 writes the manifest, or checks that the folder holds a run with the same settings."""
+    if rank != 0:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / MANIFEST
+    if not path.is_file():
+        write_json_atomic(path, manifest)
+        return
+    old = json.loads(path.read_text())
+    diff = [k for k in manifest if old.get(k) != manifest[k]]
+    diff += [f"config.{k}" for k in manifest["config"] if old.get("config", {}).get(k) != manifest["config"][k]]
+    if diff:
+        raise ValueError(
+            f"{out} holds a rollout with other settings ({', '.join(d for d in diff if d != 'config')}); "
+            "use another --out or --overwrite"
+        )
+
+
+def answer_batch(
+    gen: Any, cfg: RolloutConfig, verify: Verifier | None, records: list[Record], texts: list[str], ids, idx: list[int]
+) -> tuple[list[Record], dict[str, float]]:
+    """Answer prompts ``idx`` through the text layer (seed ``cfg.seed + i`` for prompt ``i``; stop strings
+    cut the text only, so NFE is the engine's), verify them; returns the kept records and the batch stats."""
+    from fewstep.decoding.text import Settings
+
+    base = Settings(
+        policy=cfg.policy,
+        max_tokens=cfg.gen_length,
+        block_length=min(cfg.block_length, cfg.gen_length),
+        cache=cfg.cache,
+        early_stop=cfg.early_stop,
+        cancel_at_stop=False,
+    )
+    per = [base.replace(seed=cfg.seed + i, stop=tuple(records[i].get("stop", ()))) for i in idx]
+    kept, stats = [], _new_stats()
+    for i, o in zip(idx, gen.generate([ids[i] for i in idx], per)):
+        correct = bool(verify(records[i], records[i].get("gen_prefix", "") + o.text)) if verify else None
+        stats["prompts"] += 1
+        stats["nfe"] += o.nfe
+        stats["tokens"] += o.committed
+        stats["verified"] += correct is not None
+        stats["correct"] += bool(correct)
+        stats["seconds"] = o.batch_seconds
+        if not _keep(cfg.keep, correct):
+            continue
+        stats["kept"] += 1
+        rec = {
+            "id": records[i]["id"],
+            "prompt": texts[i],
+            "response": o.text,
+            "correct": correct,
+            "question": records[i]["prompt"],
+            "nfe": o.nfe,
+            "tokens_per_step": round(o.committed / max(o.nfe, 1), 4),
+            "response_tokens": o.answer_tokens,
+            "finished": o.answer_tokens < cfg.gen_length,  # a stop id ended the answer
+            "seconds": round(o.batch_seconds / o.batch_rows, 6),
+        }
+        kept.append({**rec, **{g: records[i][g] for g in ("gold", "target", "answer") if g in records[i]}})
+    return kept, stats
+
+
 def run_rollout(
     cfg: RolloutConfig,
     model: Any,
@@ -436,13 +481,12 @@ def run_rollout(
     holding a run with other settings is refused. ``on_batch(k)`` is called after batch ``k`` is
     committed (tests use it).
     """
-    import torch
-
-    from fewstep.decoding import generate, parse_policy, stop_ids
+    from fewstep.decoding import parse_policy
+    from fewstep.decoding.text import TextGenerator
 
     barrier = barrier or (lambda: None)
     out = Path(cfg.out_dir)
-    policy = parse_policy(cfg.policy)  # fail fast on a bad spec
+    parse_policy(cfg.policy)  # fail fast on a bad spec
     verify = get_verifier(cfg.verifier) if cfg.verifier else None
     texts, ids = prepare_prompts(records, tokenizer, cfg.chat, int(model.config.vocab_size))
     longest = max(len(r) for r in ids)
@@ -459,25 +503,12 @@ def run_rollout(
         "n_prompts": len(records),
         "prompts_sha256_16": prompt_hash,
     }
-    path = out / MANIFEST
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if path.is_file():
-            old = json.loads(path.read_text())
-            diff = [k for k in manifest if old.get(k) != manifest[k]]
-            diff += [f"config.{k}" for k in manifest["config"] if old.get("config", {}).get(k) != manifest["config"][k]]
-            if diff:
-                raise ValueError(
-                    f"{out} holds a rollout with other settings ({', '.join(d for d in diff if d != 'config')}); "
-                    "use another --out or --overwrite"
-                )
-        else:
-            write_json_atomic(path, manifest)
+    _open_run(cfg, out, manifest, rank)
     barrier()
     writer = ShardWriter(out, rank, world)
     mine = process_order([len(r) for r in ids], cfg.sort_by_length, rank, world)
     batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-    stop = stop_ids(model, tokenizer)
+    gen = TextGenerator(model, tokenizer, max_batch=cfg.batch_size)
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -485,62 +516,10 @@ def run_rollout(
         done = sum(len(b) for b in batches[: writer.batches_done])
         bar = tqdm(total=len(mine), initial=done, desc="rollout", unit="prompt", dynamic_ncols=True)
     for k in range(writer.batches_done, len(batches)):
-        idx = batches[k]
-        t0 = time.perf_counter()
-        gen = generate(
-            model,
-            [ids[i] for i in idx],
-            policy,
-            gen_length=cfg.gen_length,
-            block_length=min(cfg.block_length, cfg.gen_length),
-            cache=cfg.cache,
-            tokenizer=tokenizer,
-            early_stop=cfg.early_stop,
-            seed=[cfg.seed + i for i in idx],
-        )
-        if str(model.device).startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        kept, stats = [], _new_stats()
-        answers = gen.answers.tolist()
-        for j, i in enumerate(idx):
-            row = answers[j]
-            cut = next((p for p, t in enumerate(row) if t in stop), None)
-            text = tokenizer.decode(row[: len(row) if cut is None else cut], skip_special_tokens=True)
-            text = cut_at(text, records[i].get("stop", ()))
-            full = records[i].get("gen_prefix", "") + text
-            correct = bool(verify(records[i], full)) if verify is not None else None
-            nfe = int(gen.nfe[j])
-            committed = sum(gen.tokens_per_step[j])
-            stats["prompts"] += 1
-            stats["nfe"] += nfe
-            stats["tokens"] += committed
-            stats["verified"] += correct is not None
-            stats["correct"] += bool(correct)
-            if not _keep(cfg.keep, correct):
-                continue
-            stats["kept"] += 1
-            rec = {
-                "id": records[i]["id"],
-                "prompt": texts[i],
-                "response": text,
-                "correct": correct,
-                "question": records[i]["prompt"],
-                "nfe": nfe,
-                "tokens_per_step": round(committed / max(nfe, 1), 4),
-                "response_tokens": len(row) if cut is None else cut,
-                "finished": cut is not None,
-                "seconds": round(seconds / len(idx), 6),
-            }
-            for g in ("gold", "target", "answer"):
-                if g in records[i] and g not in rec:
-                    rec[g] = records[i][g]
-            kept.append(rec)
-        stats["seconds"] = seconds
-        writer.commit(kept, stats)
+        writer.commit(*answer_batch(gen, cfg, verify, records, texts, ids, batches[k]))
         if bar is not None:
             s = summarize(writer.stats)
-            bar.update(len(idx))
+            bar.update(len(batches[k]))
             bar.set_postfix(
                 kept=f"{s['acceptance']:.1%}", nfe=f"{s['mean_nfe']:.1f}", tok_s=f"{s['tokens_per_second']:.0f}"
             )
@@ -552,7 +531,7 @@ def run_rollout(
     summary = collect_summary(out, world)
     if rank == 0:
         manifest["summary"] = summary
-        write_json_atomic(path, manifest)
+        write_json_atomic(out / MANIFEST, manifest)
     return summary
 
 

@@ -16,12 +16,23 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
 from fewstep.eval import datasets
+
+# The text layer (``fewstep.decoding.text``) is imported where it is used: it pulls in torch, and
+# ``fewstep.eval`` (the sandbox and scoring above all) must import without it.
+
+
+def __getattr__(name: str):
+    if name == "cut_at_stop":  # its old home; the text layer cuts stop strings
+        from fewstep.decoding.text import cut_at_stop
+
+        return cut_at_stop
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -49,23 +60,12 @@ class Prompt:
 
     def render(self, tokenizer: Any = None) -> str:
         """The prompt string: the chat template applied to the messages (or the raw text), plus ``gen_prefix``."""
-        if self.messages is None:
-            return self.text + self.gen_prefix
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        from fewstep.decoding.text import has_chat_template, render
+
+        if self.messages is not None and not has_chat_template(tokenizer):
             raise ValueError("this prompt protocol uses a chat template, but the tokenizer has none")
-        rendered = tokenizer.apply_chat_template(list(self.messages), tokenize=False, add_generation_prompt=True)
-        return rendered + self.gen_prefix
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to the first occurrence of any stop string."""
-    end = len(text)
-    for s in stop:
-        if s:
-            i = text.find(s)
-            if i != -1:
-                end = min(end, i)
-    return text[:end]
+        prompt = self.text if self.messages is None else list(self.messages)
+        return render(tokenizer, prompt, chat=self.messages is not None, prefix=self.gen_prefix)
 
 
 @dataclass(frozen=True)

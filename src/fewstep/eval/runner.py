@@ -1,4 +1,4 @@
-"""`fewstep eval` as a library: generate with the decoding engine, score, measure speed, resume.
+"""`fewstep eval` as a library: generate through the text layer, score, measure speed, resume.
 
 Layout of an output folder::
 
@@ -16,13 +16,12 @@ import json
 import os
 import platform
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from fewstep.eval.benchmarks import Task, get_task
-from fewstep.eval.protocols import cut_at_stop, get_protocol
+from fewstep.eval.protocols import get_protocol
 from fewstep.eval.sandbox import Limits, Sandbox
 from fewstep.eval.scoring import score
 
@@ -52,7 +51,7 @@ class EvalSettings:
     cache: str = "none"
     protocol: str | None = None
     gen_length: int = 256
-    block_length: int = 32
+    block_length: int | None = None  # None: 32 (at most gen_length), or a block-diffusion model's block size
     batch_size: int = 1
     limit: int | None = None
     out: str = "eval-out"
@@ -114,17 +113,11 @@ def _device_and_dtype(settings: EvalSettings) -> tuple[str, str]:
     return device, dtype
 
 
-def encode_prompt(tokenizer: Any, prompt: Any) -> list[int]:
-    """Token ids of a rendered :class:`~fewstep.eval.protocols.Prompt` (the chat template brings its own BOS)."""
-    return [int(i) for i in tokenizer(prompt.render(tokenizer), add_special_tokens=False)["input_ids"]]
-
-
 def run_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
     """Generate and score the pending records of ``settings.task``, then write and return the summary."""
-    import torch
-
-    from fewstep.decoding import parse_policy, stop_ids
-    from fewstep.models import load_model, load_tokenizer
+    from fewstep.decoding import parse_policy
+    from fewstep.decoding.text import TextGenerator
+    from fewstep.models import block_size_of, load_model, load_tokenizer
 
     task = get_task(settings.task)
     protocol = get_protocol(task.name, settings.protocol)
@@ -132,6 +125,8 @@ def run_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any = None
     parse_policy(settings.policy)  # a bad spec fails before anything is loaded
     device, dtype = _device_and_dtype(settings)
     settings.device, settings.dtype = device, dtype
+    if settings.block_length is None:
+        settings.block_length = block_size_of(settings.model) or min(32, settings.gen_length)
     if settings.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     out = Path(settings.out)
@@ -146,14 +141,14 @@ def run_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any = None
             model = load_model(settings.model, dtype=dtype, device=device)
         if tokenizer is None:
             tokenizer = load_tokenizer(settings.model)
-        stop = stop_ids(model, tokenizer)
+        gen = TextGenerator(model, tokenizer, max_batch=settings.batch_size)
         sandbox = Sandbox(Limits(timeout=settings.timeout)) if task.kind == "code" else None
         bar = _progress(settings.progress, task.name)
         with rec_path.open("a", encoding="utf-8") as sink, bar as p:
             tid = p.add_task(task.name, total=len(targets), completed=len(targets) - len(pending)) if p else None
             for start in range(0, len(pending), settings.batch_size):
                 batch = pending[start : start + settings.batch_size]
-                lines = _run_batch(task, protocol, batch, model, tokenizer, stop, settings, sandbox, torch)
+                lines = _run_batch(task, protocol, batch, gen, settings, sandbox)
                 sink.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
                 sink.flush()
                 os.fsync(sink.fileno())
@@ -164,57 +159,29 @@ def run_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any = None
     return summary
 
 
-def _run_batch(
-    task: Task, protocol, batch, model, tokenizer, stop, settings: EvalSettings, sandbox, torch
-) -> list[dict]:
-    from fewstep.decoding import generate
+def _run_batch(task: Task, protocol, batch, gen, settings: EvalSettings, sandbox) -> list[dict]:
+    """One batch through the text layer (stop strings cut the text only: NFE is the engine's), scored."""
+    from fewstep.decoding.text import Settings
 
     prompts = [protocol(r) for r in batch]
-    rows = [encode_prompt(tokenizer, p) for p in prompts]
-    if str(settings.device).startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    gen = generate(
-        model,
-        rows,
-        settings.policy,
-        gen_length=settings.gen_length,
-        block_length=settings.block_length,
-        cache=settings.cache,
-        tokenizer=tokenizer,
-        early_stop=settings.early_stop,
-        seed=settings.seed,
-    )
-    if str(settings.device).startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    responses, n_tokens = [], []
-    for i, prompt in enumerate(prompts):
-        ids = gen.answers[i].tolist()
-        cut = next((j for j, t in enumerate(ids) if t in stop), len(ids))
-        text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
-        responses.append(prompt.gen_prefix + cut_at_stop(text, prompt.stop))
-        n_tokens.append(cut)
+    same = {k: getattr(settings, k) for k in ("policy", "block_length", "cache", "early_stop")}
+    base = Settings(max_tokens=settings.gen_length, chat=False, cancel_at_stop=False, **same)
+    seed = settings.seed  # row i of a batch uses seed + i, as fewstep.generate(seed=int) does
+    per = [base.replace(stop=p.stop, seed=None if seed is None else seed + i) for i, p in enumerate(prompts)]
+    outs = gen.generate([p.render(gen.tokenizer) for p in prompts], per)
+    responses = [p.gen_prefix + o.text for p, o in zip(prompts, outs)]
     scored = score(task, list(zip(batch, responses)), sandbox=sandbox, workers=settings.workers)
-    lines = []
-    for i, (rec, s) in enumerate(zip(batch, scored)):
-        nfe = int(gen.nfe[i])
-        lines.append(
-            {
-                "id": rec["id"],
-                "response": responses[i],
-                "extracted": s.extracted,
-                "passed": s.passed,
-                "reason": s.reason,
-                "nfe": nfe,
-                "gen_tokens": n_tokens[i],
-                "tokens_per_step": float(gen.tokens_per_forward[i]),
-                "latency_s": seconds / len(batch),
-                "batch_seconds": seconds,
-                "batch_rows": len(batch),
-            }
-        )
-    return lines
+    return [
+        {
+            "id": rec["id"],
+            "response": responses[i],
+            "extracted": s.extracted,
+            "passed": s.passed,
+            "reason": s.reason,
+            **o.stats(),
+        }
+        for i, (rec, s, o) in enumerate(zip(batch, scored, outs))
+    ]
 
 
 def _load_baseline(path: str) -> dict[str, Any]:

@@ -200,6 +200,13 @@ def build_model(cfg: dict[str, Any] | LLaDAConfig | DreamConfig) -> DiffusionLM:
         return model_cls(cfg)
 
 
+def block_size_of(path: str | os.PathLike) -> int | None:
+    """The block size of a block-diffusion checkpoint's attention (LLaDA2, SDAR), read from its config
+    without loading weights; None for a full-attention model (LLaDA, Dream). Decoding defaults use it."""
+    model = build_model(read_config(resolve_model(path)))
+    return int(model.block_length) if getattr(model, "block_diffusion", False) else None
+
+
 def load_model(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,

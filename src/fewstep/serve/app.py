@@ -8,9 +8,11 @@ per request (the engine thread hands events over with ``loop.call_soon_threadsaf
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -38,17 +40,42 @@ class ServeConfig:
 
 
 class _Bridge:
-    """Events of one HTTP request's engine requests, handed from the engine thread to the event loop."""
+    """Events of one HTTP request's engine requests, handed from the engine thread to the event loop.
+
+    The engine thread appends to a deque and wakes the loop with ``loop.call_soon_threadsafe`` only when
+    no wake-up is pending, so a round's events for one request cost one wake-up; :meth:`get` returns
+    everything that arrived (one SSE write per wake-up, not one per event)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.queue = loop, asyncio.Queue()
+        self.loop, self.items, self.ready = loop, collections.deque(), asyncio.Event()
+        self.lock, self.pending = threading.Lock(), False
 
     def sink(self, index: int):
         def put(event) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            with self.lock:
+                self.items.append((index, event))
+                wake, self.pending = not self.pending, True
+            if wake:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
+                    self.loop.call_soon_threadsafe(self._wake)
 
         return put
+
+    def _wake(self) -> None:
+        with self.lock:
+            self.pending = False
+        self.ready.set()
+
+    async def get(self) -> list[tuple[int, Any]]:
+        """Every event that arrived since the last call (waits for at least one)."""
+        while True:
+            with self.lock:
+                if self.items:
+                    out = list(self.items)
+                    self.items.clear()
+                    return out
+                self.ready.clear()
+            await self.ready.wait()
 
 
 def create_app(gen: TextGenerator, cfg: ServeConfig) -> FastAPI:
@@ -159,7 +186,8 @@ class _Routes:
         try:
             prepared = [gen.prepare(p, parsed.settings) for p in parsed.prompts]
         except SettingsError as exc:
-            raise ApiError(400, str(exc), param=exc.param) from None
+            # the engine's messages name its fields; the API calls gen_length max_tokens
+            raise ApiError(400, str(exc).replace("gen_length", "max_tokens"), param=exc.param) from None
         except (ValueError, TypeError) as exc:  # encoding the prompt (e.g. no chat template)
             raise ApiError(400, str(exc), param="messages" if chat else "prompt") from None
         if not gen.running():
@@ -204,13 +232,12 @@ async def _collect(gen: TextGenerator, bridge: _Bridge, ids: list, request: Requ
     try:
         while len(done) < len(ids):
             try:
-                index, ev = await asyncio.wait_for(bridge.queue.get(), timeout=0.25)
+                events = await asyncio.wait_for(bridge.get(), timeout=0.25)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     return None
                 continue
-            if isinstance(ev, Completion):
-                done[index] = ev
+            done.update((index, ev) for index, ev in events if isinstance(ev, Completion))
         return [done[i] for i in range(len(ids))]
     finally:
         for i, rid in enumerate(ids):
@@ -228,32 +255,36 @@ async def _sse(gen: TextGenerator, bridge: _Bridge, ids: list, rid: str, parsed)
     chat, model = parsed.chat, parsed.model
     try:
         if chat and not parsed.denoise:
-            for i in range(len(ids)):
-                yield _sse_line(chunk(rid, model, chat, i, None, None, first=True))
+            yield "".join(_sse_line(chunk(rid, model, chat, i, None, None, first=True)) for i in range(len(ids)))
         while len(done) < len(ids):
-            index, ev = await bridge.queue.get()
-            if isinstance(ev, Delta) and not parsed.denoise:
-                yield _sse_line(chunk(rid, model, chat, index, ev.text, None))
-            elif isinstance(ev, Canvas) and parsed.denoise:
-                yield _sse_line(_canvas(rid, model, index, ev))
-            elif isinstance(ev, Completion):
-                done[index] = ev
-                if ev.finish_reason == "error":
-                    yield _sse_line(ApiError(500, f"the engine failed: {ev.stop}").body())
-                    continue
-                yield _sse_line(_finish(rid, model, chat, index, ev, parsed))
+            lines = []  # everything that arrived since the last write goes out in one write
+            for index, ev in await bridge.get():
+                if isinstance(ev, Delta) and not parsed.denoise:
+                    lines.append(_sse_line(chunk(rid, model, chat, index, ev.text, None)))
+                elif isinstance(ev, Canvas) and parsed.denoise:
+                    lines.append(_sse_line(_canvas(rid, model, index, ev)))
+                elif isinstance(ev, Completion):
+                    done[index] = ev
+                    if ev.finish_reason == "error":
+                        lines.append(_sse_line(ApiError(500, f"the engine failed: {ev.stop}").body()))
+                    else:
+                        lines.append(_sse_line(_finish(rid, model, chat, index, ev, parsed)))
+            if len(done) < len(ids):
+                yield "".join(lines)
         if parsed.include_usage:
-            yield _sse_line(
-                {
-                    "id": rid,
-                    "object": "chat.completion.chunk" if chat else "text_completion",
-                    "created": int(time.time()),
-                    "model": model,
-                    "choices": [],
-                    "usage": usage([done[i] for i in range(len(ids))]),
-                }
+            lines.append(
+                _sse_line(
+                    {
+                        "id": rid,
+                        "object": "chat.completion.chunk" if chat else "text_completion",
+                        "created": int(time.time()),
+                        "model": model,
+                        "choices": [],
+                        "usage": usage([done[i] for i in range(len(ids))]),
+                    }
+                )
             )
-        yield "data: [DONE]\n\n"
+        yield "".join(lines) + "data: [DONE]\n\n"
     finally:
         for i, r in enumerate(ids):
             if i not in done:

@@ -6,6 +6,7 @@ OpenAI-style error naming its field (``param``), with status 400, never a traceb
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -197,11 +198,12 @@ def _settings(body: dict, defaults: Settings, chat: bool) -> Settings:
         raise ApiError(400, f"'max_nfe' must be >= 1; got {max_nfe}", param="max_nfe")
     seed = _get(body, "seed", (int,), None)
     g = max_tokens if max_tokens is not None else defaults.max_tokens
-    default_block = defaults.block_length if defaults.block_length is not None else 32
+    if block is None and defaults.block_length is not None:
+        block = min(defaults.block_length, g)
     return defaults.replace(
         policy=policy if policy is not None else defaults.policy,
         max_tokens=g,
-        block_length=block if block is not None else min(default_block, g),
+        block_length=block,  # None: the engine's default (32 at most; a block-diffusion model's own block size)
         cache=cache,
         temperature=_number(body, "temperature", 0.0, 2.0),
         top_p=_number(body, "top_p", 0.0, 1.0),
@@ -214,8 +216,15 @@ def _settings(body: dict, defaults: Settings, chat: bool) -> Settings:
 
 
 # ---- responses ----------------------------------------------------------------------------------------
+_ID_PREFIX = uuid.uuid4().hex[
+    :12
+]  # one random draw per process; a counter after it (uuid4 per request costs a syscall)
+_ID_COUNT = itertools.count()
+
+
 def new_id(chat: bool) -> str:
-    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    """A response id unique to this server process: ``cmpl-`` or ``chatcmpl-``, then 24 hex digits."""
+    return ("chatcmpl-" if chat else "cmpl-") + f"{_ID_PREFIX}{next(_ID_COUNT):012x}"
 
 
 def usage(comps: list[Completion]) -> dict[str, Any]:

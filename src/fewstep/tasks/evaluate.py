@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,11 +27,6 @@ class PolicyResult:
         return asdict(self)
 
 
-def decode_texts(tokenizer, answers: torch.Tensor) -> list[str]:
-    """Answer ids -> text, special tokens dropped (EOS padding, a leftover mask)."""
-    return [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in answers]
-
-
 @torch.no_grad()
 def evaluate_policy(
     model,
@@ -46,35 +40,35 @@ def evaluate_policy(
     cache: str = "none",
     progress=None,
 ) -> tuple[PolicyResult, list[str]]:
-    """Decode every problem with ``policy`` through :func:`fewstep.generate` and verify each answer.
+    """Decode every problem with ``policy`` through the text layer (``batch_size`` rows at a time) and
+    verify each answer.
 
     Returns the summary and the decoded answers. NFE follows the reference samplers (no early stop:
-    every block of the generation length is decoded, EOS blocks included).
+    every block of the generation length is decoded, EOS blocks included); the answer text is the whole
+    canvas with special tokens dropped (no stop ids: EOS padding is skipped, not cut at).
     """
-    from fewstep.decoding import generate
+    from fewstep.decoding.text import Completion, Settings, TextGenerator
 
-    texts: list[str] = []
-    nfe: list[int] = []
-    start = time.perf_counter()
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i : i + batch_size]
-        ids = [tokenizer(p.prompt, add_special_tokens=False).input_ids for p in chunk]
-        out = generate(
-            model,
-            ids,
-            policy,
-            gen_length=gen_length,
-            block_length=block_length,
-            cache=cache,
-            tokenizer=tokenizer,
-        )
-        texts += decode_texts(tokenizer, out.answers)
-        nfe += out.nfe.tolist()
-        if progress is not None:
-            progress(len(chunk))
-    seconds = time.perf_counter() - start
+    settings = Settings(
+        policy=policy,
+        max_tokens=gen_length,
+        block_length=block_length,
+        cache=cache,
+        stop_ids=(),
+        early_stop=False,
+        chat=False,
+    )
+
+    def on_event(ev) -> None:
+        if progress is not None and isinstance(ev, Completion):
+            progress(1)
+
+    gen = TextGenerator(model, tokenizer, max_batch=batch_size)
+    outs = gen.generate([p.prompt for p in problems], settings, on_event=on_event)
+    texts = [o.text for o in outs]
+    seconds = outs[0].batch_seconds if outs else 0.0
     correct = sum(verify(p.prompt, t).correct for p, t in zip(problems, texts))
-    mean_nfe = sum(nfe) / max(len(nfe), 1)
+    mean_nfe = sum(o.nfe for o in outs) / max(len(outs), 1)
     result = PolicyResult(
         policy=policy,
         accuracy=correct / max(len(problems), 1),

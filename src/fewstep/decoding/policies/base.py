@@ -129,6 +129,13 @@ class Policy:
         """``[R]`` True for rows that are done with the block (state after this step's writes)."""
         return ~state.mask.any(-1)
 
+    def iteration_cap(self) -> int | None:
+        """Iterations the official loop allows per block, its store forward included (None: no cap).
+
+        Only read with the loop option ``quirk_unstored_blocks``: a block that spent them all on denoising
+        forwards is never stored in the cache (SDAR)."""
+        return None
+
     def describe(self) -> str:
         """``name:key=value,...`` with every option that differs from its default."""
         if not is_dataclass(self):
@@ -157,6 +164,16 @@ def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = F
     if not ok:
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
         raise ValueError(f"{name} must be in {lb}{lo}, {hi}{rb}; got {value}")
+
+
+def check_confidence_options(policy: Any) -> None:
+    """Validate the options the confidence rules share: ``temperature`` >= 0, ``remasking`` and
+    ``probs_dtype`` (each only where the policy has it)."""
+    check_range(f"{policy.name}.temperature", policy.temperature, 0.0, float("inf"))
+    if hasattr(policy, "remasking"):
+        check_choice(f"{policy.name}.remasking", policy.remasking, ("low_confidence", "random"))
+    if hasattr(policy, "probs_dtype"):
+        check_choice(f"{policy.name}.probs_dtype", policy.probs_dtype, tuple(PROBS_DTYPES))
 
 
 def chunks(z: torch.Tensor, itemsize: int = 8):

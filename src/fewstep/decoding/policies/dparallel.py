@@ -19,7 +19,7 @@ from fewstep.decoding.policies.base import (
     Policy,
     Selection,
     StepState,
-    check_choice,
+    check_confidence_options,
     check_range,
     entropy,
     first_best,
@@ -52,10 +52,8 @@ class EntropyThresholdPolicy(Policy):
 
     def __post_init__(self):
         check_range(f"{self.name}.threshold", self.threshold, 0.0, float("inf"))
-        check_range(f"{self.name}.temperature", self.temperature, 0.0, float("inf"))
+        check_confidence_options(self)
         check_range(f"{self.name}.eps", self.eps, 0.0, 1.0)
-        check_choice(f"{self.name}.remasking", self.remasking, ("low_confidence", "random"))
-        check_choice(f"{self.name}.probs_dtype", self.probs_dtype, tuple(PROBS_DTYPES))
 
     def select(self, logits: torch.Tensor, state: StepState) -> Selection:
         z = logits[state.mask]

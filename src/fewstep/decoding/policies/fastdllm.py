@@ -19,7 +19,7 @@ from fewstep.decoding.policies.base import (
     Policy,
     Selection,
     StepState,
-    check_choice,
+    check_confidence_options,
     check_range,
     first_best,
     random_scores,
@@ -58,9 +58,7 @@ class ConfidenceThresholdPolicy(Policy):
 
     def __post_init__(self):
         check_range(f"{self.name}.threshold", self.threshold, 0.0, 1.0)
-        check_range(f"{self.name}.temperature", self.temperature, 0.0, float("inf"))
-        check_choice(f"{self.name}.remasking", self.remasking, ("low_confidence", "random"))
-        check_choice(f"{self.name}.probs_dtype", self.probs_dtype, tuple(PROBS_DTYPES))
+        check_confidence_options(self)
 
     def select(self, logits: torch.Tensor, state: StepState) -> Selection:
         tokens, conf = confidences(logits, state, self.temperature, self.remasking, self.probs_dtype)
@@ -91,9 +89,7 @@ class FactorPolicy(Policy):
 
     def __post_init__(self):
         check_range(f"{self.name}.factor", self.factor, 0.0, float("inf"), lo_open=True)
-        check_range(f"{self.name}.temperature", self.temperature, 0.0, float("inf"))
-        check_choice(f"{self.name}.remasking", self.remasking, ("low_confidence", "random"))
-        check_choice(f"{self.name}.probs_dtype", self.probs_dtype, tuple(PROBS_DTYPES))
+        check_confidence_options(self)
 
     def select(self, logits: torch.Tensor, state: StepState) -> Selection:
         tokens, conf = confidences(logits, state, self.temperature, self.remasking, self.probs_dtype)

@@ -19,8 +19,7 @@ from fewstep.decoding.policies.base import (
     Policy,
     Selection,
     StepState,
-    check_choice,
-    check_range,
+    check_confidence_options,
     even_quota,
     quota_at,
     random_scores,
@@ -80,9 +79,7 @@ class LowConfidencePolicy(FixedSteps, Policy):
     quirk_fixed_forwards: bool = False
 
     def __post_init__(self):
-        check_choice(f"{self.name}.remasking", self.remasking, ("low_confidence", "random"))
-        check_choice(f"{self.name}.probs_dtype", self.probs_dtype, tuple(PROBS_DTYPES))
-        check_range(f"{self.name}.temperature", self.temperature, 0.0, float("inf"))
+        check_confidence_options(self)
 
     def start_block(self, state: StepState) -> dict[str, torch.Tensor]:
         s = self._steps(state.gen_length, state.block_length)

@@ -81,6 +81,9 @@ class SDARPolicy(Policy):
         full = torch.full_like(state.counts, state.block_length)
         return {"quota": even_quota(full, self.denoising_steps)}
 
+    def iteration_cap(self) -> int | None:
+        return self.denoising_steps + 1 if self.quirk_iteration_cap else None
+
     def block_done(self, state: StepState) -> torch.Tensor:
         done = ~state.mask.any(-1)
         if self.quirk_iteration_cap:

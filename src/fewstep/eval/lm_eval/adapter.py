@@ -5,14 +5,15 @@ lm-eval has no entry-point discovery for external models, so something must impo
 looks the name up: ``fewstep lm-eval ...`` / ``python -m fewstep.eval.lm_eval ...`` (import, then
 lm-eval's own CLI), or, from Python, ``lm_eval.simple_evaluate(model=FewstepLM(...), tasks=[...])``.
 
-* ``generate_until``: :func:`fewstep.generate` on left-padded batches (policy spec, gen/block length,
-  KV cache, early stop at EOS), the answer cut at its first EOS / end-of-turn token, decoded, cut at
-  the request's ``until`` strings. Per-request NFE, tokens per step and latency are collected
+* ``generate_until``: the text layer (:class:`fewstep.decoding.text.TextGenerator`) on batches of
+  ``batch_size`` requests (policy spec, gen/block length, KV cache, early stop at EOS): the answer cut
+  at its first EOS / end-of-turn token, decoded, cut at the request's ``until`` strings. Per-request NFE, tokens per step and latency are collected
   (:meth:`FewstepLM.speed_summary`, ``stats_path``, lm-eval's results ``config``) and logged.
 * ``loglikelihood``: LLaDA's Monte Carlo ELBO estimate (:mod:`fewstep.eval.lm_eval.likelihood`), an
   estimate of a lower bound, not an exact log-likelihood; ``is_greedy`` by LLaDA's greedy suffix
   check.
-* ``loglikelihood_rolling`` (perplexity tasks) raises ``NotImplementedError``.
+* ``loglikelihood_rolling`` (perplexity tasks) raises ``NotImplementedError``; so does ``loglikelihood`` on
+  a block-diffusion model (LLaDA2, SDAR), whose ELBO differs from LLaDA's (``generate_until`` works).
 
 Multi-GPU: under ``accelerate launch`` each process takes its rank's share of the documents (lm-eval
 shards them by ``rank`` / ``world_size``, which come from accelerate) on its own GPU.
@@ -68,7 +69,7 @@ class FewstepLM(TemplateLM):
     * ``dtype`` (default bfloat16 on GPU, float32 on CPU), ``device`` (default cuda if available;
       the process's GPU under accelerate);
     * ``policy`` (default ``threshold:0.9``), ``gen_length`` (default: the request's ``max_gen_toks``),
-      ``block_length`` (32), ``cache`` (none / prefix / dual), ``batch_size`` (lm-eval's
+      ``block_length`` (32; a block-diffusion model's own block size), ``cache`` (none / prefix / dual), ``batch_size`` (lm-eval's
       ``--batch_size``), ``early_stop`` (True: a row stops after the block holding its EOS),
       ``cfg_scale`` (0), ``seed`` (1234: per-request seeds for sampling policies and the Monte Carlo draws);
     * ``mc_num`` (128), ``mc_batch_size`` (16), ``check_greedy`` (True; alias ``is_check_greedy``) for
@@ -81,8 +82,6 @@ class FewstepLM(TemplateLM):
 
     backend = "causal"
 
-    # Long (~80 lines): one validation line per model_arg of lm-eval's contract; the generate-wrapping
-    # part moves onto the text layer in the next step (issue 14 brief).
     def __init__(
         self,
         pretrained: str | None = None,
@@ -93,7 +92,7 @@ class FewstepLM(TemplateLM):
         device: str | None = None,
         policy: str = "threshold:0.9",
         gen_length: int | None = None,
-        block_length: int = 32,
+        block_length: int | None = None,
         cache: str | None = "none",
         batch_size: int | str | None = 1,
         max_batch_size: int | None = None,
@@ -118,6 +117,40 @@ class FewstepLM(TemplateLM):
                 "mc_num, mc_batch_size, check_greedy, add_bos_token, max_length, max_gen_toks, stats_path "
                 "(batch_size comes from lm-eval's --batch_size)"
             )
+        self._decoding_args(policy, cache, batch_size, gen_length, block_length, max_gen_toks)
+        self.mc_num = _as_int("mc_num", mc_num)
+        self.mc_batch_size = min(_as_int("mc_batch_size", mc_batch_size), self.mc_num)
+        if self.mc_num % self.mc_batch_size:
+            raise ValueError(
+                f"fewstep model_args: mc_num ({mc_num}) must be a multiple of mc_batch_size ({mc_batch_size})"
+            )
+        self.cfg_scale, self.seed, self.early_stop = float(cfg_scale), int(seed), bool(early_stop)
+        self.check_greedy = bool(check_greedy if is_check_greedy is None else is_check_greedy)
+        self.add_bos_token = bool(add_bos_token)
+        self.stats_path = stats_path
+        self._rank, self._world_size, self.accelerator = 0, 1, None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import Accelerator
+
+            acc = Accelerator()
+            if acc.num_processes > 1:
+                self.accelerator = acc
+                self._rank, self._world_size = acc.process_index, acc.num_processes
+                device = str(acc.device)
+        self._load(pretrained, model, tokenizer, dtype, device)
+        cfg_len = getattr(self.model.config, "max_sequence_length", None)
+        self._max_length = _as_int("max_length", max_length) if max_length is not None else int(cfg_len or 4096)
+        from fewstep.decoding.text import TextGenerator
+
+        self.text = TextGenerator(self.model, self.tokenizer, max_batch=self.batch_size)
+        self.stop_ids = self.text.default_stop_ids
+        self.mask_id = int(self.model.config.mask_token_id)
+        self.generation_stats: list[dict[str, Any]] = []
+        self.likelihood_stats = {"requests": 0, "forwards": 0, "seconds": 0.0}
+        self._warned: set[str] = set()
+
+    def _decoding_args(self, policy, cache, batch_size, gen_length, block_length, max_gen_toks) -> None:
+        """Check the model_args of ``generate_until``'s decoding (before the model is loaded)."""
         from fewstep.decoding import CACHE_MODES, parse_policy
 
         self.policy_spec = str(policy).replace(";", ",")
@@ -131,40 +164,8 @@ class FewstepLM(TemplateLM):
             raise ValueError("fewstep: --batch_size auto is not supported; pass an integer (prompts decoded together)")
         self.batch_size = _as_int("batch_size", batch_size)
         self.gen_length = None if gen_length is None else _as_int("gen_length", gen_length)
-        self.block_length = _as_int("block_length", block_length)
+        self.block_length = None if block_length is None else _as_int("block_length", block_length)
         self.max_gen_toks = _as_int("max_gen_toks", max_gen_toks)
-        self.mc_num = _as_int("mc_num", mc_num)
-        self.mc_batch_size = min(_as_int("mc_batch_size", mc_batch_size), self.mc_num)
-        if self.mc_num % self.mc_batch_size:
-            raise ValueError(
-                f"fewstep model_args: mc_num ({mc_num}) must be a multiple of mc_batch_size ({mc_batch_size})"
-            )
-        self.cfg_scale = float(cfg_scale)
-        self.seed = int(seed)
-        self.early_stop = bool(early_stop)
-        self.check_greedy = bool(check_greedy if is_check_greedy is None else is_check_greedy)
-        self.add_bos_token = bool(add_bos_token)
-        self.stats_path = stats_path
-
-        self._rank, self._world_size, self.accelerator = 0, 1, None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import Accelerator
-
-            acc = Accelerator()
-            if acc.num_processes > 1:
-                self.accelerator = acc
-                self._rank, self._world_size = acc.process_index, acc.num_processes
-                device = str(acc.device)
-        self._load(pretrained, model, tokenizer, dtype, device)
-        cfg_len = getattr(self.model.config, "max_sequence_length", None)
-        self._max_length = _as_int("max_length", max_length) if max_length is not None else int(cfg_len or 4096)
-        from fewstep.decoding import stop_ids
-
-        self.stop_ids = stop_ids(self.model, self.tokenizer)
-        self.mask_id = int(self.model.config.mask_token_id)
-        self.generation_stats: list[dict[str, Any]] = []
-        self.likelihood_stats = {"requests": 0, "forwards": 0, "seconds": 0.0}
-        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ loading and basic properties
 
@@ -273,12 +274,14 @@ class FewstepLM(TemplateLM):
                 f"fewstep: generating gen_length={self.gen_length} tokens (model_args) instead of the task's {requested}",
             )
         gen_length = self.gen_length or requested
-        block = min(self.block_length, gen_length)
-        if gen_length % block:
-            raise ValueError(
-                f"fewstep: gen_length {gen_length} is not a multiple of block_length {block}; "
-                "pass gen_length=... (a multiple of block_length) in --model_args"
-            )
+        block = self.block_length  # None on a block-diffusion model: its own block size (any length works)
+        if not getattr(self.model, "block_diffusion", False):
+            block = min(32 if block is None else block, gen_length)
+            if gen_length % block:
+                raise ValueError(
+                    f"fewstep: gen_length {gen_length} is not a multiple of block_length {block}; "
+                    "pass gen_length=... (a multiple of block_length) in --model_args"
+                )
         if kw.get("do_sample") or float(kw.get("temperature") or 0) > 0:
             self._warn_once(
                 "sampling",
@@ -293,25 +296,9 @@ class FewstepLM(TemplateLM):
             ids = ids[-room:]
         return ids
 
-    def _postprocess(self, answer: list[int], until: list[str]) -> tuple[str, int]:
-        """Text of one answer: up to its first EOS / end-of-turn token, cut at the ``until`` strings.
-
-        As the LLaDA/dParallel harnesses do: decode with special tokens kept, cut at each stop string,
-        then drop special tokens (by re-tokenising) if any are left."""
-        cut = next((j for j, t in enumerate(answer) if t in self.stop_ids), len(answer))
-        text = self.tokenizer.decode(answer[:cut], skip_special_tokens=False)
-        for stop in until:
-            if stop:
-                text = text.split(stop)[0]
-        specials = [t for t in getattr(self.tokenizer, "all_special_tokens", []) if t]
-        if any(t in text for t in specials):
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return text, cut
-
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """Generate every request with :func:`fewstep.generate`; batches of ``batch_size`` prompts of the
-        same generation length, longest first (left-padded), results in request order."""
+        """Generate every request through the text layer; batches of ``batch_size`` prompts of the same
+        generation length, longest first, results in request order."""
         from tqdm import tqdm
 
         prepared = []
@@ -338,45 +325,41 @@ class FewstepLM(TemplateLM):
         return [r if r is not None else "" for r in results]
 
     def _generate_batch(self, requests, prepared, batch, results) -> None:
-        from fewstep.decoding import generate
+        """One batch through the text layer: stop strings (``until``) matched with special tokens kept,
+        as the LLaDA/dParallel harnesses do, and cutting the text only (NFE is the engine's)."""
+        from fewstep.decoding.text import Settings
 
-        rows = [prepared[i][0] for i in batch]
-        gen_length, block = prepared[batch[0]][1], prepared[batch[0]][2]
-        self._sync()
-        t0 = time.perf_counter()
-        out = generate(
-            self.model,
-            rows,
-            self.policy,
-            gen_length=gen_length,
-            block_length=block,
+        base = Settings(
+            policy=self.policy,
             cache=self.cache,
             cfg_scale=self.cfg_scale,
-            tokenizer=self.tokenizer,
             early_stop=self.early_stop,
-            seed=[request_seed(self.seed, r) % (2**31) for r in rows],
+            cancel_at_stop=False,
+            stop_in_raw=True,
         )
-        self._sync()
-        seconds = time.perf_counter() - t0
+        per = [
+            base.replace(
+                max_tokens=prepared[i][1],
+                block_length=prepared[i][2],
+                stop=tuple(prepared[i][3]),
+                seed=request_seed(self.seed, prepared[i][0]) % (2**31),
+            )
+            for i in batch
+        ]
+        outs = self.text.generate([prepared[i][0] for i in batch], per)
         lines = []
-        for j, i in enumerate(batch):
-            text, n_tokens = self._postprocess(out.answers[j].tolist(), prepared[i][3])
-            results[i] = text
+        for i, o in zip(batch, outs):
+            results[i] = o.text
             req = requests[i]
             stat = {
                 "task": getattr(req, "task_name", None),
                 "doc_id": getattr(req, "doc_id", None),
-                "nfe": int(out.nfe[j]),
-                "gen_tokens": n_tokens,
-                "tokens_per_step": float(out.tokens_per_forward[j]),
-                "latency_s": seconds / len(batch),
-                "batch_seconds": seconds,
-                "batch_rows": len(batch),
-                "gen_length": gen_length,
+                **o.stats(),
+                "gen_length": prepared[i][1],
             }
             self.generation_stats.append(stat)
             lines.append(stat)
-            self.cache_hook.add_partial("generate_until", req.args, text)
+            self.cache_hook.add_partial("generate_until", req.args, o.text)
         if self.stats_path:
             path = Path(self.stats_path)
             if self._world_size > 1:
@@ -445,6 +428,12 @@ class FewstepLM(TemplateLM):
         """``(log p estimate, is_greedy)`` per ``((context, continuation), context_ids, continuation_ids)``."""
         from tqdm import tqdm
 
+        if getattr(self.model, "block_diffusion", False) and requests:
+            raise NotImplementedError(
+                "fewstep: loglikelihood on a block-diffusion model (LLaDA2, SDAR) is not supported: LLaDA's Monte "
+                "Carlo ELBO masks the whole continuation under full attention, while a block-causal model is "
+                "trained to see earlier blocks clean. Use generate_until tasks (e.g. gsm8k) with these models."
+            )
         out = []
         for key, ctx, cont in tqdm(requests, disable=disable_tqdm or self.rank != 0, desc="fewstep loglikelihood"):
             ctx, cont = list(ctx), list(cont)
