@@ -89,3 +89,19 @@ def test_block_families_get_the_block_diffusion_objectives():
         assert (cd.block_size, cd.temperature, cd.eos_pad_to) == (4, 2.0, 64)
     assert objective_class("dparallel", "llada") is DParallelObjective
     assert objective_class("cd4lm", "dream") is CD4LMObjective
+
+
+def test_flags_the_chosen_recipe_lacks_are_named():
+    """``fewstep distill`` warns about recipe flags that the method/family ignores (train.recipe.unused_flags)."""
+    from fewstep.train.recipe import unused_flags
+
+    args = _args("--entropy-weight", "3", "--block-size", "0", "--lambda", "0.5", "--reference-masking", "--lr", "1")
+    block_dp, llada_dp = recipe_for("dparallel", "sdar"), recipe_for("dparallel", "llada")
+    assert unused_flags(block_dp, all_recipes(), args) == ["--entropy-weight", "--reference-masking", "--lambda"]
+    assert unused_flags(llada_dp, all_recipes(), args) == ["--lambda"]  # --block-size 0 is set, and is a field
+    assert unused_flags(recipe_for("cd4lm", "llada"), all_recipes(), args) == [
+        "--block-size",
+        "--entropy-weight",
+        "--reference-masking",
+    ]
+    assert unused_flags(block_dp, all_recipes(), _args("--confidence-beta", "2")) == []

@@ -228,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
         mixed_precision="bf16" if args.bf16 else "no", cpu=args.cpu or not torch.cuda.is_available()
     )
     main = accelerator.is_main_process
+    if main:
+        _warn_unused(args, arch, recipe)
     if args.overwrite and out.exists() and main:
         shutil.rmtree(out)
     accelerator.wait_for_everyone()
@@ -265,6 +267,22 @@ def run(args: argparse.Namespace) -> int:
         _finish(args, model_dir, out, recipe.finetune, train_cfg, summary, len(examples), accelerator)
         trainer.write_logs()
     return 0
+
+
+def _warn_unused(args: argparse.Namespace, arch: str, recipe: Any) -> None:
+    """Name the recipe flags given that the chosen method/family has no field for (they would be silently
+    ignored otherwise), on stderr; the run goes on."""
+    from fewstep.distill import all_recipes
+    from fewstep.train.recipe import unused_flags
+
+    unused = unused_flags(recipe, all_recipes(), args)
+    if unused:
+        verb = "does" if len(unused) == 1 else "do"
+        print(
+            f"fewstep distill: warning: {', '.join(unused)} {verb} not apply to {args.method} on {arch} "
+            "(ignored; the recipe flags of each method and family: fewstep distill --help)",
+            file=sys.stderr,
+        )
 
 
 def _announce(args, arch, model, lora, objective, n, train_cfg, accelerator) -> None:
