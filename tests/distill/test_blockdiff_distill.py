@@ -145,7 +145,12 @@ def test_distill_on_block_models(bases, tmp_path, capsys, family, method, finetu
     args = ["distill", "--method", method, "--model", str(folder), "--data", str(data), "--out", str(out),
             "--finetune", finetune, "--batch-size", "8", "--max-steps", "8", "--warmup-steps", "0",
             "--schedule", "constant", "--threads", "1", "--no-progress", *lr]  # fmt: skip
-    assert main([*args, *(["--lambda", "0.5"] if method == "cd4lm" else [])]) == 0
+    extra = ["--lambda", "0.5"] if method == "cd4lm" else ["--entropy-weight", "3"]  # not a block-model flag
+    assert main([*args, *extra]) == 0
+    printed = capsys.readouterr()
+    assert (f"--entropy-weight does not apply to dparallel on {family} (ignored" in printed.err) == (
+        method == "dparallel"
+    )  # --lambda is a CD4LM field on every family: no warning
     info = json.loads((out / "training.json").read_text())
     assert (info["method"], info["finetune"], info["steps"]) == (method, finetune, 8)
     base, student = fewstep.load_model(folder), fewstep.load_model(out)
@@ -155,10 +160,7 @@ def test_distill_on_block_models(bases, tmp_path, capsys, family, method, finetu
     assert_drop_in(folder, out)
     if finetune == "lora":
         adapted = target_modules(base, ALL_ROLES)
-        assert (
-            f"({len(adapted)} modules)" in capsys.readouterr().out
-            and len(adapted) == {"llada2": 63, "sdar": 21}[family]
-        )
+        assert f"({len(adapted)} modules)" in printed.out and len(adapted) == {"llada2": 63, "sdar": 21}[family]
         keys = set(load_file(str(out / "adapter" / "adapter_model.safetensors")))
         assert any(".self_attn." in k or ".attention." in k for k in keys)
         assert any(".mlp." in k and "_proj" in k for k in keys) and not any(".mlp.gate.lora" in k for k in keys)
@@ -193,3 +195,42 @@ def test_trained_block_student_reloads_with_identical_logits(bases, tmp_path, fa
         base = fewstep.load_model(folder)(x).logits
     assert torch.equal(got, want) and not torch.allclose(got, base, atol=1e-4)
     assert_drop_in(folder, tmp_path / "student")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_rollout_then_distill_on_block_models(bases, tmp_path, family):
+    """The user flow on a block model: ``fewstep rollout`` decodes with the model's own block (as ``fewstep
+    generate``), each record is ``fewstep.generate``'s answer for its prompt alone (batched, sorted by length);
+    ``fewstep distill`` trains on the folder; the student reloads with the logits of the trained model."""
+    from fewstep.decoding import stop_ids
+
+    folder = bases[family][0]
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(5, 13, (6,), generator=g).tolist()
+    prompts = [" ".join(f"t{t}" for t in torch.randint(0, 40, (n,), generator=g).tolist()) for n in lengths]
+    data, student = tmp_path / "rollouts", tmp_path / "student"
+    common = ["--model", str(folder), "--out", str(data), "--no-progress", "--threads", "1"]
+    roll = ["rollout", *common, "--prompts", str(write_jsonl([{"prompt": p} for p in prompts], tmp_path / "p.jsonl"))]
+    assert (
+        main([*roll, "--policy", "threshold:0.5", "--gen-length", "12", "--cache", "prefix", "--batch-size", "4"]) == 0
+    )
+    model, tok = fewstep.load_model(folder), fewstep.load_tokenizer(folder)
+    manifest = json.loads((data / "rollout.json").read_text())
+    assert manifest["config"]["block_length"] == model.block_length == {"llada2": 32, "sdar": 4}[family]
+    records = read_jsonl(next(data.glob("shard-*.jsonl")))
+    assert sorted(r["prompt"] for r in records) == sorted(prompts)  # keep all: no verifier
+    stops = stop_ids(model, tok)
+    for rec in records:
+        ids = tok(rec["prompt"], add_special_tokens=False)["input_ids"]
+        want = fewstep.generate(model, [ids], "threshold:0.5", gen_length=12, cache="prefix", tokenizer=tok)
+        answer = want.answers[0].tolist()
+        answer = answer[: next((i for i, t in enumerate(answer) if t in stops), len(answer))]
+        assert (rec["response"], rec["nfe"]) == (tok.decode(answer, skip_special_tokens=True), int(want.nfe[0]))
+    train = ["--method", "dparallel", "--data", str(data), "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3"]
+    assert main(["distill", *common[:2], "--out", str(student), *train, "--threads", "1", "--no-progress"]) == 0
+    info = json.loads((student / "training.json").read_text())
+    assert (info["steps"], info["n_examples"], info["gen_length"], info["finetune"]) == (2, len(records), 12, "full")
+    x = torch.tensor([tok(prompts[0], add_special_tokens=False)["input_ids"] + [_ids(folder, model).mask] * 8])
+    with torch.no_grad():
+        assert not torch.allclose(fewstep.load_model(student)(x).logits, model(x).logits, atol=1e-4)
+    assert_drop_in(folder, student)
