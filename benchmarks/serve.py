@@ -291,6 +291,7 @@ def bench_model(which: str, levels: list[int], args) -> dict:
         proc.wait(timeout=60)
     base = rows[0]
     ceiling = forward_batching_gain(model) if which == "embedded" else None
+    engine_gain = text_layer_batching_gain(model, tok, settings, prompts[:n_direct]) if which == "embedded" else None
     for r in rows[1:]:
         r["speedup_vs_direct"] = round(r["requests_per_s"] / base["requests_per_s"], 3)
         if r["clients"] == 1:
@@ -304,6 +305,7 @@ def bench_model(which: str, levels: list[int], args) -> dict:
         "load_average_1min_at_start": round(load, 2),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "forward_batching_gain": ceiling,
+        "text_layer_batching_gain": engine_gain,
         "rows": rows,
     }
 
@@ -329,6 +331,25 @@ def forward_batching_gain(model, tokens: int = 80, batch: int = 32) -> dict:
             "ms_per_row_batched": round(out[batch] * 1e3, 3), "gain": round(out[1] / out[batch], 3)}  # fmt: skip
 
 
+def text_layer_batching_gain(model, tok, settings, prompts: list[str], batch: int = 32) -> dict:
+    """What the engine itself gains from batching here, with no HTTP: the same prompts through the text
+    layer one at a time and ``batch`` at a time, in this process (the server cannot beat this ratio)."""
+    from fewstep.decoding.text import TextGenerator
+
+    gen = TextGenerator(model, tok, max_batch=batch)
+    gen.generate(prompts[:2], settings)
+    t = time.perf_counter()
+    for p in prompts:
+        gen.generate([p], settings)
+    alone = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        gen.generate(prompts[i : i + batch], settings)
+    batched = time.perf_counter() - t
+    return {"requests": len(prompts), "batch": batch, "requests_per_s_alone": round(len(prompts) / alone, 2),
+            "requests_per_s_batched": round(len(prompts) / batched, 2), "gain": round(alone / batched, 3)}  # fmt: skip
+
+
 def markdown(result: dict) -> str:
     lines = []
     for m in result["models"]:
@@ -338,6 +359,10 @@ def markdown(result: dict) -> str:
             g = m["forward_batching_gain"]
             lines.append(f"one forward per row: {g['ms_per_row_alone']} ms alone, {g['ms_per_row_batched']} ms in a "
                          f"batch of {g['batch']} (batching gain {g['gain']}x)\n")  # fmt: skip
+        if m.get("text_layer_batching_gain"):
+            g = m["text_layer_batching_gain"]
+            lines.append(f"the engine without HTTP: {g['requests_per_s_alone']} req/s one at a time, "
+                         f"{g['requests_per_s_batched']} req/s {g['batch']} at a time (gain {g['gain']}x)\n")  # fmt: skip
         lines.append("| mode | clients | req/s | output tok/s | TTFD p50 | latency p50 | latency p99 | vs direct |")
         lines.append("|---|---|---|---|---|---|---|---|")
         for r in m["rows"]:

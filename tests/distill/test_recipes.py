@@ -41,7 +41,9 @@ def test_every_recipe_field_is_a_cli_flag_whose_unset_value_is_the_recipes():
     assert recipe_for("dparallel", "dream").warmup_for(200) == 10  # 5 % of the run
     sub = next(a for a in build_parser("distill")._actions if a.dest == "command")
     help_text = sub.choices["distill"].format_help()
-    assert "dparallel/llada 6.0; dparallel/dream 3.0; cd4lm 10.0" in " ".join(help_text.split())
+    assert "dparallel/llada 6.0; dparallel/dream 3.0; dparallel/llada2 1.0; dparallel/sdar 1.0; cd4lm 10.0" in " ".join(
+        help_text.split()
+    )
 
 
 def test_python_api_defaults_are_the_papers():
@@ -58,4 +60,48 @@ def test_python_api_defaults_are_the_papers():
     with pytest.raises(ValueError, match="lambda-warmup-ratio"):
         build_objective("cd4lm", "llada", IDS, 512, lambda_warmup_ratio=1.0)
     with pytest.raises(ValueError, match="no dparallel recipe"):
-        recipe_for("dparallel", "sdar")
+        recipe_for("dparallel", "gpt2")
+
+
+def test_block_families_get_the_block_diffusion_objectives():
+    from fewstep.distill import objective_class, objective_hparams
+    from fewstep.distill.cd4lm import BlockDiffusionCD4LMObjective
+    from fewstep.distill.dparallel import BlockDiffusionDParallelObjective
+
+    for family in ("llada2", "sdar"):
+        dp = build_objective("dparallel", family, IDS, 384)
+        assert type(dp) is BlockDiffusionDParallelObjective is objective_class("dparallel", family)
+        # dFactory's settings; block None = the model's block length; per-sequence normalisation by default
+        assert (dp.block_size, dp.confidence_beta, dp.noise_range, dp.same_token_labels) == (
+            None,
+            1.0,
+            (0.3, 0.8),
+            True,
+        )
+        assert dp.per_sequence and recipe_for("dparallel", family).finetune == "full"
+        assert objective_hparams(dp)["noise_range"] == [0.3, 0.8]  # a list, as training.json reads it back
+        over = build_objective(
+            "dparallel", family, IDS, 96, overrides=vars(_args("--block-size", "8", "--shifted-labels"))
+        )
+        assert (over.block_size, over.same_token_labels) == (8, False)
+        cd = build_objective("cd4lm", family, IDS, 512, gen_length=64, eos_pad=True, block_size=4)
+        assert type(cd) is BlockDiffusionCD4LMObjective is objective_class("cd4lm", family)
+        assert (cd.block_size, cd.temperature, cd.eos_pad_to) == (4, 2.0, 64)
+    assert objective_class("dparallel", "llada") is DParallelObjective
+    assert objective_class("cd4lm", "dream") is CD4LMObjective
+
+
+def test_flags_the_chosen_recipe_lacks_are_named():
+    """``fewstep distill`` warns about recipe flags that the method/family ignores (train.recipe.unused_flags)."""
+    from fewstep.train.recipe import unused_flags
+
+    args = _args("--entropy-weight", "3", "--block-size", "0", "--lambda", "0.5", "--reference-masking", "--lr", "1")
+    block_dp, llada_dp = recipe_for("dparallel", "sdar"), recipe_for("dparallel", "llada")
+    assert unused_flags(block_dp, all_recipes(), args) == ["--entropy-weight", "--reference-masking", "--lambda"]
+    assert unused_flags(llada_dp, all_recipes(), args) == ["--lambda"]  # --block-size 0 is set, and is a field
+    assert unused_flags(recipe_for("cd4lm", "llada"), all_recipes(), args) == [
+        "--block-size",
+        "--entropy-weight",
+        "--reference-masking",
+    ]
+    assert unused_flags(block_dp, all_recipes(), _args("--confidence-beta", "2")) == []

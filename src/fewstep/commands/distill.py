@@ -9,6 +9,8 @@ card, training.json, train_log.jsonl, loss.png) and resumable checkpoints under 
 Killed? Run the same command again: it resumes from the last checkpoint (same step, optimiser and
 RNG state).
 
+Block-diffusion models (LLaDA2-MoE, SDAR) get the block-diffusion objectives (dFactory's dParallel, CD4LM
+with both views inside the block-causal structure: docs/distillation.md, "Block-diffusion models").
 Defaults follow the papers, per model family: the recipe flags are generated from the recipe dataclasses
 of the paper files (``fewstep.distill.dparallel.RECIPES``, ``fewstep.distill.cd4lm.RECIPES``) and an unset
 flag takes the recipe's value for the model's family. docs/distillation.md lists the settings used for the
@@ -41,6 +43,10 @@ examples:
   accelerate launch --config_file configs/accelerate/deepspeed_zero2_8gpu.yaml -m fewstep distill \\
       --method dparallel --model /models/LLaDA-8B-Instruct --data data/llada-gsm8k --out runs/dparallel-llada \\
       --lora-r 128 --lora-targets dparallel --batch-size 64 --grad-accum 8 --max-length 384 --bf16
+  # block-diffusion models (LLaDA2-MoE, SDAR): dFactory's dParallel objective, full fine-tuning by default
+  # (not run here: no GPU; in the FSDP config wrap DecoderLayer for LLaDA2, SDARLayer for SDAR)
+  accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m fewstep distill --method dparallel \
+      --model /models/LLaDA2.0-mini --data data/llada2-gsm8k --out runs/dparallel-llada2 --batch-size 8 --bf16
 """
 
 
@@ -71,7 +77,9 @@ def _lora_arguments(ft) -> None:
         "--lora-targets",
         default="all",
         help="projection roles, comma-separated from q,k,v,o,gate,up,down; 'all'; or 'dparallel' = the set "
-        "dParallel's config effectively adapts (q,k,v,up on LLaDA, whose o/gate/down names it misses; all on Dream)",
+        "dParallel's config effectively adapts (q,k,v,up on LLaDA, whose o/gate/down names it misses; all on the "
+        "other families). LLaDA2-MoE: q/k/v = the fused query_key_value, gate/up/down = every routed and shared "
+        "expert and the dense MLPs, never the router",
     )
 
 
@@ -220,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
         mixed_precision="bf16" if args.bf16 else "no", cpu=args.cpu or not torch.cuda.is_available()
     )
     main = accelerator.is_main_process
+    if main:
+        _warn_unused(args, arch, recipe)
     if args.overwrite and out.exists() and main:
         shutil.rmtree(out)
     accelerator.wait_for_everyone()
@@ -257,6 +267,22 @@ def run(args: argparse.Namespace) -> int:
         _finish(args, model_dir, out, recipe.finetune, train_cfg, summary, len(examples), accelerator)
         trainer.write_logs()
     return 0
+
+
+def _warn_unused(args: argparse.Namespace, arch: str, recipe: Any) -> None:
+    """Name the recipe flags given that the chosen method/family has no field for (they would be silently
+    ignored otherwise), on stderr; the run goes on."""
+    from fewstep.distill import all_recipes
+    from fewstep.train.recipe import unused_flags
+
+    unused = unused_flags(recipe, all_recipes(), args)
+    if unused:
+        verb = "does" if len(unused) == 1 else "do"
+        print(
+            f"fewstep distill: warning: {', '.join(unused)} {verb} not apply to {args.method} on {arch} "
+            "(ignored; the recipe flags of each method and family: fewstep distill --help)",
+            file=sys.stderr,
+        )
 
 
 def _announce(args, arch, model, lora, objective, n, train_cfg, accelerator) -> None:

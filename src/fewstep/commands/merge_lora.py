@@ -23,7 +23,9 @@ example:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
-    parser.add_argument("--base", required=True, metavar="PATH", help=f"base {SHIPPED_HELP} (LLaDA or Dream)")
+    parser.add_argument(
+        "--base", required=True, metavar="PATH", help=f"base {SHIPPED_HELP} (LLaDA, Dream, LLaDA2-MoE or SDAR)"
+    )
     parser.add_argument("--adapter", required=True, metavar="PATH", help="peft LoRA adapter folder")
     parser.add_argument("--out", required=True, metavar="PATH", help="output folder for the merged checkpoint")
     parser.add_argument(

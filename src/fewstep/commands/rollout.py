@@ -9,6 +9,7 @@ the same command again: it continues where it stopped, without losing or repeati
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         required=True,
         metavar="PATH",
-        help="teacher checkpoint folder (LLaDA or Dream), or a shipped model name (teacher, ...)",
+        help="teacher checkpoint folder (LLaDA, Dream, LLaDA2-MoE, SDAR), or a shipped model name (teacher, ...)",
     )
     parser.add_argument("--prompts", required=True, metavar="NAME|JSONL", help="a prompt set name or a JSONL file")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (shards + rollout.json)")
@@ -52,7 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="answer length in tokens (default: the model's training gen_length if recorded, else 256)",
     )
-    parser.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block length")
+    parser.add_argument(
+        "--block-length",
+        type=int,
+        default=None,
+        help="semi-autoregressive block length (default: the model's own block size for block-diffusion models "
+        "(LLaDA2-MoE, SDAR), as fewstep generate; 32 otherwise; at most --gen-length)",
+    )
     parser.add_argument("--cache", choices=["none", "prefix", "dual"], default="none", help="KV cache mode")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (per process)")
     parser.add_argument(
@@ -134,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         prompts=args.prompts if args.prompts in ro.prompt_set_names() else str(Path(args.prompts).resolve()),
         policy=args.policy,
         gen_length=gen_length,
-        block_length=min(args.block_length, gen_length),
+        block_length=min(args.block_length or 32, gen_length),
         cache=args.cache,
         batch_size=args.batch_size,
         keep=keep,
@@ -158,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
     tokenizer = fewstep.load_tokenizer(args.tokenizer or model_dir)
     model = fewstep.load_model(model_dir, dtype=dtype, device=device)
+    if getattr(model, "block_diffusion", False):  # the block is the attention's: not cut to the answer length
+        cfg = dataclasses.replace(cfg, block_length=args.block_length or int(model.block_length))
     if main:
         print(
             f"fewstep rollout: {len(records):,} prompts, policy {args.policy}, gen {gen_length} / block "

@@ -6,6 +6,7 @@ family: ``RECIPES``). This package maps a ``fewstep distill --method`` name to t
     from fewstep.distill import build_objective
     objective = build_objective("dparallel", "llada", ids, max_length=384)          # the paper's defaults
     objective = build_objective("cd4lm", "llada", ids, 512, temperature=3.0)        # one override
+    objective = build_objective("dparallel", "llada2", ids, 384)   # block models: dFactory's objective
 
 Modules are imported lazily, so importing this package stays cheap.
 """
@@ -32,10 +33,22 @@ def _module(method: str):
     raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def objective_class(method: str) -> type:
-    """The ``Objective`` subclass of a distillation method (``"dparallel"`` or ``"cd4lm"``)."""
+def objective_class(method: str, architecture: str | None = None) -> type:
+    """The ``Objective`` subclass of a distillation method (``"dparallel"`` or ``"cd4lm"``) for a model
+    family: the block-diffusion variant for the block-causal families (``"llada2"``, ``"sdar"``)."""
     mod = _module(method)
+    if architecture is not None and is_block_family(architecture):
+        return mod.BlockDiffusionDParallelObjective if method == "dparallel" else mod.BlockDiffusionCD4LMObjective
     return mod.DParallelObjective if method == "dparallel" else mod.CD4LMObjective
+
+
+def is_block_family(architecture: str) -> bool:
+    """True for the block-diffusion model families (block-causal attention: LLaDA2-MoE, SDAR)."""
+    from fewstep.models.loading import ARCHITECTURES
+
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown model family {architecture!r}; families: {', '.join(ARCHITECTURES)}")
+    return bool(getattr(ARCHITECTURES[architecture][1], "block_diffusion", False))
 
 
 def recipes(method: str) -> dict[str, Any]:
@@ -57,7 +70,8 @@ def recipe_table() -> str:
 
 
 def recipe_for(method: str, architecture: str, overrides: Mapping[str, Any] | None = None, **fields: Any) -> Any:
-    """The recipe of ``method`` for a model family (``"llada"`` / ``"dream"``) with ``overrides`` (a mapping,
+    """The recipe of ``method`` for a model family (``"llada"``, ``"dream"``, ``"llada2"``, ``"sdar"``) with
+    ``overrides`` (a mapping,
     e.g. ``vars(args)``; keys that are not recipe fields and None values are ignored) and ``fields`` applied."""
     from fewstep.train.recipe import with_overrides
 
@@ -79,7 +93,9 @@ def build_objective(
     **fields: Any,
 ):
     """The objective of ``method`` with its recipe's hyper-parameters for ``architecture``
-    (``overrides`` / ``fields`` replace recipe fields, e.g. ``temperature=3.0``)."""
+    (``overrides`` / ``fields`` replace recipe fields, e.g. ``temperature=3.0``). The block-diffusion
+    families (``llada2``, ``sdar``) get the block-diffusion objectives, whose views are the noisy half of a
+    ``[noisy | clean]`` forward under the block-diffusion mask (``fewstep.distill.dparallel``)."""
     recipe = recipe_for(method, architecture, overrides, **fields)
     return recipe.objective(ids, max_length, per_sequence=per_sequence, gen_length=gen_length)
 
@@ -101,12 +117,16 @@ _HPARAMS = (
     "eos_pad_to",
     "teacher_visible",
     "max_length",
+    "confidence_beta",
+    "noise_range",
+    "same_token_labels",
 )
 
 
 def objective_hparams(objective: Any) -> dict[str, Any]:
     """The hyper-parameters an objective was built with (recorded in training.json and checked on resume)."""
-    return {k: getattr(objective, k) for k in _HPARAMS if hasattr(objective, k)}
+    values = {k: getattr(objective, k) for k in _HPARAMS if hasattr(objective, k)}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}  # as JSON reads it back
 
 
 def read_training_data(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None, list[Path]]:

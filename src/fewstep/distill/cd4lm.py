@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewstep.distill.dparallel import block_diffusion_logits, block_size_of
 from fewstep.train.objective import Objective, SpecialIds, mean_over_rows, python_rng
 from fewstep.train.recipe import TrainingRecipe, recipe_field
 
@@ -107,7 +108,8 @@ def collate_nested(
     Returns ``input_ids`` (``x_S``), ``attention_mask`` (``x_S != pad``, as the reference),
     ``teacher_consistency_input_ids`` (``x_T``), ``labels`` (``x0`` on the student masks, -100
     elsewhere, on the question and on pad-id tokens; with ``train_on_pad_id`` only the padding beyond
-    each sequence is dropped), ``answer_start_indices`` and ``lengths`` (the unpadded lengths).
+    each sequence is dropped), ``answer_start_indices``, ``lengths`` (the unpadded lengths) and
+    ``clean_input_ids`` (``x0``, padded: the clean half of the block-diffusion views).
     """
     b = len(sequences)
     width = max((len(s) for s in sequences), default=0)
@@ -138,6 +140,7 @@ def collate_nested(
         "labels": labels,
         "answer_start_indices": torch.tensor(list(cond_lens), dtype=torch.long),
         "lengths": real.sum(dim=1),
+        "clean_input_ids": x0,
     }
 
 
@@ -354,6 +357,24 @@ class CD4LMObjective(Objective):
             train_on_pad_id=self.train_on_pad_id or self.eos_pad_to is not None,
         )
 
+    def padding_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """``[B, L]`` 1 on each row's real tokens with ``mask_padding``, else None (the reference's unmasked canvas)."""
+        if not self.mask_padding:
+            return None
+        width = batch["input_ids"].shape[1]
+        lengths = batch["lengths"].to(batch["input_ids"].device)
+        return (torch.arange(width, device=lengths.device)[None] < lengths[:, None]).long()
+
+    def view_logits(
+        self, model: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aligned student logits on ``x_S`` and teacher logits on ``x_T`` (under ``no_grad``)."""
+        attn = self.padding_mask(batch)
+        student_logits = self.logits(model, batch["input_ids"], attn)
+        with torch.no_grad():
+            teacher_logits = self.logits(teacher, batch["teacher_consistency_input_ids"], attn, shift_of=model)
+        return student_logits, teacher_logits
+
     def loss(
         self,
         model: nn.Module,
@@ -363,17 +384,11 @@ class CD4LMObjective(Objective):
         max_steps: int = 1,
         teacher: nn.Module | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Student forward on ``x_S``, teacher forward on ``x_T`` under ``no_grad``, :func:`consistency_loss`."""
+        """Student forward on ``x_S``, teacher forward on ``x_T`` under ``no_grad`` (:meth:`view_logits`),
+        :func:`consistency_loss`."""
         if teacher is None:
             raise ValueError("CD4LM needs a frozen teacher model")
-        attn = None
-        if self.mask_padding:
-            width = batch["input_ids"].shape[1]
-            lengths = batch["lengths"].to(batch["input_ids"].device)
-            attn = (torch.arange(width, device=lengths.device)[None] < lengths[:, None]).long()
-        student_logits = self.logits(model, batch["input_ids"], attn)
-        with torch.no_grad():
-            teacher_logits = self.logits(teacher, batch["teacher_consistency_input_ids"], attn, shift_of=model)
+        student_logits, teacher_logits = self.view_logits(model, teacher, batch)
         kw = {"lam": self.current_lambda(step, max_steps), "temperature": self.temperature, "clamp_max": self.clamp_max}
         labels = batch["labels"]
         if self.teacher_visible == "token":
@@ -390,6 +405,39 @@ class CD4LMObjective(Objective):
             return out.total, out.log_dict()
 
         return mean_over_rows(labels.shape[0], row)
+
+
+class BlockDiffusionCD4LMObjective(CD4LMObjective):
+    """CD4LM on a block-diffusion model (LLaDA2-MoE, SDAR): both views inside the block-causal structure.
+
+    The masks are CD4LM's own (:func:`collate_nested`, teacher ⊆ student over the answer), and each view
+    is the noisy half of a ``[noisy | x0]`` forward under dFactory's block-diffusion mask
+    (:func:`fewstep.distill.dparallel.block_diffusion_logits`): the student runs ``[x_S | x0]``, the frozen
+    teacher ``[x_T | x0]``. Noisy block b sees its own masked block and the *clean* blocks before it, the
+    state in which block b is decoded (committed blocks in the exact cache), so the student learns, per
+    block, to predict from its heavier masking what the teacher predicts from the lighter one, with the
+    same clean context. Same loss, λ schedule, clamps and options as :class:`CD4LMObjective`;
+    ``mask_padding`` hides each row's right padding as keys. ``block_size`` None: the model's block length.
+    """
+
+    def __init__(self, ids: SpecialIds, max_length: int = 512, *, block_size: int | None = None, **kwargs: Any):
+        super().__init__(ids, max_length, **kwargs)
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"block_size must be a positive integer or None, got {block_size}")
+        self.block_size = block_size
+
+    def view_logits(
+        self, model: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student ``[x_S | x0]`` and teacher ``[x_T | x0]`` block-diffusion logits (the noisy halves)."""
+        block = block_size_of(model, self.block_size)
+        clean, valid = batch["clean_input_ids"], self.padding_mask(batch)
+        student = block_diffusion_logits(model, batch["input_ids"], clean, block, valid)
+        with torch.no_grad():
+            teacher_logits = block_diffusion_logits(
+                teacher, batch["teacher_consistency_input_ids"], clean, block, valid
+            )
+        return student, teacher_logits
 
 
 # -- the recipe ------------------------------------------------------------------------------------------
@@ -428,11 +476,13 @@ class CD4LMRecipe(TrainingRecipe):
         self, ids: SpecialIds, max_length: int, *, per_sequence: bool = True, gen_length: int | None = None
     ) -> CD4LMObjective:
         """The objective with this recipe's hyper-parameters (``gen_length``: the EOS canvas of ``eos_pad``)."""
+        return CD4LMObjective(ids, max_length, **self.objective_kwargs(per_sequence, gen_length))
+
+    def objective_kwargs(self, per_sequence: bool, gen_length: int | None) -> dict[str, Any]:
+        """The keyword arguments of :class:`CD4LMObjective` this recipe sets."""
         if not 0 <= self.lambda_warmup_ratio < 1:
             raise ValueError("--lambda-warmup-ratio must lie in [0, 1)")
-        return CD4LMObjective(
-            ids,
-            max_length,
+        return dict(
             temperature=self.temperature,
             lam=self.lam,
             initial_lambda=self.initial_lambda,
@@ -447,8 +497,25 @@ class CD4LMRecipe(TrainingRecipe):
         )
 
 
+@dataclass(frozen=True)
+class BlockCD4LMRecipe(CD4LMRecipe):
+    """CD4LM on a block-diffusion model (:class:`BlockDiffusionCD4LMObjective`): the paper's settings, plus
+    the block of the ``[noisy | clean]`` mask (0 = the model's block length)."""
+
+    block_size: int = recipe_field(0, "cd4lm (block models): block of the [noisy | clean] mask, 0 = the model's")
+
+    def objective(
+        self, ids: SpecialIds, max_length: int, *, per_sequence: bool = True, gen_length: int | None = None
+    ) -> BlockDiffusionCD4LMObjective:
+        """The block-diffusion CD4LM objective with this recipe's hyper-parameters."""
+        kwargs = self.objective_kwargs(per_sequence, gen_length)
+        return BlockDiffusionCD4LMObjective(ids, max_length, block_size=self.block_size or None, **kwargs)
+
+
 _CD4LM = CD4LMRecipe(finetune="full", lr=5e-6, epochs=10.0, schedule="constant", warmup_steps=200)
-#: CD4LM per model family (the paper trains LLaDA; Dream uses the same settings).
-RECIPES: dict[str, CD4LMRecipe] = {"llada": _CD4LM, "dream": _CD4LM}
+_BLOCK_CD4LM = BlockCD4LMRecipe(finetune="full", lr=5e-6, epochs=10.0, schedule="constant", warmup_steps=200)
+#: CD4LM per model family (the paper trains LLaDA; the other families use the same settings; the
+#: block-diffusion ones train their views inside the block-causal structure).
+RECIPES: dict[str, CD4LMRecipe] = {"llada": _CD4LM, "dream": _CD4LM, "llada2": _BLOCK_CD4LM, "sdar": _BLOCK_CD4LM}
 #: The reference's sequence length.
 PAPER_MAX_LENGTH = 512

@@ -19,6 +19,12 @@ Every loss is a pure function of logits, labels and masks. Randomness comes from
 batch bugs that are harmless at its batch size of 1 (see :func:`complementary_masks`); the parity
 suite checks it against the recorded oracles. The default is the intended per-row semantics; at batch
 size 1 both give identical masks from the same random streams.
+
+Block-diffusion models (LLaDA2-MoE, SDAR; ``RECIPES["llada2"]``, ``RECIPES["sdar"]``) are trained the way
+dFactory's LLaDA2 dParallel trainer does (:class:`BlockDiffusionDParallelObjective`, end of this file): one
+noised view per sequence, fed as ``[noisy | clean]`` under the block-diffusion mask
+(:func:`block_diffusion_logits`, also CD4LM's builder on these models), so that every noisy block sees
+exactly what it sees when it is decoded: itself and the clean blocks before it.
 """
 
 from __future__ import annotations
@@ -76,9 +82,48 @@ class DParallelRecipe(TrainingRecipe):
         )
 
 
+@dataclass(frozen=True)
+class BlockDParallelRecipe(TrainingRecipe):
+    """dParallel on a block-diffusion model (LLaDA2-MoE, SDAR), as dFactory's LLaDA2 dParallel trainer.
+
+    ``train_llada2_bd_with_dparallel.py`` with ``configs/sft/llada2_mini_bd_sft.yaml``: full fine-tuning
+    (FSDP2, bf16), AdamW (0.9, 0.999, weight decay 0.1, clip 1), LR 1e-5, one epoch, cosine after a 3 %
+    warm-up, global batch 8, noise range (0.3, 0.8), block 32 (LLaDA2's block length), same-position
+    labels. ``confidence_beta`` is the certainty-forcing weight; the trainer's own default 0 switches the
+    term off and no released config sets it, so fewstep uses 1 (the fixtures' oracles hold 0.5 and 1).
+    SDAR has no dParallel recipe of its own: the same settings, with SDAR's block length (4).
+    """
+
+    block_size: int = recipe_field(0, "dparallel (block models): block of the [noisy | clean] mask, 0 = the model's")
+    confidence_beta: float = recipe_field(1.0, "dparallel (block models): weight of the entropy on correct tokens")
+    noise_range_low: float = recipe_field(0.3, "dparallel (block models): lowest masking ratio of a sequence")
+    noise_range_high: float = recipe_field(0.8, "dparallel (block models): highest masking ratio of a sequence")
+    shifted_labels: bool = recipe_field(
+        False, "dparallel (block models): next-token labels (dFactory's same_token_labels false)"
+    )
+
+    def objective(
+        self, ids: SpecialIds, max_length: int, *, per_sequence: bool = True, gen_length: int | None = None
+    ) -> BlockDiffusionDParallelObjective:
+        """The block-diffusion objective with this recipe's hyper-parameters (``gen_length`` is unused)."""
+        return BlockDiffusionDParallelObjective(
+            ids,
+            max_length,
+            block_size=self.block_size or None,
+            confidence_beta=self.confidence_beta,
+            noise_range=(self.noise_range_low, self.noise_range_high),
+            same_token_labels=not self.shifted_labels,
+            per_sequence=per_sequence,
+        )
+
+
+_BLOCK_DPARALLEL = BlockDParallelRecipe(
+    finetune="full", lr=1e-5, epochs=1.0, schedule="cosine", warmup_steps=None, warmup_ratio=0.03
+)
 #: dParallel per model family: the single source of ``fewstep distill --method dparallel``'s defaults,
-#: of :func:`fewstep.distill.build_objective` and of the README's recipe table.
-RECIPES: dict[str, DParallelRecipe] = {
+#: of :func:`fewstep.distill.build_objective` and of the README's recipe table. The block-diffusion
+#: families get dFactory's objective (:class:`BlockDiffusionDParallelObjective`).
+RECIPES: dict[str, DParallelRecipe | BlockDParallelRecipe] = {
     "llada": DParallelRecipe(finetune="lora", lr=2e-5, epochs=6.0, schedule="constant", warmup_steps=0),
     "dream": DParallelRecipe(
         finetune="lora",
@@ -90,6 +135,8 @@ RECIPES: dict[str, DParallelRecipe] = {
         block_size=0,
         entropy_weight=1.0,
     ),
+    "llada2": _BLOCK_DPARALLEL,
+    "sdar": _BLOCK_DPARALLEL,
 }
 #: The references' sequence length (prompt + response + EOS padding).
 PAPER_MAX_LENGTH = 384
@@ -467,10 +514,33 @@ def block_diffusion_mask(length: int, block_size: int, device: torch.device | No
     return torch.cat((top, bottom), dim=0)
 
 
-def block_diffusion_logits(model: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The noisy half's logits of one ``[noisy | clean]`` forward under :func:`block_diffusion_mask`."""
+def block_size_of(model: nn.Module, block_size: int | None = None) -> int:
+    """``block_size``, else the block length of the block-diffusion ``model`` (through peft/DDP wrappers);
+    ValueError for a model without block-causal attention (LLaDA, Dream)."""
+    inner = unwrap(model)
+    if not getattr(inner, "block_diffusion", False):
+        name = getattr(inner, "architecture", type(inner).__name__)
+        raise ValueError(f"the block-diffusion objectives need a block-causal model (llada2, sdar), not {name}")
+    return int(block_size or inner.block_length)
+
+
+def block_diffusion_logits(
+    model: nn.Module,
+    noisy: torch.Tensor,
+    clean: torch.Tensor,
+    block_size: int,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The noisy half's logits of one ``[noisy | clean]`` forward under :func:`block_diffusion_mask`.
+
+    Both halves take positions ``0..n-1``, so noisy block b is computed exactly as when block b is decoded
+    against the exact cache of the clean blocks before it. ``key_valid`` ``[B, n]`` (True = a real token)
+    also hides the right padding of each row, in both halves, as keys.
+    """
     b, n = noisy.shape
     mask = block_diffusion_mask(n, block_size, noisy.device)[None, None].expand(b, 1, 2 * n, 2 * n)
+    if key_valid is not None:
+        mask = mask & torch.cat((key_valid, key_valid), dim=1).bool()[:, None, None, :]
     pos = torch.arange(n, device=noisy.device).repeat(2)[None].expand(b, -1)
     out = model(input_ids=torch.cat((noisy, clean), dim=1), attention_mask=mask, position_ids=pos)
     return out.logits[:, :n]
@@ -493,10 +563,14 @@ class BlockDiffusionDParallelObjective(Objective):
     """dFactory's dParallel certainty forcing for block-diffusion models (LLaDA2-MoE, SDAR).
 
     ``collate``: ``prompt + response + [EOS]`` right-padded with EOS to ``max_length`` (as
-    :class:`DParallelObjective`), then :func:`mdm_noise` with the trainer's generator. ``loss``: one
-    ``[noisy | clean]`` forward under :func:`block_diffusion_mask` and
-    :func:`block_certainty_forcing_loss` (dFactory's defaults: block 32, same-token labels,
+    :class:`DParallelObjective`), then :func:`mdm_noise` with the trainer's generator: one noised view
+    ``x_t`` per sequence. ``loss``: one ``[x_t | x_0]`` forward under :func:`block_diffusion_mask` (noisy
+    block b sees itself and the clean blocks before it: the state of block b when it is decoded) and
+    :func:`block_certainty_forcing_loss` on the noisy half (dFactory's defaults: same-token labels,
     ``confidence_beta`` 0 = CE only; dParallel's certainty forcing is ``confidence_beta > 0``).
+    ``block_size`` None takes the model's block length. ``per_sequence``: each sequence normalised by its
+    own counts, mean over sequences (dFactory's loss at its micro-batch of 1); False: means over the
+    micro-batch (what the parity oracles record for their batch of 2).
     """
 
     name = "dparallel"
@@ -507,19 +581,21 @@ class BlockDiffusionDParallelObjective(Objective):
         ids: SpecialIds,
         max_length: int = 384,
         *,
-        block_size: int = 32,
+        block_size: int | None = None,
         confidence_beta: float = 1.0,
         noise_range: tuple[float, float] = (0.3, 0.8),
         same_token_labels: bool = True,
+        per_sequence: bool = False,
     ):
         super().__init__(ids, max_length)
-        if block_size < 1:
-            raise ValueError(f"block_size must be a positive integer, got {block_size}")
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"block_size must be a positive integer or None, got {block_size}")
         lo, hi = noise_range
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"noise_range must satisfy 0 <= low <= high <= 1, got {noise_range}")
         self.block_size, self.confidence_beta = block_size, confidence_beta
         self.noise_range, self.same_token_labels = (lo, hi), same_token_labels
+        self.per_sequence = per_sequence
 
     def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Fixed-length EOS-padded clean ids, the noised ids and the labels (-100 off the masked positions)."""
@@ -540,8 +616,16 @@ class BlockDiffusionDParallelObjective(Objective):
         teacher: nn.Module | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """One block-diffusion forward and the consistency + ``confidence_beta`` x confidence loss."""
-        logits = block_diffusion_logits(model, batch["noisy_input_ids"], batch["input_ids"], self.block_size)
-        out = block_certainty_forcing_loss(logits, batch["labels"], self.confidence_beta, self.same_token_labels)
-        logs = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
-        logs["loss"] = logs.pop("total")
-        return out["total"], logs
+        block = block_size_of(model, self.block_size)
+        logits = block_diffusion_logits(model, batch["noisy_input_ids"], batch["input_ids"], block)
+        labels = batch["labels"]
+
+        def of(lg: torch.Tensor, lb: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            out = block_certainty_forcing_loss(lg, lb, self.confidence_beta, self.same_token_labels)
+            logs = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+            logs["loss"] = logs.pop("total")
+            return out["total"], logs
+
+        if not self.per_sequence:
+            return of(logits, labels)
+        return mean_over_rows(labels.shape[0], lambda i: of(logits[i : i + 1], labels[i : i + 1]))

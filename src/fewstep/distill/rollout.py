@@ -426,10 +426,12 @@ def answer_batch(
     cut the text only, so NFE is the engine's), verify them; returns the kept records and the batch stats."""
     from fewstep.decoding.text import Settings
 
+    bd = getattr(gen.model, "block_diffusion", False)  # a block model's block is its attention's: never cut
+    block = cfg.block_length if bd else min(cfg.block_length, cfg.gen_length)
     base = Settings(
         policy=cfg.policy,
         max_tokens=cfg.gen_length,
-        block_length=min(cfg.block_length, cfg.gen_length),
+        block_length=block,
         cache=cfg.cache,
         early_stop=cfg.early_stop,
         cancel_at_stop=False,

@@ -117,7 +117,7 @@ def run_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any = None
     """Generate and score the pending records of ``settings.task``, then write and return the summary."""
     from fewstep.decoding import parse_policy
     from fewstep.decoding.text import TextGenerator
-    from fewstep.models import block_size_of, load_model, load_tokenizer
+    from fewstep.models import checkpoint_block_length, load_model, load_tokenizer
 
     task = get_task(settings.task)
     protocol = get_protocol(task.name, settings.protocol)
@@ -126,7 +126,7 @@ def run_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any = None
     device, dtype = _device_and_dtype(settings)
     settings.device, settings.dtype = device, dtype
     if settings.block_length is None:
-        settings.block_length = block_size_of(settings.model) or min(32, settings.gen_length)
+        settings.block_length = checkpoint_block_length(settings.model) or min(32, settings.gen_length)
     if settings.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     out = Path(settings.out)

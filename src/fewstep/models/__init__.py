@@ -4,7 +4,14 @@ from fewstep.models.base import DiffusionLM, KVCache, ModelOutput
 from fewstep.models.dream import DreamConfig, DreamModel
 from fewstep.models.llada import LLaDAConfig, LLaDAModel
 from fewstep.models.llada2 import LLaDA2Config, LLaDA2Model
-from fewstep.models.loading import block_size_of, build_model, load_model, load_tokenizer, read_config, save_model
+from fewstep.models.loading import (
+    build_model,
+    checkpoint_block_length,
+    load_model,
+    load_tokenizer,
+    read_config,
+    save_model,
+)
 from fewstep.models.sdar import SDARConfig, SDARModel
 
 __all__ = [
@@ -19,8 +26,8 @@ __all__ = [
     "ModelOutput",
     "SDARConfig",
     "SDARModel",
-    "block_size_of",
     "build_model",
+    "checkpoint_block_length",
     "load_model",
     "load_tokenizer",
     "read_config",

@@ -200,7 +200,7 @@ def build_model(cfg: dict[str, Any] | LLaDAConfig | DreamConfig) -> DiffusionLM:
         return model_cls(cfg)
 
 
-def block_size_of(path: str | os.PathLike) -> int | None:
+def checkpoint_block_length(path: str | os.PathLike) -> int | None:
     """The block size of a block-diffusion checkpoint's attention (LLaDA2, SDAR), read from its config
     without loading weights; None for a full-attention model (LLaDA, Dream). Decoding defaults use it."""
     model = build_model(read_config(resolve_model(path)))

@@ -94,11 +94,13 @@ def target_regex(architecture: str, roles: tuple[str, ...] | list[str]) -> str:
 
 
 def target_modules(model: nn.Module, roles: tuple[str, ...] | list[str]) -> list[str]:
-    """The qualified names of ``model``'s modules that ``roles`` select (for logs and tests)."""
+    """The qualified names of ``model``'s modules that ``roles`` select (for logs and tests); a linear that
+    peft has already wrapped (its ``base_layer``) still counts."""
     import re
 
     pattern = re.compile(target_regex(model.architecture, roles))
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
+    linear = lambda m: isinstance(m, nn.Linear) or isinstance(getattr(m, "base_layer", None), nn.Linear)  # noqa: E731
+    return [n for n, m in model.named_modules() if linear(m) and pattern.fullmatch(n)]
 
 
 def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:

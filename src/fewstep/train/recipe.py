@@ -77,6 +77,16 @@ def with_overrides(recipe: Any, args: argparse.Namespace | Mapping[str, Any]) ->
     return dataclasses.replace(recipe, **{k: v for k, v in values.items() if k in names and v is not None})
 
 
+def unused_flags(recipe: Any, recipes: Mapping[str, Any], args: argparse.Namespace | Mapping[str, Any]) -> list[str]:
+    """The flags that ``args`` sets (not None / False) for fields of other ``recipes`` but not of ``recipe``:
+    values the run ignores, e.g. ``--entropy-weight`` for dParallel on a block-diffusion model, whose
+    objective has no such term. Each flag once, in the recipes' field order."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    mine = {f.name for f in dataclasses.fields(recipe)}
+    flags = {f.name: flag_of(f) for r in recipes.values() for f in dataclasses.fields(r) if f.name not in mine}
+    return [flag for name, flag in flags.items() if values.get(name) is not None and values.get(name) is not False]
+
+
 def recipe_table(recipes: Mapping[str, Any]) -> str:
     """A markdown table of the recipes' defaults: one row per field (its flag), one column per recipe."""
     labels = list(recipes)
