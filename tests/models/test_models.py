@@ -206,6 +206,39 @@ def test_missing_required_config_key(fixture_dir, tmp_path):
         load_model(d)
 
 
+# Each family's own rejection rules and messages (config.json key -> value, the reason's text).
+UNSUPPORTED = {
+    "llada": [
+        ({"block_type": "sequential"}, "block_type='sequential' (fewstep supports 'llama')"),
+        ({"include_qkv_bias": True}, "include_qkv_bias=true (fewstep supports false)"),
+    ],
+    "dream": [
+        ({"rope_scaling": {"rope_type": "yarn"}}, "rope_scaling={'rope_type': 'yarn'} (fewstep supports none)"),
+        ({"use_sliding_window": True}, "use_sliding_window=true (fewstep supports false)"),
+    ],
+    "llada2": [
+        ({"rope_scaling": {"rope_type": "default"}}, "rope_scaling is set (fewstep supports plain RoPE)"),
+        ({"score_function": "relu"}, "score_function='relu' (fewstep supports sigmoid, softmax)"),
+    ],
+    "sdar": [
+        ({"rope_scaling": {"rope_type": "default"}}, "rope_scaling is set (fewstep supports plain RoPE)"),
+        ({"use_sliding_window": True}, "(fewstep supports full attention within the block structure)"),
+    ],
+}
+FAMILY = {"llada": "LLaDA", "dream": "Dream", "llada2": "LLaDA2-MoE", "sdar": "SDAR"}
+
+
+def test_unsupported_variants_are_named(fixture_dir):
+    cfg = json.loads((fixture_dir / "config.json").read_text())
+    arch = architecture_of(cfg)
+    config_cls = ARCHITECTURES[arch][0]
+    assert config_cls.from_dict(dict(cfg)).to_dict()["vocab_size"] == cfg["vocab_size"]
+    for change, reason in UNSUPPORTED[arch] + [({"hidden_act": "gelu"}, "")] * (arch != "llada"):
+        with pytest.raises(ValueError, match=f"^unsupported {FAMILY[arch]} variant: ") as err:
+            config_cls.from_dict({**cfg, **change})
+        assert reason in str(err.value)
+
+
 def test_bad_dtype_and_device(fixture_dir):
     with pytest.raises(ValueError, match="unknown dtype"):
         load_model(fixture_dir, dtype="int3")

@@ -1,6 +1,7 @@
 """What every fewstep model shares: its output, its KV cache, and the logit alignment.
 
-A fewstep model is a plain ``torch.nn.Module`` (see ``llada.py`` and ``dream.py``) with
+A fewstep model is a plain ``torch.nn.Module`` (the native ones are assembled in ``llada.py``, ``dream.py``,
+``llada2.py`` and ``sdar.py`` from the building blocks of ``layers.py``) with
 
 * ``forward(input_ids, attention_mask=None, position_ids=None, past_key_values=None,
   use_cache=False, replace_position=None, logits_range=None) -> ModelOutput`` returning the
@@ -27,7 +28,7 @@ every call), per layer as ``[B, n_kv_heads, L, head_dim]``.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -121,8 +122,49 @@ def key_padding_mask(attention_mask: torch.Tensor | None, key_len: int) -> torch
     return attention_mask.bool()[:, None, None, :]
 
 
+_Config = TypeVar("_Config", bound="ConfigFields")
+
+
 class ConfigFields:
-    """Shared config.json plumbing of the architecture configs (dataclasses with an ``extra`` dict)."""
+    """Shared config.json plumbing of the architecture configs (dataclasses with an ``extra`` dict).
+
+    A family names itself in ``FAMILY`` (for the error messages), lists the ``REQUIRED`` keys (never
+    guessed) and may override the hooks :meth:`missing`, :meth:`unsupported` and :meth:`complete`.
+    """
+
+    FAMILY = ""
+    REQUIRED: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls: type[_Config], cfg: dict[str, Any]) -> _Config:
+        """Validate a config.json dict: required keys present, unsupported variants rejected with the reason."""
+        missing = cls.missing(cfg)
+        if missing:
+            raise ValueError(f"{cls.FAMILY} config.json is missing required keys: {', '.join(missing)}")
+        bad = cls.unsupported(cfg)
+        if bad:
+            raise ValueError(f"unsupported {cls.FAMILY} variant: " + "; ".join(bad))
+        kwargs, extra = cls.split_known(cfg)
+        return cls(**cls.complete(kwargs, cfg), extra=extra)
+
+    @classmethod
+    def missing(cls, cfg: dict[str, Any]) -> list[str]:
+        """The required keys ``cfg`` lacks."""
+        return [k for k in cls.REQUIRED if cfg.get(k) is None]
+
+    @classmethod
+    def unsupported(cls, cfg: dict[str, Any]) -> list[str]:
+        """One ``"key=value (fewstep supports ...)"`` reason per variant fewstep does not implement."""
+        return []
+
+    @classmethod
+    def complete(cls, kwargs: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+        """The constructor arguments with the values a family derives from other keys."""
+        return kwargs
+
+    def stack_sizes(self) -> dict[str, Any]:
+        """``vocab`` (embedding rows), ``dim``, ``eps`` (RMSNorm) and ``tied`` (LM head = embedding) of the model."""
+        raise NotImplementedError
 
     @classmethod
     def split_known(cls, cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -138,19 +180,36 @@ class ConfigFields:
         return out
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm as LLaDA and Qwen2/Dream compute it: fp32 statistics, cast back, then times the weight."""
+class HFConfigFields(ConfigFields):
+    """The config plumbing of the families with Hugging Face (Qwen/Bailing) names: Dream, LLaDA2, SDAR."""
 
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+    @classmethod
+    def unsupported(cls, cfg: dict[str, Any]) -> list[str]:
+        """SiLU only (each family adds its own RoPE-scaling and sliding-window rules)."""
+        if cfg.get("hidden_act", "silu") != "silu":
+            return [f"hidden_act={cfg['hidden_act']!r} (fewstep supports 'silu')"]
+        return []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    @property
+    def head_size(self) -> int:
+        """``head_dim`` if the config sets it, else ``hidden_size / num_attention_heads``."""
+        return getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.max_position_embeddings
+
+    def stack_sizes(self) -> dict[str, Any]:
+        return {
+            "vocab": self.vocab_size,
+            "dim": self.hidden_size,
+            "eps": self.rms_norm_eps,
+            "tied": self.tie_word_embeddings,
+        }
 
 
 @dataclass
@@ -179,36 +238,6 @@ def attention_inputs(
     key_len = past_key_values.length if columns is not None else past_len + T
     positions = resolve_positions(B, T, past_len, attention_mask, position_ids, columns, input_ids.device)
     return AttentionInputs(positions, key_padding_mask(attention_mask, key_len), past_key_values, columns)
-
-
-def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    past: tuple[torch.Tensor, torch.Tensor] | None,
-    columns: torch.Tensor | None,
-    mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Bidirectional attention of rotated ``q`` [B, H, T, D] over ``k``/``v`` [B, Hkv, T, D] and the cache.
-
-    Prefix mode appends to ``past``; dual mode writes ``k``/``v`` into ``past`` in place at ``columns``.
-    Returns the attention output ``[B, H, T, D]`` and this layer's full keys/values (the new cache).
-    GQA repeats each key/value head for ``H / Hkv`` consecutive query heads.
-    """
-    if past is not None and columns is not None:
-        past[0][:, :, columns] = k
-        past[1][:, :, columns] = v
-        k, v = past
-    elif past is not None:
-        k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-    present = (k, v)
-    heads = q.shape[1]
-    if k.shape[1] != heads:
-        r = heads // k.shape[1]
-        k = k.repeat_interleave(r, dim=1, output_size=heads)
-        v = v.repeat_interleave(r, dim=1, output_size=heads)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
-    return out, present
 
 
 class DiffusionLM(nn.Module):

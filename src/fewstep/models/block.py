@@ -1,4 +1,4 @@
-"""What the block-diffusion families (LLaDA2-MoE, SDAR) share: block-causal attention and partial RoPE.
+"""What the block-diffusion families (LLaDA2-MoE, SDAR) share: block-causal attention.
 
 Block-causal attention, as the official code builds it (dFactory's ``generate``, SDAR's
 ``block_diff_mask``): the sequence is cut into blocks of ``block_length`` positions counted from
@@ -79,46 +79,6 @@ def block_attention_inputs(
     valid = None if ctx.mask is None else ctx.mask[:, 0, 0, :]
     mask = block_causal_mask(ctx.positions, key_pos, valid, block_length)
     return AttentionInputs(ctx.positions, mask, ctx.past, ctx.columns)
-
-
-class PartialRotary:
-    """RoPE (rotate-half) on the first ``rotary_dim`` dims of each head; the rest pass through.
-
-    ``inv_freq`` is built over ``rotary_dim`` dims (transformers' default RoPE init with
-    ``partial_rotary_factor``). The sin/cos table is built on the CPU in fp32 and the rotation runs in fp32.
-    """
-
-    def __init__(self, rotary_dim: int, theta: float, max_len: int):
-        self.rotary_dim, self.theta = rotary_dim, theta
-        self._cpu = self._build(max_len)
-        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _build(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cpu = torch.device("cpu")
-        d = self.rotary_dim
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=cpu).float() / d))
-        angles = torch.outer(torch.arange(length, dtype=torch.float, device=cpu), inv_freq)
-        table = torch.cat((angles, angles), dim=-1)
-        return table.sin(), table.cos()
-
-    def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if length > self._cpu[0].shape[0]:
-            self._cpu = self._build(max(length, 2 * self._cpu[0].shape[0]))
-            self._tables.clear()
-        if device not in self._tables or self._tables[device][0].shape[0] != self._cpu[0].shape[0]:
-            self._tables[device] = (self._cpu[0].to(device), self._cpu[1].to(device))
-        return self._tables[device]
-
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` [B, H, T, D] by per-row ``positions`` [B, T]."""
-        sin, cos = self._table(int(positions.max()) + 1, x.device)
-        sin, cos = sin[positions][:, None], cos[positions][:, None]
-        d = self.rotary_dim
-        rot, rest = x[..., :d].float(), x[..., d:]
-        half = d // 2
-        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-        out = (rot * cos + rotated * sin).to(x.dtype)
-        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
 
 
 class BlockDiffusionLM(DiffusionLM):

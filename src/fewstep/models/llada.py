@@ -1,4 +1,4 @@
-"""LLaDA (GSAI-ML/LLaDA-8B-Instruct and kin), written top to bottom in one file.
+"""LLaDA (GSAI-ML/LLaDA-8B-Instruct and kin): its config, its checkpoint names and its flat block.
 
 A bidirectional Llama-style transformer: pre-norm RMSNorm blocks, RoPE (rotate-half, rotated in
 fp32), separate q/k/v projections, optional GQA, a SiLU-gated MLP and an untied LM head. The math and
@@ -38,10 +38,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fewstep.models.base import ConfigFields, DiffusionLM, KVCache, ModelOutput, RMSNorm, attend, attention_inputs
+from fewstep.models.base import ConfigFields
+from fewstep.models.layers import (
+    KV,
+    DecoderLM,
+    RMSNorm,
+    Rope,
+    RotaryEmbedding,
+    attention,
+    split_heads,
+    swiglu,
+)
 
 CHECKPOINT_PREFIX = "model.transformer."
 
@@ -70,16 +79,18 @@ class LLaDAConfig(ConfigFields):
     model_type: str = "llada"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    FAMILY = "LLaDA"
     REQUIRED = ("d_model", "n_heads", "n_layers", "vocab_size", "rope_theta", "rms_norm_eps", "mask_token_id")
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> LLaDAConfig:
-        """Validate a config.json dict: required keys present, unsupported variants rejected with the reason."""
-        missing = [k for k in cls.REQUIRED if cfg.get(k) is None]
+    def missing(cls, cfg: dict[str, Any]) -> list[str]:
+        missing = super().missing(cfg)
         if cfg.get("mlp_hidden_size") is None and cfg.get("mlp_ratio") is None:
             missing.append("mlp_hidden_size")
-        if missing:
-            raise ValueError(f"LLaDA config.json is missing required keys: {', '.join(missing)}")
+        return missing
+
+    @classmethod
+    def unsupported(cls, cfg: dict[str, Any]) -> list[str]:
         expect = {
             "block_type": "llama",
             "activation_type": "silu",
@@ -96,14 +107,15 @@ class LLaDAConfig(ConfigFields):
             bad.append(f"block_group_size={cfg['block_group_size']} (fewstep supports 1)")
         if cfg.get("include_qkv_bias"):
             bad.append("include_qkv_bias=true (fewstep supports false)")
-        if bad:
-            raise ValueError("unsupported LLaDA variant: " + "; ".join(bad))
-        kwargs, extra = cls.split_known(cfg)
+        return bad
+
+    @classmethod
+    def complete(cls, kwargs: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
         if "mlp_hidden_size" not in kwargs:
             kwargs["mlp_hidden_size"] = int(cfg["mlp_ratio"] * cfg["d_model"])
         if cfg.get("multi_query_attention"):
             kwargs["n_kv_heads"] = 1
-        return cls(**kwargs, extra=extra)
+        return kwargs
 
     @property
     def head_dim(self) -> int:
@@ -117,6 +129,9 @@ class LLaDAConfig(ConfigFields):
     def padded_vocab(self) -> int:
         """Rows of the embedding and LM head (``embedding_size`` may exceed ``vocab_size``)."""
         return self.embedding_size or self.vocab_size
+
+    def stack_sizes(self) -> dict[str, Any]:
+        return {"vocab": self.padded_vocab, "dim": self.d_model, "eps": self.rms_norm_eps, "tied": self.weight_tying}
 
     def to_dict(self) -> dict[str, Any]:
         """A config.json in the official layout (loadable by the official code and by fewstep)."""
@@ -142,52 +157,13 @@ class LLaDAConfig(ConfigFields):
         return out
 
 
-class RotaryEmbedding:
-    """RoPE, rotate-half convention over the whole head. The sin/cos table is built once on the CPU in
-    fp32 (as the official code does, for bit-identical GPU results) and moved to each device lazily."""
-
-    def __init__(self, head_dim: int, theta: float, max_len: int):
-        self.head_dim, self.theta = head_dim, theta
-        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._cpu = self._build(max_len)
-
-    def _build(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cpu = torch.device("cpu")  # also when the model is built under a meta-device context
-        inv_freq = 1.0 / (
-            self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=cpu) / self.head_dim)
-        )
-        angles = torch.einsum("i,j->ij", torch.arange(length, dtype=torch.float, device=cpu), inv_freq)
-        table = torch.cat((angles, angles), dim=-1)
-        return table.sin(), table.cos()
-
-    def table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if length > self._cpu[0].shape[0]:
-            self._cpu = self._build(length)
-            self._tables.clear()
-        if device not in self._tables or self._tables[device][0].shape[0] < length:
-            self._tables[device] = (self._cpu[0].to(device), self._cpu[1].to(device))
-        return self._tables[device]
-
-    @staticmethod
-    def rotate_half(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((-x2, x1), dim=-1)
-
-    def apply(self, x: torch.Tensor, positions: torch.Tensor, full_precision: bool = True) -> torch.Tensor:
-        """Rotate ``x`` [B, H, T, D] by per-row ``positions`` [B, T]."""
-        sin, cos = self.table(int(positions.max()) + 1, x.device)
-        sin, cos = sin[positions][:, None], cos[positions][:, None]  # [B, 1, T, D]
-        xf = x.float() if full_precision else x
-        out = (xf * cos.type_as(xf)) + (self.rotate_half(xf) * sin.type_as(xf))
-        return out.to(x.dtype)
-
-
 class LLaDABlock(nn.Module):
-    """One pre-norm block: ``x + attn_out(attn(attn_norm(x)))`` then ``x + ff_out(silu(ff_proj(h)) * up_proj(h))``."""
+    """One pre-norm block with LLaDA's flat names: ``x + attn_out(attn(attn_norm(x)))`` then
+    ``x + ff_out(silu(ff_proj(h)) * up_proj(h))`` with ``h = ff_norm(x)``."""
 
-    def __init__(self, cfg: LLaDAConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: LLaDAConfig):
         super().__init__()
-        self.cfg, self.rope = cfg, rope
+        self.cfg = cfg
         d, hd = cfg.d_model, cfg.head_dim
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.q_proj = nn.Linear(d, d, bias=False)
@@ -200,68 +176,28 @@ class LLaDABlock(nn.Module):
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        past: tuple[torch.Tensor, torch.Tensor] | None,
-        columns: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        cfg = self.cfg
-        B, T, _ = x.shape
+        self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None, past: KV | None, columns: torch.Tensor | None
+    ) -> tuple[torch.Tensor, KV]:
         h = self.attn_norm(x)
-        q = self.q_proj(h).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
-        q = self.rope.apply(q, positions, cfg.rope_full_precision)
-        k = self.rope.apply(k, positions, cfg.rope_full_precision)
-        att, present = attend(q, k, v, past, columns, attn_mask)  # GQA, prefix/dual cache, padding
-        att = att.transpose(1, 2).contiguous().view(B, T, cfg.d_model)
+        q, k, v = (split_heads(p(h), self.cfg.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
+        att, present = attention(q, k, v, rope, mask, past, columns)  # RoPE, GQA, prefix/dual cache, padding
         x = x + self.attn_out(att)
-        h = self.ff_norm(x)
-        x = x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
-        return x, present
+        return x + swiglu(self.ff_norm(x), self.ff_proj, self.up_proj, self.ff_out), present
 
 
-class LLaDAModel(DiffusionLM):
+class LLaDAModel(DecoderLM):
     """LLaDA masked-diffusion LM. ``forward`` returns raw logits ``[B, T, padded_vocab]``."""
 
     logit_shift = 0
+    stack_names = ("wte", "blocks", "ln_f", "ff_out")
     architecture = "llada"
 
     def __init__(self, config: LLaDAConfig):
-        super().__init__()
-        self.config = config
-        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_sequence_length)
-        self.wte = nn.Embedding(config.padded_vocab, config.d_model)
-        self.blocks = nn.ModuleList(LLaDABlock(config, self.rope) for _ in range(config.n_layers))
-        self.ln_f = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.ff_out = None if config.weight_tying else nn.Linear(config.d_model, config.padded_vocab, bias=False)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        past_key_values: KVCache | list | None = None,
-        use_cache: bool = False,
-        replace_position: torch.Tensor | None = None,
-        logits_range: tuple[int, int] | None = None,
-        **_: Any,
-    ) -> ModelOutput:
-        """Run the network on ``input_ids`` [B, T].
-
-        ``attention_mask`` ([B, key length], 1 = real token) masks padding keys. ``past_key_values`` and
-        ``replace_position`` select the cache mode (see ``base.py``). ``logits_range=(a, b)`` computes
-        the LM head only for query positions ``[a, b)`` (saves memory with large vocabularies).
-        """
-        ctx = attention_inputs(input_ids, attention_mask, position_ids, past_key_values, replace_position)
-        x, presents = self.run_layers(self.blocks, self.wte(input_ids), ctx, ctx.positions)
-        if logits_range is not None:
-            x = x[:, logits_range[0] : logits_range[1]]
-        x = self.ln_f(x)
-        logits = F.linear(x, self.wte.weight) if self.ff_out is None else self.ff_out(x)
-        return ModelOutput(logits=logits, past_key_values=KVCache(presents) if use_cache else None)
+        rope = RotaryEmbedding(
+            config.head_dim, config.rope_theta, config.max_sequence_length, fp32=config.rope_full_precision
+        )
+        layers = (LLaDABlock(config) for _ in range(config.n_layers))
+        super().__init__(config, rope, layers)
 
     # -- checkpoint I/O -----------------------------------------------------------------------------
     @staticmethod

@@ -1,4 +1,4 @@
-"""LLaDA2-MoE (inclusionAI/LLaDA2.0-mini, LLaDA2.1, ``model_type`` ``llada2_moe``), top to bottom in one file.
+"""LLaDA2-MoE (inclusionAI/LLaDA2.0-mini, LLaDA2.1, ``model_type`` ``llada2_moe``): config, names, fused qkv, MoE.
 
 A BailingMoeV2-style block-diffusion transformer: pre-norm RMSNorm layers, one fused
 ``query_key_value`` projection, RMSNorm on q and k over ``head_dim`` (before RoPE), partial RoPE
@@ -45,14 +45,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.models.base import ConfigFields, KVCache, ModelOutput, RMSNorm, attend
-from fewstep.models.block import BlockDiffusionLM, PartialRotary, block_inputs
+from fewstep.models.base import HFConfigFields
+from fewstep.models.layers import (
+    KV,
+    BlockDecoderLM,
+    PreNormLayer,
+    RMSNorm,
+    Rope,
+    RotaryEmbedding,
+    SwiGLU,
+    attention,
+)
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 @dataclass
-class LLaDA2Config(ConfigFields):
+class LLaDA2Config(HFConfigFields):
     """The config.json fields of ``LLaDA2MoeConfig`` that define the network (required ones never guessed)."""
 
     vocab_size: int
@@ -88,6 +97,7 @@ class LLaDA2Config(ConfigFields):
     model_type: str = "llada2_moe"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    FAMILY = "LLaDA2-MoE"
     REQUIRED = (
         "vocab_size",
         "hidden_size",
@@ -102,40 +112,19 @@ class LLaDA2Config(ConfigFields):
     )
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> LLaDA2Config:
-        """Validate a config.json dict: required keys present, unsupported variants rejected with the reason."""
-        missing = [k for k in cls.REQUIRED if cfg.get(k) is None]
-        if missing:
-            raise ValueError(f"LLaDA2-MoE config.json is missing required keys: {', '.join(missing)}")
-        bad = []
-        if cfg.get("hidden_act", "silu") != "silu":
-            bad.append(f"hidden_act={cfg['hidden_act']!r} (fewstep supports 'silu')")
+    def unsupported(cls, cfg: dict[str, Any]) -> list[str]:
+        bad = super().unsupported(cfg)
         if cfg.get("score_function", "sigmoid") not in ("sigmoid", "softmax"):
             bad.append(f"score_function={cfg['score_function']!r} (fewstep supports sigmoid, softmax)")
         if cfg.get("rope_scaling"):
             bad.append("rope_scaling is set (fewstep supports plain RoPE)")
         if cfg.get("n_group") and cfg["num_experts"] % cfg["n_group"]:
             bad.append(f"num_experts={cfg['num_experts']} is not divisible by n_group={cfg['n_group']}")
-        if bad:
-            raise ValueError("unsupported LLaDA2-MoE variant: " + "; ".join(bad))
-        kwargs, extra = cls.split_known(cfg)
-        return cls(**kwargs, extra=extra)
-
-    @property
-    def head_size(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_key_value_heads or self.num_attention_heads
+        return bad
 
     @property
     def rotary_dim(self) -> int:
         return int(self.head_size * self.partial_rotary_factor)
-
-    @property
-    def max_sequence_length(self) -> int:
-        return self.max_position_embeddings
 
     def to_dict(self) -> dict[str, Any]:
         """A config.json in the released layout (loadable by the official code and by fewstep)."""
@@ -145,19 +134,6 @@ class LLaDA2Config(ConfigFields):
         out.setdefault("architectures", ["LLaDA2MoeModelLM"])
         out.update(num_key_value_heads=self.kv_heads, head_dim=self.head_size)
         return out
-
-
-class SwiGLU(nn.Module):
-    """``down_proj(silu(gate_proj(x)) * up_proj(x))`` (dense layers, shared experts, each routed expert)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MoEGate(nn.Module):
@@ -279,11 +255,12 @@ _PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
 class Attention(nn.Module):
-    """Fused qkv, q/k RMSNorm over ``head_dim`` before partial RoPE, GQA, block-causal SDPA, output ``dense``."""
+    """Fused ``query_key_value``, ``query_layernorm``/``key_layernorm`` over ``head_dim`` before partial RoPE,
+    :func:`~fewstep.models.layers.attention`, output ``dense``."""
 
-    def __init__(self, cfg: LLaDA2Config, rope: PartialRotary):
+    def __init__(self, cfg: LLaDA2Config):
         super().__init__()
-        self.cfg, self.rope = cfg, rope
+        self.cfg = cfg
         hd, h, hkv = cfg.head_size, cfg.num_attention_heads, cfg.kv_heads
         self.query_key_value = nn.Linear(cfg.hidden_size, (h + 2 * hkv) * hd, bias=cfg.use_qkv_bias)
         if cfg.use_qk_norm:
@@ -291,109 +268,44 @@ class Attention(nn.Module):
             self.key_layernorm = RMSNorm(hd, cfg.rms_norm_eps)
         self.dense = nn.Linear(h * hd, cfg.hidden_size, bias=cfg.use_bias)
 
-    def forward(self, x, positions, mask, past, columns):
+    def forward(
+        self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None, past: KV | None, columns: torch.Tensor | None
+    ) -> tuple[torch.Tensor, KV]:
         cfg = self.cfg
-        B, T, _ = x.shape
-        hd, h, hkv = cfg.head_size, cfg.num_attention_heads, cfg.kv_heads
-        q, k, v = self.query_key_value(x).view(B, T, h + 2 * hkv, hd).split((h, hkv, hkv), dim=2)
+        h, hkv = cfg.num_attention_heads, cfg.kv_heads
+        q, k, v = self.query_key_value(x).view(*x.shape[:2], h + 2 * hkv, cfg.head_size).split((h, hkv, hkv), dim=2)
         if cfg.use_qk_norm:
             q, k = self.query_layernorm(q), self.key_layernorm(k)
-        q = self.rope.apply(q.transpose(1, 2), positions)
-        k = self.rope.apply(k.transpose(1, 2), positions)
-        att, present = attend(q, k, v.transpose(1, 2), past, columns, mask)
-        return self.dense(att.transpose(1, 2).reshape(B, T, h * hd)), present
+        att, present = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), rope, mask, past, columns)
+        return self.dense(att), present
 
 
-class DecoderLayer(nn.Module):
-    """``x + attention(input_layernorm(x))`` then ``x + mlp(post_attention_layernorm(x))`` (dense or MoE)."""
+class DecoderLayer(PreNormLayer):
+    """A Bailing-MoE layer: :class:`Attention`, then a dense SwiGLU (``layer < first_k_dense_replace``) or MoE."""
 
-    def __init__(self, cfg: LLaDA2Config, layer: int, rope: PartialRotary):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attention = Attention(cfg, rope)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    def __init__(self, cfg: LLaDA2Config, layer: int):
         dense = layer < cfg.first_k_dense_replace
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size) if dense else SparseMoE(cfg)
-
-    def forward(self, x, positions, mask, past, columns):
-        att, present = self.attention(self.input_layernorm(x), positions, mask, past, columns)
-        x = x + att
-        return x + self.mlp(self.post_attention_layernorm(x)), present
+        mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size) if dense else SparseMoE(cfg)
+        super().__init__(cfg.hidden_size, cfg.rms_norm_eps, "attention", Attention(cfg), mlp)
 
 
-class Backbone(nn.Module):
-    """The ``model.*`` part of the checkpoint: embeddings, layers, final norm."""
-
-    def __init__(self, cfg: LLaDA2Config, rope: PartialRotary):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rope) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
-class LLaDA2Model(BlockDiffusionLM):
+class LLaDA2Model(BlockDecoderLM):
     """LLaDA2-MoE block-diffusion LM. ``forward`` returns raw float32 logits ``[B, T, vocab]`` (no shift)."""
 
+    stack_names = ("model.word_embeddings", "model.layers", "model.norm", "lm_head")
     architecture = "llada2"
+    fp32_logits = True
 
     def __init__(self, config: LLaDA2Config):
-        super().__init__()
-        self.config = config
+        rope = RotaryEmbedding(config.rotary_dim, config.rope_theta, min(config.max_position_embeddings, 4096))
+        layers = (DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        super().__init__(config, rope, layers)
         self.block_length = config.block_length
-        self.rope = PartialRotary(config.rotary_dim, config.rope_theta, min(config.max_position_embeddings, 4096))
-        self.model = Backbone(config, self.rope)
-        self.lm_head = (
-            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        )
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        past_key_values: KVCache | list | None = None,
-        use_cache: bool = False,
-        replace_position: torch.Tensor | None = None,
-        logits_range: tuple[int, int] | None = None,
-        block_length: int | None = None,
-        **_: Any,
-    ) -> ModelOutput:
-        """Run the network on ``input_ids`` [B, T] with block-causal attention (see ``block.py``).
-
-        ``attention_mask`` ([B, key length], 1 = real token) masks left padding; ``past_key_values`` and
-        ``replace_position`` select the cache mode (``base.py``); ``block_length`` overrides the model's
-        (0 = full bidirectional attention); ``logits_range=(a, b)`` runs the LM head on ``[a, b)`` only.
-        """
-        bl = self.resolve_block_length(block_length)
-        ctx = block_inputs(input_ids, attention_mask, position_ids, past_key_values, replace_position, bl)
-        x, presents = self.run_layers(self.model.layers, self.model.word_embeddings(input_ids), ctx, ctx.positions)
-        if logits_range is not None:
-            x = x[:, logits_range[0] : logits_range[1]]
-        x = self.model.norm(x)
-        head = self.model.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head).float()
-        return ModelOutput(logits=logits, past_key_values=KVCache(presents) if use_cache else None)
-
-    @staticmethod
-    def checkpoint_key(module_key: str) -> str:
-        """Module names are the checkpoint names (``model.layers.0...``, ``lm_head.weight``)."""
-        return module_key
-
-    @staticmethod
-    def module_key(checkpoint_key: str) -> str | None:
-        return checkpoint_key if checkpoint_key.startswith(("model.", "lm_head.")) else None
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
-        """Random init (benchmarks, tests): normal(0, std) matrices, unit norms, zero expert bias."""
-        g = torch.Generator().manual_seed(seed)
+        """Random init (benchmarks, tests): normal(0, std) matrices, unit norms, zero biases and expert bias."""
+        super().init_weights(seed, std)
         with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif p.dim() == 1:
-                    p.zero_()
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
             for name, b in self.named_buffers():
                 if name.endswith("expert_bias"):
                     b.zero_()
