@@ -21,6 +21,7 @@ shards them by ``rank`` / ``world_size``, which come from accelerate) on its own
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -137,6 +138,7 @@ class FewstepLM(TemplateLM):
                 self.accelerator = acc
                 self._rank, self._world_size = acc.process_index, acc.num_processes
                 device = str(acc.device)
+                atexit.register(_close_process_group)
         self._load(pretrained, model, tokenizer, dtype, device)
         cfg_len = getattr(self.model.config, "max_sequence_length", None)
         self._max_length = _as_int("max_length", max_length) if max_length is not None else int(cfg_len or 4096)
@@ -479,3 +481,14 @@ class FewstepLM(TemplateLM):
             "a whole answer's likelihood, not per-token log-probabilities; use generate_until or "
             "multiple-choice (loglikelihood) tasks"
         )
+
+
+def _close_process_group() -> None:
+    """At exit: destroy the process group that ``Accelerator()`` opened (lm-eval's last collective is behind
+    every rank by then). Left to the
+    interpreter's teardown, gloo's threads can be destroyed still running and abort a rank that finished
+    first (``terminate called without an active exception``, seen on a loaded machine)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
