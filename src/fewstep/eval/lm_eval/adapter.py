@@ -485,9 +485,9 @@ class FewstepLM(TemplateLM):
 
 def _close_process_group() -> None:
     """At exit: destroy the process group that ``Accelerator()`` opened (lm-eval's last collective is behind
-    every rank by then). Left to the
-    interpreter's teardown, gloo's threads can be destroyed still running and abort a rank that finished
-    first (``terminate called without an active exception``, seen on a loaded machine)."""
+    every rank by then). Left to the interpreter's teardown, gloo's threads can be destroyed still running
+    and abort a rank that finished first (``terminate called without an active exception``, seen once on
+    a loaded machine)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
