@@ -213,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
     from fewstep.distill import build_objective, read_training_data, recipe_for
     from fewstep.models.loading import architecture_of, load_model, load_tokenizer, read_config
     from fewstep.train.data import hash_files, tokenize_pairs
+    from fewstep.train.distributed import close_process_group_at_exit
     from fewstep.train.objective import SpecialIds
     from fewstep.train.trainer import Trainer
 
@@ -227,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
     accelerator = Accelerator(
         mixed_precision="bf16" if args.bf16 else "no", cpu=args.cpu or not torch.cuda.is_available()
     )
+    close_process_group_at_exit()
     main = accelerator.is_main_process
     if main:
         _warn_unused(args, arch, recipe)

@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     from fewstep.models.loading import load_tokenizer
     from fewstep.models.tokenizer import special_ids
     from fewstep.train.data import hash_files, read_jsonl, tokenize_pairs
+    from fewstep.train.distributed import close_process_group_at_exit
     from fewstep.train.mdm import MaskedDiffusionObjective
     from fewstep.train.objective import SpecialIds
     from fewstep.train.presets import count_parameters, init_model, model_config
@@ -132,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     command = "fewstep pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=args.cpu)
+    close_process_group_at_exit()
     main = accelerator.is_main_process
     if args.overwrite and out.exists() and main:
         shutil.rmtree(out)

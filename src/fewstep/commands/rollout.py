@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     from fewstep.commands import resolve_model
     from fewstep.decoding import parse_policy
     from fewstep.distill import rollout as ro
+    from fewstep.train.distributed import close_process_group_at_exit
 
     parse_policy(args.policy)
     model_dir = resolve_model(args.model)
@@ -156,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     )
     # cpu=True on a machine without GPU, so that torchrun processes form a gloo group
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
+    close_process_group_at_exit()
     main = state.is_main_process
     out = Path(args.out)
     if args.overwrite and out.exists() and main:

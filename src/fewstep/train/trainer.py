@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from fewstep.train import checkpoint as ckpt
+from fewstep.train.distributed import close_process_group_at_exit
 from fewstep.train.lora import AdapterDisabledTeacher, LoraSpec, apply_lora, is_peft
 from fewstep.train.objective import Objective
 
@@ -162,6 +163,7 @@ class Trainer:
         self.on_checkpoint = on_checkpoint
         self.out = Path(config.out_dir)
         self.accelerator = accelerator or Accelerator(mixed_precision="bf16" if config.bf16 else "no")
+        close_process_group_at_exit()
         acc = self.accelerator
         world = acc.num_processes
         from accelerate.utils import set_seed

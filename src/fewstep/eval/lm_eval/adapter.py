@@ -21,7 +21,6 @@ shards them by ``rank`` / ``world_size``, which come from accelerate) on its own
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
@@ -133,12 +132,14 @@ class FewstepLM(TemplateLM):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import Accelerator
 
+            from fewstep.train.distributed import close_process_group_at_exit
+
             acc = Accelerator()
             if acc.num_processes > 1:
                 self.accelerator = acc
                 self._rank, self._world_size = acc.process_index, acc.num_processes
                 device = str(acc.device)
-                atexit.register(_close_process_group)
+                close_process_group_at_exit()
         self._load(pretrained, model, tokenizer, dtype, device)
         cfg_len = getattr(self.model.config, "max_sequence_length", None)
         self._max_length = _as_int("max_length", max_length) if max_length is not None else int(cfg_len or 4096)
@@ -481,14 +482,3 @@ class FewstepLM(TemplateLM):
             "a whole answer's likelihood, not per-token log-probabilities; use generate_until or "
             "multiple-choice (loglikelihood) tasks"
         )
-
-
-def _close_process_group() -> None:
-    """At exit: destroy the process group that ``Accelerator()`` opened (lm-eval's last collective is behind
-    every rank by then). Left to the interpreter's teardown, gloo's threads can be destroyed still running
-    and abort a rank that finished first (``terminate called without an active exception``, seen once on
-    a loaded machine)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
