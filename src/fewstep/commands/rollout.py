@@ -9,7 +9,6 @@ the same command again: it continues where it stopped, without losing or repeati
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -123,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
     import fewstep
     from fewstep.commands import resolve_model
     from fewstep.decoding import parse_policy
+    from fewstep.decoding.engine import default_block_length
     from fewstep.distill import rollout as ro
+    from fewstep.models import checkpoint_block_length
     from fewstep.train.distributed import close_process_group_at_exit
 
     parse_policy(args.policy)
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         prompts=args.prompts if args.prompts in ro.prompt_set_names() else str(Path(args.prompts).resolve()),
         policy=args.policy,
         gen_length=gen_length,
-        block_length=min(args.block_length or 32, gen_length),
+        block_length=default_block_length(checkpoint_block_length(model_dir), gen_length, args.block_length),
         cache=args.cache,
         batch_size=args.batch_size,
         keep=keep,
@@ -167,8 +168,6 @@ def run(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
     tokenizer = fewstep.load_tokenizer(args.tokenizer or model_dir)
     model = fewstep.load_model(model_dir, dtype=dtype, device=device)
-    if getattr(model, "block_diffusion", False):  # the block is the attention's: not cut to the answer length
-        cfg = dataclasses.replace(cfg, block_length=args.block_length or int(model.block_length))
     if main:
         print(
             f"fewstep rollout: {len(records):,} prompts, policy {args.policy}, gen {gen_length} / block "

@@ -53,6 +53,7 @@ import torch
 from fewstep.decoding.forward import BlockRun, Seqs, block_forward, dual_forward, full_forward, prefix_forward
 from fewstep.decoding.policies import Policy, StepState, parse_policy
 from fewstep.decoding.policies.base import RowRNG
+from fewstep.models.block import attention_block
 
 CACHE_MODES = ("none", "prefix", "dual")
 # token strings that end a turn in the chat formats fewstep knows (looked up in the tokenizer's vocab)
@@ -153,6 +154,15 @@ class Settings:
     block_diffusion: bool = False  # the model is block-causal: blocks aligned to absolute positions
 
 
+def default_block_length(model_block: int | None, gen_length: int, block_length: int | None = None) -> int:
+    """The decoding block for ``block_length`` (None: the default). A block-diffusion model decodes in the
+    blocks of its attention (``model_block``, :func:`fewstep.models.block.attention_block`; any given length,
+    never cut to the answer); a full-attention model in blocks of 32, never longer than the answer."""
+    if model_block:
+        return model_block if block_length is None else block_length
+    return min(32 if block_length is None else block_length, gen_length)
+
+
 def resolve_settings(model, req: Request, tokenizer=None, policy: Policy | None = None) -> Settings:
     """Validate ``req``'s settings against ``model``; ValueError with a message fit for a user."""
     cfg = model.config
@@ -170,7 +180,7 @@ def resolve_settings(model, req: Request, tokenizer=None, policy: Policy | None 
     if not isinstance(G, int) or isinstance(G, bool) or G < 1:
         raise RequestError(f"gen_length must be an integer >= 1; got {G!r}", "gen_length")
     bd = bool(getattr(model, "block_diffusion", False))
-    L = (int(model.block_length) if bd else min(32, G)) if req.block_length is None else req.block_length
+    L = default_block_length(attention_block(model), G) if req.block_length is None else req.block_length
     L = policy.blocks(G, L)
     if bd:  # blocks of the model's attention, aligned to absolute positions: any length >= 1
         if not isinstance(L, int) or isinstance(L, bool) or L < 1:

@@ -424,10 +424,11 @@ def answer_batch(
 ) -> tuple[list[Record], dict[str, float]]:
     """Answer prompts ``idx`` through the text layer (seed ``cfg.seed + i`` for prompt ``i``; stop strings
     cut the text only, so NFE is the engine's), verify them; returns the kept records and the batch stats."""
+    from fewstep.decoding.engine import default_block_length
     from fewstep.decoding.text import Settings
+    from fewstep.models.block import attention_block
 
-    bd = getattr(gen.model, "block_diffusion", False)  # a block model's block is its attention's: never cut
-    block = cfg.block_length if bd else min(cfg.block_length, cfg.gen_length)
+    block = default_block_length(attention_block(gen.model), cfg.gen_length, cfg.block_length)
     base = Settings(
         policy=cfg.policy,
         max_tokens=cfg.gen_length,

@@ -116,6 +116,7 @@ def _device_and_dtype(settings: EvalSettings) -> tuple[str, str]:
 def run_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
     """Generate and score the pending records of ``settings.task``, then write and return the summary."""
     from fewstep.decoding import parse_policy
+    from fewstep.decoding.engine import default_block_length
     from fewstep.decoding.text import TextGenerator
     from fewstep.models import checkpoint_block_length, load_model, load_tokenizer
 
@@ -126,7 +127,7 @@ def run_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any = None
     device, dtype = _device_and_dtype(settings)
     settings.device, settings.dtype = device, dtype
     if settings.block_length is None:
-        settings.block_length = checkpoint_block_length(settings.model) or min(32, settings.gen_length)
+        settings.block_length = default_block_length(checkpoint_block_length(settings.model), settings.gen_length)
     if settings.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     out = Path(settings.out)

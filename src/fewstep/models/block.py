@@ -17,6 +17,8 @@ compute with ``attention_mask=None`` (LLaDA2, SDPA) or an all-ones mask (SDAR).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fewstep.models.base import AttentionInputs, DiffusionLM, attention_inputs, resolve_positions
@@ -94,3 +96,8 @@ class BlockDiffusionLM(DiffusionLM):
 
     def resolve_block_length(self, block_length: int | None) -> int:
         return self.block_length if block_length is None else int(block_length)
+
+
+def attention_block(model: Any) -> int | None:
+    """The block size of a block-diffusion model's attention (LLaDA2, SDAR); None for full attention."""
+    return int(model.block_length) if getattr(model, "block_diffusion", False) else None

@@ -23,6 +23,7 @@ import torch
 
 from fewstep.assets import resolve_model
 from fewstep.models.base import DiffusionLM
+from fewstep.models.block import attention_block
 from fewstep.models.dream import DreamConfig, DreamModel
 from fewstep.models.llada import LLaDAConfig, LLaDAModel
 from fewstep.models.llada2 import LLaDA2Config, LLaDA2Model
@@ -203,8 +204,7 @@ def build_model(cfg: dict[str, Any] | LLaDAConfig | DreamConfig) -> DiffusionLM:
 def checkpoint_block_length(path: str | os.PathLike) -> int | None:
     """The block size of a block-diffusion checkpoint's attention (LLaDA2, SDAR), read from its config
     without loading weights; None for a full-attention model (LLaDA, Dream). Decoding defaults use it."""
-    model = build_model(read_config(resolve_model(path)))
-    return int(model.block_length) if getattr(model, "block_diffusion", False) else None
+    return attention_block(build_model(read_config(resolve_model(path))))
 
 
 def load_model(

@@ -41,7 +41,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import torch
 
+from fewstep.decoding.engine import default_block_length
 from fewstep.eval.lm_eval.likelihood import greedy_suffix_matches, mc_log_likelihood, request_seed
+from fewstep.models.block import attention_block
 
 log = logging.getLogger("fewstep.lm_eval")
 
@@ -277,14 +279,13 @@ class FewstepLM(TemplateLM):
                 f"fewstep: generating gen_length={self.gen_length} tokens (model_args) instead of the task's {requested}",
             )
         gen_length = self.gen_length or requested
-        block = self.block_length  # None on a block-diffusion model: its own block size (any length works)
-        if not getattr(self.model, "block_diffusion", False):
-            block = min(32 if block is None else block, gen_length)
-            if gen_length % block:
-                raise ValueError(
-                    f"fewstep: gen_length {gen_length} is not a multiple of block_length {block}; "
-                    "pass gen_length=... (a multiple of block_length) in --model_args"
-                )
+        model_block = attention_block(self.model)
+        block = default_block_length(model_block, gen_length, self.block_length)
+        if model_block is None and gen_length % block:  # block-diffusion models take any length
+            raise ValueError(
+                f"fewstep: gen_length {gen_length} is not a multiple of block_length {block}; "
+                "pass gen_length=... (a multiple of block_length) in --model_args"
+            )
         if kw.get("do_sample") or float(kw.get("temperature") or 0) > 0:
             self._warn_once(
                 "sampling",
@@ -431,7 +432,7 @@ class FewstepLM(TemplateLM):
         """``(log p estimate, is_greedy)`` per ``((context, continuation), context_ids, continuation_ids)``."""
         from tqdm import tqdm
 
-        if getattr(self.model, "block_diffusion", False) and requests:
+        if attention_block(self.model) is not None and requests:
             raise NotImplementedError(
                 "fewstep: loglikelihood on a block-diffusion model (LLaDA2, SDAR) is not supported: LLaDA's Monte "
                 "Carlo ELBO masks the whole continuation under full attention, while a block-causal model is "
