@@ -216,9 +216,8 @@ def _settings(body: dict, defaults: Settings, chat: bool) -> Settings:
 
 
 # ---- responses ----------------------------------------------------------------------------------------
-_ID_PREFIX = uuid.uuid4().hex[
-    :12
-]  # one random draw per process; a counter after it (uuid4 per request costs a syscall)
+# one random draw per process, then a counter (a uuid4 per request costs a syscall)
+_ID_PREFIX = uuid.uuid4().hex[:12]
 _ID_COUNT = itertools.count()
 
 
