@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fewstep.decoding.engine import RowResult, Update
-from fewstep.decoding.text import Canvas, Completion, Delta, Settings, TextGenerator
+from fewstep.decoding.text import Canvas, Completion, Delta, GenerationSettings, TextGenerator
 
 SPECIALS = ["<|pad|>", "<|unk|>", "<|endoftext|>", "<|eot_id|>", "<|mdm_mask|>"]
 MASK, EOS = 4, 2
@@ -55,7 +55,7 @@ def ids_of(gen, text: str) -> list[int]:
     return gen.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def drive(gen, answer: list[int], order: list[int], settings: Settings):
+def drive(gen, answer: list[int], order: list[int], settings: GenerationSettings):
     """Commit ``answer`` one position per forward in ``order``; returns the events the tracker emits."""
     events = []
     rid = gen.submit([5, 6, 7], settings, events.append, canvas=True)
@@ -84,7 +84,7 @@ def test_incomplete_utf8_is_held_back(byte_gen):
     answer = ids_of(byte_gen, text)
     assert len(answer) == len(text.encode())
     answer += [EOS] * 4
-    events = drive(byte_gen, answer, list(range(len(answer))), Settings(max_tokens=len(answer)))
+    events = drive(byte_gen, answer, list(range(len(answer))), GenerationSettings(max_tokens=len(answer)))
     out = deltas(events)
     assert "".join(out) == text and all("\ufffd" not in d for d in out)
     assert out[0] == "€" and "𝄞" in out  # a character appears once all its bytes are committed
@@ -95,7 +95,7 @@ def test_incomplete_utf8_is_held_back(byte_gen):
 def test_out_of_order_commits_release_the_prefix_only(byte_gen):
     text = "abcdef"
     answer = [*ids_of(byte_gen, text), EOS, EOS]
-    events = drive(byte_gen, answer, [5, 4, 3, 0, 1, 2, 6, 7], Settings(max_tokens=8))
+    events = drive(byte_gen, answer, [5, 4, 3, 0, 1, 2, 6, 7], GenerationSettings(max_tokens=8))
     assert deltas(events) == ["a", "b", "cdef"]
     canvases = [e for e in events if isinstance(e, Canvas)]
     assert canvases[0].tokens[:5] == [None] * 5 and canvases[0].steps[5] == 1
@@ -105,7 +105,7 @@ def test_out_of_order_commits_release_the_prefix_only(byte_gen):
 def test_stop_strings_are_held_back(byte_gen):
     def run(text: str, stop: list[str]):
         answer = ids_of(byte_gen, text) + [EOS] * 3
-        events = drive(byte_gen, answer, list(range(len(answer))), Settings(max_tokens=len(answer), stop=stop))
+        events = drive(byte_gen, answer, list(range(len(answer))), GenerationSettings(max_tokens=len(answer), stop=stop))
         return deltas(events), events[-1]
 
     out, comp = run("abc STOP def", ["STOP"])  # cut before the stop string, no part of which is ever sent
@@ -124,7 +124,7 @@ def test_stop_strings_are_held_back(byte_gen):
 def test_generate_streams_what_it_returns(byte_gen):
     """Random bytes from a random model: the deltas always concatenate to the returned text."""
     prompts = [[5 + i, 9, 40 + i] for i in range(4)]
-    settings = Settings(policy="llada:steps=16", max_tokens=16, block_length=8, early_stop=False)
+    settings = GenerationSettings(policy="llada:steps=16", max_tokens=16, block_length=8, early_stop=False)
     outs = byte_gen.generate(prompts, settings)
     for p, o in zip(prompts, outs):
         events = []
@@ -139,7 +139,7 @@ def test_generate_streams_what_it_returns(byte_gen):
 
 def test_generate_with_per_prompt_settings_and_events(byte_gen):
     prompts = [[5, 9, 40], [6, 9, 41]]
-    base = Settings(policy="llada:steps=8", max_tokens=8, block_length=8, early_stop=False)
+    base = GenerationSettings(policy="llada:steps=8", max_tokens=8, block_length=8, early_stop=False)
     alone = [byte_gen.generate([p], base.replace(seed=i))[0] for i, p in enumerate(prompts)]
     seen = []
     both = byte_gen.generate(prompts, [base.replace(seed=0), base.replace(seed=1)], on_event=seen.append, canvas=True)

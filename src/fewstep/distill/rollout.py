@@ -425,11 +425,11 @@ def answer_batch(
     """Answer prompts ``idx`` through the text layer (seed ``cfg.seed + i`` for prompt ``i``; stop strings
     cut the text only, so NFE is the engine's), verify them; returns the kept records and the batch stats."""
     from fewstep.decoding.engine import default_block_length
-    from fewstep.decoding.text import Settings
+    from fewstep.decoding.text import GenerationSettings
     from fewstep.models.block import attention_block
 
     block = default_block_length(attention_block(gen.model), cfg.gen_length, cfg.block_length)
-    base = Settings(
+    base = GenerationSettings(
         policy=cfg.policy,
         max_tokens=cfg.gen_length,
         block_length=block,

@@ -331,9 +331,9 @@ class FewstepLM(TemplateLM):
     def _generate_batch(self, requests, prepared, batch, results) -> None:
         """One batch through the text layer: stop strings (``until``) matched with special tokens kept,
         as the LLaDA/dParallel harnesses do, and cutting the text only (NFE is the engine's)."""
-        from fewstep.decoding.text import Settings
+        from fewstep.decoding.text import GenerationSettings
 
-        base = Settings(
+        base = GenerationSettings(
             policy=self.policy,
             cache=self.cache,
             cfg_scale=self.cfg_scale,
