@@ -79,13 +79,10 @@ class RequestError(ValueError):
         self.field = self.names.get(field, field) if field is not None else None
         super().__init__(template.format_map(_Words(self.names, values, field)))
 
-    def renamed(self, names: Mapping[str, str], field: str | None = None) -> RequestError:
-        """This error in a caller's vocabulary: ``names`` maps request fields to the caller's names for them;
-        ``field``, when given, is the caller's field at fault (e.g. the setting that set a policy option)."""
-        err = RequestError(self.template, self.request_field, option=self.option, names=names, **self.values)
-        if field is not None:
-            err.field = field
-        return err
+    def renamed(self, names: Mapping[str, str]) -> RequestError:
+        """This error in a caller's vocabulary: ``names`` maps request fields to the caller's names for them
+        (``field`` and the message follow; fields it does not name keep their names)."""
+        return RequestError(self.template, self.request_field, option=self.option, names=names, **self.values)
 
 
 class _Words(dict):

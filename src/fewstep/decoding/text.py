@@ -20,9 +20,10 @@ engine ends it (``early_stop``: after the block holding the EOS), so its NFE is 
 :func:`fewstep.generate` reports for it. A stop string (which the engine does not know) finishes the
 request at once and cancels its row, so its NFE counts the forwards until the string became final.
 Validation is the engine's (:meth:`Engine.validate`, :mod:`fewstep.decoding.request`): the text layer
-checks only its own fields (stop strings), maps its field names to the engine's through one table
-(:data:`ENGINE_FIELDS`: ``max_tokens`` is the engine's ``gen_length``) and states the engine's errors in
-its own names (:meth:`RequestError.renamed`), which are the OpenAI API's too.
+checks only its own fields (stop strings) and maps its field names to the engine's through one table
+(:data:`ENGINE_FIELDS`: ``max_tokens`` is the engine's ``gen_length``); the server states the engine's
+errors in the text layer's names, which are the OpenAI API's, through the same table
+(``err.renamed(TEXT_NAMES)``).
 
 Faults stay per request: a request whose engine row fails, or whose text cannot be produced, ends with
 ``finish_reason`` ``"error"`` and :attr:`Completion.error`; the others go on.
@@ -435,8 +436,11 @@ class TextGenerator:
         return self._pieces[token]
 
     def request(self, prompt_ids: Sequence[int], settings: GenerationSettings) -> Prepared:
-        """Build the engine Request and validate it with the engine's own checks (:meth:`Engine.validate`);
-        :class:`RequestError` (a ValueError) naming the setting at fault, in the text layer's names."""
+        """Build the engine Request and validate it with the engine's own checks (:meth:`Engine.validate`).
+
+        A mistake raises :class:`RequestError` (a ValueError) in the engine's words (the words of the
+        ``--gen-length`` flags of the commands); ``err.renamed(TEXT_NAMES)`` states it in the text layer's
+        names, which are the API's (the server does)."""
         policy = resolve_policy(settings)
         settings = settings.replace(stop=check_stops(settings.stop))
         fields = {engine: getattr(settings, name) for name, engine in ENGINE_FIELDS.items()}
@@ -445,10 +449,11 @@ class TextGenerator:
         req = Request(prompt=list(prompt_ids), policy=policy, **fields)
         try:
             resolved, _ = self.engine.validate(req)
-        except RequestError as exc:
+        except RequestError as exc:  # an option these settings set is at fault: name that setting
             overridden = [k for k in POLICY_OPTIONS if getattr(settings, k) is not None]
-            option = exc.option if exc.request_field == "policy" and exc.option in overridden else None
-            raise exc.renamed(TEXT_NAMES, option) from None
+            if exc.request_field == "policy" and exc.option in overridden:
+                raise RequestError("{detail}", exc.option, option=exc.option, detail=str(exc)) from None
+            raise
         return Prepared(list(prompt_ids), req, policy, resolved.eos, settings)
 
     def _final_text(self, prefix: list[int], settings: GenerationSettings, stop_ids: set):
@@ -684,6 +689,7 @@ __all__ = [
     "ENGINE_FIELDS",
     "MAX_STOP_LENGTH",
     "MAX_STOP_STRINGS",
+    "TEXT_NAMES",
     "Canvas",
     "Completion",
     "Delta",

@@ -207,7 +207,7 @@ def summarize_run(task: Task, out: Path, settings: EvalSettings) -> dict[str, An
         "correct": correct,
         "accuracy": correct / n if n else 0.0,
         "mean_nfe": statistics.fmean(r["nfe"] for r in recs) if recs else None,
-        "tokens_per_step": statistics.fmean(r["tokens_per_step"] for r in recs) if recs else None,
+        "tokens_per_step": statistics.fmean(r["positions_per_forward"] for r in recs) if recs else None,
         "latency_per_sample_s": gen_seconds / n if n else None,
         "tokens_per_s": tokens / gen_seconds if gen_seconds > 0 else None,
         "mean_gen_tokens": tokens / n if n else None,

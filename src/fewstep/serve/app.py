@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fewstep.decoding.text import Canvas, Completion, Delta, GenerationSettings, RequestError, TextGenerator
+from fewstep.decoding.text import TEXT_NAMES, Canvas, Completion, Delta, GenerationSettings, RequestError, TextGenerator
 from fewstep.serve.protocol import ApiError, chunk, new_id, parse_body, parse_request, response, usage
 
 
@@ -185,8 +185,9 @@ class _Routes:
         gen, cfg = self.gen, self.cfg
         try:
             prepared = [gen.prepare(p, parsed.settings) for p in parsed.prompts]
-        except RequestError as exc:  # in the text layer's field names, which are the API's
-            raise ApiError(400, str(exc), param=exc.field) from None
+        except RequestError as exc:  # stated in the text layer's field names, which are the API's
+            err = exc.renamed(TEXT_NAMES)
+            raise ApiError(400, str(err), param=err.field) from None
         except (ValueError, TypeError) as exc:  # encoding the prompt (e.g. no chat template)
             raise ApiError(400, str(exc), param="messages" if chat else "prompt") from None
         if not gen.running():

@@ -171,7 +171,7 @@ class Policy:
 
 def shown(value: Any) -> str:
     """``value`` for an error message: at most 60 characters (a huge integer by its size, never its digits)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 192:
         return f"an integer of {value.bit_length()} bits"
     text = str(value) if isinstance(value, (int, float)) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

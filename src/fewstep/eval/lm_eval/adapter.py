@@ -383,7 +383,7 @@ class FewstepLM(TemplateLM):
         return {
             "requests": len(st),
             "mean_nfe": statistics.fmean(s["nfe"] for s in st),
-            "tokens_per_step": statistics.fmean(s["tokens_per_step"] for s in st),
+            "tokens_per_step": statistics.fmean(s["positions_per_forward"] for s in st),
             "latency_per_sample_s": seconds / len(st),
             "tokens_per_s": tokens / seconds if seconds > 0 else None,
             "mean_gen_tokens": tokens / len(st),
