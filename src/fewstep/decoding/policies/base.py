@@ -204,8 +204,9 @@ def check_temperature(policy: Any, option: str = "temperature") -> None:
 def check_options(policy: Any, vocab_size: int | None = None) -> None:
     """The type and bounds of every option of a dataclass policy, read from its annotations: booleans are
     bools, strings strings, counts integers in ``[0, MAX_OPTION_COUNT]``, real options numbers other than
-    NaN, token-id tuples at most ``MAX_OPTION_IDS`` ids of the vocabulary. The engine runs it on every
-    request's policy (a policy's own ranges are checked when it is built); :class:`OptionError`."""
+    NaN, token-id tuples at most ``MAX_OPTION_IDS`` ids of the vocabulary; then the policy's own range checks
+    (its ``__post_init__``) run again, for an instance changed after it was built. The engine runs it on every
+    request's policy; :class:`OptionError`."""
     if not is_dataclass(policy):
         return
     for f in fields(policy):
@@ -227,6 +228,9 @@ def check_options(policy: Any, vocab_size: int | None = None) -> None:
             raise OptionError(f"{where} must be a number; got nan", f.name)
         if kind.startswith("tuple[int"):
             _check_ids(where, f.name, value, vocab_size)
+    recheck = getattr(policy, "__post_init__", None)
+    if recheck is not None:
+        recheck()
 
 
 def _check_ids(where: str, option: str, value: Any, vocab_size: int | None) -> None:
