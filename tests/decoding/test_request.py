@@ -54,7 +54,7 @@ BAD = [
     ({"policy": "llada:steps=1000000000"}, "policy", "llada.steps must be in [0, 131072]"),
     ({"policy": "threshold:temperature=3"}, "policy", "threshold.temperature must be in [0.0, 2.0]; got 3.0"),
     ({"policy": "dream:top_k=1000000"}, "policy", "dream.top_k must be in [0, 131072]"),
-    ({"policy": "cad:eos_ids=7/600"}, "policy", "cad.eos_ids must be at most 256 token ids in [0, 511]"),
+    ({"policy": "cad:eos_ids=7/-1"}, "policy", "cad.eos_ids must be at most 256 token ids in [0, 2147483647]"),
     ({"policy": "sdar:eb_threshold=-1"}, "policy", "sdar.eb_threshold must be in [0.0, inf]"),
     ({"policy": "changed-after-built"}, "policy", "threshold.temperature must be in [0.0, 2.0]; got 5.0"),
     ({"policy": 3}, "policy", "policy must be a Policy or a string"),

@@ -266,7 +266,7 @@ def resolve_settings(model, req: Request, tokenizer=None, policy: Policy | None 
         flag(getattr(req, name), name)
     _check_quirks(req.quirks)
     try:
-        check_options(policy, vocab)
+        check_options(policy)
         policy.validate(-(-G // L) * L if bd else G, L)
     except OptionError as exc:
         raise RequestError("{detail}", "policy", option=exc.option, detail=str(exc)) from None

@@ -39,8 +39,10 @@ PROBS_DTYPES = {"logits": None, "float32": torch.float32, "float64": torch.float
 MAX_TEMPERATURE = 2.0
 #: the largest value of a count option (steps, tokens per step, top-k): the longest canvas the engine takes
 MAX_OPTION_COUNT = 1 << 17
-#: the most token ids a token-id option (``eos_ids``) holds
+#: the most token ids a token-id option (``eos_ids``) holds, and the bound of each (ids outside a model's
+#: vocabulary are allowed: a reference's list of EOS ids names ids the tiny fixtures do not have)
 MAX_OPTION_IDS = 256
+MAX_TOKEN_ID = 2**31 - 1
 
 
 class OptionError(ValueError):
@@ -201,12 +203,12 @@ def check_temperature(policy: Any, option: str = "temperature") -> None:
     check_range(f"{policy.name}.{option}", getattr(policy, option), 0.0, MAX_TEMPERATURE)
 
 
-def check_options(policy: Any, vocab_size: int | None = None) -> None:
+def check_options(policy: Any) -> None:
     """The type and bounds of every option of a dataclass policy, read from its annotations: booleans are
     bools, strings strings, counts integers in ``[0, MAX_OPTION_COUNT]``, real options numbers other than
-    NaN, token-id tuples at most ``MAX_OPTION_IDS`` ids of the vocabulary; then the policy's own range checks
-    (its ``__post_init__``) run again, for an instance changed after it was built. The engine runs it on every
-    request's policy; :class:`OptionError`."""
+    NaN, token-id tuples at most ``MAX_OPTION_IDS`` ids in ``[0, MAX_TOKEN_ID]``; then the policy's own
+    range checks (its ``__post_init__``) run again, for an instance changed after it was built. The engine
+    runs it on every request's policy; :class:`OptionError`."""
     if not is_dataclass(policy):
         return
     for f in fields(policy):
@@ -227,19 +229,17 @@ def check_options(policy: Any, vocab_size: int | None = None) -> None:
         if kind == "float" and math.isnan(value):
             raise OptionError(f"{where} must be a number; got nan", f.name)
         if kind.startswith("tuple[int"):
-            _check_ids(where, f.name, value, vocab_size)
+            _check_ids(where, f.name, value)
     recheck = getattr(policy, "__post_init__", None)
     if recheck is not None:
         recheck()
 
 
-def _check_ids(where: str, option: str, value: Any, vocab_size: int | None) -> None:
-    top = (vocab_size or MAX_OPTION_COUNT) - 1
+def _check_ids(where: str, option: str, value: Any) -> None:
     ok = isinstance(value, (tuple, list)) and len(value) <= MAX_OPTION_IDS
-    if not ok or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= top for i in value):
-        raise OptionError(
-            f"{where} must be at most {MAX_OPTION_IDS} token ids in [0, {top}]; got {shown(value)}", option
-        )
+    if not ok or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= MAX_TOKEN_ID for i in value):
+        msg = f"{where} must be at most {MAX_OPTION_IDS} token ids in [0, {MAX_TOKEN_ID}]; got {shown(value)}"
+        raise OptionError(msg, option)
 
 
 def check_confidence_options(policy: Any) -> None:
