@@ -61,7 +61,7 @@ import torch
 
 from fewstep.decoding.forward import BlockRun, Seqs, block_forward, dual_forward, full_forward, prefix_forward
 from fewstep.decoding.policies import Policy, StepState
-from fewstep.decoding.policies.base import RowRNG
+from fewstep.decoding.policies.base import RowRNG, shown
 from fewstep.decoding.request import (
     CACHE_MODES,
     END_OF_TURN_TOKENS,
@@ -441,7 +441,7 @@ class Engine:
             if request.id is None:
                 request.id = next(self._ids)
             elif request.id in self._inbox.live:
-                raise RequestError("request {id} {value} is already pending or running", "id", value=repr(request.id))
+                raise RequestError("request {id} {value} is already pending or running", "id", value=shown(request.id))
             self._inbox.live.add(request.id)
             self._inbox.pending.append(_Pending(request, settings, prompt))
         return request.id
