@@ -452,3 +452,42 @@ def test_sigkill_and_resume_reach_the_uninterrupted_state(arith_teacher, traject
     assert [(r["loss"], r["block_size"], r["mask_ratio"]) for r in logs[0]] == [
         (r["loss"], r["block_size"], r["mask_ratio"]) for r in logs[1]
     ]
+
+
+def test_dream_teacher_commits_the_lowest_entropy_mask_of_the_block_each_forward():
+    """Dream's trajectory teacher: one commit per forward, the block's lowest-entropy masked position
+    (entropy of the un-tempered next-token softmax, log(p + 1e-8)), blocks left to right."""
+    dream = fewstep.load_model(REPO / "tests" / "fixtures" / "dream-tiny-a")
+    prompt, g_len, block = list(range(3, 13)), 16, 8
+    out = fewstep.generate(dream, [prompt], teacher_policy("dream", g_len), gen_length=g_len, block_length=block)
+    pi = commit_rank(out.decode_step[0].tolist())
+    assert sorted(pi) == list(range(g_len))
+    final, mask_id = out.sequences[0], dream.config.mask_token_id
+    p = len(prompt)
+    for s in range(g_len):
+        x = final.clone()
+        x[p:][torch.tensor(pi) >= s] = mask_id  # the canvas before forward s
+        with torch.no_grad():
+            z = dream(input_ids=x[None]).logits[0]
+        z = torch.cat([z[:1], z[:-1]])[p:]  # token i predicted at i - 1
+        probs = torch.softmax(z, -1)
+        h = -(probs * torch.log(probs + 1e-8)).sum(-1)
+        lo = (s // block) * block  # the teacher decodes block by block, one token per forward
+        cand = [j for j in range(lo, lo + block) if pi[j] >= s]
+        assert pi.index(s) == min(cand, key=lambda j: (float(h[j]), j)), f"forward {s}"
+
+
+def test_distill_d3llm_on_dream(arith_teacher, trajectory_rollouts, tmp_path):
+    dream = REPO / "tests" / "fixtures" / "dream-tiny-a"  # vocabulary 512 covers the arith tokenizer's ids
+    out = tmp_path / "dream"
+    args = _distill(dream, trajectory_rollouts, out, "--tokenizer", str(arith_teacher), "--lora-r", "2")
+    assert main([*args, "--max-steps", "2"]) == 0
+    info = json.loads((out / "training.json").read_text())
+    hp = info["objective_hparams"]
+    assert (hp["block_sizes"], hp["entropy_weight"], hp["entropy_views"], hp["past_canvas"]) == (
+        [16, 24, 32],
+        1.0,
+        "both",
+        "clean",
+    )
+    assert info["schedule"] == "cosine"
