@@ -372,7 +372,9 @@ def attach_trajectories(
         if found is None:
             counts["fallback"] += 1
             continue
-        ex["rank"], ex["rank_prompt_length"] = array("i", found[0]), found[1]
+        rank = found[0]
+        ex["rank"] = array("h" if max(rank, default=0) < 2**15 else "i", rank)  # int16: 2 bytes per token
+        ex["rank_prompt_length"] = found[1]
         counts["with_trajectory"] += 1
         exact = rec.get("response_ids") if index is None else None
         if exact is not None and list(exact) != list(ex["response_ids"]):
