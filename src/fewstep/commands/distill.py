@@ -1,4 +1,4 @@
-"""`fewstep distill --method dparallel|cd4lm`: distil a diffusion LM for few-step decoding.
+"""`fewstep distill --method dparallel|cd4lm|dmax`: distil a diffusion LM for few-step decoding.
 
 Trains with the chosen objective (``fewstep.distill``) on prompt/response JSONL, usually the folder
 ``fewstep rollout`` wrote, with LoRA (``peft``) or full fine-tuning, through ``accelerate``: plain
@@ -12,7 +12,7 @@ RNG state).
 Block-diffusion models (LLaDA2-MoE, SDAR) get the block-diffusion objectives (dFactory's dParallel, CD4LM
 with both views inside the block-causal structure: docs/distillation.md, "Block-diffusion models").
 Defaults follow the papers, per model family: the recipe flags are generated from the recipe dataclasses
-of the paper files (``fewstep.distill.dparallel.RECIPES``, ``fewstep.distill.cd4lm.RECIPES``) and an unset
+of the paper files (``fewstep.distill.{dparallel,cd4lm,dmax}.RECIPES``) and an unset
 flag takes the recipe's value for the model's family. docs/distillation.md lists the settings used for the
 tiny embedded model. This module is wiring: the library does the work (``fewstep.distill.build_objective``,
 ``read_training_data``, ``fewstep.train``).
@@ -45,8 +45,12 @@ examples:
       --lora-r 128 --lora-targets dparallel --batch-size 64 --grad-accum 8 --max-length 384 --bf16
   # block-diffusion models (LLaDA2-MoE, SDAR): dFactory's dParallel objective, full fine-tuning by default
   # (not run here: no GPU; in the FSDP config wrap DecoderLayer for LLaDA2, SDARLayer for SDAR)
-  accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m fewstep distill --method dparallel \
+  accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m fewstep distill --method dparallel \\
       --model /models/LLaDA2.0-mini --data data/llada2-gsm8k --out runs/dparallel-llada2 --batch-size 8 --bf16
+  # DMax OPUT on LLaDA2.0-mini at the official settings (docs/distillation.md, "DMax"; not run here)
+  accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m fewstep distill --method dmax \\
+      --model /models/LLaDA2.0-mini --data data/dmax-math --out runs/dmax-llada2 --batch-size 8 \\
+      --max-length 2048 --bf16 --gradient-checkpointing
 """
 
 
@@ -55,7 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fewstep.train.recipe import add_recipe_arguments
 
     parser.epilog = EPILOG
-    parser.add_argument("--method", required=True, choices=["dparallel", "cd4lm"], help="distillation objective")
+    parser.add_argument(
+        "--method",
+        required=True,
+        choices=["dparallel", "cd4lm", "dmax"],
+        help="distillation objective (dmax: DMax's on-policy uniform training, each example trained twice)",
+    )
     parser.add_argument("--model", required=True, metavar="PATH", help=f"teacher / base {SHIPPED_HELP}")
     parser.add_argument(
         "--data", required=True, metavar="PATH", help="rollout folder (fewstep rollout) or prompt/response JSONL"
@@ -103,8 +112,8 @@ def _optimisation_arguments(opt) -> None:
         "--max-length",
         type=int,
         default=None,
-        help="sequence length: dparallel pads prompt+response+EOS with EOS to it (paper: 384), cd4lm truncates "
-        "(paper: 512); default: longest prompt + --gen-length",
+        help="sequence length: dparallel and dmax pad prompt+response+EOS with EOS to it (papers: 384, 2048), "
+        "cd4lm truncates (paper: 512); default: longest prompt + --gen-length",
     )
     opt.add_argument(
         "--gen-length",
@@ -144,7 +153,7 @@ def _lengths(args: argparse.Namespace, examples: list[dict[str, Any]], manifest:
     longest_response = max(len(e["response_ids"]) for e in examples)
     gen_length = args.gen_length or (manifest or {}).get("config", {}).get("gen_length") or longest_response + 1
     max_length = args.max_length or longest_prompt + max(gen_length, longest_response + 1)
-    if args.method == "dparallel" and longest_prompt + longest_response + 1 > max_length:
+    if args.method in ("dparallel", "dmax") and longest_prompt + longest_response + 1 > max_length:
         print(
             f"fewstep distill: warning: the longest prompt+response+EOS ({longest_prompt + longest_response + 1} "
             f"tokens) exceeds --max-length {max_length}; such sequences are truncated",
@@ -250,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
         per_sequence=args.loss_normalization == "sequence",
         overrides=vars(args),
     )
+    examples = objective.training_examples(examples)  # DMax: each example once per view
     lora = _lora_spec(args, recipe.finetune, arch)
     teacher = None
     if objective.needs_teacher and lora is None:
@@ -358,7 +368,11 @@ def write_model_card(folder: Path, info: dict[str, Any]) -> None:
     """README.md of the distilled checkpoint (:func:`fewstep.train.card.write_model_card`)."""
     from fewstep.train.card import write_model_card as write_card
 
-    method = {"dparallel": "dParallel certainty forcing", "cd4lm": "CD4LM consistency distillation (DSCD)"}
+    method = {
+        "dparallel": "dParallel certainty forcing",
+        "cd4lm": "CD4LM consistency distillation (DSCD)",
+        "dmax": "DMax on-policy uniform training (OPUT)",
+    }
     how = "LoRA, merged; the adapter is in adapter/" if info["finetune"] == "lora" else "full fine-tuning"
     write_card(
         folder,
