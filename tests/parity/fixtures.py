@@ -49,6 +49,13 @@ def arrays(d: Path) -> dict[str, np.ndarray]:
 
 
 @functools.cache
+def dmax_oracles(d: Path) -> dict | None:
+    """``oracles_dmax.json`` of a fixture directory (DMax's SPD and OPUT oracles), or None where it has none."""
+    f = d / "oracles_dmax.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+@functools.cache
 def model(d: Path):
     import fewstep
 

@@ -1,4 +1,4 @@
-"""`fewstep distill --method dparallel|cd4lm|d3llm`: distil a diffusion LM for few-step decoding.
+"""`fewstep distill --method dparallel|cd4lm|dmax|d3llm`: distil a diffusion LM for few-step decoding.
 
 Trains with the chosen objective (``fewstep.distill``) on prompt/response JSONL, usually the folder
 ``fewstep rollout`` wrote, with LoRA (``peft``) or full fine-tuning, through ``accelerate``: plain
@@ -12,7 +12,7 @@ RNG state).
 Block-diffusion models (LLaDA2-MoE, SDAR) get the block-diffusion objectives (dFactory's dParallel, CD4LM
 with both views inside the block-causal structure: docs/distillation.md, "Block-diffusion models").
 Defaults follow the papers, per model family: the recipe flags are generated from the recipe dataclasses
-of the paper files (``fewstep.distill.dparallel.RECIPES``, ``fewstep.distill.cd4lm.RECIPES``) and an unset
+of the paper files (``fewstep.distill.{dparallel,cd4lm,dmax}.RECIPES``) and an unset
 flag takes the recipe's value for the model's family. docs/distillation.md lists the settings used for the
 tiny embedded model. This module is wiring: the library does the work (``fewstep.distill.build_objective``,
 ``read_training_data``, ``fewstep.train``).
@@ -48,8 +48,12 @@ examples:
       --lora-r 32 --lr 1e-3 --batch-size 32 --max-steps 600
   # block-diffusion models (LLaDA2-MoE, SDAR): dFactory's dParallel objective, full fine-tuning by default
   # (not run here: no GPU; in the FSDP config wrap DecoderLayer for LLaDA2, SDARLayer for SDAR)
-  accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m fewstep distill --method dparallel \
+  accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m fewstep distill --method dparallel \\
       --model /models/LLaDA2.0-mini --data data/llada2-gsm8k --out runs/dparallel-llada2 --batch-size 8 --bf16
+  # DMax OPUT on LLaDA2.0-mini at the official settings (docs/distillation.md, "DMax"; not run here)
+  accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m fewstep distill --method dmax \\
+      --model /models/LLaDA2.0-mini --data data/dmax-math --out runs/dmax-llada2 --batch-size 8 \\
+      --max-length 2048 --bf16 --gradient-checkpointing
 """
 
 
@@ -60,7 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     from fewstep.distill import METHODS
 
-    parser.add_argument("--method", required=True, choices=list(METHODS), help="distillation objective")
+    parser.add_argument(
+        "--method",
+        required=True,
+        choices=list(METHODS),
+        help="distillation objective (dmax: DMax's on-policy uniform training, each example trained twice; d3llm: "
+        "masks cut from the teacher's trajectories, fewstep rollout --trajectory)",
+    )
     parser.add_argument("--model", required=True, metavar="PATH", help=f"teacher / base {SHIPPED_HELP}")
     parser.add_argument(
         "--data", required=True, metavar="PATH", help="rollout folder (fewstep rollout) or prompt/response JSONL"
@@ -115,8 +125,8 @@ def _optimisation_arguments(opt) -> None:
         "--max-length",
         type=int,
         default=None,
-        help="sequence length: dparallel pads prompt+response+EOS with EOS to it (paper: 384), cd4lm truncates "
-        "(paper: 512); default: longest prompt + --gen-length",
+        help="sequence length: dparallel and dmax pad prompt+response+EOS with EOS to it (papers: 384, 2048), "
+        "cd4lm truncates (paper: 512); default: longest prompt + --gen-length",
     )
     opt.add_argument(
         "--gen-length",
@@ -156,7 +166,7 @@ def _lengths(args: argparse.Namespace, examples: list[dict[str, Any]], manifest:
     longest_response = max(len(e["response_ids"]) for e in examples)
     gen_length = args.gen_length or (manifest or {}).get("config", {}).get("gen_length") or longest_response + 1
     max_length = args.max_length or longest_prompt + max(gen_length, longest_response + 1)
-    if args.method in ("dparallel", "d3llm") and longest_prompt + longest_response + 1 > max_length:
+    if args.method in ("dparallel", "dmax", "d3llm") and longest_prompt + longest_response + 1 > max_length:
         print(
             f"fewstep distill: warning: the longest prompt+response+EOS ({longest_prompt + longest_response + 1} "
             f"tokens) exceeds --max-length {max_length}; such sequences are truncated",
@@ -263,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         per_sequence=args.loss_normalization == "sequence",
         overrides=vars(args),
     )
+    examples = objective.training_examples(examples)  # DMax: each example once per view
     lora = _lora_spec(args, recipe.finetune, arch)
     teacher = None
     if objective.needs_teacher and lora is None:
@@ -398,6 +409,7 @@ def write_model_card(folder: Path, info: dict[str, Any]) -> None:
     method = {
         "dparallel": "dParallel certainty forcing",
         "cd4lm": "CD4LM consistency distillation (DSCD)",
+        "dmax": "DMax on-policy uniform training (OPUT)",
         "d3llm": "d3LLM pseudo-trajectory distillation",
     }
     how = "LoRA, merged; the adapter is in adapter/" if info["finetune"] == "lora" else "full fine-tuning"

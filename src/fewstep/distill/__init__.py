@@ -1,5 +1,5 @@
-"""Distillation, one module per paper: ``dparallel`` (certainty forcing), ``cd4lm`` (DSCD), ``d3llm``
-(pseudo-trajectory certainty forcing).
+"""Distillation, one module per paper: ``dparallel`` (certainty forcing), ``cd4lm`` (DSCD), ``dmax`` (OPUT),
+``d3llm`` (pseudo-trajectory certainty forcing).
 
 Each paper's module holds its objective, its losses and its recipe (a typed dataclass per model
 family: ``RECIPES``). This package maps a ``fewstep distill --method`` name to them:
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-METHODS = ("dparallel", "cd4lm", "d3llm")
+METHODS = ("dparallel", "cd4lm", "dmax", "d3llm")
 
 
 def _module(method: str):
@@ -31,6 +31,10 @@ def _module(method: str):
         from fewstep.distill import cd4lm
 
         return cd4lm
+    if method == "dmax":
+        from fewstep.distill import dmax
+
+        return dmax
     if method == "d3llm":
         from fewstep.distill import d3llm
 
@@ -39,11 +43,14 @@ def _module(method: str):
 
 
 def objective_class(method: str, architecture: str | None = None) -> type:
-    """The ``Objective`` subclass of a distillation method (``"dparallel"``, ``"cd4lm"``, ``"d3llm"``) for a
+    """The ``Objective`` subclass of a distillation method (``"dparallel"``, ``"cd4lm"``, ``"dmax"``, ``"d3llm"``) for a
     model family: the block-diffusion variant for the block-causal families (``"llada2"``, ``"sdar"``)."""
     mod = _module(method)
     if method == "d3llm":
         return mod.D3LLMObjective
+    if method == "dmax":
+        block = architecture is not None and is_block_family(architecture)
+        return mod.BlockDiffusionDMaxObjective if block else mod.DMaxObjective
     if architecture is not None and is_block_family(architecture):
         return mod.BlockDiffusionDParallelObjective if method == "dparallel" else mod.BlockDiffusionCD4LMObjective
     return mod.DParallelObjective if method == "dparallel" else mod.CD4LMObjective
@@ -127,6 +134,8 @@ _HPARAMS = (
     "confidence_beta",
     "noise_range",
     "same_token_labels",
+    "views",
+    "eos_labels",
     "block_sizes",
     "min_mask_ratio",
     "max_mask_ratio",
