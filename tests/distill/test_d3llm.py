@@ -248,10 +248,10 @@ def test_rows_do_not_depend_on_their_batch():
     ]
     ex[1].pop("rank")  # a row without trajectory
     batch = obj.collate(ex, torch.Generator().manual_seed(0))
-    views, _ = obj.views(batch, step=3, max_steps=10)
+    views, _ = obj.cut_views(batch, step=3, max_steps=10)
     for i in range(3):
         alone = {k: v[i : i + 1] for k, v in batch.items()}
-        v1, _ = obj.views(alone, step=3, max_steps=10)
+        v1, _ = obj.cut_views(alone, step=3, max_steps=10)
         assert torch.equal(v1.noisy[0], views.noisy[i]) and torch.equal(v1.mask_rev[0], views.mask_rev[i])
     assert batch["full_lengths"].tolist() == [3 + 4 + 1, 3 + 12 + 1, 3 + 19 + 1]
 

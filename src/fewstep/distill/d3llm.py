@@ -467,7 +467,7 @@ class D3LLMObjective(Objective):
             "u_fallback": torch.rand((n, length), generator=generator),
         }
 
-    def views(self, batch: dict[str, torch.Tensor], step: int, max_steps: int) -> tuple[ComplementaryMasks, dict]:
+    def cut_views(self, batch: dict[str, torch.Tensor], step: int, max_steps: int) -> tuple[ComplementaryMasks, dict]:
         """The two views of ``batch`` at ``step`` and what was drawn (block size, mean ratio)."""
         block, floor = self.curricula(step, max_steps)
         ratios = [draw_mask_ratio(float(u), floor, self.max_mask_ratio) for u in batch["u_ratio"].tolist()]
@@ -503,7 +503,7 @@ class D3LLMObjective(Objective):
         teacher: nn.Module | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Cut the views at ``step``, two forwards and :func:`d3llm_loss`."""
-        views, drawn = self.views(batch, step, max_steps)
+        views, drawn = self.cut_views(batch, step, max_steps)
         total, logs = self.views_loss(model, batch["input_ids"], views)
         return total, {**logs, **drawn}
 
