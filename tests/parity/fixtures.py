@@ -88,3 +88,14 @@ def params(items_of) -> list:
         for item_id, item in items_of(d):
             out.append(pytest.param(d, item, id=f"{d.name}-{item_id}"))
     return out
+
+
+#: d3LLM oracle file of a fixture directory (decoding, trajectories, noisy states, losses, curricula)
+D3LLM_FILE = "oracles_d3llm.json"
+
+
+@functools.cache
+def d3llm_oracles(d: Path) -> dict | None:
+    """``oracles_d3llm.json`` of ``d``, or None when the directory has none (it then contributes no items)."""
+    f = d / D3LLM_FILE
+    return json.loads(f.read_text()) if f.is_file() else None

@@ -1,4 +1,4 @@
-"""`fewstep distill --method dparallel|cd4lm|dmax`: distil a diffusion LM for few-step decoding.
+"""`fewstep distill --method dparallel|cd4lm|dmax|d3llm`: distil a diffusion LM for few-step decoding.
 
 Trains with the chosen objective (``fewstep.distill``) on prompt/response JSONL, usually the folder
 ``fewstep rollout`` wrote, with LoRA (``peft``) or full fine-tuning, through ``accelerate``: plain
@@ -43,6 +43,9 @@ examples:
   accelerate launch --config_file configs/accelerate/deepspeed_zero2_8gpu.yaml -m fewstep distill \\
       --method dparallel --model /models/LLaDA-8B-Instruct --data data/llada-gsm8k --out runs/dparallel-llada \\
       --lora-r 128 --lora-targets dparallel --batch-size 64 --grad-accum 8 --max-length 384 --bf16
+  # d3LLM on the tiny teacher: trajectory rollouts (fewstep rollout --trajectory), then the objective
+  fewstep distill --method d3llm --model runs/teacher --data data/trajectories --out runs/d3llm \
+      --lora-r 32 --lr 1e-3 --batch-size 32 --max-steps 600
   # block-diffusion models (LLaDA2-MoE, SDAR): dFactory's dParallel objective, full fine-tuning by default
   # (not run here: no GPU; in the FSDP config wrap DecoderLayer for LLaDA2, SDARLayer for SDAR)
   accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m fewstep distill --method dparallel \\
@@ -59,11 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fewstep.train.recipe import add_recipe_arguments
 
     parser.epilog = EPILOG
+    from fewstep.distill import METHODS
+
     parser.add_argument(
         "--method",
         required=True,
-        choices=["dparallel", "cd4lm", "dmax"],
-        help="distillation objective (dmax: DMax's on-policy uniform training, each example trained twice)",
+        choices=list(METHODS),
+        help="distillation objective (dmax: DMax's on-policy uniform training, each example trained twice; d3llm: "
+        "masks cut from the teacher's trajectories, fewstep rollout --trajectory)",
     )
     parser.add_argument("--model", required=True, metavar="PATH", help=f"teacher / base {SHIPPED_HELP}")
     parser.add_argument(
@@ -71,6 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder: final model + checkpoints/")
     parser.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer folder (default: --model)")
+    parser.add_argument(
+        "--trajectories",
+        default=None,
+        metavar="PATH",
+        help="d3llm: teacher trajectories (a fewstep rollout --trajectory folder or JSONL) joined on the record id "
+        "(default: the ones --data's records carry; a record without one gets Bernoulli masks)",
+    )
     rec = parser.add_argument_group("recipe (the papers' defaults, per model family; unset = the recipe's)")
     add_recipe_arguments(rec, all_recipes())
     _lora_arguments(parser.add_argument_group("LoRA (through peft, with --finetune lora)"))
@@ -153,7 +166,7 @@ def _lengths(args: argparse.Namespace, examples: list[dict[str, Any]], manifest:
     longest_response = max(len(e["response_ids"]) for e in examples)
     gen_length = args.gen_length or (manifest or {}).get("config", {}).get("gen_length") or longest_response + 1
     max_length = args.max_length or longest_prompt + max(gen_length, longest_response + 1)
-    if args.method in ("dparallel", "dmax") and longest_prompt + longest_response + 1 > max_length:
+    if args.method in ("dparallel", "dmax", "d3llm") and longest_prompt + longest_response + 1 > max_length:
         print(
             f"fewstep distill: warning: the longest prompt+response+EOS ({longest_prompt + longest_response + 1} "
             f"tokens) exceeds --max-length {max_length}; such sequences are truncated",
@@ -232,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
     records, manifest, files = read_training_data(args.data)
     tok = load_tokenizer(args.tokenizer or model_dir)
     examples = tokenize_pairs(records, tok)
+    _attach_trajectories(args, examples, records)
     gen_length, max_length = _lengths(args, examples, manifest)
     # cpu=True on a machine without GPU, so that torchrun processes form a gloo group
     accelerator = Accelerator(
@@ -279,6 +293,30 @@ def run(args: argparse.Namespace) -> int:
         _finish(args, model_dir, out, recipe.finetune, train_cfg, summary, len(examples), accelerator)
         trainer.write_logs()
     return 0
+
+
+def _attach_trajectories(args: argparse.Namespace, examples: list[dict[str, Any]], records: list[dict]) -> None:
+    """d3llm: give each example the teacher's commit ranks (``fewstep.distill.d3llm.attach_trajectories``)."""
+    if args.method != "d3llm":
+        if args.trajectories:
+            raise ValueError("--trajectories applies to --method d3llm")
+        return
+    from fewstep.distill import read_training_data
+    from fewstep.distill.d3llm import attach_trajectories
+
+    trajectories = read_training_data(args.trajectories)[0] if args.trajectories else None
+    counts = attach_trajectories(examples, records, trajectories)
+    if not counts["with_trajectory"]:
+        raise ValueError(
+            "no training record has a teacher trajectory (commit_rank): make the data with fewstep rollout "
+            "--trajectory, or pass --trajectories"
+        )
+    if counts["fallback"]:
+        print(
+            f"fewstep distill: warning: {counts['fallback']:,} of {len(examples):,} records have no trajectory "
+            "and get Bernoulli masks",
+            file=sys.stderr,
+        )
 
 
 def _warn_unused(args: argparse.Namespace, arch: str, recipe: Any) -> None:
@@ -372,6 +410,7 @@ def write_model_card(folder: Path, info: dict[str, Any]) -> None:
         "dparallel": "dParallel certainty forcing",
         "cd4lm": "CD4LM consistency distillation (DSCD)",
         "dmax": "DMax on-policy uniform training (OPUT)",
+        "d3llm": "d3LLM pseudo-trajectory distillation",
     }
     how = "LoRA, merged; the adapter is in adapter/" if info["finetune"] == "lora" else "full fine-tuning"
     write_card(
