@@ -272,10 +272,13 @@ class Ctx:
         """(gen_length, block_length): a block model decodes in the blocks of its attention."""
         return (gen, int(self.model(kind).block_length)) if kind == "moe" else (gen, block)
 
-    def peak_reset(self) -> None:
-        if self.cuda:
-            sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+    def peak_reset(self) -> int | None:
+        """Start a peak measurement; returns the bytes allocated now (None on a CPU)."""
+        if not self.cuda:
+            return None
+        sync(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return int(torch.cuda.memory_allocated(self.device))
 
     def peak(self) -> int | None:
         """Peak allocated bytes since :meth:`peak_reset` (a CUDA statistic: None on a CPU)."""
@@ -393,6 +396,11 @@ def invariance_row(model, prompts, spec, cache, gen, block) -> dict:
     }
 
 
+def first_block(prompt: list[int], gen: int, block: int, mask: int, device) -> Seqs:
+    """A prompt's canvas at its first block: what the engine's first (full) forward of it runs."""
+    return Seqs(torch.tensor(prompt + [mask] * gen, device=device)[None], None, len(prompt), len(prompt) + block)
+
+
 @torch.no_grad()
 def first_forward_diff(model, prompts, gen: int, block: int) -> dict:
     """The engine's first forward of every prompt, all in one padded call and each alone: the largest
@@ -411,7 +419,7 @@ def first_forward_diff(model, prompts, gen: int, block: int) -> dict:
         together = block_forward(model, items, pad)[0]
         alone = [block_forward(model, [it], pad)[0][0] for it in items]
     else:
-        items = [Seqs(torch.tensor(p + [mask] * gen, device=dev)[None], None, len(p), len(p) + block) for p in prompts]
+        items = [first_block(p, gen, block, mask, dev) for p in prompts]
         together = full_forward(model, items, pad, False)[0]
         alone = [full_forward(model, [it], pad, False)[0][0] for it in items]
     diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(alone, together)]
@@ -744,8 +752,7 @@ def sdpa_report(ctx: Ctx) -> dict:
     out = {"batch": B, "heads": cfg.n_heads, "head_dim": cfg.head_dim, "tokens": P + s.speed_gen}
     g = torch.Generator(device=ctx.device).manual_seed(2)
     for name, rows in cases.items():
-        seqs = [Seqs(torch.tensor(p + [mask] * s.speed_gen, device=ctx.device)[None], None, len(p), len(p) + 32)
-                for p in rows]  # fmt: skip
+        seqs = [first_block(p, s.speed_gen, s.speed_block, mask, ctx.device) for p in rows]
         used, names = sdpa_used(ctx.device, lambda seqs=seqs: full_forward(model, seqs, pad, False))
         T = P + s.speed_gen
         qkv = torch.randn(B, 3, cfg.n_heads, T, cfg.head_dim, generator=g, device=ctx.device, dtype=ctx.dtype)
@@ -885,9 +892,17 @@ def peer_model(peer: dict, model) -> tuple[torch.nn.Module, list[str]]:
     if not hasattr(pc, "use_cache"):  # transformers >= 5 dropped the PretrainedConfig default the code reads
         pc.use_cache = False
         shims.append("config.use_cache = False (transformers >= 5 has no default)")
-    m = peer["modeling"].LLaDAModelLM(pc, init_params=False).to(model.dtype)
+    from accelerate import init_empty_weights
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(model.dtype)  # built in the weights' dtype, as from_pretrained(torch_dtype=) builds it
+    try:
+        with init_empty_weights():  # parameters on the meta device: no 8B-shaped CPU init
+            m = peer["modeling"].LLaDAModelLM(pc, init_params=False)
+    finally:
+        torch.set_default_dtype(default)
     state = {model.checkpoint_key(k): v for k, v in model.state_dict().items()}
-    missing, unexpected = m.load_state_dict(state, strict=False)
+    missing, unexpected = m.load_state_dict(state, strict=False, assign=True)  # fewstep's tensors, shared
     params = {n for n, _ in m.named_parameters()}
     if params & set(missing) or unexpected:
         raise RuntimeError(
@@ -989,16 +1004,22 @@ def section_memory(ctx: Ctx) -> dict:
             for b in s.speed_batches:
                 reqs = [Request(p, policy=spec, gen_length=gen, block_length=block, cache=cache, id=i,
                                 max_nfe=s.memory_max_nfe) for i, p in enumerate(prompts[:b])]  # fmt: skip
-                ctx.peak_reset()
+                resident = ctx.peak_reset()
                 row = {"model": kind, "batch": b, "cache": cache, "weights_bytes": n_bytes(model), "oom": False}
                 try:
                     Engine(model, max_batch=b).run(reqs)
-                except torch.cuda.OutOfMemoryError:
+                except (
+                    torch.cuda.OutOfMemoryError,
+                    RuntimeError,
+                ) as exc:  # the engine reports a policy's as a row error
+                    if "out of memory" not in str(exc).lower():
+                        raise
                     row["oom"] = True
                     free_memory()
                 peak = ctx.peak()
-                row["peak_allocated_bytes"] = peak
-                row["peak_over_weights"] = None if peak is None else peak / row["weights_bytes"]
+                row["resident_bytes"], row["peak_allocated_bytes"] = resident, peak
+                row["decode_bytes"] = None if peak is None else peak - resident
+                row["peak_over_weights"] = None if peak is None else 1 + row["decode_bytes"] / row["weights_bytes"]
                 out["inference"].append(row)
     for finetune in ("lora", "full"):
         if budget.over():
@@ -1025,6 +1046,7 @@ def train_row(ctx: Ctx, finetune: str) -> dict:
 
     s = ctx.sizes
     dtype = torch.bfloat16 if finetune == "lora" else torch.float32
+    resident = ctx.peak_reset()  # the inference models stay loaded: their bytes are not the run's
     model = build_model("llada", s.layers, s, ctx.device, dtype, seed=3)
     cfg = model.config
     objective = build_objective("dparallel", "llada", SpecialIds(cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id),
@@ -1048,7 +1070,6 @@ def train_row(ctx: Ctx, finetune: str) -> dict:
         tc = TrainConfig(out_dir=tmp, max_steps=s.train_steps, batch_size=s.train_batch, lr=2e-5, warmup_steps=0,
                          bf16=True, lora=lora, progress=False)  # fmt: skip
         acc = Accelerator(mixed_precision="bf16", cpu=ctx.device.type == "cpu")
-        ctx.peak_reset()
         trainer = Trainer(model, objective, examples, tc, accelerator=acc)
         times, logs = [], {}
         for _ in range(s.train_steps):
@@ -1057,7 +1078,7 @@ def train_row(ctx: Ctx, finetune: str) -> dict:
         row.update(
             first_step_seconds=times[0],
             step_seconds=sum(times[1:]) / max(len(times) - 1, 1),
-            peak_allocated_bytes=ctx.peak(),
+            peak_allocated_bytes=None if resident is None else ctx.peak() - resident,
             trainable_params=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
             loss=logs.get("loss"),
         )
