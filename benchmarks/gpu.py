@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib
 import inspect
@@ -105,7 +106,7 @@ class Sizes:
         ("speed", 130),
         ("peer", 75),
         ("memory", 50),
-        ("serving", 80),
+        ("serving", 100),
     )
     llada: tuple[tuple[str, object], ...] = ()  # config overrides (the smoke run's tiny widths)
     moe: tuple[tuple[str, object], ...] = ()
@@ -356,20 +357,22 @@ def policy_specs(kind: str, gen: int) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(known)), unknown
 
 
+def requests(prompts, spec, cache, gen, block, **kw) -> list[Request]:
+    """One engine request per prompt (ids 0..n-1, seeded per row, so even a sampling policy is row-local)."""
+    return [
+        Request(p, policy=spec, gen_length=gen, block_length=block, cache=cache, seed=i, id=i, **kw)
+        for i, p in enumerate(prompts)
+    ]
+
+
 def decode_pair(model, prompts, spec, cache, gen, block, *, max_padding=None, mode=None):
     """The prompts decoded alone (an engine of one row) and together (one engine of them all):
     ``(alone, together, seconds alone, seconds together)``; ``mode``: a context for both."""
-
-    def requests():
-        return [
-            Request(p, policy=spec, gen_length=gen, block_length=block, cache=cache, seed=i, id=i)
-            for i, p in enumerate(prompts)
-        ]
-
     kw = {} if max_padding is None else {"max_padding": max_padding}
+    reqs = functools.partial(requests, prompts, spec, cache, gen, block)  # fresh ones per engine: it sets their ids
     with mode() if mode else contextlib.nullcontext():
-        alone, t_alone = timed(model.device, lambda: Engine(model, max_batch=1).run(requests()))
-        together, t_together = timed(model.device, lambda: Engine(model, max_batch=len(prompts), **kw).run(requests()))
+        alone, t_alone = timed(model.device, lambda: Engine(model, max_batch=1).run(reqs()))
+        together, t_together = timed(model.device, lambda: Engine(model, max_batch=len(prompts), **kw).run(reqs()))
     return alone, together, t_alone, t_together
 
 
@@ -465,7 +468,7 @@ def section_invariance(ctx: Ctx) -> dict:
     out["logits_invariant"] = all(f["max_abs_logit_diff"] == 0 for f in out["first_forward"])
     out["probes"] = op_probes(ctx)
     want = ctx.args.diagnose == "always" or (ctx.args.diagnose == "auto" and (differ or not out["logits_invariant"]))
-    out["diagnosis"] = diagnose(ctx, (differ or out["rows"])[0], prompts, out["probes"]) if want else None
+    out["diagnosis"] = diagnose(ctx, (differ or out["rows"])[0], prompts, out["probes"], budget) if want else None
     n = sum(r["rows"] for r in out["rows"])
     out["headline"] = (
         f"{sum(len(r['differing_rows']) for r in out['rows'])} of {n} decoded rows differ alone vs together "
@@ -648,21 +651,18 @@ def fixes(rows: int) -> dict[str, dict]:
     }
 
 
-def diagnose(ctx: Ctx, row: dict, prompts, probes: dict) -> dict:
+def diagnose(ctx: Ctx, row: dict, prompts, probes: dict, budget: Budget) -> dict:
     """Run-to-run determinism of the batched decode and, for each candidate fix, the rows that still
     differ and what the fix costs (batched decode time over the default's), on one policy x cache run."""
-    model, budget = ctx.model(row["model"]), ctx.budget("invariance")
+    model = ctx.model(row["model"])
     gen, block = ctx.geometry(row["model"], ctx.sizes.inv_gen, ctx.sizes.inv_block)
     args = (model, prompts, row["policy"], row["cache"], gen, block)
     base = decode_pair(*args)
-    again = Engine(model, max_batch=len(prompts)).run(
-        [Request(p, policy=row["policy"], gen_length=gen, block_length=block, cache=row["cache"], seed=i, id=i)
-         for i, p in enumerate(prompts)]
-    )  # fmt: skip
+    again = Engine(model, max_batch=len(prompts)).run(requests(*args[1:]))
     out = {"model": row["model"], "policy": row["policy"], "cache": row["cache"], **compare(base[0], base[1]),
            "rerun_rows_differ": len(compare(base[1], again)["differing_rows"]), "fixes": []}  # fmt: skip
     for name, fix in fixes(ctx.sizes.fixed_rows).items():
-        if budget.over(-60):  # the diagnosis may overrun the section's budget by a minute
+        if budget.over(-60):  # the diagnosis may overrun the section's budget by a minute, no more
             out["fixes"].append({"fix": name, "skipped": "time budget"})
             continue
         alone, together, t_alone, t_together = decode_pair(*args, **fix)
@@ -693,10 +693,7 @@ def diagnose(ctx: Ctx, row: dict, prompts, probes: dict) -> dict:
 
 
 def speed_row(model, prompts, spec, cache, gen, block, max_nfe) -> dict:
-    reqs = [
-        Request(p, policy=spec, gen_length=gen, block_length=block, cache=cache, id=i, max_nfe=max_nfe)
-        for i, p in enumerate(prompts)
-    ]
+    reqs = requests(prompts, spec, cache, gen, block, max_nfe=max_nfe)
     engine = Engine(model, max_batch=len(reqs))
     with forward_timer(model) as timer:
         res, wall = timed(model.device, lambda: engine.run(reqs))
@@ -1002,8 +999,7 @@ def section_memory(ctx: Ctx) -> dict:
         gen, block = ctx.geometry(kind, s.speed_gen, s.speed_block)
         for cache in CACHES[kind]:
             for b in s.speed_batches:
-                reqs = [Request(p, policy=spec, gen_length=gen, block_length=block, cache=cache, id=i,
-                                max_nfe=s.memory_max_nfe) for i, p in enumerate(prompts[:b])]  # fmt: skip
+                reqs = requests(prompts[:b], spec, cache, gen, block, max_nfe=s.memory_max_nfe)
                 resident = ctx.peak_reset()
                 row = {"model": kind, "batch": b, "cache": cache, "weights_bytes": n_bytes(model), "oom": False}
                 try:
