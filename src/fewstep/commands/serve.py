@@ -69,7 +69,7 @@ def build(args: argparse.Namespace):
     import torch
 
     import fewstep
-    from fewstep.decoding.text import Settings, TextGenerator
+    from fewstep.decoding.text import GenerationSettings, TextGenerator
     from fewstep.serve import ServeConfig, card_defaults, create_app
 
     if args.max_batch < 1 or args.max_queue < 0:
@@ -78,7 +78,7 @@ def build(args: argparse.Namespace):
         raise ValueError(f"--port must be in 1..65535; got {args.port}")
     model_dir = resolve_model(args.model)
     card = card_defaults(model_dir)
-    settings = Settings(
+    settings = GenerationSettings(
         policy=args.policy or card.get("policy", "threshold:0.9"),
         max_tokens=args.gen_length or card.get("gen_length", 128),
         block_length=args.block_length or card.get("block_length"),
