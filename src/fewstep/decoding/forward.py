@@ -105,16 +105,16 @@ def _joined_cache(seqs: list[Seqs], width: int) -> KVCache:
     )
 
 
-def _inputs(model, ids: torch.Tensor, places: list[tuple[tuple[int, int], int, torch.Tensor | None]]) -> dict:
-    """The model's input for ``ids``: ``{"input_ids": ids}``, or its embeddings when a row has its own;
-    ``places`` holds per row ``((first, end) batch rows, column of its window, [l, D] embeddings or None)``."""
+def _inputs(model, ids: torch.Tensor, places: list[tuple[tuple[int, int], int, torch.Tensor | None]]):
+    """The model's input for ``ids``: ``(ids, {})``, or ``(None, {"inputs_embeds": ...})`` when a row has its own
+    embeddings; ``places`` holds per row ``((first, end) batch rows, column of its window, [l, D] or None)``."""
     if all(e is None for _, _, e in places):
-        return {"input_ids": ids}
+        return ids, {}
     x = model.embed(ids)
     for (a, b), col, e in places:
         if e is not None:
             x[a:b, col : col + e.shape[0]] = e.to(x.dtype)
-    return {"input_ids": None, "inputs_embeds": x}
+    return None, {"inputs_embeds": x}
 
 
 def _rows(seqs: list[Seqs] | list[BlockRun]) -> list[tuple[int, int]]:
@@ -146,10 +146,8 @@ def full_forward(model, seqs: list[Seqs], pad: int, want_cache: bool) -> tuple[l
     offs = [n_max - s.x.shape[1] for s in seqs]
     lo = min(o + s.start for o, s in zip(offs, seqs))
     hi = max(o + s.end for o, s in zip(offs, seqs))
-    inputs = _inputs(model, ids, [(j, o + s.start, s.embeds) for j, o, s in zip(_rows(seqs), offs, seqs)])
-    out = model.denoise(
-        attention_mask=am, start=lo, end=hi, use_cache=want_cache, logits_start=lo, logits_end=hi, **inputs
-    )
+    ids, emb = _inputs(model, ids, [(j, o + s.start, s.embeds) for j, o, s in zip(_rows(seqs), offs, seqs)])
+    out = model.denoise(ids, am, start=lo, end=hi, use_cache=want_cache, logits_start=lo, logits_end=hi, **emb)
     logits = _split_logits(out.logits, seqs, [o + s.start - lo for o, s in zip(offs, seqs)])
     caches: list = [None] * len(seqs)
     if want_cache:
@@ -176,15 +174,9 @@ def prefix_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
     else:
         cache = _padded_cache(seqs, [[(0, C - c, c)] for c in cut], C)
     L = max(s.end - s.start for s in seqs)
-    inputs = _inputs(model, ids, [(j, C + sh, s.embeds) for j, s in zip(_rows(seqs), seqs)])
+    ids, emb = _inputs(model, ids, [(j, C + sh, s.embeds) for j, s in zip(_rows(seqs), seqs)])
     out = model.denoise(
-        attention_mask=am,
-        start=C + sh,
-        cache=cache,
-        cache_mode="prefix",
-        logits_start=C + sh,
-        logits_end=C + sh + L,
-        **inputs,
+        ids, am, start=C + sh, cache=cache, cache_mode="prefix", logits_start=C + sh, logits_end=C + sh + L, **emb
     )
     return _split_logits(out.logits, seqs, [0] * len(seqs))
 
@@ -207,16 +199,17 @@ def dual_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
     else:  # the window's columns need no copy: the model overwrites them before attending
         cache = _padded_cache(seqs, [[(0, A - ai, ai), (s.end, A + W, ri)] for s, ai, ri in zip(seqs, a, r)], A + W + R)
     L = max(s.end - s.start for s in seqs)
-    inputs = _inputs(model, ids, [(j, A + sh, s.embeds) for j, s in zip(_rows(seqs), seqs)])
+    ids, emb = _inputs(model, ids, [(j, A + sh, s.embeds) for j, s in zip(_rows(seqs), seqs)])
     out = model.denoise(
-        attention_mask=am,
+        ids,
+        am,
         start=A + sh,
         end=A + W,
         cache=cache,
         cache_mode="dual",
         logits_start=A + sh,
         logits_end=A + sh + L,
-        **inputs,
+        **emb,
     )
     return _split_logits(out.logits, seqs, [0] * len(seqs))
 
@@ -281,9 +274,10 @@ def block_forward(model, runs: list[BlockRun], pad: int) -> tuple[list[torch.Ten
     want = [r.logits for r in runs if r.logits is not None]
     lo, hi = (min(a for a, _ in want), max(b for _, b in want)) if want else (0, 1)
     store = any(r.store for r in runs)
-    places = [(j, *(r.embeds or (0, None))) for j, r in zip(_rows(runs), runs)]
+    ids, emb = _inputs(model, ids, [(j, *(r.embeds or (0, None))) for j, r in zip(_rows(runs), runs)])
     out = model(
-        **_inputs(model, ids, places),
+        ids,
+        **emb,
         attention_mask=_block_mask(runs, C, Q),
         position_ids=pos,
         past_key_values=cache,

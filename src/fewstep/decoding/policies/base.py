@@ -32,8 +32,8 @@ vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, is_dataclass
 from collections.abc import Callable
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
