@@ -36,7 +36,7 @@ EXTRA_SPECS = [
     "sdar:sequential",
     "sdar:entropy_bounded",
     "sdar:low_confidence_static",
-    "spd:threshold=0.0,soft=false",
+    "spd:threshold=0.7,soft=false",
 ]
 
 
