@@ -194,7 +194,7 @@ def mbpp_test_program(record: dict[str, Any], code: str) -> str:
 # false), alone or inside a list, tuple, set or dict. A value that equals a fresh ``object()`` is no
 # honest answer. What they cannot catch (an object that compares honestly with ``object()`` but lies
 # to the test's values, arithmetic-only tricks, patching the tests) is listed in docs/evaluation.md.
-GUARD = '''
+GUARD = """
 def _fewstep_claims_equality(value):
     import itertools
     sentinel = object()
@@ -227,7 +227,7 @@ def _fewstep_guarded(function):
         return _fewstep_answer(function(*args, **kwargs))
 
     return candidate
-'''
+"""
 
 
 class _CallGuard(ast.NodeTransformer):

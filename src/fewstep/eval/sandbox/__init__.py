@@ -393,7 +393,7 @@ class Sandbox:
         proc: subprocess.Popen | None = None
         fds: list[int] = []
         try:
-            _write_files(workdir, program, files, stdin, None if scratch else uid)
+            written = _write_files(workdir, program, files, stdin, None if scratch else uid)
             if cgroup and self._cgroup_layout is not None:
                 try:
                     group = _cgroups.ProgramCgroup.create(
@@ -437,7 +437,7 @@ class Sandbox:
             self._stop(proc, group, uid)  # the tree is gone before the counters are read
             events = group.events() if group else {}
             proc = None
-            entries = 0 if scratch else _count_entries(workdir, limits.files + 1)
+            entries = 0 if scratch else _count_entries(workdir, limits.files + 1 + written) - written
             return _verdict(mode, limits, status, streams, nonce, stopped, events, entries)
         finally:
             if proc is not None:  # an exception on the way: the tree must not survive it
@@ -590,7 +590,8 @@ def _memfd(name: str, content: str) -> int:
 
 def _write_files(
     workdir: str, program: str, files: dict[str, str | bytes] | None, stdin: str | bytes | None, owner: int | None
-) -> None:
+) -> int:
+    """Write the program's files into ``workdir``; returns how many."""
     all_files: dict[str, str | bytes] = {**(files or {}), PROGRAM_NAME: program}
     if stdin is not None:
         all_files[".stdin"] = stdin
@@ -602,6 +603,7 @@ def _write_files(
     if owner is not None:
         for p in [workdir, *(os.path.join(workdir, n) for n in all_files)]:
             os.chown(p, owner, owner)
+    return len(all_files)
 
 
 def _hard_limit_watch(group: _cgroups.ProgramCgroup | None, limits: Limits) -> Callable[[], str | None]:

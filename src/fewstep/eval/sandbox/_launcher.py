@@ -83,10 +83,17 @@ SYS_MOUNT_SETATTR = 442  # same number on every architecture (asm-generic and x8
 # In-sandbox paths (namespaces and bwrap): the working directory, and where the scratch tmpfs is staged.
 SANDBOX_WORKDIR = "/sandbox"
 SCRATCH_STAGE = "/.scratch"
-# Inodes the harness itself uses on the scratch tmpfs (root, work, tmp, shm, the program's files come on top).
-SCRATCH_OWN_INODES = 8
+# Inodes the harness itself uses on the scratch tmpfs: its root, work, tmp and shm, plus one spare (the
+# program's files come on top). The program may create ``files`` files and folders; the spare lets it
+# create one more, and no inode left at the end is how the harness sees that it went over.
+SCRATCH_OWN_INODES = 5
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"))
+DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+)
 POLL = 0.02  # seconds between CPU-time checks of the program
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -106,7 +113,10 @@ def _check(ret, what):
 
 
 def _prctl(option, arg2=0):
-    _check(_libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)), f"prctl({option})")
+    _check(
+        _libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)),
+        f"prctl({option})",
+    )
 
 
 def _mount(src, target, fstype, flags, data=None):
@@ -235,7 +245,13 @@ def _drop_capabilities():
             if err == errno.EINVAL:  # past the last capability this kernel knows
                 break
             raise SetupError(f"dropping capability {cap}: {os.strerror(err)}")
-    _libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    _libc.prctl(
+        PR_CAP_AMBIENT,
+        ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL),
+        ctypes.c_ulong(0),
+        ctypes.c_ulong(0),
+        ctypes.c_ulong(0),
+    )
 
 
 def _set_oom_score(value):
@@ -292,27 +308,56 @@ def _exec_program(cfg):
 # ------------------------------------------------------------------------------------------ waiting
 
 _TICK = os.sysconf("SC_CLK_TCK")
+TREE_POLL = 0.1  # seconds between CPU-time checks of the whole tree (a scan of /proc)
+
+
+def _stat_cpu(stat, first=11):
+    """Seconds from a /proc/PID/stat line: utime + stime + cutime + cstime (``first=13``: the last two)."""
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return sum(int(x) for x in fields[first:15]) / _TICK
 
 
 def _cpu_seconds(stat_fd):
     """utime + stime + cutime + cstime of a process (its own CPU and its waited-for children's)."""
     try:
-        stat = os.pread(stat_fd, 4096, 0)
-    except OSError:
+        return _stat_cpu(os.pread(stat_fd, 4096, 0))
+    except (OSError, ValueError):
         return 0.0
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return sum(int(x) for x in fields[11:15]) / _TICK
 
 
-def _supervise(pid, cfg, reap_all):
+def _tree_cpu(scope, uid, program):
+    """CPU seconds of the program's whole tree: each live process (with the children it waited for) and
+    the orphans this launcher reaped. ``scope``: ``"pidns"`` (every process of our PID namespace but
+    PID 1 and us), ``"uid"`` (every process of the sandbox uid), else the program alone."""
+    me = os.getpid()
+    if scope == "pidns":
+        pids = [int(n) for n in os.listdir("/proc") if n.isdigit() and int(n) not in (1, me)]
+    elif scope == "uid":
+        pids = _processes_of_uid(uid)
+    else:
+        pids = [program]
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                total += _stat_cpu(f.read())
+        except (OSError, ValueError):
+            continue
+    with open("/proc/self/stat", "rb") as f:
+        return total + _stat_cpu(f.read(), first=13)
+
+
+def _supervise(pid, cfg, reap_all, scope):
     """Wait for the program, killing it past its CPU limit or the wall-clock backstop.
 
-    ``reap_all`` (PID 1, subreaper): reap every child meanwhile, not only the program. Returns the
-    decoded status with ``cpu`` (seconds: the program's own CPU time plus its waited-for children's),
-    ``cpu_exceeded``, ``timed_out`` (the wall-clock backstop) and ``duration``.
+    The CPU limit holds for the program's process (checked every ``POLL``) and for its whole tree
+    (``scope``, see :func:`_tree_cpu`; every ``TREE_POLL``). ``reap_all`` (PID 1, subreaper): reap
+    every child meanwhile, not only the program. Returns the decoded status with ``cpu`` (seconds:
+    the program's own CPU time plus its waited-for children's), ``cpu_exceeded``, ``timed_out`` (the
+    wall-clock backstop) and ``duration``.
     """
     start = time.monotonic()
-    cpu_limit, deadline = cfg["cpu_limit"], start + cfg["wall_timeout"]
+    cpu_limit, deadline, next_tree = cfg["cpu_limit"], start + cfg["wall_timeout"], start
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
@@ -338,9 +383,13 @@ def _supervise(pid, cfg, reap_all):
                         "duration": time.monotonic() - start,
                     }
             if not killed:
-                if _cpu_seconds(stat_fd) >= cpu_limit:
+                now = time.monotonic()
+                cpu = _cpu_seconds(stat_fd)
+                if now >= next_tree:
+                    cpu, next_tree = max(cpu, _tree_cpu(scope, cfg.get("uid"), pid)), now + TREE_POLL
+                if cpu >= cpu_limit:
                     cpu_exceeded = killed = True
-                elif time.monotonic() >= deadline:
+                elif now >= deadline:
                     timed_out = killed = True
                 if killed:
                     os.kill(pid, signal.SIGKILL)
@@ -601,6 +650,7 @@ def _finish_bwrap_root(cfg):
     _mount_proc("/proc")
     _mount_scratch(cfg, "", files)
     _mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    _mount(None, "/dev", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)  # bubblewrap's tmpfs
 
 
 # --------------------------------------------------------------------------------------- process mode
@@ -614,7 +664,8 @@ def _run_process_mode(cfg):
     if pid == 0:
         _exec_program(cfg)
     _prctl(PR_SET_DUMPABLE, 0)
-    result = _supervise(pid, cfg, reap_all=True)
+    scope = "pidns" if cfg.get("inner") else ("uid" if cfg.get("uid") is not None else "program")
+    result = _supervise(pid, cfg, reap_all=True, scope=scope)
     _sweep(cfg.get("uid"))
     if cfg.get("inner_setup"):
         result["scratch"] = _scratch_state()
@@ -651,7 +702,7 @@ def _pid1(cfg, report_w):
         if pid == 0:
             os.close(report_w)
             _exec_program(cfg)
-        report = _supervise(pid, cfg, reap_all=True)
+        report = _supervise(pid, cfg, reap_all=True, scope="pidns")
         report["scratch"] = _scratch_state()
     except BaseException as exc:
         report = {"error": f"sandbox setup failed: {exc}"}
@@ -712,7 +763,14 @@ def _wait_deadline(pid, deadline):
 
 def _exec_bwrap(cfg, src_fd):
     """Exec bubblewrap; its options travel on a memfd (``--args``), the inner launcher's on another."""
-    inner = {**cfg, "mode": "process", "cgroups": [], "parent_pid": None, "inner_setup": cfg["bwrap_caps"]}
+    inner = {
+        **cfg,
+        "mode": "process",
+        "cgroups": [],
+        "parent_pid": None,
+        "inner": True,
+        "inner_setup": cfg["bwrap_caps"],
+    }
     inner["capable"] = cfg["bwrap_caps"]
     inner.pop("bwrap_args", None)
     args_fd = os.memfd_create("fewstep-bwrap-args", 0)
@@ -762,7 +820,13 @@ def main():
         else:
             raise SetupError(f"unknown mode {mode!r}")
     except BaseException as exc:
-        result = {"exit": None, "signal": None, "timed_out": False, "duration": 0.0, "error": f"sandbox setup failed: {exc}"}
+        result = {
+            "exit": None,
+            "signal": None,
+            "timed_out": False,
+            "duration": 0.0,
+            "error": f"sandbox setup failed: {exc}",
+        }
     os.write(status_fd, (json.dumps(result) + "\n").encode())
     os._exit(0)
 

@@ -48,7 +48,9 @@ _PLANS: dict[str, list[list[str]]] = {}
 def interpreter_prefixes(python: str) -> list[str]:
     """``sys.prefix``, ``base_prefix``, ``exec_prefix``, ``base_exec_prefix`` of ``python`` (asked once)."""
     if python not in _PREFIXES:
-        code = "import sys, json; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))"
+        code = (
+            "import sys, json; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))"
+        )
         try:
             out = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, timeout=60, check=True)
             _PREFIXES[python] = sorted(set(json.loads(out.stdout)))

@@ -32,14 +32,14 @@ def _fewstep_run():
 
     def report(status, detail=""):
         if getpid() == main_pid:
-            try:
+            try:  # noqa: SIM105 (the runner imports as little as it can: no contextlib)
                 write(4, tag + f" {status} {detail}\n".encode("ascii", "replace"))
             except OSError:
                 pass
 
     def flush():
         for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-            try:
+            try:  # noqa: SIM105 (the runner imports as little as it can: no contextlib)
                 stream.flush()
             except BaseException:
                 pass
@@ -93,7 +93,7 @@ def _exit_status(code):
         return 0
     if isinstance(code, int):
         return code & 0xFF
-    try:
+    try:  # noqa: SIM105 (the runner imports as little as it can: no contextlib)
         print(code, file=sys.stderr)
     except BaseException:
         pass
