@@ -118,11 +118,12 @@ def test_program_runs_unprivileged(box):
     res = box.run(
         "import os\nst = open('/proc/self/status').read()\n"
         "f = dict(l.split(':', 1) for l in st.splitlines())\n"
-        "print(os.getuid(), os.geteuid(), f['CapEff'].strip(), f['CapBnd'].strip(), f['NoNewPrivs'].strip())"
+        "caps = [f[k].strip() for k in ('CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb')]\n"
+        "print(os.getuid(), os.geteuid(), *caps, f['NoNewPrivs'].strip(), f['Seccomp'].strip())"
     )
-    uid, euid, cap_eff, cap_bnd, nnp = res.stdout.split()
+    uid, euid, *caps, nnp, seccomp = res.stdout.split()
     assert int(uid) != 0 and int(euid) != 0
-    assert int(cap_eff, 16) == 0 and int(cap_bnd, 16) == 0 and nnp == "1"
+    assert [int(c, 16) for c in caps] == [0] * 5 and nnp == "1" and seccomp == "2"  # 2: a seccomp filter
 
 
 # ------------------------------------------------------------------------------------ attacks

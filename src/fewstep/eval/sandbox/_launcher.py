@@ -237,8 +237,22 @@ def _install_seccomp():
 # --------------------------------------------------------------------------------------------- program
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
 def _drop_capabilities():
-    """Empty the bounding set and the ambient set: after execve the program holds no capability."""
+    """Empty the bounding, ambient and inheritable sets: after execve the program holds no capability,
+    even as uid 0 of a user namespace (execve as root grants the inheritable set and the bounding set)."""
+    header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    for half in data:
+        half.inheritable = 0
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
     for cap in range(64):
         if _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)):
             err = ctypes.get_errno()
@@ -362,7 +376,7 @@ def _supervise(pid, cfg, reap_all, scope):
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
         pidfd = None
-    stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    stat_fd = None  # opened once the child has made itself readable (dumpable) again
     killed = cpu_exceeded = timed_out = False
     try:
         while True:
@@ -382,9 +396,12 @@ def _supervise(pid, cfg, reap_all, scope):
                         "timed_out": timed_out,
                         "duration": time.monotonic() - start,
                     }
+            if stat_fd is None:
+                with contextlib.suppress(OSError):
+                    stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
             if not killed:
                 now = time.monotonic()
-                cpu = _cpu_seconds(stat_fd)
+                cpu = _cpu_seconds(stat_fd) if stat_fd is not None else 0.0
                 if now >= next_tree:
                     cpu, next_tree = max(cpu, _tree_cpu(scope, cfg.get("uid"), pid)), now + TREE_POLL
                 if cpu >= cpu_limit:
@@ -398,7 +415,8 @@ def _supervise(pid, cfg, reap_all, scope):
             else:
                 time.sleep(POLL / 4)
     finally:
-        os.close(stat_fd)
+        if stat_fd is not None:
+            os.close(stat_fd)
         if pidfd is not None:
             os.close(pidfd)
 
@@ -576,6 +594,11 @@ def _mount_proc(path):
     for options in ("hidepid=invisible,subset=pid", "hidepid=2"):
         if _libc.mount(b"proc", path.encode(), b"proc", flags, options.encode()) == 0:
             return options
+    # In bubblewrap's user namespace a second proc is refused (its /proc has covered parts): set the
+    # same options on the one it mounted for this PID namespace.
+    for options in ("hidepid=invisible,subset=pid", "hidepid=2"):
+        if _libc.mount(None, path.encode(), None, MS_REMOUNT | flags, options.encode()) == 0:
+            return options
     _check(-1, f"mount proc on {path}")
     return ""
 
@@ -646,7 +669,8 @@ def _build_root(cfg):
 def _finish_bwrap_root(cfg):
     """Inside bubblewrap (with its capabilities): the same capped tmpfs and private /proc as PID 1 builds."""
     files = _read_files(SANDBOX_WORKDIR)  # bubblewrap bound the host working directory here, read-only
-    _check(_libc.umount2(SANDBOX_WORKDIR.encode(), MNT_DETACH), "unbinding the host working directory")
+    # Unbind it where we may; in a user namespace bubblewrap's mounts are locked: the scratch covers it.
+    _libc.umount2(SANDBOX_WORKDIR.encode(), MNT_DETACH)
     _mount_proc("/proc")
     _mount_scratch(cfg, "", files)
     _mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)

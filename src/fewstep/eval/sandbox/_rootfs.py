@@ -123,8 +123,8 @@ def bwrap_args(plan: list[list[str]], workdir: str, *, root: bool, caps: bool, s
         if root
         else ["--unshare-all"]
     )
-    if caps:
-        args += ["--cap-add", "ALL"]
+    if caps:  # without root: uid 0 of bubblewrap's own user namespace (one level, so that it may mount)
+        args += ["--cap-add", "ALL"] + ([] if root else ["--uid", "0", "--gid", "0"])
     args += ["--die-with-parent", "--new-session"]
     for op in plan:
         if op[0] == "dir":
