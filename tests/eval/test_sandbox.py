@@ -331,8 +331,8 @@ def test_parallel_workers_keep_order(box):
 # ------------------------------------------------------------------------ determinism of verdicts
 
 
-FLOOD = (  # files until the file system refuses, at most 3000: bounded in every isolation
-    "n = 0\ntry:\n    while n < 3000:\n        open('f%d' % n, 'w').close()\n        n += 1\n"
+FLOOD = (  # files until the file system refuses, at most 600: bounded in every isolation
+    "n = 0\ntry:\n    while n < 600:\n        open('f%d' % n, 'w').close()\n        n += 1\n"
     "except OSError as e:\n    print(e.errno)"
 )
 FILL = (  # 512 KiB files until the file system refuses, at most 16 MiB in all
@@ -346,7 +346,8 @@ def _limit_cases(cgroup: bool, scratch: bool, token: str) -> list[tuple[str, str
     # Programs that end by themselves get a time limit far above what they need (5 s CPU): only the
     # endless ones meet the 0.2 s limit, so which limit is hit never depends on the machine's load.
     tiny = Limits(timeout=0.2, memory=128 * MiB, processes=16, file_size=1 * MiB, output=4096)
-    roomy = Limits(timeout=5, memory=128 * MiB, processes=16, file_size=1 * MiB, output=4096, files=1000)
+    roomy = Limits(timeout=5, memory=128 * MiB, processes=16, file_size=1 * MiB, output=4096)
+    few_files = Limits(timeout=5, memory=128 * MiB, files=200)
     small_disk = Limits(timeout=5, memory=128 * MiB, file_size=1 * MiB, workdir_size=4 * MiB)
     nproc = (
         "import os, time\nn = 0\nwhile True:\n    try:\n        pid = os.fork()\n    except OSError:\n"
@@ -382,7 +383,7 @@ def _limit_cases(cgroup: bool, scratch: bool, token: str) -> list[tuple[str, str
             roomy,
             "open file limit reached (more than 256 open files)",
         ),
-        ("files", FLOOD, roomy, "file limit reached (at most 1000 files and folders)"),
+        ("files", FLOOD, few_files, "file limit reached (at most 200 files and folders)"),
     ]
     if scratch:
         cases.append(("disk", FILL, small_disk, "working directory full (the 4 MiB working directory is full)"))
