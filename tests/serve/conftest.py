@@ -7,7 +7,7 @@ import pytest
 import fewstep
 from fewstep.commands import resolve_model
 from fewstep.decoding.text import Settings, TextGenerator
-from fewstep.serve import ServeConfig, create_app, start_in_thread
+from fewstep.serve import ServeConfig, ServerLimits, create_app, start_in_thread
 
 POLICY = "entropy:0.45"  # the model card's recommendation
 GEN, BLOCK = 64, 32
@@ -20,9 +20,10 @@ def loaded():
 
 
 class Served:
-    def __init__(self, gen: TextGenerator, cfg: ServeConfig):
+    def __init__(self, gen: TextGenerator, cfg: ServeConfig, limits: ServerLimits | None = None):
         self.gen, self.cfg = gen, cfg
-        self.server, self.thread, self.port = start_in_thread(create_app(gen, cfg))
+        self.app = create_app(gen, cfg)
+        self.server, self.thread, self.port = start_in_thread(self.app, limits=limits)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:
@@ -30,10 +31,10 @@ class Served:
         self.thread.join(timeout=30)
 
 
-def serve(model, tok, **cfg) -> Served:
+def serve(model, tok, limits: ServerLimits | None = None, **cfg) -> Served:
     defaults = Settings(policy=POLICY, max_tokens=GEN, block_length=BLOCK)
     gen = TextGenerator(model, tok, max_batch=cfg.get("max_batch", 32))
-    return Served(gen, ServeConfig(model_name="dparallel", defaults=defaults, **cfg))
+    return Served(gen, ServeConfig(model_name="dparallel", defaults=defaults, **cfg), limits)
 
 
 @pytest.fixture(scope="session")
