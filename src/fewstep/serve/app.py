@@ -261,7 +261,7 @@ class _Routes:
         reason = self.life.not_ready()
         if reason is None:
             return JSONResponse({"status": "ready", "model": self.cfg.model_name})
-        state = self.life.state if self.life.state != "ready" else "unhealthy"
+        state = {"ready": "unhealthy", "stopped": "draining"}.get(self.life.state, self.life.state)
         return JSONResponse({"status": state, "reason": reason}, status_code=503, headers={"Retry-After": "1"})
 
     async def prometheus(self):

@@ -101,8 +101,10 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         body = parse_body(raw)
     except RecursionError:
         raise _too_deep() from None
-    except ValueError as exc:  # e.g. an integer of more than 4300 digits
-        raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
+        digits = re.search(r"\(([0-9]+) digits\)", str(exc))
+        msg = f"the request body holds a number of more than {digits.group(1)} digits" if digits else str(exc)
+        raise ApiError(400, msg, code="invalid_json") from None
     for key, value in body.items():
         _check_value(key, key, 0)
         _check_value(key, value, 1)
