@@ -8,11 +8,12 @@ Two generators, both bounded in count and in time (``FEWSTEP_FUZZ_SECONDS``, 45 
   swapped for nasty values (integers from 2^63 up, NaN, lone surrogates, deep nesting, wrong types),
   raw body bytes flipped, cut or spliced, wrong media types and Host headers, streaming or not.
 
-Every answer must come within the client's timeout, be below 500 and, when it is an error, be the
-OpenAI error object; a stream must end with ``[DONE]``. Afterwards the server is healthy and a normal
-request gets exactly what ``fewstep.generate`` gives it alone. What the fuzzers once found is replayed
-first: ``REGRESSIONS`` on the shared server, ``ENGINE_REGRESSIONS`` (ranges the engine validates) each
-on a server of its own, which must then answer a normal request as before.
+The server is ``fewstep serve`` in its own process (whatever a request does to it stays there, and
+client and server each have a core). Every answer must come within the client's timeout, be below 500
+and, when it is an error, be the OpenAI error object; a stream must end with ``[DONE]``. Afterwards the
+server is healthy and a normal request gets exactly what ``fewstep.generate`` gives it alone. What the
+fuzzers once found is replayed first (``REGRESSIONS``; ``ENGINE_REGRESSIONS``: ranges the engine's
+validation checks, each followed by a normal request that must be answered as before).
 """
 
 from __future__ import annotations
@@ -27,12 +28,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from fewstep.decoding.text import Settings, TextGenerator
-from fewstep.serve import ServeConfig
-from tests.serve.conftest import Served, reference, serve
+from tests.serve.conftest import reference, start_process, stop_process
 
-BUDGET_S = float(os.environ.get("FEWSTEP_FUZZ_SECONDS", "45"))
-N_SCHEMA, N_MUTATED = 150, 2500  # schemathesis examples per mode; mutated requests
+BUDGET_S = float(os.environ.get("FEWSTEP_FUZZ_SECONDS", "45"))  # both fuzzers: 65 % mutated, 35 % schemathesis
+N_SCHEMA, N_MUTATED = 150, 2000  # schemathesis examples per mode; mutated requests
 TIMEOUT_S = 60.0  # per request: an answer slower than this is a hang
 PROMPT = "3 + 4 - 2 + 8 - 1 ?"
 POLICY, GEN = "entropy:0.45", 8  # small answers keep the valid requests quick
@@ -62,11 +61,17 @@ REGRESSIONS = [
 ]
 
 
+class Process:
+    def __init__(self, *flags: str):
+        self.proc, self.url = start_process(*flags)
+
+    def close(self) -> None:
+        stop_process(self.proc)
+
+
 @pytest.fixture(scope="module")
-def fuzz_server(loaded):
-    model, tok = loaded
-    defaults = Settings(policy=POLICY, max_tokens=GEN, block_length=GEN)
-    s = Served(TextGenerator(model, tok, max_batch=8), ServeConfig(model_name="dparallel", defaults=defaults))
+def fuzz_server():
+    s = Process("--policy", POLICY, "--gen-length", str(GEN), "--block-length", str(GEN), "--max-batch", "8")
     yield s
     s.close()
 
@@ -95,16 +100,15 @@ class Sender:
         return r.status_code
 
 
-def _after(server, loaded, sender: Sender) -> None:
+def _after(url: str, loaded) -> None:
     """Healthy, nothing left running, and a normal request gets what it gets alone."""
     deadline = time.monotonic() + 60
-    while server.gen.active() and time.monotonic() < deadline:
+    while (health := httpx.get(url + "/health", timeout=10).json())["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    health = httpx.get(server.url + "/health").json()
     assert health == {"status": "ok", "model": "dparallel", "running": 0, "queued": 0}, health
-    r = httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 64, "block_length": 32})
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference(*loaded, PROMPT)[0]
-    assert sum(sender.statuses.values()) > 0
+    body = {"prompt": PROMPT, "max_tokens": 64, "block_length": 32}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT_S)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference(*loaded, PROMPT)[0], r.text
 
 
 @pytest.mark.parametrize("case", range(len(REGRESSIONS)), ids=lambda i: f"regression-{i}")
@@ -113,27 +117,11 @@ def test_regressions(fuzz_server, case):
     assert Sender(fuzz_server.url).send(path, body, headers) in (400, 404, 413, 415)
 
 
-@pytest.mark.parametrize("case", range(len(ENGINE_REGRESSIONS)), ids=lambda i: f"engine-regression-{i}")
-def test_engine_regressions(loaded, case):
-    """400 naming the field, and the server answers the next request as before (its own server: a
-    request that wedges the engine must not take the other tests with it)."""
-    s = serve(*loaded)
-    try:
-        r = httpx.post(s.url + "/v1/completions", json=ENGINE_REGRESSIONS[case], timeout=30)
-        assert r.status_code == 400, r.text
-        assert r.json()["error"]["param"] in ("seed", "policy"), r.text
-        body = {"prompt": PROMPT, "max_tokens": 64, "block_length": 32}
-        r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
-        assert r.json()["choices"][0]["text"] == reference(*loaded, PROMPT)[0]
-    finally:
-        s.close()
-
-
 # ---- hypothesis strategies ---------------------------------------------------------------------------------
 EDGE_INTS = [0, 1, -1, 7, 2**31 - 1, 2**31, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 2**70,
              -(2**63), -(2**63) - 1, 10**30, -(10**30)]  # fmt: skip
 SURROGATES = st.characters(categories=["Cs"])
-TEXT = st.text(st.one_of(st.characters(), SURROGATES), max_size=40) | st.sampled_from(["", " ", "1 ?", PROMPT])
+TEXT = st.text(st.one_of(st.characters(), SURROGATES), max_size=16) | st.sampled_from(["", " ", "1 ?", PROMPT])
 SCALARS = st.one_of(
     st.none(),
     st.booleans(),
@@ -145,7 +133,7 @@ SCALARS = st.one_of(
     TEXT,
 )
 NASTY = st.recursive(SCALARS, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(TEXT, kids, max_size=4),
-                     max_leaves=12)  # fmt: skip
+                     max_leaves=6)  # fmt: skip
 POLICIES = st.sampled_from(
     ["entropy:0.45", "threshold:0.9", "threshold:0.5", "llada:steps=4", "llada:8", "cad:0.9", "factor", "dream",
      "entropy-dream", "llada2", "sdar", "threshold:nan", "threshold:-1", "llada:steps=0", "llada:steps=-3",
@@ -239,16 +227,16 @@ def test_mutated_requests(fuzz_server, loaded):
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(mutated_requests())
     def fuzz(request):
-        if time.monotonic() - t0 > BUDGET_S * 0.6:
+        if time.monotonic() - t0 > BUDGET_S * 0.65:
             raise _OutOfTime
         sender.send(*request)
 
     out_of_time = _run(fuzz)
     sent = sum(sender.statuses.values())
     print(f"mutated: {sent} requests in {time.monotonic() - t0:.1f} s, statuses {dict(sender.statuses)}")
-    assert sent == N_MUTATED or (out_of_time and sent >= 200), sender.statuses
+    assert sent == N_MUTATED or (out_of_time and sent >= 100), sender.statuses  # 100: a liveness floor
     assert {200, 400} <= set(sender.statuses), sender.statuses  # valid and invalid requests both went through
-    _after(fuzz_server, loaded, sender)
+    _after(fuzz_server.url, loaded)
 
 
 def _schemathesis(schema, mode, url: str, session, statuses: collections.Counter) -> None:
@@ -258,7 +246,7 @@ def _schemathesis(schema, mode, url: str, session, statuses: collections.Counter
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(case=schema.as_strategy(generation_mode=mode))
     def fuzz(case):
-        if time.monotonic() - t0 > BUDGET_S * 0.2:
+        if time.monotonic() - t0 > BUDGET_S * 0.175:
             raise _OutOfTime
         r = case.call(base_url=url, session=session, timeout=TIMEOUT_S)
         statuses[(mode.value, r.status_code)] += 1
@@ -281,6 +269,13 @@ def test_schemathesis(fuzz_server, loaded):
         _schemathesis(schema, mode, fuzz_server.url, session, statuses)
     print(f"schemathesis: {sum(statuses.values())} requests in {time.monotonic() - t0:.1f} s, {dict(statuses)}")
     assert any(s == 200 for _, s in statuses) and any(s >= 400 for _, s in statuses), statuses
-    sender = Sender(fuzz_server.url)
-    sender.statuses.update(statuses)
-    _after(fuzz_server, loaded, sender)
+    _after(fuzz_server.url, loaded)
+
+
+@pytest.mark.parametrize("case", range(len(ENGINE_REGRESSIONS)), ids=lambda i: f"engine-regression-{i}")
+def test_engine_regressions(fuzz_server, loaded, case):
+    """400 naming the field, and the server answers the next request as before (last: on an engine without
+    these checks, the first one wedged the server for good)."""
+    r = httpx.post(fuzz_server.url + "/v1/completions", json=ENGINE_REGRESSIONS[case], timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] in ("seed", "policy"), r.text
+    _after(fuzz_server.url, loaded)

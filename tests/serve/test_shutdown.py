@@ -8,49 +8,22 @@ error event (a stream) or a 503 (a plain request), and the process exits 0. A se
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 
-from tests.serve.conftest import reference
+from tests.serve.conftest import output, reference, start_process, stop_process
 
 PROMPTS = ["3 + 4 - 2 + 8 - 1 ?", "5 + 9 - 1 - 7 + 1 ?"]
 SHORT = {"policy": "llada:steps=32", "max_tokens": 32, "block_length": 32}  # 32 forwards
 LONG = {"policy": "llada:steps=448", "max_tokens": 448, "block_length": 448}  # 448 forwards: seconds on a CPU
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start(*flags: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fewstep", "serve", "--port", str(port), "--max-batch", "8", *flags],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-        time.sleep(0.2)
+    return start_process("--max-batch", "8", *flags)
 
 
 class Stream(threading.Thread):
@@ -117,8 +90,7 @@ def test_drain_lets_requests_in_flight_finish_and_a_second_signal_exits_at_once(
         long.join(30)
         assert "data: [DONE]" not in long.lines  # cut off, not finished
     finally:
-        proc.kill()
-        proc.wait()
+        stop_process(proc)
 
 
 def test_drain_deadline_ends_the_rest_with_an_error_and_exits_0(loaded):
@@ -146,8 +118,6 @@ def test_drain_deadline_ends_the_rest_with_an_error_and_exits_0(loaded):
         assert err["code"] == "shutting_down" and "drain deadline (1 s)" in err["message"]
         assert stream.events()[0]["object"] == "fewstep.denoise.step"  # it was decoding when the signal came
         assert plain["r"].status_code == 503 and plain["r"].json()["error"]["code"] == "shutting_down"
-        out = proc.stdout.read() if proc.stdout else ""
-        assert "SIGTERM: draining" in out, out
+        assert "SIGTERM: draining" in output(proc), output(proc)
     finally:
-        proc.kill()
-        proc.wait()
+        stop_process(proc)

@@ -27,6 +27,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from fewstep.decoding.text import Canvas, Completion, Delta, Settings, SettingsError, TextGenerator
 from fewstep.serve import guards, openapi
@@ -236,11 +237,15 @@ class _Routes:
         if declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"the request body is {declared} bytes; the limit is {limit}", code="body_too_large")
         parts, size = [], 0
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                raise ApiError(413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large")
-            parts.append(part)
+        try:
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise ApiError(413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large")
+                parts.append(part)
+        except ClientDisconnect:  # the client left (or --timeout-read closed it) before its body was in
+            raise ApiError(400, "the connection closed before the request body was complete",
+                           code="incomplete_body") from None  # fmt: skip
         return b"".join(parts)
 
     async def health(self):
