@@ -15,7 +15,7 @@ import pytest
 
 import fewstep
 from fewstep.commands import resolve_model
-from fewstep.decoding.text import Settings, TextGenerator
+from fewstep.decoding.text import GenerationSettings, TextGenerator
 from fewstep.serve import ServeConfig, ServerLimits, create_app, start_in_thread
 
 POLICY = "entropy:0.45"  # the model card's recommendation
@@ -41,7 +41,7 @@ class Served:
 
 
 def serve(model, tok, limits: ServerLimits | None = None, **cfg) -> Served:
-    defaults = Settings(policy=POLICY, max_tokens=GEN, block_length=BLOCK)
+    defaults = GenerationSettings(policy=POLICY, max_tokens=GEN, block_length=BLOCK)
     gen = TextGenerator(model, tok, max_batch=cfg.get("max_batch", 32))
     return Served(gen, ServeConfig(model_name="dparallel", defaults=defaults, **cfg), limits)
 

@@ -1,4 +1,4 @@
-"""`fewstep distill --method dparallel|cd4lm`: distil a diffusion LM for few-step decoding.
+"""`fewstep distill --method dparallel|cd4lm|dmax|d3llm`: distil a diffusion LM for few-step decoding.
 
 Trains with the chosen objective (``fewstep.distill``) on prompt/response JSONL, usually the folder
 ``fewstep rollout`` wrote, with LoRA (``peft``) or full fine-tuning, through ``accelerate``: plain
@@ -12,7 +12,7 @@ RNG state).
 Block-diffusion models (LLaDA2-MoE, SDAR) get the block-diffusion objectives (dFactory's dParallel, CD4LM
 with both views inside the block-causal structure: docs/distillation.md, "Block-diffusion models").
 Defaults follow the papers, per model family: the recipe flags are generated from the recipe dataclasses
-of the paper files (``fewstep.distill.dparallel.RECIPES``, ``fewstep.distill.cd4lm.RECIPES``) and an unset
+of the paper files (``fewstep.distill.{dparallel,cd4lm,dmax}.RECIPES``) and an unset
 flag takes the recipe's value for the model's family. docs/distillation.md lists the settings used for the
 tiny embedded model. This module is wiring: the library does the work (``fewstep.distill.build_objective``,
 ``read_training_data``, ``fewstep.train``).
@@ -43,10 +43,17 @@ examples:
   accelerate launch --config_file configs/accelerate/deepspeed_zero2_8gpu.yaml -m fewstep distill \\
       --method dparallel --model /models/LLaDA-8B-Instruct --data data/llada-gsm8k --out runs/dparallel-llada \\
       --lora-r 128 --lora-targets dparallel --batch-size 64 --grad-accum 8 --max-length 384 --bf16
+  # d3LLM on the tiny teacher: trajectory rollouts (fewstep rollout --trajectory), then the objective
+  fewstep distill --method d3llm --model runs/teacher --data data/trajectories --out runs/d3llm \
+      --lora-r 32 --lr 1e-3 --batch-size 32 --max-steps 600
   # block-diffusion models (LLaDA2-MoE, SDAR): dFactory's dParallel objective, full fine-tuning by default
   # (not run here: no GPU; in the FSDP config wrap DecoderLayer for LLaDA2, SDARLayer for SDAR)
-  accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m fewstep distill --method dparallel \
+  accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m fewstep distill --method dparallel \\
       --model /models/LLaDA2.0-mini --data data/llada2-gsm8k --out runs/dparallel-llada2 --batch-size 8 --bf16
+  # DMax OPUT on LLaDA2.0-mini at the official settings (docs/distillation.md, "DMax"; not run here)
+  accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m fewstep distill --method dmax \\
+      --model /models/LLaDA2.0-mini --data data/dmax-math --out runs/dmax-llada2 --batch-size 8 \\
+      --max-length 2048 --bf16 --gradient-checkpointing
 """
 
 
@@ -55,13 +62,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fewstep.train.recipe import add_recipe_arguments
 
     parser.epilog = EPILOG
-    parser.add_argument("--method", required=True, choices=["dparallel", "cd4lm"], help="distillation objective")
+    from fewstep.distill import METHODS
+
+    parser.add_argument(
+        "--method",
+        required=True,
+        choices=list(METHODS),
+        help="distillation objective (dmax: DMax's on-policy uniform training, each example trained twice; d3llm: "
+        "masks cut from the teacher's trajectories, fewstep rollout --trajectory)",
+    )
     parser.add_argument("--model", required=True, metavar="PATH", help=f"teacher / base {SHIPPED_HELP}")
     parser.add_argument(
         "--data", required=True, metavar="PATH", help="rollout folder (fewstep rollout) or prompt/response JSONL"
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder: final model + checkpoints/")
     parser.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer folder (default: --model)")
+    parser.add_argument(
+        "--trajectories",
+        default=None,
+        metavar="PATH",
+        help="d3llm: teacher trajectories (a fewstep rollout --trajectory folder or JSONL) joined on the record id "
+        "(default: the ones --data's records carry; a record without one gets Bernoulli masks)",
+    )
     rec = parser.add_argument_group("recipe (the papers' defaults, per model family; unset = the recipe's)")
     add_recipe_arguments(rec, all_recipes())
     _lora_arguments(parser.add_argument_group("LoRA (through peft, with --finetune lora)"))
@@ -103,8 +125,8 @@ def _optimisation_arguments(opt) -> None:
         "--max-length",
         type=int,
         default=None,
-        help="sequence length: dparallel pads prompt+response+EOS with EOS to it (paper: 384), cd4lm truncates "
-        "(paper: 512); default: longest prompt + --gen-length",
+        help="sequence length: dparallel and dmax pad prompt+response+EOS with EOS to it (papers: 384, 2048), "
+        "cd4lm truncates (paper: 512); default: longest prompt + --gen-length",
     )
     opt.add_argument(
         "--gen-length",
@@ -144,7 +166,7 @@ def _lengths(args: argparse.Namespace, examples: list[dict[str, Any]], manifest:
     longest_response = max(len(e["response_ids"]) for e in examples)
     gen_length = args.gen_length or (manifest or {}).get("config", {}).get("gen_length") or longest_response + 1
     max_length = args.max_length or longest_prompt + max(gen_length, longest_response + 1)
-    if args.method == "dparallel" and longest_prompt + longest_response + 1 > max_length:
+    if args.method in ("dparallel", "dmax", "d3llm") and longest_prompt + longest_response + 1 > max_length:
         print(
             f"fewstep distill: warning: the longest prompt+response+EOS ({longest_prompt + longest_response + 1} "
             f"tokens) exceeds --max-length {max_length}; such sequences are truncated",
@@ -223,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
     records, manifest, files = read_training_data(args.data)
     tok = load_tokenizer(args.tokenizer or model_dir)
     examples = tokenize_pairs(records, tok)
+    _attach_trajectories(args, examples, records)
     gen_length, max_length = _lengths(args, examples, manifest)
     # cpu=True on a machine without GPU, so that torchrun processes form a gloo group
     accelerator = Accelerator(
@@ -250,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         per_sequence=args.loss_normalization == "sequence",
         overrides=vars(args),
     )
+    examples = objective.training_examples(examples)  # DMax: each example once per view
     lora = _lora_spec(args, recipe.finetune, arch)
     teacher = None
     if objective.needs_teacher and lora is None:
@@ -269,6 +293,30 @@ def run(args: argparse.Namespace) -> int:
         _finish(args, model_dir, out, recipe.finetune, train_cfg, summary, len(examples), accelerator)
         trainer.write_logs()
     return 0
+
+
+def _attach_trajectories(args: argparse.Namespace, examples: list[dict[str, Any]], records: list[dict]) -> None:
+    """d3llm: give each example the teacher's commit ranks (``fewstep.distill.d3llm.attach_trajectories``)."""
+    if args.method != "d3llm":
+        if args.trajectories:
+            raise ValueError("--trajectories applies to --method d3llm")
+        return
+    from fewstep.distill import read_training_data
+    from fewstep.distill.d3llm import attach_trajectories
+
+    trajectories = read_training_data(args.trajectories)[0] if args.trajectories else None
+    counts = attach_trajectories(examples, records, trajectories)
+    if not counts["with_trajectory"]:
+        raise ValueError(
+            "no training record has a teacher trajectory (commit_rank): make the data with fewstep rollout "
+            "--trajectory, or pass --trajectories"
+        )
+    if counts["fallback"]:
+        print(
+            f"fewstep distill: warning: {counts['fallback']:,} of {len(examples):,} records have no trajectory "
+            "and get Bernoulli masks",
+            file=sys.stderr,
+        )
 
 
 def _warn_unused(args: argparse.Namespace, arch: str, recipe: Any) -> None:
@@ -358,7 +406,12 @@ def write_model_card(folder: Path, info: dict[str, Any]) -> None:
     """README.md of the distilled checkpoint (:func:`fewstep.train.card.write_model_card`)."""
     from fewstep.train.card import write_model_card as write_card
 
-    method = {"dparallel": "dParallel certainty forcing", "cd4lm": "CD4LM consistency distillation (DSCD)"}
+    method = {
+        "dparallel": "dParallel certainty forcing",
+        "cd4lm": "CD4LM consistency distillation (DSCD)",
+        "dmax": "DMax on-policy uniform training (OPUT)",
+        "d3llm": "d3LLM pseudo-trajectory distillation",
+    }
     how = "LoRA, merged; the adapter is in adapter/" if info["finetune"] == "lora" else "full fine-tuning"
     write_card(
         folder,

@@ -4,6 +4,7 @@ Writes OUT/shard-RRRRR-of-WWWWW.jsonl (one per process) with records ``{"id", "p
 "correct", "question", "nfe", "tokens_per_step", "response_tokens", "finished", "seconds", ...}`` and
 OUT/rollout.json (settings and summary). ``fewstep distill --data OUT`` reads the shards. Killed? Run
 the same command again: it continues where it stopped, without losing or repeating a record.
+``--trajectory`` records d3LLM's teacher trajectories (``commit_rank`` etc., docs/distillation.md).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ examples:
       --prompts gsm8k --out data/llada-gsm8k --policy llada --gen-length 256 --block-length 32 --batch-size 32
   # any prompts, no verifier: keep everything
   fewstep rollout --model M --prompts prompts.jsonl --keep all --out data/r
+  # d3LLM trajectories: one token per forward, retries at temperature 0.1, 0.2, ... until verified
+  fewstep rollout --model runs/teacher --prompts arith --out data/trajectories --gen-length 64 --trajectory
 """
 
 
@@ -45,7 +48,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompts", required=True, metavar="NAME|JSONL", help="a prompt set name or a JSONL file")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (shards + rollout.json)")
-    parser.add_argument("--policy", default="llada", metavar="NAME[:ARGS]", help="decoding policy of the teacher")
+    parser.add_argument(
+        "--policy",
+        default=None,
+        metavar="NAME[:ARGS]",
+        help="decoding policy of the teacher (default: llada; with --trajectory the family's one-token-per-forward "
+        "teacher: llada:steps=GEN_LENGTH,probs_dtype=float64 on LLaDA, entropy-dream:threshold=0 on Dream)",
+    )
+    parser.add_argument(
+        "--trajectory",
+        action="store_true",
+        help="d3LLM trajectory rollout: one token per forward, no early stop, every record also holds commit_rank "
+        "(per answer position, the 0-based forward that committed it); rejected answers are retried at "
+        "temperature 0.1 x attempt (default --keep all: the last attempt is kept with correct false)",
+    )
+    parser.add_argument(
+        "--attempts",
+        type=int,
+        default=5,
+        help="--trajectory: tries per prompt until the verifier accepts (d3LLM: 5, temperatures 0.0..0.4)",
+    )
     parser.add_argument(
         "--gen-length",
         type=int,
@@ -112,6 +134,14 @@ def default_gen_length(model_dir: Path) -> int:
     return 256
 
 
+def _trajectory_teacher(model_dir: Path, gen_length: int) -> str:
+    """The family's one-token-per-forward teacher policy (d3LLM's stage 1)."""
+    from fewstep.distill.d3llm import teacher_policy
+    from fewstep.models.loading import architecture_of, read_config
+
+    return teacher_policy(architecture_of(read_config(model_dir)), gen_length)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -127,21 +157,22 @@ def run(args: argparse.Namespace) -> int:
     from fewstep.models import checkpoint_block_length
     from fewstep.train.distributed import close_process_group_at_exit
 
-    parse_policy(args.policy)
     model_dir = resolve_model(args.model)
+    gen_length = args.gen_length or default_gen_length(model_dir)
+    policy = args.policy or (_trajectory_teacher(model_dir, gen_length) if args.trajectory else "llada")
+    parse_policy(policy)
     records, default_verifier = ro.load_prompts(
         args.prompts, limit=args.limit, seed=args.seed, prompt_field=args.prompt_field, protocol=args.protocol
     )
     verifier = default_verifier if args.verifier is None else (None if args.verifier == "none" else args.verifier)
     if verifier is not None:
         ro.get_verifier(verifier)  # unknown name -> one-line error before loading the model
-    keep = args.keep or ("correct" if verifier else "all")
-    gen_length = args.gen_length or default_gen_length(model_dir)
+    keep = args.keep or ("correct" if verifier and not args.trajectory else "all")
     cfg = ro.RolloutConfig(
         out_dir=args.out,
         model=str(model_dir.resolve()),
         prompts=args.prompts if args.prompts in ro.prompt_set_names() else str(Path(args.prompts).resolve()),
-        policy=args.policy,
+        policy=policy,
         gen_length=gen_length,
         block_length=default_block_length(checkpoint_block_length(model_dir), gen_length, args.block_length),
         cache=args.cache,
@@ -151,10 +182,12 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         seed=args.seed,
         chat=args.chat,
-        early_stop=args.early_stop,
+        early_stop=args.early_stop and not args.trajectory,
         sort_by_length=args.sort,
         prompt_field=args.prompt_field,
         protocol=args.protocol,
+        trajectory=args.trajectory,
+        attempts=args.attempts,
     )
     # cpu=True on a machine without GPU, so that torchrun processes form a gloo group
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
@@ -170,8 +203,9 @@ def run(args: argparse.Namespace) -> int:
     model = fewstep.load_model(model_dir, dtype=dtype, device=device)
     if main:
         print(
-            f"fewstep rollout: {len(records):,} prompts, policy {args.policy}, gen {gen_length} / block "
+            f"fewstep rollout: {len(records):,} prompts, policy {policy}, gen {gen_length} / block "
             f"{cfg.block_length}, keep {keep} (verifier {verifier or 'none'}), {state.num_processes} process(es)"
+            + (f", trajectories ({args.attempts} attempts)" if args.trajectory else "")
         )
     summary = ro.run_rollout(
         cfg,

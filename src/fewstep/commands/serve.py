@@ -133,7 +133,7 @@ def build(args: argparse.Namespace):
     import torch
 
     import fewstep
-    from fewstep.decoding.text import Settings, TextGenerator
+    from fewstep.decoding.text import GenerationSettings, TextGenerator
     from fewstep.serve import ServeConfig, card_defaults, create_app
     from fewstep.serve.guards import default_allowed_hosts, parse_allowed_hosts
 
@@ -146,7 +146,7 @@ def build(args: argparse.Namespace):
     hosts = parse_allowed_hosts(args.allowed_hosts) if args.allowed_hosts else default_allowed_hosts(args.host, key)
     model_dir = resolve_model(args.model)
     card = card_defaults(model_dir)
-    settings = Settings(
+    settings = GenerationSettings(
         policy=args.policy or card.get("policy", "threshold:0.9"),
         max_tokens=args.gen_length or card.get("gen_length", 128),
         block_length=args.block_length or card.get("block_length"),

@@ -1,4 +1,5 @@
-"""Distillation, one module per paper: ``dparallel`` (certainty forcing), ``cd4lm`` (DSCD).
+"""Distillation, one module per paper: ``dparallel`` (certainty forcing), ``cd4lm`` (DSCD), ``dmax`` (OPUT),
+``d3llm`` (pseudo-trajectory certainty forcing).
 
 Each paper's module holds its objective, its losses and its recipe (a typed dataclass per model
 family: ``RECIPES``). This package maps a ``fewstep distill --method`` name to them:
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-METHODS = ("dparallel", "cd4lm")
+METHODS = ("dparallel", "cd4lm", "dmax", "d3llm")
 
 
 def _module(method: str):
@@ -30,13 +31,26 @@ def _module(method: str):
         from fewstep.distill import cd4lm
 
         return cd4lm
+    if method == "dmax":
+        from fewstep.distill import dmax
+
+        return dmax
+    if method == "d3llm":
+        from fewstep.distill import d3llm
+
+        return d3llm
     raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(METHODS)}")
 
 
 def objective_class(method: str, architecture: str | None = None) -> type:
-    """The ``Objective`` subclass of a distillation method (``"dparallel"`` or ``"cd4lm"``) for a model
-    family: the block-diffusion variant for the block-causal families (``"llada2"``, ``"sdar"``)."""
+    """The ``Objective`` subclass of a distillation method (``"dparallel"``, ``"cd4lm"``, ``"dmax"``, ``"d3llm"``) for a
+    model family: the block-diffusion variant for the block-causal families (``"llada2"``, ``"sdar"``)."""
     mod = _module(method)
+    if method == "d3llm":
+        return mod.D3LLMObjective
+    if method == "dmax":
+        block = architecture is not None and is_block_family(architecture)
+        return mod.BlockDiffusionDMaxObjective if block else mod.DMaxObjective
     if architecture is not None and is_block_family(architecture):
         return mod.BlockDiffusionDParallelObjective if method == "dparallel" else mod.BlockDiffusionCD4LMObjective
     return mod.DParallelObjective if method == "dparallel" else mod.CD4LMObjective
@@ -120,6 +134,14 @@ _HPARAMS = (
     "confidence_beta",
     "noise_range",
     "same_token_labels",
+    "views",
+    "eos_labels",
+    "block_sizes",
+    "min_mask_ratio",
+    "max_mask_ratio",
+    "entropy_views",
+    "past_canvas",
+    "reference_offsets",
 )
 
 

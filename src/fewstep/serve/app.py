@@ -29,7 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from fewstep.decoding.text import Canvas, Completion, Delta, Settings, SettingsError, TextGenerator
+from fewstep.decoding.text import TEXT_NAMES, Canvas, Completion, Delta, GenerationSettings, RequestError, TextGenerator
 from fewstep.serve import guards, openapi
 from fewstep.serve.lifecycle import Lifecycle
 from fewstep.serve.metrics import CONTENT_TYPE, Metrics
@@ -41,7 +41,7 @@ class ServeConfig:
     """What the server serves and its limits."""
 
     model_name: str
-    defaults: Settings
+    defaults: GenerationSettings
     aliases: set[str] = field(default_factory=set)  # other names accepted in "model" (e.g. the folder path)
     max_batch: int = 32
     max_queue: int = 256  # requests waiting beyond the running set; more answer 429 at once
@@ -297,9 +297,9 @@ class _Routes:
         gen, cfg = self.gen, self.cfg
         try:
             prepared = [gen.prepare(p, parsed.settings) for p in parsed.prompts]
-        except SettingsError as exc:
-            # the engine's messages name its fields; the API calls gen_length max_tokens
-            raise ApiError(400, str(exc).replace("gen_length", "max_tokens"), param=exc.param) from None
+        except RequestError as exc:  # stated in the text layer's field names, which are the API's
+            err = exc.renamed(TEXT_NAMES)
+            raise ApiError(400, str(err), param=err.field) from None
         except (ValueError, TypeError) as exc:  # encoding the prompt (e.g. no chat template)
             raise ApiError(400, str(exc), param="messages" if chat else "prompt") from None
         if not gen.running():
@@ -348,7 +348,7 @@ class _Routes:
             return JSONResponse({}, status_code=499)
         failed = next((c for c in comps if c.finish_reason == "error"), None)
         if failed is not None:
-            raise ApiError(500, f"the engine failed: {failed.stop}")
+            raise ApiError(500, f"the request failed: {failed.error}", code="request_failed")
         return response(rid, parsed.model, comps, chat)
 
 
@@ -402,8 +402,9 @@ async def _sse(gen: TextGenerator, bridge: _Bridge, ids: list, rid: str, parsed,
                 elif isinstance(ev, Completion):
                     done[index] = ev
                     if ev.finish_reason == "error":
-                        routes.metrics.error(500, "server_error")
-                        lines.append(_sse_line(ApiError(500, f"the engine failed: {ev.stop}").body()))
+                        err = ApiError(500, f"the request failed: {ev.error}", code="request_failed")
+                        routes.metrics.error(err.status, err.code)
+                        lines.append(_sse_line(err.body()))
                     else:
                         lines.append(_sse_line(_finish(rid, model, chat, index, ev, parsed)))
             if len(done) < len(ids):

@@ -2,7 +2,7 @@
 
 The ``Host`` header against the names the server answers to (DNS rebinding), the body's media type
 (a cross-site ``text/plain`` form cannot post to a server without an API key), the body's JSON (too
-deep a nesting, lone UTF-16 surrogates, numbers Python will not parse) and the prompt's size in
+deep a nesting, lone UTF-16 surrogates) and the prompt's size in
 characters (refused before any tokenising).
 """
 
@@ -95,16 +95,12 @@ def check_media_type(header: str | None) -> None:
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object of a request body; 400 for what :func:`parse_body` refuses, too deep a nesting,
-    integers Python will not parse and strings that are not valid Unicode (lone surrogates)."""
+    """The JSON object of a request body; 400 for what :func:`parse_body` refuses, too deep a nesting and
+    strings that are not valid Unicode (lone surrogates)."""
     try:
         body = parse_body(raw)
     except RecursionError:
         raise _too_deep() from None
-    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
-        digits = re.search(r"\(([0-9]+) digits\)", str(exc))
-        msg = f"the request body holds a number of more than {digits.group(1)} digits" if digits else str(exc)
-        raise ApiError(400, msg, code="invalid_json") from None
     for key, value in body.items():
         _check_value(key, key, 0)
         _check_value(key, value, 1)

@@ -90,7 +90,7 @@ class Metrics:
         self.forwards.inc(comp.nfe)
         self.request_forwards.observe(comp.nfe)
         if comp.nfe:
-            self.tokens_per_forward.observe(comp.answer_tokens / comp.nfe)
+            self.tokens_per_forward.observe(comp.tokens_per_forward)
 
     def error(self, status: int, kind: str) -> None:
         self.errors.labels(kind, str(status)).inc()

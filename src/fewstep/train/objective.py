@@ -16,7 +16,7 @@ the trainer passes, so that a resumed run continues the same random stream.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +82,11 @@ class Objective:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         shift = logit_shift_of(shift_of or model) if self.logit_shift is None else self.logit_shift
         return align_logits(logits, shift)
+
+    def training_examples(self, examples: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
+        """The examples an epoch passes over: ``examples`` itself, unless the objective trains each example
+        in several ways (DMax's OPUT writes each twice, once per ``flag``); give the trainer these."""
+        return examples
 
     def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Turn tokenized examples into a batch of tensors (the same for every process)."""
