@@ -197,3 +197,20 @@ def test_default_allowed_hosts():
     with pytest.raises(ValueError, match="at least one"):
         parse_allowed_hosts(" , ")
     assert host_allowed("[::1]:8000", ["::1"]) and not host_allowed("localhost.evil:80", ["localhost"])
+
+
+def test_cli_limit_flags_are_checked(capsys):
+    """A bad limit flag: one line on stderr and exit status 2, before the model loads."""
+    from fewstep import cli
+    from tests.serve.conftest import free_port
+
+    port = str(free_port())
+    for args, msg in (
+        (["--drain-timeout", "0"], "--drain-timeout must be > 0"),
+        (["--timeout-read", "-1"], "--timeout-read must be > 0"),
+        (["--max-prompt-chars", "-5"], "--max-prompt-chars must be >= 0"),
+        (["--allowed-hosts", ","], "--allowed-hosts needs at least one name"),
+    ):
+        assert cli.main(["serve", "--port", port, *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fewstep serve: error:") and msg in err and "Traceback" not in err, err

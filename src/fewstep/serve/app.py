@@ -77,7 +77,7 @@ class _Bridge:
     def __init__(self, loop: asyncio.AbstractEventLoop, n: int = 1, on_finish=None):
         self.loop, self.items, self.ready = loop, collections.deque(), asyncio.Event()
         self.lock, self.pending = threading.Lock(), False
-        self.n, self.finished, self.on_finish = n, 0, on_finish
+        self.n, self.finished, self.on_finish, self.aborted = n, 0, on_finish, False
 
     def sink(self, index: int):
         def put(event) -> None:
@@ -90,6 +90,11 @@ class _Bridge:
         return put
 
     def abort(self, err: ApiError) -> None:
+        """End the request with ``err`` (once: later aborts are ignored)."""
+        with self.lock:
+            if self.aborted:
+                return
+            self.aborted = True
         self._put((-1, err))
 
     def _put(self, item: tuple[int, Any]) -> None:
