@@ -8,12 +8,12 @@ Two generators, both bounded in count and in time (``FEWSTEP_FUZZ_SECONDS``, 45 
   swapped for nasty values (integers from 2^63 up, NaN, lone surrogates, deep nesting, wrong types),
   raw body bytes flipped, cut or spliced, wrong media types and Host headers, streaming or not.
 
-The server is ``fewstep serve`` in its own process (whatever a request does to it stays there, and
-client and server each have a core). Every answer must come within the client's timeout, be below 500
-and, when it is an error, be the OpenAI error object; a stream must end with ``[DONE]``. Afterwards the
-server is healthy and a normal request gets exactly what ``fewstep.generate`` gives it alone. What the
-fuzzers once found is replayed first (``REGRESSIONS``; ``ENGINE_REGRESSIONS``: ranges the engine's
-validation checks, each followed by a normal request that must be answered as before).
+The fuzzers run against ``fewstep serve`` in its own process (whatever a request does to it stays there,
+and client and server each have a core). Every answer must come within the client's timeout, be below
+500 and, when it is an error, be the OpenAI error object; a stream must end with ``[DONE]``. Afterwards
+the server is healthy and a normal request gets exactly what ``fewstep.generate`` gives it alone. What
+the fuzzers once found is replayed on the in-process test server (``REGRESSIONS``; ``ENGINE_REGRESSIONS``:
+ranges the engine's validation checks, each followed by a normal request that must be answered as before).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ class Process:
 
 @pytest.fixture(scope="module")
 def fuzz_server():
+    """``fewstep serve`` in a process of its own, with short answers (quick valid requests)."""
     s = Process("--policy", POLICY, "--gen-length", str(GEN), "--block-length", str(GEN), "--max-batch", "8")
     yield s
     s.close()
@@ -104,7 +105,8 @@ class Sender:
 
 
 def _after(url: str, loaded) -> None:
-    """Healthy, nothing left running, and a normal request gets what it gets alone."""
+    """Healthy, nothing left running, and a normal request gets what it gets alone (the server's defaults
+    aside: its answer canvas is given)."""
     deadline = time.monotonic() + 60
     while (health := httpx.get(url + "/health", timeout=10).json())["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -115,9 +117,9 @@ def _after(url: str, loaded) -> None:
 
 
 @pytest.mark.parametrize("case", range(len(REGRESSIONS)), ids=lambda i: f"regression-{i}")
-def test_regressions(fuzz_server, case):
+def test_regressions(server, case):
     path, body, headers, status = REGRESSIONS[case]
-    got = Sender(fuzz_server.url).send(path, body, headers)  # never a 5xx, always the error format
+    got = Sender(server.url).send(path, body, headers)  # never a 5xx, always the error format
     assert status is None or got == status
 
 
@@ -224,8 +226,8 @@ def _run(fuzz) -> bool:
     return False
 
 
-def test_mutated_requests(fuzz_server, loaded):
-    sender, t0 = Sender(fuzz_server.url), time.monotonic()
+def _mutated(url: str) -> collections.Counter:
+    sender, t0 = Sender(url), time.monotonic()
 
     @settings(max_examples=N_MUTATED, deadline=None, database=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))  # fmt: skip
@@ -240,7 +242,7 @@ def test_mutated_requests(fuzz_server, loaded):
     print(f"mutated: {sent} requests in {time.monotonic() - t0:.1f} s, statuses {dict(sender.statuses)}")
     assert sent == N_MUTATED or (out_of_time and sent >= 100), sender.statuses  # 100: a liveness floor
     assert {200, 400} <= set(sender.statuses), sender.statuses  # valid and invalid requests both went through
-    _after(fuzz_server.url, loaded)
+    return sender.statuses
 
 
 def _schemathesis(schema, mode, url: str, session, statuses: collections.Counter) -> None:
@@ -261,12 +263,14 @@ def _schemathesis(schema, mode, url: str, session, statuses: collections.Counter
     _run(fuzz)
 
 
-def test_schemathesis(fuzz_server, loaded):
-    """schemathesis' positive and negative cases for every operation of the published OpenAPI schema."""
+def test_fuzz_a_server_process(fuzz_server, loaded):
+    """Both fuzzers against one ``fewstep serve`` process; healthy after each, and answering as before."""
     import requests
     import schemathesis
     from schemathesis import GenerationMode
 
+    _mutated(fuzz_server.url)
+    _after(fuzz_server.url, loaded)
     schema = schemathesis.openapi.from_dict(httpx.get(fuzz_server.url + "/openapi.json").json())
     session, statuses, t0 = requests.Session(), collections.Counter(), time.monotonic()
     for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -277,11 +281,11 @@ def test_schemathesis(fuzz_server, loaded):
 
 
 @pytest.mark.parametrize("case", range(len(ENGINE_REGRESSIONS)), ids=lambda i: f"engine-regression-{i}")
-def test_engine_regressions(fuzz_server, loaded, case):
-    """A 400 naming the field (or the answer), and the server answers the next request as before (last: on
-    an engine without these checks, the first one wedged the server for good)."""
+def test_engine_regressions(server, loaded, case):
+    """A 400 naming the field (or the answer), and the server answers the next request as before (on an
+    engine without these checks, the first one wedged the server for good)."""
     body, status = ENGINE_REGRESSIONS[case]
-    r = httpx.post(fuzz_server.url + "/v1/completions", json=body, timeout=30)
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
     assert r.status_code == status, r.text
     assert status == 200 or r.json()["error"]["param"] in ("seed", "policy"), r.text
-    _after(fuzz_server.url, loaded)
+    _after(server.url, loaded)
