@@ -235,7 +235,7 @@ class _Row:
             un = x.clone()
             un[:, : self.prompt_length] = self.settings.mask_id
             x = torch.cat([x, un])
-        return Seqs(x, self.kv, *self.window, self.embeds)
+        return Seqs(x, self.kv, *self.window, embeds=self.embeds)
 
     def block_run(self) -> BlockRun:
         """This row's part of a block-diffusion call: its phase's columns, cache and wanted logits."""

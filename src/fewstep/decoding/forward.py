@@ -174,7 +174,7 @@ def prefix_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
     else:
         cache = _padded_cache(seqs, [[(0, C - c, c)] for c in cut], C)
     L = max(s.end - s.start for s in seqs)
-    ids, emb = _inputs(model, ids, [(j, C + sh, s.embeds) for j, s in zip(_rows(seqs), seqs)])
+    ids, emb = _inputs(model, ids, [(j, C + s.start - c, s.embeds) for j, s, c in zip(_rows(seqs), seqs, cut)])
     out = model.denoise(
         ids, am, start=C + sh, cache=cache, cache_mode="prefix", logits_start=C + sh, logits_end=C + sh + L, **emb
     )
