@@ -16,6 +16,12 @@ stream (a seeded row has its own generator), KV cache, NFE, and what the current
 5. a row whose block is done moves to its next block at once ("first done, first out"), stops at an EOS
    with ``early_stop``, finishes after its last block, or stops at ``max_nfe``.
 
+Policy capabilities (:mod:`fewstep.decoding.policies.base`): a ``revises`` policy's commits may overwrite
+decoded tokens of the open block (counted as revisions: ``RowResult.revisions``/``revised``, ``Update.revised``);
+a ``uses_embeddings`` policy gets the model's input embedding in its ``StepState`` and its ``Selection.embeds``
+become the row's window inputs at its next forward; a ``folds_store`` policy's finished block is stored in the
+exact block cache by the next block's first forward (which runs both blocks) instead of a store forward.
+
 Exactness: a row's forward sees exactly its own canvas at its own RoPE positions (pads are masked keys,
 before its real columns or after its queries); its policy state, memory, step counter and random stream
 are its own, so each request gets the tokens and NFE it gets alone, whatever shares the round.
