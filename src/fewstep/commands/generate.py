@@ -152,7 +152,14 @@ def run(args: argparse.Namespace) -> int:
         "tokens_per_second": sum(c.committed for c in comps) / max(gen_s, 1e-9),
     }
     results = [
-        {"prompt": p, "answer": c.text, "nfe": c.nfe, "tokens_per_step": c.committed / max(c.nfe, 1)}
+        {
+            "prompt": p,
+            "answer": c.text,
+            "nfe": c.nfe,
+            "tokens_per_step": c.committed / max(c.nfe, 1),
+            "revisions": c.revisions,
+            "revised_fraction": c.stats()["revised_fraction"],
+        }
         for p, c in zip(shown, comps)
     ]
     if args.json:
@@ -176,8 +183,11 @@ def _print(args, results, summary, comps, recorder, tokenizer, mask_id: int) -> 
         if len(results) > 1:
             console.print(f"[bold]prompt {i + 1}:[/bold] {r['prompt']}")
         console.print(r["answer"], markup=False)
+        revised = (
+            f" · {r['revisions']} revisions ({r['revised_fraction']:.0%} of tokens changed)" if r["revisions"] else ""
+        )
         console.print(
-            f"[dim]NFE {r['nfe']} · {r['tokens_per_step']:.2f} tokens/step · policy {summary['policy']} · "
+            f"[dim]NFE {r['nfe']} · {r['tokens_per_step']:.2f} tokens/step{revised} · policy {summary['policy']} · "
             f"cache {args.cache}[/dim]"
         )
     gen_s, load_s = summary["seconds"], summary["load_seconds"]
