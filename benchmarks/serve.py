@@ -44,13 +44,13 @@ VOCAB_8B = 126464
 def build_model(which: str, layers: int, quick: bool, cache: str = "none"):
     """(model, tokenizer, default settings, prompts as text) of a benchmark model."""
     import fewstep
-    from fewstep.commands import resolve_model
+    from fewstep.assets import resolve_model
     from fewstep.decoding.text import Settings
     from fewstep.tasks import arith
 
     if which == "embedded":
         d = resolve_model("dparallel")
-        prompts = [p.prompt for p in arith.generate("test", 512, seed=0)]
+        prompts = [p.prompt for p in arith.generate_problems("test", 512, seed=0)]
         return (
             fewstep.load_model(d),
             fewstep.load_tokenizer(d),
@@ -60,7 +60,7 @@ def build_model(which: str, layers: int, quick: bool, cache: str = "none"):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from decode import synthetic_llada
 
-    from fewstep.tasks.tokenizer import build_word_tokenizer
+    from fewstep.models.tokenizer import build_word_tokenizer
 
     vocab = 1024 if quick else VOCAB_8B
     width = (

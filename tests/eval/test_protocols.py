@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from fewstep.eval import protocols
+from fewstep.eval.benchmarks import TASKS, get_task
 from fewstep.eval.protocols import Prompt, cut_at_stop, get_protocol
-from fewstep.eval.tasks import TASKS, get_task
 
 
 class FakeChatTokenizer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import fewstep
-from fewstep.commands import resolve_model
+from fewstep.assets import resolve_model
 from fewstep.decoding.text import Settings, TextGenerator
 from fewstep.serve import ServeConfig, create_app, start_in_thread
 

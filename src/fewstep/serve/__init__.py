@@ -7,35 +7,13 @@ in the foreground (the CLI). See ``docs/serving.md``.
 
 from __future__ import annotations
 
-import re
 import socket
 import threading
 import time
-from pathlib import Path
-from typing import Any
 
 from fewstep.serve.app import ServeConfig, create_app
 
-__all__ = ["ServeConfig", "card_defaults", "create_app", "run", "start_in_thread"]
-
-
-def card_defaults(model_dir: str | Path) -> dict[str, Any]:
-    """The decoding a model card recommends: ``policy`` and ``gen_length`` from its ``fewstep generate`` line.
-
-    Empty when the folder has no README.md or the card names no such command.
-    """
-    card = Path(model_dir) / "README.md"
-    if not card.is_file():
-        return {}
-    line = next((ln for ln in card.read_text("utf-8").splitlines() if "fewstep generate" in ln), "")
-    out: dict[str, Any] = {}
-    if m := re.search(r"--policy\s+(\S+?)`?(\s|$)", line):
-        out["policy"] = m.group(1).strip("`")
-    if m := re.search(r"--gen-length\s+(\d+)", line):
-        out["gen_length"] = int(m.group(1))
-    if m := re.search(r"--block-length\s+(\d+)", line):
-        out["block_length"] = int(m.group(1))
-    return out
+__all__ = ["ServeConfig", "create_app", "run", "start_in_thread"]
 
 
 def _server(app, host: str, log_level: str):
