@@ -152,9 +152,7 @@ def run(args: argparse.Namespace) -> int:
             progress.stop()
     shown = [p if isinstance(p, str) else " ".join(map(str, p)) for p in prompts]
     if args.trace_json:
-        doc = completions_json(comps, recorder, policy.describe(), args.cache, tokenizer, shown)
-        doc.update(model=str(model_dir), gen_length=args.gen_length, block_length=args.block_length or "default")
-        Path(args.trace_json).write_text(json.dumps(doc, indent=1) + "\n")
+        _save_trace(args, completions_json(comps, recorder, policy.describe(), args.cache, tokenizer, shown), model_dir)
     gen_s = comps[0].batch_seconds
     summary = {
         "policy": policy.describe(),
@@ -172,6 +170,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print(args, results, summary, comps, recorder, tokenizer, int(model.config.mask_token_id))
     return 0
+
+
+def _save_trace(args: argparse.Namespace, doc: dict, model_dir: Path) -> None:
+    """``--trace-json``: the step trace with the model and the canvas geometry."""
+    doc.update(model=str(model_dir), gen_length=args.gen_length, block_length=args.block_length or "default")
+    Path(args.trace_json).write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def _print(args, results, summary, comps, recorder, tokenizer, mask_id: int) -> None:

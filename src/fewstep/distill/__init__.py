@@ -60,6 +60,14 @@ def recipes(name: str) -> dict[str, Any]:
     return method(name).recipes()
 
 
+def _row(table: Mapping[str, Any], architecture: str) -> str | None:
+    """The first row of a paper's ``RECIPES`` that the family's model class names in ``recipes_from``."""
+    from fewstep.models.families import families
+
+    cls = families().get(architecture)
+    return next((key for key in (cls.recipes_from if cls else ()) if key in table), None)
+
+
 def recipe_for(name: str, architecture: str, overrides: Mapping[str, Any] | None = None, **fields: Any) -> Any:
     """The recipe of method ``name`` for a model family (``"llada"``, ``"dream"``, ``"llada2"``, ``"sdar"``):
     the first row of the paper's ``RECIPES`` that the family's model class names in ``recipes_from``, with
@@ -69,19 +77,22 @@ def recipe_for(name: str, architecture: str, overrides: Mapping[str, Any] | None
     from fewstep.train.recipe import with_overrides
 
     table = recipes(name)
-    cls = families().get(architecture)
-    row = next((key for key in (cls.recipes_from if cls else ()) if key in table), None)
+    row = _row(table, architecture)
     if row is None:
         raise ValueError(f"no {name} recipe for {architecture!r}; families: {', '.join(families())}")
     return with_overrides(table[row], {**(overrides or {}), **fields})
 
 
 def all_recipes() -> dict[str, Any]:
-    """``{"method/family": recipe}`` of every method and model family: what ``fewstep distill``'s recipe
-    flags and the README's recipe table (:func:`recipe_table`) are built from."""
+    """``{"method/family": recipe}`` of every method and every model family it has a recipe row for: what
+    ``fewstep distill``'s recipe flags and the README's recipe table (:func:`recipe_table`) are built from."""
     from fewstep.models.families import families
 
-    return {f"{m}/{family}": recipe_for(m, family) for m in METHODS for family in families()}
+    out = {}
+    for m in METHODS:
+        table = recipes(m)
+        out.update({f"{m}/{family}": table[row] for family in families() if (row := _row(table, family))})
+    return out
 
 
 def recipe_table() -> str:

@@ -36,7 +36,7 @@ from torch import nn
 
 from fewstep.distill.blockdiff import block_diffusion_logits, block_size_of
 from fewstep.train.config import option, require
-from fewstep.train.objective import RecipeObjective, SpecialIds, python_rng
+from fewstep.train.objective import RecipeObjective, loss_logs, python_rng
 from fewstep.train.recipe import TrainingRecipe
 
 IGNORE = -100
@@ -192,16 +192,8 @@ class ConsistencyLoss:
     skipped: bool = False
 
     def log_dict(self) -> dict[str, float]:
-        """Floats for the trainer's log."""
-        return {
-            "loss": float(self.total.detach()),
-            "consistency": float(self.consistency.detach()),
-            "reconstruction": float(self.reconstruction.detach()),
-            "consistency_unclamped": float(self.consistency_unclamped.detach()),
-            "reconstruction_unclamped": float(self.reconstruction_unclamped.detach()),
-            "lambda": self.lam,
-            "skipped_nan": float(self.skipped),
-        }
+        """Floats for the trainer's log (``lambda``, ``skipped_nan``)."""
+        return loss_logs(self, lam="lambda", skipped="skipped_nan")
 
 
 def _zero_like_graph(logits: torch.Tensor) -> torch.Tensor:
@@ -294,19 +286,6 @@ class CD4LMObjective(RecipeObjective):
 
     name = "cd4lm"
     needs_teacher = True
-
-    def __init__(
-        self,
-        ids: SpecialIds,
-        max_length: int,
-        recipe: CD4LMRecipe,
-        *,
-        per_sequence: bool = False,
-        gen_length: int | None = None,
-    ):
-        super().__init__(ids, max_length, recipe, per_sequence=per_sequence, gen_length=gen_length)
-        if recipe.eos_pad and (gen_length is None or gen_length < 1):
-            raise ValueError(f"--eos-pad needs the answer length (--gen-length >= 1); got {gen_length}")
 
     @property
     def eos_pad_to(self) -> int | None:
@@ -454,6 +433,11 @@ class CD4LMRecipe(TrainingRecipe):
         choices=("logits", "token"),
     )
     train_on_pad_id: bool = option(False, "cd4lm: keep in-answer tokens equal to the pad id")
+
+    def check_run(self, gen_length: int | None) -> None:
+        """``eos_pad`` needs the run's answer length."""
+        if self.eos_pad and (gen_length is None or gen_length < 1):
+            raise ValueError(f"--eos-pad needs the answer length (--gen-length >= 1); got {gen_length}")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -42,7 +42,7 @@ from torch import nn
 
 from fewstep.distill.blockdiff import block_diffusion_logits, block_size_of, mdm_noise
 from fewstep.train.config import option, require
-from fewstep.train.objective import RecipeObjective, SpecialIds, python_rng
+from fewstep.train.objective import RecipeObjective, loss_logs, python_rng
 from fewstep.train.recipe import TrainingRecipe
 
 #: The reference masker's ``eps`` of the Bernoulli threshold ``(1 - eps)·ratio + eps``.
@@ -222,15 +222,7 @@ class CertaintyForcingLoss:
 
     def log_dict(self) -> dict[str, float]:
         """Floats for the trainer's log."""
-        return {
-            "loss": float(self.total.detach()),
-            "ce": float(self.ce.detach()),
-            "ce_rev": float(self.ce_rev.detach()),
-            "entropy": float(self.entropy.detach()),
-            "entropy_rev": float(self.entropy_rev.detach()),
-            "num_correct": float(self.num_correct),
-            "num_correct_rev": float(self.num_correct_rev),
-        }
+        return loss_logs(self)
 
 
 def certainty_forcing_loss(
@@ -279,25 +271,15 @@ class DParallelObjective(RecipeObjective):
     truncated), as the reference does (the EOS padding is part of the response and is trained on);
     then both views are masked with the trainer's generator, with the recipe's block (0 or none: the
     whole response, Dream's masking), ratio and masker (``reference_masking``: the official batch loop;
-    ``view_mask_id`` as in :func:`complementary_masks`). ``per_sequence`` normalises each sequence on its
+    :attr:`view_mask_id` as in :func:`complementary_masks`). ``per_sequence`` normalises each sequence on its
     own (the reference's loss at its batch size of 1 per device).
     """
 
     name = "dparallel"
     pads_to_max_length = True
-
-    def __init__(
-        self,
-        ids: SpecialIds,
-        max_length: int,
-        recipe: DParallelRecipe,
-        *,
-        per_sequence: bool = False,
-        gen_length: int | None = None,
-        view_mask_id: int | None = None,
-    ):
-        super().__init__(ids, max_length, recipe, per_sequence=per_sequence, gen_length=gen_length)
-        self.view_mask_id = view_mask_id
+    #: The id written at the span masks (None: the mask id). The official code writes a literal (LLaDA-8B's
+    #: mask id) whatever the model's is; set it to that literal to reproduce its raw inputs.
+    view_mask_id: int | None = None
 
     def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Fixed-length EOS-padded clean ids, prompt lengths and both masked views."""
@@ -414,9 +396,7 @@ class BlockDiffusionDParallelObjective(RecipeObjective):
 
         def of(rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
             out = block_certainty_forcing_loss(logits[rows], labels[rows], r.confidence_beta, not r.shifted_labels)
-            logs = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
-            logs["loss"] = logs.pop("total")
-            return out["total"], logs
+            return out["total"], loss_logs(out)
 
         return self.reduce(labels.shape[0], of)
 

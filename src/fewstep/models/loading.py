@@ -162,8 +162,10 @@ def check_device_dtype(device: torch.device, dtype: torch.dtype) -> None:
 def build_model(cfg: dict[str, Any] | ConfigFields) -> DiffusionLM:
     """An uninitialised (meta-device) model for a config dict or config object."""
     if isinstance(cfg, dict):
-        cfg = model_class(architecture_of(cfg)).config_class.from_dict(cfg)
-    model_cls = next(m for m in families().values() if isinstance(cfg, m.config_class))
+        model_cls = model_class(architecture_of(cfg))
+        cfg = model_cls.config_class.from_dict(cfg)
+    else:
+        model_cls = next(m for m in families().values() if isinstance(cfg, m.config_class))
     with torch.device("meta"):
         return model_cls(cfg)
 

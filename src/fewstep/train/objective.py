@@ -15,8 +15,9 @@ the trainer passes, so that a resumed run continues the same random stream.
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +125,7 @@ class RecipeObjective(Objective):
         gen_length: int | None = None,
     ):
         super().__init__(ids, max_length)
+        recipe.check_run(gen_length)
         self.recipe = recipe
         self.per_sequence = per_sequence
         self.gen_length = gen_length
@@ -140,6 +142,17 @@ class RecipeObjective(Objective):
         if not self.per_sequence:
             return loss_of(slice(None))
         return mean_over_rows(rows, lambda i: loss_of(slice(i, i + 1)))
+
+
+def loss_logs(values: Any, **rename: str) -> dict[str, float]:
+    """The trainer's log of a loss result (a dataclass or a dict of tensors and numbers): every value as a
+    float (tensors detached), ``total`` named ``loss`` and the other ``rename`` (field -> key) applied."""
+    if isinstance(values, Mapping):
+        items = list(values.items())
+    else:
+        items = [(f.name, getattr(values, f.name)) for f in dataclasses.fields(values)]
+    names = {"total": "loss", **rename}
+    return {names.get(k, k): float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in items}
 
 
 def align_logits(logits: torch.Tensor, shift: int) -> torch.Tensor:

@@ -141,6 +141,9 @@ class TrainingRecipe:
         require(self, "weight_decay", self.weight_decay >= 0, "be >= 0")
         require(self, "adam_beta2", 0 <= self.adam_beta2 < 1, "lie in [0, 1)")
 
+    def check_run(self, gen_length: int | None) -> None:
+        """ValueError (one line) when the recipe cannot run with the run's answer length ``gen_length``."""
+
     def warmup_for(self, max_steps: int) -> int:
         """Warm-up steps of a run of ``max_steps``: ``warmup_steps``, else ``warmup_ratio`` of the run."""
         return self.warmup_steps if self.warmup_steps is not None else round(self.warmup_ratio * max_steps)
