@@ -121,8 +121,9 @@ def _math_check(record: dict[str, Any], extracted: str) -> bool:
     return answers.math_equal(extracted, record["answer"])
 
 
-def _or_none(text: str) -> str | None:
-    return text if text.strip() else None
+def _mbpp_extract(record: dict[str, Any], response: str) -> str | None:
+    solution = code.mbpp_solution(record, response)
+    return solution if solution.strip() else None
 
 
 def _humaneval_extract(record: dict[str, Any], response: str) -> str | None:
@@ -184,7 +185,7 @@ register_task(
         "code",
         "MBPP full set (974 problems; fewstep eval uses the test split, task_ids 11-510); ids are task_id",
         load=lambda: datasets.load_mbpp("all"),
-        extract=lambda r, resp: _or_none(code.mbpp_solution(r, resp)),
+        extract=_mbpp_extract,
         program=code.mbpp_test_program,
         eval_split=lambda r: r["task_id"] in datasets.MBPP_SPLITS["test"],
     )
@@ -195,7 +196,7 @@ register_task(
         "code",
         "MBPP sanitized (427 hand-verified problems); ids are task_id",
         load=lambda: datasets.load_mbpp_sanitized("all"),
-        extract=lambda r, resp: _or_none(code.mbpp_solution(r, resp)),
+        extract=_mbpp_extract,
         program=code.mbpp_test_program,
     )
 )
