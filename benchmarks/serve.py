@@ -41,8 +41,13 @@ sys.path.insert(0, str(ROOT / "src"))
 VOCAB_8B = 126464
 
 
-def build_model(which: str, layers: int, quick: bool, cache: str = "none"):
-    """(model, tokenizer, default settings, prompts as text) of a benchmark model."""
+def build_model(
+    which: str, layers: int, quick: bool, cache: str = "none", device: str = "cpu", dtype: str | None = None
+):
+    """(model, tokenizer, default settings, prompts as text) of a benchmark model, on ``device`` in ``dtype``
+    (None: the model's own, float32)."""
+    import torch
+
     import fewstep
     from fewstep.assets import resolve_model
     from fewstep.decoding.text import Settings
@@ -52,7 +57,7 @@ def build_model(which: str, layers: int, quick: bool, cache: str = "none"):
         d = resolve_model("dparallel")
         prompts = [p.prompt for p in arith.generate_problems("test", 512, seed=0)]
         return (
-            fewstep.load_model(d),
+            fewstep.load_model(d, dtype=dtype, device=device),
             fewstep.load_tokenizer(d),
             Settings(policy="entropy:0.45", max_tokens=64, block_length=32, cache=cache),
             prompts,
@@ -69,6 +74,7 @@ def build_model(which: str, layers: int, quick: bool, cache: str = "none"):
         else {"d_model": 4096, "n_layers": layers, "n_heads": 32, "mlp": 12288}
     )
     model = synthetic_llada(width["d_model"], width["n_layers"], width["n_heads"], width["mlp"], vocab)
+    model = model.to(device=device, dtype=getattr(torch, dtype) if dtype else None)
     tok = build_word_tokenizer(f"w{i}" for i in range(5, vocab))  # ids 0-4 special, then one word per id
     words = [f"w{i}" for i in range(5, 4000 if not quick else 1000)]
     prompts = [" ".join(words[(7 * i + 13 * j) % len(words)] for j in range(16)) for i in range(256)]
@@ -83,7 +89,7 @@ def serve_main(args) -> int:
     from fewstep.serve import ServeConfig, create_app, run
 
     torch.set_num_threads(args.threads)
-    model, tok, settings, _ = build_model(args._serve, args.layers, args.quick, args.cache)
+    model, tok, settings, _ = build_model(args._serve, args.layers, args.quick, args.cache, args.device, args.dtype)
     gen = TextGenerator(model, tok, max_batch=32)
     app = create_app(gen, ServeConfig(model_name=args._serve, defaults=settings, max_queue=1024))
     run(app, "127.0.0.1", args.port, log_level="warning")
@@ -244,7 +250,7 @@ def _free_port() -> int:
 def bench_model(which: str, levels: list[int], args) -> dict:
     import httpx
 
-    model, tok, settings, prompts = build_model(which, args.layers, args.quick, args.cache)
+    model, tok, settings, prompts = build_model(which, args.layers, args.quick, args.cache, args.device, args.dtype)
     port = _free_port()
     cmd = [
         sys.executable,
@@ -259,8 +265,11 @@ def bench_model(which: str, levels: list[int], args) -> dict:
         str(args.threads),
         "--cache",
         args.cache,
-    ] + (["--quick"] if args.quick else [])
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        "--device",
+        args.device,
+    ]
+    cmd += (["--quick"] if args.quick else []) + (["--dtype", args.dtype] if args.dtype else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -319,7 +328,7 @@ def forward_batching_gain(model, tokens: int = 80, batch: int = 32) -> dict:
     out = {}
     with torch.no_grad():
         for b in (1, batch):
-            x = torch.randint(5, vocab, (b, tokens), generator=torch.Generator().manual_seed(0))
+            x = torch.randint(5, vocab, (b, tokens), generator=torch.Generator().manual_seed(0)).to(model.device)
             kw = {"start": tokens - 32, "end": tokens, "logits_start": tokens - 32, "logits_end": tokens}
             model.denoise(x, None, **kw)
             reps = max(3, 96 // b)
@@ -386,6 +395,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server and the direct run")
     p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none",
                    help="KV cache mode of both the server and the direct run")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="where the server and the direct run put the model (cpu, cuda)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights dtype (default: the model's own, float32)")  # fmt: skip
+    p.add_argument("--clients", default=None,
+                   help="comma-separated concurrency levels, 1 first (default: 1,8,32 embedded, 1,8 8b-shaped)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     p.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="the clients' HTTP library")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
@@ -405,13 +419,17 @@ def main(argv=None) -> int:
         args.requests, args.requests_8b = 8, 2
     result = {
         "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
-                 "cpu_count": os.cpu_count(), "device": "cpu"},
+                 "cpu_count": os.cpu_count(), "device": args.device, "dtype": args.dtype or "float32"},
         "engine": "decoding.engine: continuous batching (max_batch 32)", "client": args.client,
         "quick": args.quick, "models": [],
     }  # fmt: skip
     t0 = time.perf_counter()
     for which in [m.strip() for m in args.models.split(",") if m.strip()]:
         levels = [1, 8, 32] if which == "embedded" else [1, 8]
+        if args.clients:
+            levels = [int(c) for c in args.clients.split(",") if c.strip()]
+            if not levels or levels[0] != 1:
+                p.error("--clients must start with 1 (the one-client run is compared with the direct run)")
         result["models"].append(bench_model(which, levels, args))
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)

@@ -16,7 +16,7 @@ import fewstep
 from fewstep.cli import main
 from fewstep.decoding.text import cut_at_stop
 from fewstep.distill import rollout as ro
-from fewstep.eval.benchmarks import Task, prompt_records, register_task
+from fewstep.eval.benchmarks import TASKS, Task, prompt_records, register_task
 from tests.killpoint import killed_at
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +55,8 @@ def parity_verifier():
     benchmark registry, as every verifier is."""
     even = lambda rec, resp: int(rec["id"].rsplit("-", 1)[-1]) % 2 == 0  # noqa: E731
     register_task(Task("test-even-id", "math", "stand-in", load=list, extract=lambda r, resp: resp, check=even))
-    return "test-even-id"
+    yield "test-even-id"
+    TASKS.pop("test-even-id")
 
 
 def test_prompt_sources(tmp_path):

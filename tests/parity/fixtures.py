@@ -49,6 +49,13 @@ def arrays(d: Path) -> dict[str, np.ndarray]:
 
 
 @functools.cache
+def dmax_oracles(d: Path) -> dict | None:
+    """``oracles_dmax.json`` of a fixture directory (DMax's SPD and OPUT oracles), or None where it has none."""
+    f = d / "oracles_dmax.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+@functools.cache
 def model(d: Path):
     import fewstep
 
@@ -81,3 +88,14 @@ def params(items_of) -> list:
         for item_id, item in items_of(d):
             out.append(pytest.param(d, item, id=f"{d.name}-{item_id}"))
     return out
+
+
+#: d3LLM oracle file of a fixture directory (decoding, trajectories, noisy states, losses, curricula)
+D3LLM_FILE = "oracles_d3llm.json"
+
+
+@functools.cache
+def d3llm_oracles(d: Path) -> dict | None:
+    """``oracles_d3llm.json`` of ``d``, or None when the directory has none (it then contributes no items)."""
+    f = d / D3LLM_FILE
+    return json.loads(f.read_text()) if f.is_file() else None

@@ -41,10 +41,17 @@ examples:
   accelerate launch --config_file configs/accelerate/deepspeed_zero2_8gpu.yaml -m fewstep distill \\
       --method dparallel --model /models/LLaDA-8B-Instruct --data data/llada-gsm8k --out runs/dparallel-llada \\
       --lora-r 128 --lora-targets dparallel --batch-size 64 --grad-accum 8 --max-length 384 --bf16
+  # d3LLM on the tiny teacher: trajectory rollouts (fewstep rollout --trajectory), then the objective
+  fewstep distill --method d3llm --model runs/teacher --data data/trajectories --out runs/d3llm \
+      --lora-r 32 --lr 1e-3 --batch-size 32 --max-steps 600
   # block-diffusion models (LLaDA2-MoE, SDAR): dFactory's dParallel objective, full fine-tuning by default
   # (not run here: no GPU; in the FSDP config wrap DecoderLayer for LLaDA2, SDARLayer for SDAR)
-  accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m fewstep distill --method dparallel \
+  accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m fewstep distill --method dparallel \\
       --model /models/LLaDA2.0-mini --data data/llada2-gsm8k --out runs/dparallel-llada2 --batch-size 8 --bf16
+  # DMax OPUT on LLaDA2.0-mini at the official settings (docs/distillation.md, "DMax"; not run here)
+  accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m fewstep distill --method dmax \\
+      --model /models/LLaDA2.0-mini --data data/dmax-math --out runs/dmax-llada2 --batch-size 8 \\
+      --max-length 2048 --bf16 --gradient-checkpointing
 """
 
 
@@ -65,13 +72,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fewstep.train.recipe import add_recipe_arguments
 
     parser.epilog = EPILOG
-    parser.add_argument("--method", required=True, choices=list(METHODS), help="distillation objective")
+    parser.add_argument(
+        "--method",
+        required=True,
+        choices=list(METHODS),
+        help="distillation objective (dmax: DMax's on-policy uniform training, each example trained twice; d3llm: "
+        "masks cut from the teacher's trajectories, fewstep rollout --trajectory)",
+    )
     parser.add_argument("--model", required=True, metavar="PATH", help=f"teacher / base {SHIPPED_HELP}")
     parser.add_argument(
         "--data", required=True, metavar="PATH", help="rollout folder (fewstep rollout) or prompt/response JSONL"
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder: final model + checkpoints/")
     parser.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer folder (default: --model)")
+    parser.add_argument(
+        "--trajectories",
+        default=None,
+        metavar="PATH",
+        help="d3llm: teacher trajectories (a fewstep rollout --trajectory folder or JSONL) joined on the record id "
+        "(default: the ones --data's records carry; a record without one gets Bernoulli masks)",
+    )
     rec = parser.add_argument_group("recipe (the papers' defaults, per model family; unset = the recipe's)")
     add_recipe_arguments(rec, all_recipes())
     _lora_arguments(parser.add_argument_group("LoRA (through peft, with --finetune lora)"))
@@ -109,8 +129,8 @@ def _length_arguments(opt) -> None:
         "--max-length",
         type=int,
         default=None,
-        help="sequence length: dparallel pads prompt+response+EOS with EOS to it (paper: 384), cd4lm truncates "
-        "(paper: 512); default: longest prompt + --gen-length",
+        help="sequence length: dparallel and dmax pad prompt+response+EOS with EOS to it (papers: 384, 2048), "
+        "cd4lm truncates (paper: 512); default: longest prompt + --gen-length",
     )
     opt.add_argument(
         "--gen-length",
@@ -225,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     from fewstep.assets import resolve_model
     from fewstep.distill import frozen_teacher, read_training_data, recipe_for
     from fewstep.models.loading import architecture_of, load_model, load_tokenizer, read_config
-    from fewstep.train.data import hash_files, tokenize_pairs
+    from fewstep.train.data import hash_files
     from fewstep.train.launch import open_run, resume
     from fewstep.train.trainer import Trainer
 
@@ -234,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = recipe_for(args.method, arch, vars(args))
     records, manifest, files = read_training_data(args.data)
     tok = load_tokenizer(args.tokenizer or model_dir)
-    examples = tokenize_pairs(records, tok)
+    examples = _examples(args, recipe, records, tok)
     accelerator = open_run(out, bf16=args.bf16, cpu=args.cpu, overwrite=args.overwrite)
     main = accelerator.is_main_process
     if main:
@@ -242,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("bfloat16" if accelerator.device.type != "cpu" and recipe.finetune == "lora" else "float32")
     model = load_model(model_dir, dtype=dtype, device="cpu")
     objective = _objective(args, arch, tok, model, examples, manifest)
+    examples = objective.training_examples(examples)  # DMax: each example once per view
     lora = _lora_spec(args, recipe.finetune, arch)
     teacher = None
     if objective.needs_teacher and lora is None:
@@ -257,6 +278,23 @@ def run(args: argparse.Namespace) -> int:
         _finish(args, model_dir, out, recipe.finetune, train_cfg, summary, len(examples), accelerator)
         trainer.write_logs()
     return 0
+
+
+def _examples(args: argparse.Namespace, recipe: Any, records: list[dict], tok: Any) -> list[dict[str, Any]]:
+    """The tokenized examples, prepared by the method's objective (d3LLM joins the teacher's trajectories:
+    the records' own or ``--trajectories``); its notes are printed as warnings."""
+    from fewstep.distill import METHODS, read_training_data, recipes
+    from fewstep.train.data import tokenize_pairs
+
+    objective_class = type(recipe).objective_class
+    if args.trajectories and not objective_class.reads_trajectories:
+        users = [m for m in METHODS if any(type(r).objective_class.reads_trajectories for r in recipes(m).values())]
+        raise ValueError(f"--trajectories applies to --method {' or '.join(users)}")
+    examples = tokenize_pairs(records, tok)
+    trajectories = read_training_data(args.trajectories)[0] if args.trajectories else None
+    for note in objective_class.prepare(examples, records, trajectories):
+        print(f"fewstep distill: warning: {note}", file=sys.stderr)
+    return examples
 
 
 def _warn_unused(args: argparse.Namespace, arch: str, recipe: Any) -> None:

@@ -4,6 +4,7 @@ Writes OUT/shard-RRRRR-of-WWWWW.jsonl (one per process) with records ``{"id", "p
 "correct", "question", "nfe", "tokens_per_step", "response_tokens", "finished", "seconds", ...}`` and
 OUT/rollout.json (settings and summary). ``fewstep distill --data OUT`` reads the shards. Killed? Run
 the same command again: it continues where it stopped, without losing or repeating a record.
+``--trajectory`` records d3LLM's teacher trajectories (``commit_rank`` etc., docs/distillation.md).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ examples:
       --prompts gsm8k --out data/llada-gsm8k --policy llada --gen-length 256 --block-length 32 --batch-size 32
   # any prompts, no verifier: keep everything
   fewstep rollout --model M --prompts prompts.jsonl --keep all --out data/r
+  # d3LLM trajectories: one token per forward, retries at temperature 0.1, 0.2, ... until verified
+  fewstep rollout --model runs/teacher --prompts arith --out data/trajectories --gen-length 64 --trajectory
 """
 
 
@@ -50,7 +53,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy",
         default=None,
         metavar="NAME[:ARGS]",
-        help="decoding policy of the teacher (default: the model's decoding.json, else llada)",
+        help="decoding policy of the teacher (default: with --trajectory the family's one-token-per-forward "
+        "teacher: llada:steps=GEN_LENGTH,probs_dtype=float64 on LLaDA, entropy-dream:threshold=0 on Dream; else "
+        "the model's decoding.json, else llada)",
+    )
+    parser.add_argument(
+        "--trajectory",
+        action="store_true",
+        help="d3LLM trajectory rollout: one token per forward, no early stop, every record also holds commit_rank "
+        "(per answer position, the 0-based forward that committed it); rejected answers are retried at "
+        "temperature 0.1 x attempt (default --keep all: the last attempt is kept with correct false)",
+    )
+    parser.add_argument(
+        "--attempts",
+        type=int,
+        default=5,
+        help="--trajectory: tries per prompt until the verifier accepts (d3LLM: 5, temperatures 0.0..0.4)",
     )
     parser.add_argument(
         "--gen-length",
@@ -126,13 +144,22 @@ def default_gen_length(model_dir: Path) -> int:
     return 256
 
 
+def _trajectory_teacher(model_dir: Path, gen_length: int) -> str:
+    """The family's one-token-per-forward teacher policy (d3LLM's stage 1)."""
+    from fewstep.distill.d3llm import teacher_policy
+    from fewstep.models.loading import architecture_of, read_config
+
+    return teacher_policy(architecture_of(read_config(model_dir)), gen_length)
+
+
 #: What an unset decoding flag means when the model folder has no decoding.json.
 FALLBACK = {"policy": "llada", "gen_length": None, "block_length": None, "cache": "none", "early_stop": True}
 
 
 def rollout_config(args: argparse.Namespace, model_dir: Path, verifier: str | None):
     """The run's settings: the flags, else the model's recommended decoding (``decoding.json``), else the
-    rollout defaults (llada, the training gen_length or 256, the default block, no cache, early stop)."""
+    rollout defaults (llada, the training gen_length or 256, the default block, no cache, early stop). A
+    trajectory rollout takes the family's one-token-per-forward teacher and never stops early."""
     from fewstep.decoding.engine import default_block_length
     from fewstep.distill import rollout as ro
     from fewstep.models import checkpoint_block_length
@@ -140,24 +167,27 @@ def rollout_config(args: argparse.Namespace, model_dir: Path, verifier: str | No
 
     d = recommended(model_dir, vars(args), FALLBACK)
     gen_length = d["gen_length"] or default_gen_length(model_dir)
+    policy = args.policy or (_trajectory_teacher(model_dir, gen_length) if args.trajectory else d["policy"])
     return ro.RolloutConfig(
         out_dir=args.out,
         model=str(model_dir.resolve()),
         prompts=args.prompts if args.prompts in ro.prompt_set_names() else str(Path(args.prompts).resolve()),
-        policy=d["policy"],
+        policy=policy,
         gen_length=gen_length,
         block_length=default_block_length(checkpoint_block_length(model_dir), gen_length, d["block_length"]),
         cache=d["cache"],
         batch_size=args.batch_size,
-        keep=args.keep or ("correct" if verifier else "all"),
+        keep=args.keep or ("correct" if verifier and not args.trajectory else "all"),
         verifier=verifier,
         limit=args.limit,
         seed=args.seed,
         chat=args.chat,
-        early_stop=d["early_stop"],
+        early_stop=d["early_stop"] and not args.trajectory,
         sort_by_length=args.sort,
         prompt_field=args.prompt_field,
         protocol=args.protocol,
+        trajectory=args.trajectory,
+        attempts=args.attempts,
     )
 
 
@@ -199,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"fewstep rollout: {len(records):,} prompts, policy {cfg.policy}, gen {cfg.gen_length} / block "
             f"{cfg.block_length}, keep {cfg.keep} (verifier {verifier or 'none'}), {state.num_processes} process(es)"
+            + (f", trajectories ({args.attempts} attempts)" if args.trajectory else "")
         )
     summary = ro.run_rollout(
         cfg,

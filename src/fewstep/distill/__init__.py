@@ -1,4 +1,5 @@
-"""Distillation, one file per paper (``dparallel``: certainty forcing, ``cd4lm``: DSCD), and the table of them.
+"""Distillation, one file per paper, and the table of them (:data:`METHODS`): ``dparallel`` (certainty
+forcing), ``cd4lm`` (DSCD), ``dmax`` (on-policy uniform training), ``d3llm`` (pseudo-trajectory distillation).
 
 Each paper's file holds its objective, its losses and its recipes (a typed dataclass, one instance per
 recipe family: ``RECIPES``). :data:`METHODS` is the one table of methods: ``fewstep distill --method``'s
@@ -44,6 +45,8 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("dparallel", "dparallel", "dParallel certainty forcing"),
         Method("cd4lm", "cd4lm", "CD4LM consistency distillation (DSCD)"),
+        Method("dmax", "dmax", "DMax on-policy uniform training (OPUT)"),
+        Method("d3llm", "d3llm", "d3LLM pseudo-trajectory distillation"),
     )
 }
 

@@ -21,6 +21,10 @@ writes none twice. Sampling seeds are per prompt (``seed + prompt index``), so a
 is the batch that was lost, and the results do not depend on the batch size or the number of
 processes.
 
+Trajectory rollouts (``trajectory=True``, d3LLM's stage 1: :func:`answer_trajectories`): the teacher
+decodes one token per forward, and each record also holds the forward that committed every answer
+position (``commit_rank``), retried at rising temperature until the verifier accepts.
+
 Multi-process (``accelerate launch`` / ``torchrun``): prompts are ordered (by token length when
 ``sort_by_length``, which keeps batches tight) and process ``r`` of ``W`` takes every ``W``-th prompt
 starting at ``r`` (a disjoint, balanced slice).
@@ -155,6 +159,8 @@ class RolloutConfig:
     sort_by_length: bool = True
     prompt_field: str = "prompt"
     protocol: str | None = None
+    trajectory: bool = False  # record the teacher's commit order (d3LLM): see answer_trajectories
+    attempts: int = 5  # trajectory mode: tries per prompt, at temperature 0.1 x attempt, until verified
 
     def __post_init__(self) -> None:
         if self.keep not in KEEP_MODES:
@@ -167,10 +173,15 @@ class RolloutConfig:
             raise ValueError("limit must be >= 1")
         if self.chat not in CHAT_MODES:
             raise ValueError(f"chat must be one of {', '.join(CHAT_MODES)}; got {self.chat!r}")
+        if self.trajectory and self.early_stop:
+            raise ValueError("a trajectory rollout commits every answer position by a forward: no early stop")
+        if self.attempts < 1:
+            raise ValueError("attempts must be >= 1")
 
     def identity(self) -> dict[str, Any]:
         """The settings that must not change between a run and its resumption."""
-        return {k: v for k, v in asdict(self).items() if k != "out_dir"}
+        skip = {"out_dir"} if self.trajectory else {"out_dir", "trajectory", "attempts"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 def shard_name(rank: int, world: int) -> str:
@@ -311,20 +322,11 @@ def answer_batch(
     gen: Any, cfg: RolloutConfig, verify: Verifier | None, records: list[Record], texts: list[str], ids, idx: list[int]
 ) -> tuple[list[Record], dict[str, float]]:
     """Answer prompts ``idx`` through the text layer (seed ``cfg.seed + i`` for prompt ``i``; stop strings
-    cut the text only, so NFE is the engine's), verify them; returns the kept records and the batch stats."""
-    from fewstep.decoding.engine import default_block_length
-    from fewstep.decoding.text import Settings
-    from fewstep.models.block import attention_block
-
-    block = default_block_length(attention_block(gen.model), cfg.gen_length, cfg.block_length)
-    base = Settings(
-        policy=cfg.policy,
-        max_tokens=cfg.gen_length,
-        block_length=block,
-        cache=cfg.cache,
-        early_stop=cfg.early_stop,
-        cancel_at_stop=False,
-    )
+    cut the text only, so NFE is the engine's), verify them; returns the kept records and the batch stats.
+    Trajectory rollouts: :func:`answer_trajectories`."""
+    if cfg.trajectory:
+        return answer_trajectories(gen, cfg, verify, records, texts, ids, idx)
+    base = _settings(gen, cfg)
     per = [base.replace(seed=cfg.seed + i, stop=tuple(records[i].get("stop", ()))) for i in idx]
     kept, stats = [], _new_stats()
     for i, o in zip(idx, gen.generate([ids[i] for i in idx], per)):
@@ -338,19 +340,94 @@ def answer_batch(
         if not _keep(cfg.keep, correct):
             continue
         stats["kept"] += 1
-        rec = {
-            "id": records[i]["id"],
-            "prompt": texts[i],
-            "response": o.text,
-            "correct": correct,
-            "question": records[i]["prompt"],
-            "nfe": o.nfe,
-            "tokens_per_step": round(o.committed / max(o.nfe, 1), 4),
-            "response_tokens": o.answer_tokens,
-            "finished": o.answer_tokens < cfg.gen_length,  # a stop id ended the answer
-            "seconds": round(o.batch_seconds / o.batch_rows, 6),
+        kept.append(_record(cfg, records[i], texts[i], o, correct))
+    return kept, stats
+
+
+def _settings(gen: Any, cfg: RolloutConfig):
+    from fewstep.decoding.engine import default_block_length
+    from fewstep.decoding.text import Settings
+    from fewstep.models.block import attention_block
+
+    block = default_block_length(attention_block(gen.model), cfg.gen_length, cfg.block_length)
+    return Settings(
+        policy=cfg.policy,
+        max_tokens=cfg.gen_length,
+        block_length=block,
+        cache=cfg.cache,
+        early_stop=cfg.early_stop,
+        cancel_at_stop=False,
+    )
+
+
+def _record(cfg: RolloutConfig, record: Record, text: str, o: Any, correct: bool | None) -> Record:
+    rec = {
+        "id": record["id"],
+        "prompt": text,
+        "response": o.text,
+        "correct": correct,
+        "question": record["prompt"],
+        "nfe": o.nfe,
+        "tokens_per_step": round(o.committed / max(o.nfe, 1), 4),
+        "response_tokens": o.answer_tokens,
+        "finished": o.answer_tokens < cfg.gen_length,  # a stop id ended the answer
+        "seconds": round(o.batch_seconds / o.batch_rows, 6),
+    }
+    return {**rec, **{g: record[g] for g in ("gold", "target", "answer") if g in record}}
+
+
+def answer_trajectories(
+    gen: Any, cfg: RolloutConfig, verify: Verifier | None, records: list[Record], texts: list[str], ids, idx: list[int]
+) -> tuple[list[Record], dict[str, float]]:
+    """d3LLM's trajectory rollouts of prompts ``idx``: the teacher decodes one token per forward; attempt
+    ``a`` (0..``cfg.attempts``-1) samples at temperature ``0.1·a`` (seed ``cfg.seed + i + a·2³²``) and the
+    prompts the verifier rejects are tried again; the last attempt is kept when none passes (``correct``
+    False). Besides the usual fields each record holds ``commit_rank`` (per answer position, the 0-based
+    forward that committed it), ``prompt_tokens``, ``response_ids`` (the answer tokens before the stop id),
+    ``attempt`` and ``temperature``. NFE counts every attempt's forwards."""
+    from fewstep.distill.d3llm import commit_rank, retry_temperature
+
+    base = _settings(gen, cfg)
+    final: dict[int, tuple[Any, bool | None, int]] = {}
+    stats = _new_stats()
+    pending = list(idx)
+    for attempt in range(cfg.attempts):
+        t = retry_temperature(attempt)
+        per = [
+            base.replace(seed=cfg.seed + i + (attempt << 32), temperature=t, stop=tuple(records[i].get("stop", ())))
+            for i in pending
+        ]
+        outs = gen.generate([ids[i] for i in pending], per)
+        stats["seconds"] += outs[0].batch_seconds if outs else 0.0
+        retry = []
+        for i, o in zip(pending, outs):
+            correct = bool(verify(records[i], records[i].get("gen_prefix", "") + o.text)) if verify else None
+            stats["nfe"] += o.nfe
+            stats["tokens"] += o.committed
+            final[i] = (o, correct, attempt)
+            if correct is False:
+                retry.append(i)
+        pending = retry
+        if not pending:
+            break
+    kept = []
+    for i in idx:
+        o, correct, attempt = final[i]
+        stats["prompts"] += 1
+        stats["verified"] += correct is not None
+        stats["correct"] += bool(correct)
+        if not _keep(cfg.keep, correct):
+            continue
+        stats["kept"] += 1
+        rank = commit_rank(o.decode_step)
+        extra = {
+            "commit_rank": rank,
+            "prompt_tokens": len(ids[i]),
+            "response_ids": [int(t) for t in o.token_ids],
+            "attempt": attempt,
+            "temperature": retry_temperature(attempt),
         }
-        kept.append({**rec, **{g: records[i][g] for g in ("gold", "target", "answer") if g in records[i]}})
+        kept.append({**_record(cfg, records[i], texts[i], o, correct), **extra})
     return kept, stats
 
 

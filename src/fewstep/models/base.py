@@ -4,8 +4,13 @@ A fewstep model is a plain ``torch.nn.Module`` (the native ones are assembled in
 ``llada2.py`` and ``sdar.py`` from the building blocks of ``layers.py``) with
 
 * ``forward(input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-  use_cache=False, replace_position=None, logits_range=None) -> ModelOutput`` returning the
-  checkpoint's **raw** logits (Dream's are not shifted), so they can be compared with the official code;
+  use_cache=False, replace_position=None, logits_range=None, inputs_embeds=None) -> ModelOutput``
+  returning the checkpoint's **raw** logits (Dream's are not shifted), so they can be compared with the
+  official code; ``inputs_embeds`` ``[B, T, D]`` replaces ``input_ids`` (one of the two is given);
+* the input embedding API (:class:`~fewstep.models.layers.DecoderLM`): ``input_embeddings()`` (the
+  ``[V, D]`` matrix), ``embed(ids)`` (exactly what ``forward`` feeds its first layer for ``ids``) and
+  ``mask_embedding()``, so that a caller (the engine, and through it a policy such as DMax's soft
+  parallel decoding) builds its own inputs without reaching into the model's attributes;
 * ``config`` with ``vocab_size``, ``mask_token_id``, ``eos_token_id``, ``pad_token_id`` and
   ``max_sequence_length``;
 * ``logit_shift``: 0 if position ``i``'s token is predicted by the logits at ``i`` (LLaDA), 1 if it is
@@ -223,20 +228,21 @@ class AttentionInputs:
 
 
 def attention_inputs(
-    input_ids: torch.Tensor,
+    inputs: torch.Tensor,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     past_key_values: KVCache | list | None,
     replace_position: torch.Tensor | None,
 ) -> AttentionInputs:
-    """Resolve the cache mode, the query positions and the padding mask of one forward."""
-    B, T = input_ids.shape
+    """Resolve the cache mode, the query positions and the padding mask of one forward (``inputs``: the
+    ids ``[B, T]`` or the embeddings ``[B, T, D]`` of the queries; only their batch, length and device count)."""
+    B, T = inputs.shape[:2]
     if past_key_values is not None and not isinstance(past_key_values, KVCache):
         past_key_values = KVCache(list(past_key_values))
     columns = replace_columns(replace_position)
     past_len = 0 if past_key_values is None or columns is not None else past_key_values.length
     key_len = past_key_values.length if columns is not None else past_len + T
-    positions = resolve_positions(B, T, past_len, attention_mask, position_ids, columns, input_ids.device)
+    positions = resolve_positions(B, T, past_len, attention_mask, position_ids, columns, inputs.device)
     return AttentionInputs(positions, key_padding_mask(attention_mask, key_len), past_key_values, columns)
 
 
@@ -292,9 +298,10 @@ class DiffusionLM(nn.Module):
 
     def denoise(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         *,
+        inputs_embeds: torch.Tensor | None = None,
         start: int = 0,
         end: int | None = None,
         cache: KVCache | None = None,
@@ -305,7 +312,9 @@ class DiffusionLM(nn.Module):
     ) -> ModelOutput:
         """Logits aligned with the positions they predict, for the canvas columns ``[logits_start, logits_end)``.
 
-        ``input_ids`` is always the **whole** canvas ``[B, N]`` and ``attention_mask`` its padding mask.
+        ``input_ids`` is always the **whole** canvas ``[B, N]`` and ``attention_mask`` its padding mask;
+        ``inputs_embeds`` (the whole canvas too, ``[B, N, D]``, ``input_ids`` None) runs the same columns from
+        embeddings instead of ids (e.g. soft embeddings; ``embed(ids)`` gives the ids' exact logits).
         ``cache_mode`` says which columns are run through the network:
 
         * ``"none"``: all of them (``cache`` ignored); with ``use_cache`` the full cache is returned;
@@ -317,7 +326,10 @@ class DiffusionLM(nn.Module):
         left so that every requested column has its predicting logits; column 0 reuses its own logits,
         as the reference samplers do.
         """
-        n = input_ids.shape[1]
+        canvas = input_ids if inputs_embeds is None else inputs_embeds
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("denoise takes exactly one of input_ids and inputs_embeds")
+        n = canvas.shape[1]
         end = n if end is None else end
         logits_start = start if logits_start is None else logits_start
         logits_end = (end if cache_mode == "dual" else n) if logits_end is None else logits_end
@@ -335,15 +347,18 @@ class DiffusionLM(nn.Module):
             if cache is None or cache.length != n:
                 raise ValueError("dual mode needs a cache covering the whole canvas")
             past = cache
-            replace = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
+            replace = torch.zeros(n, dtype=torch.bool, device=canvas.device)
             replace[run_start:run_end] = True
         else:
             raise ValueError(f"cache_mode must be 'none', 'prefix' or 'dual', got {cache_mode!r}")
         # raw logits needed: [logits_start - s, logits_end - s), clipped at column 0
         need_lo = max(logits_start - s, 0)
         need_hi = logits_end - s
+        ids = None if input_ids is None else input_ids[:, run_start:run_end]
+        embeds = None if inputs_embeds is None else inputs_embeds[:, run_start:run_end]
         out = self(
-            input_ids[:, run_start:run_end],
+            ids,
+            inputs_embeds=embeds,
             attention_mask=attention_mask,
             past_key_values=past,
             use_cache=use_cache,

@@ -46,14 +46,15 @@ def block_causal_mask(
 
 
 def block_inputs(
-    input_ids: torch.Tensor,
+    inputs: torch.Tensor,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     past_key_values,
     replace_position: torch.Tensor | None,
     block_length: int | None,
 ) -> AttentionInputs:
-    """The attention inputs of one block-diffusion forward.
+    """The attention inputs of one block-diffusion forward (``inputs``: the query ids ``[B, T]`` or
+    embeddings ``[B, T, D]``).
 
     ``attention_mask`` is either the usual 2-D padding mask (the block-causal mask is built from the
     positions) or an explicit 4-D boolean mask ``[B, 1, Tq, Lk]`` (True = attend) with ``position_ids``,
@@ -62,10 +63,10 @@ def block_inputs(
     if attention_mask is not None and attention_mask.dim() == 4:
         if attention_mask.dtype != torch.bool or position_ids is None:
             raise ValueError("a 4-D attention_mask must be boolean (True = attend) and come with position_ids")
-        ctx = attention_inputs(input_ids, None, position_ids, past_key_values, replace_position)
+        ctx = attention_inputs(inputs, None, position_ids, past_key_values, replace_position)
         return AttentionInputs(ctx.positions, attention_mask, ctx.past, ctx.columns)
-    ctx = attention_inputs(input_ids, attention_mask, position_ids, past_key_values, replace_position)
-    return block_attention_inputs(ctx, attention_mask, block_length, input_ids.shape[0])
+    ctx = attention_inputs(inputs, attention_mask, position_ids, past_key_values, replace_position)
+    return block_attention_inputs(ctx, attention_mask, block_length, inputs.shape[0])
 
 
 def block_attention_inputs(

@@ -11,7 +11,8 @@ QK-norm, MoE, logit shift, block-causal attention). What they share lives here:
   :func:`attend`, heads merged), :class:`QKVAttention` (separate q/k/v, optional QK-norm);
 * :class:`PreNormLayer` (the Qwen/Bailing decoder layer with its checkpoint names);
 * :class:`DecoderLM` (embedding -> layers -> final norm -> LM head, with position ids, masks, caches,
-  ``replace_position`` and ``logits_range``) and :class:`BlockDecoderLM` (the same, block-causal).
+  ``replace_position``, ``logits_range`` and an ``inputs_embeds`` path beside ``input_ids``; the
+  embedding API ``input_embeddings()`` / ``embed(ids)`` / ``mask_embedding()``) and :class:`BlockDecoderLM` (the same, block-causal).
 
 Every layer is called ``layer(x, rope, mask, past, columns)``: ``rope`` is this forward's ``(cos, sin)``,
 computed once per forward by the model's :class:`RotaryEmbedding`.
@@ -283,7 +284,7 @@ class DecoderLM(DiffusionLM):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values: KVCache | list | None = None,
@@ -291,10 +292,13 @@ class DecoderLM(DiffusionLM):
         replace_position: torch.Tensor | None = None,
         logits_range: tuple[int, int] | None = None,
         block_length: int | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **_: Any,
     ) -> ModelOutput:
-        """Run the network on ``input_ids`` [B, T].
+        """Run the network on ``input_ids`` [B, T], or on ``inputs_embeds`` [B, T, D] (exactly one is given).
 
+        ``inputs_embeds`` enters where the token embedding's output would (cast to the embedding's dtype);
+        ``inputs_embeds=self.embed(input_ids)`` gives the ids' logits bit for bit, with every cache mode.
         ``attention_mask`` ([B, key length], 1 = real token) masks padding keys (a block-diffusion model also
         takes an explicit 4-D boolean mask with ``position_ids``). ``past_key_values`` and
         ``replace_position`` select the cache mode (see ``base.py``). ``block_length`` overrides a
@@ -302,10 +306,10 @@ class DecoderLM(DiffusionLM):
         it). ``logits_range=(a, b)`` computes the LM head only for query positions ``[a, b)`` (saves memory
         with large vocabularies).
         """
-        inputs = (input_ids, attention_mask, position_ids, past_key_values, replace_position)
-        ctx = self.attention_context(block_length, *inputs)
         embed, layers, norm, head = self.stack()
-        x = embed(input_ids)
+        x = self.first_activations(embed, input_ids, inputs_embeds)
+        inputs = (x, attention_mask, position_ids, past_key_values, replace_position)
+        ctx = self.attention_context(block_length, *inputs)
         x, presents = self.run_layers(layers, x, ctx, self.rope.cos_sin(ctx.positions, x.dtype))
         if logits_range is not None:
             x = x[:, logits_range[0] : logits_range[1]]
@@ -319,6 +323,34 @@ class DecoderLM(DiffusionLM):
         """Cache mode, query positions and key-padding mask of one forward (full attention: ``block_length``
         ignored); ``inputs`` are the arguments of :func:`~fewstep.models.base.attention_inputs`."""
         return attention_inputs(*inputs)
+
+    @staticmethod
+    def first_activations(
+        embed: nn.Embedding, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The first layer's input ``[B, T, D]``: the token embedding of ``input_ids``, or ``inputs_embeds``."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            return embed(input_ids)
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != embed.embedding_dim:
+            raise ValueError(
+                f"inputs_embeds must be [B, T, {embed.embedding_dim}], got shape {tuple(inputs_embeds.shape)}"
+            )
+        return inputs_embeds.to(embed.weight.dtype)
+
+    # -- the input embedding, for callers that build their own inputs (soft embeddings) ---------------
+    def input_embeddings(self) -> torch.Tensor:
+        """The input embedding matrix ``[V, D]`` (the parameter itself, not a copy: read it under no_grad)."""
+        return self.stack()[0].weight
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings ``[..., D]`` of token ``ids``: exactly what ``forward`` feeds its first layer."""
+        return self.stack()[0](ids)
+
+    def mask_embedding(self) -> torch.Tensor:
+        """The input embedding ``[D]`` of the mask token (``config.mask_token_id``)."""
+        return self.input_embeddings()[int(self.config.mask_token_id)]
 
 
 class BlockDecoderLM(DecoderLM, BlockDiffusionLM):

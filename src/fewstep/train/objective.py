@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +84,11 @@ class Objective:
         shift = logit_shift_of(shift_of or model) if self.logit_shift is None else self.logit_shift
         return align_logits(logits, shift)
 
+    def training_examples(self, examples: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
+        """The examples an epoch passes over: ``examples`` itself, unless the objective trains each example
+        in several ways (DMax's OPUT writes each twice, once per ``flag``); give the trainer these."""
+        return examples
+
     def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Turn tokenized examples into a batch of tensors (the same for every process)."""
         raise NotImplementedError
@@ -114,6 +119,19 @@ class RecipeObjective(Objective):
     #: True if ``collate`` pads (or truncates) every sequence to exactly ``max_length`` (``fewstep distill``
     #: warns when the data is longer).
     pads_to_max_length: bool = False
+    #: True if :meth:`prepare` reads teacher trajectories (``fewstep distill --trajectories``).
+    reads_trajectories: bool = False
+
+    @classmethod
+    def prepare(
+        cls,
+        examples: list[dict[str, Any]],
+        records: Sequence[dict[str, Any]],
+        trajectories: Sequence[dict[str, Any]] | None = None,
+    ) -> list[str]:
+        """Complete the tokenized ``examples`` (in place) from their ``records`` (and the teacher
+        ``trajectories``) before the run measures their lengths; returns notes worth a warning."""
+        return []
 
     def __init__(
         self,
