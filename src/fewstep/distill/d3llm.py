@@ -33,6 +33,7 @@ contributes zero instead of NaN.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from array import array
@@ -46,9 +47,8 @@ from torch import nn
 from fewstep.distill.dparallel import (
     CertaintyForcingLoss,
     ComplementaryMasks,
-    certainty_forcing_entropy,
+    certainty_forcing_loss,
     eos_padded,
-    masked_cross_entropy,
 )
 from fewstep.train.config import option, require
 from fewstep.train.objective import RecipeObjective, unwrap
@@ -313,14 +313,18 @@ def d3llm_loss(
     """
     if entropy_views not in ENTROPY_VIEWS:
         raise ValueError(f"entropy_views must be one of {', '.join(ENTROPY_VIEWS)}, got {entropy_views!r}")
-    ce, ce_rev = masked_cross_entropy(logits, labels, mask), masked_cross_entropy(logits_rev, labels, mask_rev)
-    ent, n = certainty_forcing_entropy(logits, labels, mask, temperature, eps)
-    if entropy_views == "both":
-        ent_rev, n_rev = certainty_forcing_entropy(logits_rev, labels, mask_rev, temperature, eps)
-    else:
-        ent_rev, n_rev = 0.0 * ent, 0
-    total = (ce + ce_rev + entropy_weight * (ent + ent_rev)) / 4
-    return CertaintyForcingLoss(total, ce, ce_rev, ent, ent_rev, n, n_rev)
+    out = certainty_forcing_loss(
+        logits,
+        logits_rev,
+        labels,
+        mask,
+        mask_rev,
+        temperature=temperature,
+        entropy_weight=entropy_weight,
+        eps=eps,
+        forced_views=2 if entropy_views == "both" else 1,
+    )
+    return dataclasses.replace(out, total=out.total / 4)
 
 
 # -- trajectories joined to the training examples --------------------------------------------------------

@@ -235,15 +235,20 @@ def certainty_forcing_loss(
     temperature: float = 0.5,
     entropy_weight: float = 2.0,
     eps: float = 1e-12,
+    forced_views: int = 2,
 ) -> CertaintyForcingLoss:
     """``CE_1 + CE_2 + w·(H_1 + H_2)`` from the aligned logits of both views (row i predicts token i:
     :func:`fewstep.train.objective.align_logits`), the clean labels and the masks.
 
-    Each view is normalised by its own counts.
+    Each view is normalised by its own counts. ``forced_views=1`` leaves ``H_2`` out (zero, no gradient:
+    d3LLM on LLaDA).
     """
     ce, ce_rev = masked_cross_entropy(logits, labels, mask), masked_cross_entropy(logits_rev, labels, mask_rev)
     ent, n = certainty_forcing_entropy(logits, labels, mask, temperature, eps)
-    ent_rev, n_rev = certainty_forcing_entropy(logits_rev, labels, mask_rev, temperature, eps)
+    if forced_views == 2:
+        ent_rev, n_rev = certainty_forcing_entropy(logits_rev, labels, mask_rev, temperature, eps)
+    else:
+        ent_rev, n_rev = 0.0 * ent, 0
     total = ce + ce_rev + entropy_weight * (ent + ent_rev)
     return CertaintyForcingLoss(total, ce, ce_rev, ent, ent_rev, n, n_rev)
 
