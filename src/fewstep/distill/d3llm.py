@@ -33,7 +33,6 @@ contributes zero instead of NaN.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 from array import array
@@ -49,6 +48,7 @@ from fewstep.distill.dparallel import (
     ComplementaryMasks,
     certainty_forcing_loss,
     eos_padded,
+    two_view_loss,
 )
 from fewstep.train.config import option, require
 from fewstep.train.objective import RecipeObjective, unwrap
@@ -313,18 +313,21 @@ def d3llm_loss(
     """
     if entropy_views not in ENTROPY_VIEWS:
         raise ValueError(f"entropy_views must be one of {', '.join(ENTROPY_VIEWS)}, got {entropy_views!r}")
-    out = certainty_forcing_loss(
+    return certainty_forcing_loss(
         logits,
         logits_rev,
         labels,
         mask,
         mask_rev,
-        temperature=temperature,
-        entropy_weight=entropy_weight,
+        **_loss_settings(temperature, entropy_weight, entropy_views),
         eps=eps,
-        forced_views=2 if entropy_views == "both" else 1,
     )
-    return dataclasses.replace(out, total=out.total / 4)
+
+
+def _loss_settings(temperature: float, entropy_weight: float, entropy_views: str) -> dict[str, Any]:
+    """:func:`~fewstep.distill.dparallel.certainty_forcing_loss`'s settings for d3LLM's loss."""
+    forced = 2 if entropy_views == "both" else 1
+    return {"temperature": temperature, "entropy_weight": entropy_weight, "forced_views": forced, "scale": 0.25}
 
 
 # -- trajectories joined to the training examples --------------------------------------------------------
@@ -513,24 +516,10 @@ class D3LLMObjective(RecipeObjective):
         """Two forwards (one per view) and :func:`d3llm_loss`, per sequence or over the batch."""
         if getattr(unwrap(model), "block_diffusion", False):
             raise ValueError("d3LLM trains full-attention models (llada, dream); use dparallel or cd4lm on llada2/sdar")
-        logits = self.logits(model, views.noisy)
-        logits_rev = self.logits(model, views.noisy_rev)
-        r, mask, mask_rev = self.recipe, views.mask, views.mask_rev
-
-        def of(rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
-            out = d3llm_loss(
-                logits[rows],
-                logits_rev[rows],
-                input_ids[rows],
-                mask[rows],
-                mask_rev[rows],
-                temperature=r.temperature,
-                entropy_weight=r.entropy_weight,
-                entropy_views=r.entropy_views,
-            )
-            return out.total, out.log_dict()
-
-        return self.reduce(input_ids.shape[0], of)
+        r = self.recipe
+        return two_view_loss(
+            self, model, input_ids, views, **_loss_settings(r.temperature, r.entropy_weight, r.entropy_views)
+        )
 
 
 # -- recipes -------------------------------------------------------------------------------------------------

@@ -236,12 +236,13 @@ def certainty_forcing_loss(
     entropy_weight: float = 2.0,
     eps: float = 1e-12,
     forced_views: int = 2,
+    scale: float = 1.0,
 ) -> CertaintyForcingLoss:
     """``CE_1 + CE_2 + w·(H_1 + H_2)`` from the aligned logits of both views (row i predicts token i:
     :func:`fewstep.train.objective.align_logits`), the clean labels and the masks.
 
     Each view is normalised by its own counts. ``forced_views=1`` leaves ``H_2`` out (zero, no gradient:
-    d3LLM on LLaDA).
+    d3LLM on LLaDA); ``scale`` multiplies the total (d3LLM: 1/4).
     """
     ce, ce_rev = masked_cross_entropy(logits, labels, mask), masked_cross_entropy(logits_rev, labels, mask_rev)
     ent, n = certainty_forcing_entropy(logits, labels, mask, temperature, eps)
@@ -250,7 +251,24 @@ def certainty_forcing_loss(
     else:
         ent_rev, n_rev = 0.0 * ent, 0
     total = ce + ce_rev + entropy_weight * (ent + ent_rev)
+    if scale != 1.0:
+        total = total * scale
     return CertaintyForcingLoss(total, ce, ce_rev, ent, ent_rev, n, n_rev)
+
+
+def two_view_loss(
+    objective: RecipeObjective, model: nn.Module, labels: torch.Tensor, views: ComplementaryMasks, **loss: Any
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One forward per view (``objective.logits``) and :func:`certainty_forcing_loss` with ``loss``'s
+    settings, per sequence or over the micro-batch (``objective.reduce``)."""
+    logits = objective.logits(model, views.noisy)
+    logits_rev = objective.logits(model, views.noisy_rev)
+
+    def of(r: slice) -> tuple[torch.Tensor, dict[str, float]]:
+        out = certainty_forcing_loss(logits[r], logits_rev[r], labels[r], views.mask[r], views.mask_rev[r], **loss)
+        return out.total, out.log_dict()
+
+    return objective.reduce(labels.shape[0], of)
 
 
 # -- the objective ---------------------------------------------------------------------------------------
@@ -319,24 +337,12 @@ class DParallelObjective(RecipeObjective):
         max_steps: int = 1,
         teacher: nn.Module | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Two forwards (one per view) and :func:`certainty_forcing_loss`."""
-        logits = self.logits(model, batch["noisy"])
-        logits_rev = self.logits(model, batch["noisy_rev"])
-        ids, mask, mask_rev = batch["input_ids"], batch["mask"], batch["mask_rev"]
-
-        def of(r: slice) -> tuple[torch.Tensor, dict[str, float]]:
-            out = certainty_forcing_loss(
-                logits[r],
-                logits_rev[r],
-                ids[r],
-                mask[r],
-                mask_rev[r],
-                temperature=self.recipe.temperature,
-                entropy_weight=self.recipe.entropy_weight,
-            )
-            return out.total, out.log_dict()
-
-        return self.reduce(ids.shape[0], of)
+        """Two forwards (one per view) and :func:`certainty_forcing_loss` (:func:`two_view_loss`)."""
+        views = ComplementaryMasks(batch["noisy"], batch["noisy_rev"], batch["mask"], batch["mask_rev"])
+        r = self.recipe
+        return two_view_loss(
+            self, model, batch["input_ids"], views, temperature=r.temperature, entropy_weight=r.entropy_weight
+        )
 
 
 # -- block-diffusion models (LLaDA2-MoE, SDAR): dFactory's LLaDA2 dParallel trainer ----------------------
