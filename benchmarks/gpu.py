@@ -60,7 +60,7 @@ from decode import POLICIES as DECODE_POLICIES  # noqa: E402
 from models import LLADA_8B  # noqa: E402
 from models_blockdiff import LLADA2_MINI  # noqa: E402
 
-from fewstep.decoding.engine import Engine, Request, RequestError  # noqa: E402
+from fewstep.decoding.engine import Engine, Quirks, Request, RequestError  # noqa: E402
 from fewstep.decoding.forward import BlockRun, Seqs, block_forward, full_forward  # noqa: E402
 from fewstep.decoding.policies import POLICIES, parse_policy  # noqa: E402
 from fewstep.models import KVCache, LLaDA2Config, LLaDA2Model, LLaDAConfig, LLaDAModel  # noqa: E402
@@ -957,7 +957,7 @@ def section_peer(ctx: Ctx) -> dict:
 def peer_row(ctx, model, pmodel, fn, kw, prompts, spec, cache) -> dict:
     """The peer and fewstep on each prompt in turn (the same load on the machine for both)."""
     G, dev = ctx.sizes.speed_gen, ctx.device
-    quirks = {"quirk_cache_extra_nfe": cache != "none", "quirk_mask_prediction": True}  # the peer's loop
+    quirks = Quirks(cache_extra_nfe=cache != "none", mask_prediction=True)  # the peer's loop
     for p in prompts[:2]:  # warm-up at two shapes: the peer's compiled attention recompiles once for dynamic shapes
         fn(pmodel, torch.tensor([p], device=dev), gen_length=kw["block_length"], **{**kw, "steps": kw["block_length"]})
     t_peer = t_ours = 0.0
@@ -967,7 +967,7 @@ def peer_row(ctx, model, pmodel, fn, kw, prompts, spec, cache) -> dict:
         t_peer += dt
         x, nfe = res if isinstance(res, tuple) else (res, None)
         peer_answer = x[0, len(p) :].tolist()
-        req = Request(p, policy=spec, gen_length=G, block_length=kw["block_length"], cache=cache, id=i, **quirks)
+        req = Request(p, policy=spec, gen_length=G, block_length=kw["block_length"], cache=cache, id=i, quirks=quirks)
         (ours,), dt = timed(dev, lambda req=req: Engine(model, max_batch=1).run([req]))
         t_ours += dt
         same += ours.answer == peer_answer

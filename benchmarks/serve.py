@@ -50,7 +50,7 @@ def build_model(
 
     import fewstep
     from fewstep.assets import resolve_model
-    from fewstep.decoding.text import Settings
+    from fewstep.decoding.text import GenerationSettings
     from fewstep.tasks import arith
 
     if which == "embedded":
@@ -59,7 +59,7 @@ def build_model(
         return (
             fewstep.load_model(d, dtype=dtype, device=device),
             fewstep.load_tokenizer(d),
-            Settings(policy="entropy:0.45", max_tokens=64, block_length=32, cache=cache),
+            GenerationSettings(policy="entropy:0.45", max_tokens=64, block_length=32, cache=cache),
             prompts,
         )
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -78,7 +78,7 @@ def build_model(
     tok = build_word_tokenizer(f"w{i}" for i in range(5, vocab))  # ids 0-4 special, then one word per id
     words = [f"w{i}" for i in range(5, 4000 if not quick else 1000)]
     prompts = [" ".join(words[(7 * i + 13 * j) % len(words)] for j in range(16)) for i in range(256)]
-    return model, tok, Settings(policy="llada:steps=4", max_tokens=32, block_length=32, cache=cache), prompts
+    return model, tok, GenerationSettings(policy="llada:steps=4", max_tokens=32, block_length=32, cache=cache), prompts
 
 
 def serve_main(args) -> int:

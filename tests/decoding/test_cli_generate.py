@@ -128,6 +128,8 @@ def test_prompt_ids_without_tokenizer(capsys):
         (["--gen-length", "30", "--block-length", "8"], "gen_length (30) must be a multiple of block_length (8)"),
         (["--prompt-ids", "1 x"], "--prompt-ids expects space-separated integers"),
         (["--prompt-ids", "1 99999"], "input_ids must be token ids in [0, 511]"),
+        (["--seed", str(2**70)], "seed must be an integer <= 18446744073709551615"),  # the server's check too
+        (["--cfg-scale", "nan"], "cfg_scale must be a finite number"),
     ],
 )
 def test_user_errors_are_one_line(capsys, argv, message):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fewstep.decoding import Policy, Selection, StepState, generate, parse_policy
-from fewstep.decoding.engine import Engine, Request, RowResult
+from fewstep.decoding.engine import Engine, Quirks, Request, RowResult
 from fewstep.models.loading import load_model, load_tokenizer
 from tests.parity.fixtures import BLOCK_DIRS, DEFAULT_DIRS, model, oracles
 
@@ -420,7 +420,7 @@ def block_requests(rng: random.Random, prompts, n: int) -> list[Request]:
                 cfg_scale=rng.choice([0.0, 0.0, 0.0, 0.5]),
                 early_stop=rng.random() < 0.4,
                 eos_early_stop=rng.random() < 0.3,
-                quirk_unstored_blocks="quirk_iteration_cap" in spec,
+                quirks=Quirks(unstored_blocks="quirk_iteration_cap" in spec),
                 id=i,
             )
         )

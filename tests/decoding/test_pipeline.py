@@ -166,7 +166,10 @@ def test_trace_and_callback_reconstruct_the_answer():
     assert per_row_steps == out.nfe.tolist()
     assert torch.equal(canvas, out.answers)
     assert [sum(t) for t in out.tokens_per_step] == [32, 32, 32]
-    assert torch.allclose(out.tokens_per_forward, 32 / out.nfe.double())
+    assert torch.allclose(out.positions_per_forward, 32 / out.nfe.double())
+    eos = set(out.eos_ids)
+    before = [next((i for i, t in enumerate(a) if t in eos), 32) for a in out.answers.tolist()]
+    assert torch.allclose(out.tokens_per_forward, torch.tensor(before) / out.nfe.double())
 
 
 @dataclass

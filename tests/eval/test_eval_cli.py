@@ -33,7 +33,8 @@ def test_eval_writes_records_and_summary(tiny_model_dir, tmp_path, capsys):
     recs = _records(out)
     assert [r["id"] for r in recs] == [f"arith-test-{i:06d}" for i in range(5)]
     for r in recs:
-        assert set(r) >= {"id", "response", "extracted", "passed", "reason", "nfe", "tokens_per_step", "latency_s"}
+        keys = {"id", "response", "extracted", "passed", "reason", "nfe", "latency_s"}
+        assert set(r) >= keys | {"positions_per_forward", "tokens_per_forward"}
         assert 1 <= r["nfe"] <= 32 and r["reason"]
     assert "arith: accuracy" in capsys.readouterr().out
     # the same command again does nothing new; a larger --limit only adds the missing records

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 import fewstep
-from fewstep.decoding.text import Settings, TextGenerator
+from fewstep.decoding.text import GenerationSettings, TextGenerator
 from fewstep.serve import ServeConfig
 from fewstep.tasks import arith
 from tests.parity.fixtures import BLOCK_DIRS, model
@@ -24,7 +24,7 @@ GEN = 24  # not a multiple of the fixtures' block length: the last block is cut,
 def block_server(request):
     m, tok = model(request.param), fewstep.load_tokenizer(TOKENIZER)
     policy = "llada2" if "llada2" in request.param.name else "sdar"
-    defaults = Settings(policy=policy, max_tokens=GEN, block_length=None, cache="prefix")
+    defaults = GenerationSettings(policy=policy, max_tokens=GEN, block_length=None, cache="prefix")
     served = Served(TextGenerator(m, tok, max_batch=8), ServeConfig(model_name="block", defaults=defaults))
     yield served, m, tok, policy
     served.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -14,9 +15,11 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import serve
+from fewstep.tasks import arith
+from tests.serve.conftest import GEN, reference, serve
 
 LONG = " ".join(["1 +"] * 300) + " 1 ?"  # 601 tokens: longer than the 512-token context
+SAMPLED = "entropy:threshold=0.45,temperature=0.7"  # a sampling policy: the seed matters
 CASES = [
     # (name, raw body or JSON, status, param)
     ("malformed JSON", b'{"prompt": "1 ?",', 400, None),
@@ -52,6 +55,20 @@ CASES = [
     ("stream not a bool", {"prompt": "1 ?", "stream": "yes"}, 400, "stream"),
     ("max_nfe zero", {"prompt": "1 ?", "max_nfe": 0}, 400, "max_nfe"),
     ("logprobs", {"prompt": "1 ?", "logprobs": 5}, 400, "logprobs"),
+    # every field within its range, through the engine's one validation path
+    ("seed from 2**64", {"prompt": "1 ?", "policy": SAMPLED, "seed": 18446744073709551616}, 400, "seed"),
+    ("negative seed", {"prompt": "1 ?", "policy": SAMPLED, "seed": -1}, 400, "seed"),
+    ("seed a float", {"prompt": "1 ?", "seed": 1.5}, 400, "seed"),
+    ("max_nfe beyond any count", {"prompt": "1 ?", "max_nfe": 2**40}, 400, "max_nfe"),
+    ("block_length beyond the answer", {"prompt": "1 ?", "max_tokens": 8, "block_length": 10**12}, 400, "block_length"),
+    ("policy steps beyond any canvas", {"prompt": "1 ?", "policy": "llada:steps=1000000000"}, 400, "policy"),
+    ("policy spec too long", {"prompt": "1 ?", "policy": "threshold:" + "9" * 5000}, 400, "policy"),
+    ("temperature infinite", b'{"prompt": "1 ?", "temperature": 1e999}', 400, "temperature"),
+    ("temperature a huge integer", {"prompt": "1 ?", "temperature": 10**400}, 400, "temperature"),
+    ("threshold out of the policy's range", {"prompt": "1 ?", "policy": "threshold", "threshold": 7}, 400, "threshold"),
+    ("top_p out of range", {"prompt": "1 ?", "policy": "dream", "top_p": 5}, 400, "top_p"),
+    ("cache of the wrong type", {"prompt": "1 ?", "cache": 3}, 400, "cache"),
+    ("an integer of 5,000 digits", b'{"prompt": "1 ?", "max_tokens": ' + b"9" * 5000 + b"}", 400, None),
 ]
 
 
@@ -91,6 +108,74 @@ def test_bad_chat_requests_and_routes(server):
         client.completions.create(model="dparallel", prompt="1 ?", n=3)
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     assert client.completions.create(model="dparallel", prompt="3 + 4 - 2 + 8 - 1 ?").choices[0].text
+
+
+def test_the_seed_reproducer_gets_400_and_the_server_keeps_answering_the_same(server, loaded):
+    """A seed from 2**64 once answered 500 and left its request in the engine for good, wedging the server."""
+    url = server.url + "/v1/completions"
+    body = {"prompt": "3 + 4 - 2 + 8 - 1 ?", "policy": SAMPLED, "seed": 3}
+    before = httpx.post(url, json=body, timeout=60).json()["choices"][0]["text"]
+    text, _ = reference(*loaded, body["prompt"], SAMPLED, seed=3)
+    assert before == text
+    for seed in (18446744073709551616, 2**200, -(2**63)):
+        err = _check_error(httpx.post(url, json={**body, "seed": seed}, timeout=60), 400, "seed")
+        assert "seed must be an integer" in err["message"] and len(err["message"]) < 200
+    for _ in range(3):  # the same answers, at once: nothing was left behind in the engine
+        r = httpx.post(url, json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == before
+    assert httpx.post(url, json={**body, "seed": 2**64 - 1}, timeout=60).status_code == 200  # the largest seed
+    assert httpx.get(server.url + "/health").json()["status"] == "ok" and server.gen.active() == 0
+    assert not server.gen.engine.has_work()
+
+
+def test_a_request_whose_forward_fails_ends_alone_and_the_others_finish_exactly(loaded):
+    """A fault injected into the model for one request (its prompt holds a poisoned token): that request
+    answers 500, the streaming requests decoding beside it finish with their answers alone, and the
+    server goes on serving."""
+    import fewstep
+    from tests.decoding.test_faults import FaultyModel
+
+    model, tok = loaded
+    prompts = [p.prompt for p in arith.generate("test", 3, seed=1)]
+    # one token per forward in one block of 64: the good requests are still decoding when the bad one comes
+    policy, block = "llada:steps=64", GEN
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    out = fewstep.generate(model, ids, policy, gen_length=GEN, block_length=block, tokenizer=tok, early_stop=True)
+    used = {t for row in ids for t in row} | {t for row in out.answers.tolist() for t in row}
+    poison = next(
+        t for t in range(model.config.vocab_size) if t not in used and t not in fewstep.decoding.stop_ids(model, tok)
+    )
+    s = serve(FaultyModel(model, poison), tok)
+    try:
+        want = [reference(model, tok, p, policy, block_length=block)[0] for p in prompts]
+        got: dict[int, str] = {}
+
+        def stream(i: int) -> None:
+            body = {"prompt": prompts[i], "policy": policy, "block_length": block, "stream": True}
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
+                lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+            got[i] = "".join(json.loads(ln)["choices"][0]["text"] for ln in lines if json.loads(ln).get("choices"))
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while s.gen.active() < len(prompts):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        bad = {"prompt": [*ids[0][:-1], poison, ids[0][-1]], "policy": policy, "block_length": block}
+        err = _check_error(httpx.post(s.url + "/v1/completions", json=bad, timeout=60), 500, None)
+        assert err["code"] == "request_failed" and "the model forward failed: RuntimeError" in err["message"]
+        assert s.gen.active() == len(prompts)  # the others still decode
+        for t in threads:
+            t.join()
+        assert [got[i] for i in range(len(prompts))] == want
+        again = {"prompt": prompts[0], "policy": policy, "block_length": block}
+        r = httpx.post(s.url + "/v1/completions", json=again, timeout=60)
+        assert r.json()["choices"][0]["text"] == want[0] and httpx.get(s.url + "/health").status_code == 200
+        assert s.gen.engine.failed == 1 and not s.gen.engine.has_work()
+    finally:
+        s.close()
 
 
 def test_body_over_the_limit_is_413(server):

@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from fewstep.decoding.text import Canvas, Completion, Delta, Settings
+from fewstep.decoding.text import Canvas, Completion, Delta, GenerationSettings
 from fewstep.tasks import arith
 from tests.serve.conftest import reference
 
@@ -17,7 +17,7 @@ PROMPT = arith.generate_problems("test", 4, seed=3)[1].prompt
 SLOW = {"policy": "threshold:0.9", "max_tokens": 64, "block_length": 8}  # 7 forwards (early stop)
 
 
-def _collect(gen, settings: Settings, on_canvas=None) -> list:
+def _collect(gen, settings: GenerationSettings, on_canvas=None) -> list:
     events, done = [], threading.Event()
 
     def sink(ev) -> None:
@@ -33,7 +33,7 @@ def _collect(gen, settings: Settings, on_canvas=None) -> list:
 
 
 def test_deltas_arrive_across_rounds(server, loaded):
-    _, events = _collect(server.gen, Settings(**SLOW))
+    _, events = _collect(server.gen, GenerationSettings(**SLOW))
     comp = events[-1]
     first = next(i for i, e in enumerate(events) if isinstance(e, Delta))
     first_nfe = [e.nfe for e in events[:first] if isinstance(e, Canvas)][-1]  # the forward that made it final
@@ -61,11 +61,11 @@ def test_cancelling_a_running_request_frees_its_row_at_the_next_round(server, lo
             seen["rounds"] = gen.engine.rounds
             gen.cancel(ev.id)
 
-    _, events = _collect(gen, Settings(policy="llada:steps=64", max_tokens=64, block_length=64), cancel_at_3)
+    _, events = _collect(gen, GenerationSettings(policy="llada:steps=64", max_tokens=64, block_length=64), cancel_at_3)
     comp = events[-1]
     assert comp.finish_reason == "cancelled" and comp.nfe == 3  # no forward after the cancel
     assert [e.nfe for e in events if isinstance(e, Canvas)] == [1, 2, 3]
     assert gen.engine.rounds == seen["rounds"] and gen.engine.running == 0 and not gen.engine.has_work()
     # the engine goes on serving: the next request gets exactly what it gets alone
-    _, events = _collect(gen, Settings(**SLOW))
+    _, events = _collect(gen, GenerationSettings(**SLOW))
     assert events[-1].text == reference(*loaded, PROMPT, SLOW["policy"], gen_length=64, block_length=8)[0]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from fewstep.decoding import Policy
 from fewstep.decoding.engine import RowResult, Update
-from fewstep.decoding.text import Canvas, Completion, Delta, Settings, TextGenerator
+from fewstep.decoding.text import TEXT_NAMES, Canvas, Completion, Delta, GenerationSettings, RequestError, TextGenerator
 
 SPECIALS = ["<|pad|>", "<|unk|>", "<|endoftext|>", "<|eot_id|>", "<|mdm_mask|>"]
 MASK, EOS = 4, 2
@@ -55,7 +56,7 @@ def ids_of(gen, text: str) -> list[int]:
     return gen.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def drive(gen, answer: list[int], order: list[int], settings: Settings):
+def drive(gen, answer: list[int], order: list[int], settings: GenerationSettings):
     """Commit ``answer`` one position per forward in ``order``; returns the events the tracker emits."""
     events = []
     rid = gen.submit([5, 6, 7], settings, events.append, canvas=True)
@@ -84,7 +85,7 @@ def test_incomplete_utf8_is_held_back(byte_gen):
     answer = ids_of(byte_gen, text)
     assert len(answer) == len(text.encode())
     answer += [EOS] * 4
-    events = drive(byte_gen, answer, list(range(len(answer))), Settings(max_tokens=len(answer)))
+    events = drive(byte_gen, answer, list(range(len(answer))), GenerationSettings(max_tokens=len(answer)))
     out = deltas(events)
     assert "".join(out) == text and all("\ufffd" not in d for d in out)
     assert out[0] == "€" and "𝄞" in out  # a character appears once all its bytes are committed
@@ -95,7 +96,7 @@ def test_incomplete_utf8_is_held_back(byte_gen):
 def test_out_of_order_commits_release_the_prefix_only(byte_gen):
     text = "abcdef"
     answer = [*ids_of(byte_gen, text), EOS, EOS]
-    events = drive(byte_gen, answer, [5, 4, 3, 0, 1, 2, 6, 7], Settings(max_tokens=8))
+    events = drive(byte_gen, answer, [5, 4, 3, 0, 1, 2, 6, 7], GenerationSettings(max_tokens=8))
     assert deltas(events) == ["a", "b", "cdef"]
     canvases = [e for e in events if isinstance(e, Canvas)]
     assert canvases[0].tokens[:5] == [None] * 5 and canvases[0].steps[5] == 1
@@ -105,7 +106,9 @@ def test_out_of_order_commits_release_the_prefix_only(byte_gen):
 def test_stop_strings_are_held_back(byte_gen):
     def run(text: str, stop: list[str]):
         answer = ids_of(byte_gen, text) + [EOS] * 3
-        events = drive(byte_gen, answer, list(range(len(answer))), Settings(max_tokens=len(answer), stop=stop))
+        events = drive(
+            byte_gen, answer, list(range(len(answer))), GenerationSettings(max_tokens=len(answer), stop=stop)
+        )
         return deltas(events), events[-1]
 
     out, comp = run("abc STOP def", ["STOP"])  # cut before the stop string, no part of which is ever sent
@@ -124,7 +127,7 @@ def test_stop_strings_are_held_back(byte_gen):
 def test_generate_streams_what_it_returns(byte_gen):
     """Random bytes from a random model: the deltas always concatenate to the returned text."""
     prompts = [[5 + i, 9, 40 + i] for i in range(4)]
-    settings = Settings(policy="llada:steps=16", max_tokens=16, block_length=8, early_stop=False)
+    settings = GenerationSettings(policy="llada:steps=16", max_tokens=16, block_length=8, early_stop=False)
     outs = byte_gen.generate(prompts, settings)
     for p, o in zip(prompts, outs):
         events = []
@@ -139,7 +142,7 @@ def test_generate_streams_what_it_returns(byte_gen):
 
 def test_generate_with_per_prompt_settings_and_events(byte_gen):
     prompts = [[5, 9, 40], [6, 9, 41]]
-    base = Settings(policy="llada:steps=8", max_tokens=8, block_length=8, early_stop=False)
+    base = GenerationSettings(policy="llada:steps=8", max_tokens=8, block_length=8, early_stop=False)
     alone = [byte_gen.generate([p], base.replace(seed=i))[0] for i, p in enumerate(prompts)]
     seen = []
     both = byte_gen.generate(prompts, [base.replace(seed=0), base.replace(seed=1)], on_event=seen.append, canvas=True)
@@ -147,3 +150,52 @@ def test_generate_with_per_prompt_settings_and_events(byte_gen):
     assert sum(isinstance(e, Canvas) for e in seen) == 16 and sum(isinstance(e, Completion) for e in seen) == 2
     with pytest.raises(ValueError, match="one per prompt"):
         byte_gen.generate(prompts, [base])
+
+
+def test_completion_stats_name_both_figures(byte_gen):
+    """tokens per forward counts the answer before the first EOS; positions per forward every commit."""
+    answer = [*ids_of(byte_gen, "abc"), EOS, EOS, EOS]
+    comp = drive(byte_gen, answer, list(range(6)), GenerationSettings(max_tokens=6))[-1]
+    stats = comp.stats()
+    assert stats["tokens_per_forward"] == comp.tokens_per_forward == 3 / 6
+    assert stats["positions_per_forward"] == comp.positions_per_forward == 1.0
+    assert "tokens_per_step" not in stats and comp.error is None and comp.stop == EOS
+
+
+class Broken(Policy):
+    name = "broken"
+
+    def select(self, logits, state):
+        raise IndexError("a bug in a policy")
+
+
+def test_a_failed_request_ends_with_an_error_and_the_others_go_on(byte_gen):
+    prompts = [[5, 9, 40], [6, 9, 41]]
+    good = GenerationSettings(policy="llada:steps=8", max_tokens=8, block_length=8, early_stop=False)
+    bad = good.replace(policy=Broken())
+    want = byte_gen.generate([prompts[0]], good)[0]
+    done: dict = {}
+    for name, p, s in (("good", prompts[0], good), ("bad", prompts[1], bad)):
+        byte_gen.submit(p, s, lambda e, name=name: done.setdefault(name, e) if isinstance(e, Completion) else None)
+    while len(done) < 2:
+        byte_gen.step()
+    assert done["bad"].finish_reason == "error" and done["bad"].stop is None
+    assert done["bad"].error == "policy broken failed: IndexError: a bug in a policy"
+    assert (done["good"].text, done["good"].nfe, done["good"].error) == (want.text, want.nfe, None)
+    with pytest.raises(RuntimeError, match="failed: policy broken failed: IndexError"):
+        byte_gen.generate(prompts, [good, bad])
+    assert byte_gen.active() == 0 and not byte_gen.engine.has_work()
+
+
+def test_errors_name_the_setting_at_fault(byte_gen):
+    """The engine's words by default (the commands' --gen-length); the API's through the one name table."""
+    with pytest.raises(RequestError) as err:
+        byte_gen.generate([[5, 9]], GenerationSettings(max_tokens=30, block_length=8))
+    assert err.value.field == "block_length" and str(err.value).startswith("gen_length (30) must be a multiple")
+    assert str(err.value.renamed(TEXT_NAMES)).startswith("max_tokens (30) must be a multiple of block_length (8)")
+    with pytest.raises(RequestError) as err:  # an option a setting overrides: the setting is at fault
+        byte_gen.generate([[5, 9]], GenerationSettings(policy="threshold", temperature=5))
+    assert err.value.field == "temperature" and "threshold.temperature must be in [0.0, 2.0]" in str(err.value)
+    with pytest.raises(RequestError) as err:
+        byte_gen.generate([[5, 9]], GenerationSettings(stop=["x"] * 17))
+    assert err.value.field == "stop"

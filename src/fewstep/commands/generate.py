@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
     import fewstep
     from fewstep.decoding import parse_policy
-    from fewstep.decoding.text import Settings, TextGenerator
+    from fewstep.decoding.text import GenerationSettings, TextGenerator
     from fewstep.decoding.trace import StepRecorder, completions_json
     from fewstep.models.saving import recommended
 
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = fewstep.load_model(model_dir, dtype=dtype, device=device)
     load_s = time.perf_counter() - t0
-    base = Settings(
+    base = GenerationSettings(
         policy=policy,
         max_tokens=args.gen_length,
         block_length=args.block_length,

@@ -1,8 +1,9 @@
-"""The step-level, continuous-batching engine that ``fewstep.generate`` and the server share (issue 12).
+"""The step-level, continuous-batching engine that ``fewstep.generate`` and the server share.
 
 Every request becomes a **row** that carries its own progress: prompt and answer length, block length,
-current block and steps in it, policy and policy memory, random stream (a seeded row has its own
-generator), KV cache and NFE. A round (:meth:`Engine.step`):
+its decode window (the canvas columns of its current block) and phase, policy and policy memory, random
+stream (a seeded row has its own generator), KV cache, NFE, and what the current round produced for it
+(:class:`Outcome`). A round (:meth:`Engine.step`):
 
 1. acts on the inbox: cancelled rows leave (one last ``Update``), waiting requests join the running set
    in FIFO order up to ``max_batch``;
@@ -19,91 +20,83 @@ Exactness: a row's forward sees exactly its own canvas at its own RoPE positions
 before its real columns or after its queries); its policy state, memory, step counter and random stream
 are its own, so each request gets the tokens and NFE it gets alone, whatever shares the round.
 
+Fault isolation: an exception while serving one request ends that request only. A batched model call,
+``start_block``, ``select`` or ``block_done`` call that raises is run again row by row (seeded random
+streams restored first), and only the rows that raise alone end, with ``result.error``; a request whose
+row cannot be built (admission) or whose bookkeeping raises ends the same way. Every other row goes on
+with exactly the tokens and NFE it gets alone, and the engine keeps serving.
+
 Contract (callers rely on every name here):
 
-* ``Request``: one prompt and how to decode it. Validation errors raise :class:`RequestError` (a
-  ``ValueError`` whose ``field`` names the ``Request`` field at fault) from :meth:`Engine.submit`, at
-  once, with a message fit for a user; :meth:`Engine.validate` runs the same checks without enqueuing.
+* ``Request``: one prompt and how to decode it (:mod:`fewstep.decoding.request`, where every field is
+  validated). Validation errors raise :class:`RequestError` (a ``ValueError`` whose ``field`` names the
+  ``Request`` field at fault) from :meth:`Engine.submit`, at once, with a message fit for a user;
+  :meth:`Engine.validate` runs the same checks without enqueuing.
 * ``Engine(model, *, max_batch=32, tokenizer=None)``: ``submit(request) -> id`` and ``cancel(id)`` are
   thread-safe and cheap (they only enqueue; the engine acts on them at the start of its next round);
   ``step()`` runs one round and returns the :class:`Update` of every request that took part;
   ``has_work()`` is True from ``submit`` until the round that emits the request's last update (so a
-  loop ``while has_work(): step()`` always sees every request finish); ``cancel`` of an id that is not pending or running (finished, unknown) does nothing
-  and keeps nothing; ``run(requests)`` submits and steps
-  until all are done and returns their :class:`RowResult` in order. Only one thread may call
+  loop ``while has_work(): step()`` always sees every request finish); ``cancel`` of an id that is not
+  pending or running (finished, unknown) does nothing and keeps nothing; ``run(requests)`` submits and
+  steps until all are done and returns their :class:`RowResult` in order. Only one thread may call
   ``step``/``run``.
 * A cancelled request emits one last ``Update`` with ``done=True`` and ``result.cancelled=True``.
 * ``max_nfe``: a request that reached it stops; its answer keeps ``mask_id`` where nothing was
   committed and ``result.stopped_by_max_nfe`` is True.
-* A row whose policy makes no progress within ``max_steps_per_block`` forwards, or whose policy raises,
-  ends with ``result.error`` set (``run`` raises ``RuntimeError`` with it); the other rows go on.
+* A row whose policy makes no progress within ``max_steps_per_block`` forwards, or that fails (see fault
+  isolation), ends with ``result.error`` set (``run`` raises ``RuntimeError`` with it); the others go on.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from fewstep.decoding.forward import BlockRun, Seqs, block_forward, dual_forward, full_forward, prefix_forward
-from fewstep.decoding.policies import Policy, StepState, parse_policy
-from fewstep.decoding.policies.base import RowRNG
-from fewstep.models.block import attention_block
+from fewstep.decoding.policies import Policy, StepState
+from fewstep.decoding.policies.base import RowRNG, shown
+from fewstep.decoding.request import (
+    CACHE_MODES,
+    END_OF_TURN_TOKENS,
+    Quirks,
+    Request,
+    RequestError,
+    ResolvedSettings,
+    check_id,
+    check_prompt,
+    default_block_length,
+    request_policy,
+    resolve_settings,
+    stop_ids,
+)
 
-CACHE_MODES = ("none", "prefix", "dual")
-# token strings that end a turn in the chat formats fewstep knows (looked up in the tokenizer's vocab)
-END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|eot|>")
+__all__ = [
+    "CACHE_MODES",
+    "END_OF_TURN_TOKENS",
+    "Engine",
+    "Outcome",
+    "Phase",
+    "Quirks",
+    "Request",
+    "RequestError",
+    "ResolvedSettings",
+    "RowResult",
+    "Update",
+    "Window",
+    "check_prompt",
+    "default_block_length",
+    "resolve_settings",
+    "stop_ids",
+]
 
-
-def stop_ids(model, tokenizer=None) -> tuple[int, ...]:
-    """End-of-sequence ids: the model config's ``eos_token_id`` (int or list), the tokenizer's EOS and
-    every known end-of-turn token present in the tokenizer's vocabulary. Never hard-coded ids."""
-    ids: list[int] = []
-    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
-    ids.extend(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-    if tokenizer is not None:
-        if getattr(tokenizer, "eos_token_id", None) is not None:
-            ids.append(tokenizer.eos_token_id)
-        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-        ids.extend(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    return tuple(dict.fromkeys(int(i) for i in ids))
-
-
-class RequestError(ValueError):
-    """A bad request (a user mistake); ``field`` names the :class:`Request` field at fault."""
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
-
-
-@dataclass
-class Request:
-    """One prompt and its decoding settings (the per-row arguments of :func:`fewstep.generate`)."""
-
-    prompt: Sequence[int]
-    policy: Policy | str = "threshold"
-    gen_length: int = 128
-    block_length: int | None = None
-    cache: str = "none"
-    seed: int | None = None
-    early_stop: bool = False
-    eos_ids: Sequence[int] | None = None
-    cfg_scale: float = 0.0
-    max_nfe: int | None = None
-    id: Any = None  # assigned by Engine.submit when None
-    mask_id: int | None = None  # default: the model's mask token
-    quirk_cache_extra_nfe: bool = False  # see fewstep.generate
-    quirk_mask_prediction: bool = False
-    max_steps_per_block: int | None = None  # default 4 * block_length + 64
-    eos_early_stop: bool = False  # stop mid-block once the answer up to its first EOS is decoded (LLaDA2)
-    quirk_early_stop_scans_prompt: bool = False  # eos_early_stop also finds an EOS inside the prompt
-    quirk_unstored_blocks: bool = False  # block models: a block left with masks is never stored (SDAR)
+POLICY_CACHE = 256  # parsed policy specs the engine keeps (least recently used dropped first)
 
 
 @dataclass
@@ -119,7 +112,7 @@ class RowResult:
     finished_early: bool = False  # early_stop hit an EOS
     cancelled: bool = False
     stopped_by_max_nfe: bool = False
-    error: str | None = None  # the policy made no progress (see max_steps_per_block)
+    error: str | None = None  # why the request failed (its policy made no progress, or a fault)
 
 
 @dataclass
@@ -138,165 +131,112 @@ class Update:
     result: RowResult | None = None  # set when done
 
 
+class Phase(enum.Enum):
+    """What a row's next forward does."""
+
+    DENOISE = "denoise"  # a policy step on the decode window
+    PREFILL = "prefill"  # block models with a cache: the complete prompt blocks go into the cache
+    STORE = "store"  # block models with a cache: the completed block goes into the cache
+
+
+class Window(NamedTuple):
+    """The canvas columns ``[start, end)`` a row decodes now (its current block)."""
+
+    start: int
+    end: int
+
+
 @dataclass
-class Settings:
-    """A request's resolved decoding settings (validated; no prompt needed)."""
+class Outcome:
+    """What the current round produced for one row (reset at the start of every round)."""
 
-    policy: Policy
-    gen_length: int
-    block_length: int
-    cache: str
-    cfg_scale: float
-    mask_id: int
-    eos: tuple[int, ...]
-    fill_id: int | None  # early stop's filler (None: no early stop)
-    limit: int
-    block_diffusion: bool = False  # the model is block-causal: blocks aligned to absolute positions
-
-
-def default_block_length(model_block: int | None, gen_length: int, block_length: int | None = None) -> int:
-    """The decoding block for ``block_length`` (None: the default). A block-diffusion model decodes in the
-    blocks of its attention (``model_block``, :func:`fewstep.models.block.attention_block`; any given length,
-    never cut to the answer); a full-attention model in blocks of 32, never longer than the answer."""
-    if model_block:
-        return model_block if block_length is None else block_length
-    return min(32 if block_length is None else block_length, gen_length)
-
-
-def resolve_settings(model, req: Request, tokenizer=None, policy: Policy | None = None) -> Settings:
-    """Validate ``req``'s settings against ``model``; ValueError with a message fit for a user."""
-    cfg = model.config
-    try:
-        policy = parse_policy(req.policy) if policy is None else policy
-    except ValueError as exc:
-        raise RequestError(str(exc), "policy") from None
-    if req.cache not in CACHE_MODES:
-        raise RequestError(f"cache must be one of {', '.join(CACHE_MODES)}; got {req.cache!r}")
-    vocab = int(cfg.vocab_size)
-    mask_id = int(cfg.mask_token_id if req.mask_id is None else req.mask_id)
-    if not 0 <= mask_id < vocab:
-        raise RequestError(f"mask_id must be in [0, {vocab - 1}] (the vocabulary); got {mask_id}", "mask_id")
-    G = req.gen_length
-    if not isinstance(G, int) or isinstance(G, bool) or G < 1:
-        raise RequestError(f"gen_length must be an integer >= 1; got {G!r}", "gen_length")
-    bd = bool(getattr(model, "block_diffusion", False))
-    L = default_block_length(attention_block(model), G) if req.block_length is None else req.block_length
-    L = policy.blocks(G, L)
-    if bd:  # blocks of the model's attention, aligned to absolute positions: any length >= 1
-        if not isinstance(L, int) or isinstance(L, bool) or L < 1:
-            raise RequestError(f"block_length must be an integer >= 1; got {L!r}", "block_length")
-    elif not isinstance(L, int) or not 1 <= L <= G:
-        raise RequestError(f"block_length must be in [1, gen_length={G}]; got {L!r}", "block_length")
-    elif G % L:
-        msg = f"gen_length ({G}) must be a multiple of block_length ({L}); valid block lengths divide {G}"
-        raise RequestError(msg, "block_length")
-    if req.cfg_scale < 0:
-        raise RequestError(f"cfg_scale must be >= 0; got {req.cfg_scale}", "cfg_scale")
-    if req.max_nfe is not None and (
-        not isinstance(req.max_nfe, int) or isinstance(req.max_nfe, bool) or req.max_nfe < 1
-    ):
-        raise RequestError(f"max_nfe must be an integer >= 1 or None; got {req.max_nfe!r}", "max_nfe")
-    try:
-        policy.validate(-(-G // L) * L if bd else G, L)
-    except ValueError as exc:
-        raise RequestError(str(exc), "policy") from None
-    eos = tuple(int(i) for i in req.eos_ids) if req.eos_ids is not None else stop_ids(model, tokenizer)
-    fill_id = eos[0] if eos else None
-    if (req.early_stop or req.eos_early_stop) and fill_id is None:
-        msg = "early_stop and eos_early_stop need eos_ids (the model config has no eos_token_id)"
-        raise RequestError(msg, "eos_ids")
-    limit = req.max_steps_per_block or 4 * L + 64
-    fill = fill_id if req.early_stop else None
-    return Settings(policy, G, L, req.cache, float(req.cfg_scale), mask_id, eos, fill, limit, bd)
-
-
-def check_prompt(model, prompt: Sequence[int], gen_length: int) -> list[int]:
-    """The prompt as a list of ints; :class:`RequestError` if it is empty, out of the vocabulary or too
-    long (``field`` "prompt", or "gen_length" when the prompt alone fits the context)."""
-    ids = [int(t) for t in prompt]
-    vocab = int(model.config.vocab_size)
-    if not ids:
-        raise RequestError("the prompt must hold at least one token", "prompt")
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise RequestError(f"input_ids must be token ids in [0, {vocab - 1}] (the vocabulary); got {bad[:5]}", "prompt")
-    n, max_len = len(ids) + gen_length, getattr(model.config, "max_sequence_length", None)
-    if max_len is not None and len(ids) >= max_len:
-        raise RequestError(
-            f"the prompt has {len(ids)} tokens; the model's context (max_sequence_length) is {max_len} tokens",
-            "prompt",
-        )
-    if max_len is not None and max_len < n:
-        raise RequestError(
-            f"prompt length ({len(ids)}) + gen_length ({gen_length}) = {n} exceeds the model's context "
-            f"(max_sequence_length {max_len}); valid gen_length: <= {max_len - len(ids)}",
-            "gen_length",
-        )
-    return ids
+    block: int  # the answer-relative block of this round's forward
+    logits: torch.Tensor | None = None  # [L, V] the window's logits until the policy step (None after it)
+    denoised: bool = False  # the policy stepped the row (else the forward was a block model's cache forward)
+    positions: list[int] = field(default_factory=list)  # answer-relative positions committed
+    tokens: list[int] = field(default_factory=list)
+    block_done: bool = False  # the policy is done with the block
+    eos_stop: bool = False  # eos_early_stop ended the row at this forward
 
 
 class _Row:
-    """One running request: its canvas and every counter of its own progress."""
+    """One running request: its canvas, its decode window and phase, every counter of its own progress and
+    this round's :class:`Outcome`."""
 
-    def __init__(self, req: Request, st: Settings, prompt: list[int], device: torch.device, order: int):
-        self.req, self.st, self.order = req, st, order
-        self.P, self.G, self.L = len(prompt), st.gen_length, st.block_length
-        self.bd = st.block_diffusion
-        if self.bd:  # blocks counted from the row's first token; decoding starts at the prompt tail's block
-            self.origin, self.b0, self.num_blocks = 0, self.P // self.L, -(-(self.P + self.G) // self.L)
+    def __init__(self, request: Request, settings: ResolvedSettings, prompt: list[int], device, order: int):
+        self.request, self.settings, self.order = request, settings, order
+        self.prompt_length, self.gen_length = len(prompt), settings.gen_length
+        self.block_length, self.block_diffusion = settings.block_length, settings.block_diffusion
+        P, G, L = self.prompt_length, self.gen_length, self.block_length
+        if self.block_diffusion:  # blocks counted from the row's first token; decoding starts at the prompt tail's
+            self.origin, self.first_block, self.num_blocks = 0, P // L, -(-(P + G) // L)
         else:
-            self.origin, self.b0, self.num_blocks = self.P, 0, self.G // self.L
-        n = self.origin + self.num_blocks * self.L
-        self.x = torch.tensor(prompt + [st.mask_id] * (n - self.P), dtype=torch.long, device=device)
-        self.gen = None if req.seed is None else torch.Generator(device=device).manual_seed(int(req.seed))
-        self.suppress_mask = not req.quirk_mask_prediction
-        self.cache = "prefix" if self.bd and st.cache == "dual" else st.cache  # dual == prefix when block-causal
-        self.quirk_extra_nfe = req.quirk_cache_extra_nfe and st.cache != "none" and not self.bd
+            self.origin, self.first_block, self.num_blocks = P, 0, G // L
+        n = self.origin + self.num_blocks * L
+        self.canvas = torch.tensor(prompt + [settings.mask_id] * (n - P), dtype=torch.long, device=device)
+        seed = request.seed
+        self.generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
+        quirks = request.quirks
+        self.suppress_mask = not quirks.mask_prediction
+        # dual == prefix when block-causal
+        self.cache = "prefix" if self.block_diffusion and settings.cache == "dual" else settings.cache
+        self.extra_nfe = quirks.cache_extra_nfe and settings.cache != "none" and not self.block_diffusion
         self.nfe, self.tokens_per_step = 0, []
-        self.decode_step = torch.zeros(self.G, dtype=torch.long, device=device)
-        self.b, self.steps, self.memory, self.kv = self.b0, 0, None, None
-        # block models with a cache: "prefill" (complete prompt blocks), "denoise", "store" (a completed block)
-        self.phase = "prefill" if self.bd and self.cache != "none" and self.b0 > 0 else "denoise"
-        self.finished_early = self.stopped_by_max_nfe = self.stop_now = False
+        self.decode_step = torch.zeros(G, dtype=torch.long, device=device)
+        self.kv = None
+        self.enter_block(self.first_block)
+        cached_prompt = self.block_diffusion and self.cache != "none" and self.first_block > 0
+        self.phase = Phase.PREFILL if cached_prompt else Phase.DENOISE
+        self.finished_early = self.stopped_by_max_nfe = False
         self.error: str | None = None
+        self.outcome = Outcome(0)
+
+    def enter_block(self, block: int) -> None:
+        """Make ``block`` (absolute index) the decode window: no steps, no policy memory yet."""
+        self.block, self.steps, self.memory = block, 0, None
+        start = self.origin + block * self.block_length
+        self.window = Window(start, start + self.block_length)
+        if not self.block_diffusion:
+            self.kv = None
 
     @property
-    def s(self) -> int:
-        return self.origin + self.b * self.L
+    def block_index(self) -> int:
+        """The current block, counted from the answer's first decoded block."""
+        return self.block - self.first_block
 
-    @property
-    def e(self) -> int:
-        return self.s + self.L
+    def fail(self, message: str) -> None:
+        """End this request with an error (the first one wins)."""
+        if self.error is None:
+            self.error = message
 
     def seqs(self) -> Seqs:
         """The sequences this row runs: its canvas, and with CFG the copy with the prompt masked."""
-        x = self.x[None]
-        if self.st.cfg_scale > 0:
+        x = self.canvas[None]
+        if self.settings.cfg_scale > 0:
             un = x.clone()
-            un[:, : self.P] = self.st.mask_id
+            un[:, : self.prompt_length] = self.settings.mask_id
             x = torch.cat([x, un])
-        return Seqs(x, self.kv, self.s, self.e)
+        return Seqs(x, self.kv, *self.window)
 
     def block_run(self) -> BlockRun:
         """This row's part of a block-diffusion call: its phase's columns, cache and wanted logits."""
-        x = self.seqs().x
-        if self.phase == "prefill":
-            return BlockRun(x[:, : self.s], None, 0, self.L, None, True)
+        x, (s, e), L = self.seqs().x, self.window, self.block_length
+        if self.phase is Phase.PREFILL:
+            return BlockRun(x[:, :s], None, 0, L, None, True)
         if self.cache == "none":  # no cache: the canvas up to the block (later blocks are never attended)
-            return BlockRun(x[:, : self.e], None, 0, self.L, (self.s, self.e), False)
-        store = self.phase == "store"
-        return BlockRun(x[:, self.s : self.e], self.kv, self.s, self.L, None if store else (0, self.L), store)
+            return BlockRun(x[:, :e], None, 0, L, (s, e), False)
+        store = self.phase is Phase.STORE
+        return BlockRun(x[:, s:e], self.kv, s, L, None if store else (0, L), store)
 
-    def logits(self, z: torch.Tensor) -> torch.Tensor:
-        """The block logits ``[L, V]`` from this row's ``[n_seq, L, V]`` slice (CFG combined; a view without)."""
-        if self.st.cfg_scale > 0:
-            return z[1] + (self.st.cfg_scale + 1) * (z[0] - z[1])
-        return z[0]
+    def combine(self, z: torch.Tensor) -> torch.Tensor:
+        """The window's logits ``[L, V]`` from this row's ``[n_seq, L, V]`` slice (CFG combined; a view without)."""
+        scale = self.settings.cfg_scale
+        return z[1] + (scale + 1) * (z[0] - z[1]) if scale > 0 else z[0]
 
     def result(self, cancelled: bool = False) -> RowResult:
         return RowResult(
-            id=self.req.id,
-            prompt=self.x[: self.P].tolist(),
+            id=self.request.id,
+            prompt=self.canvas[: self.prompt_length].tolist(),
             answer=self.answer(),
             nfe=self.nfe,
             tokens_per_step=list(self.tokens_per_step),
@@ -308,36 +248,39 @@ class _Row:
         )
 
     def answer(self) -> list[int]:
-        return self.x[self.P : self.P + self.G].tolist()
+        return self.canvas[self.prompt_length : self.prompt_length + self.gen_length].tolist()
 
     def early_stop(self) -> bool:
         """With early stop: if the answer so far holds an EOS, fill everything after it with EOS."""
-        if self.st.fill_id is None:
+        st, P = self.settings, self.prompt_length
+        if st.fill_id is None:
             return False
-        hit = torch.isin(self.x[self.P : min(self.e, self.P + self.G)], torch.tensor(self.st.eos, device=self.x.device))
+        answer = self.canvas[P : min(self.window.end, P + self.gen_length)]
+        hit = torch.isin(answer, torch.tensor(st.eos, device=self.canvas.device))
         if not bool(hit.any()):
             return False
-        self._stop_at(self.P + int(hit.nonzero()[0]))
+        self._stop_at(P + int(hit.nonzero()[0]))
         return True
 
     def _stop_at(self, first: int) -> None:
         """Stop at the EOS at canvas column ``first``: the answer after it is EOS, never committed."""
-        cut = max(first + 1, self.P)
-        self.x[cut:] = self.st.eos[0]
-        self.decode_step[cut - self.P :] = 0
+        cut = max(first + 1, self.prompt_length)
+        self.canvas[cut:] = self.settings.eos[0]
+        self.decode_step[cut - self.prompt_length :] = 0
         self.finished_early = True
 
     def eos_stop(self, committed_eos: bool) -> bool:
         """``eos_early_stop`` (LLaDA2's): after a step that committed an EOS, stop now if every answer
         position before the first EOS of the canvas so far is decoded (from 0 with the prompt quirk)."""
-        if not (self.req.eos_early_stop and committed_eos):
+        if not (self.request.eos_early_stop and committed_eos):
             return False
-        lo = 0 if self.req.quirk_early_stop_scans_prompt else self.P
-        hit = torch.isin(self.x[lo : self.e], torch.tensor(self.st.eos, device=self.x.device))
+        st, P = self.settings, self.prompt_length
+        lo = 0 if self.request.quirks.early_stop_scans_prompt else P
+        hit = torch.isin(self.canvas[lo : self.window.end], torch.tensor(st.eos, device=self.canvas.device))
         if not bool(hit.any()):
             return False
         first = lo + int(hit.nonzero()[0])
-        if bool((self.x[self.P : first] == self.st.mask_id).any()):
+        if bool((self.canvas[P:first] == st.mask_id).any()):
             return False
         self._stop_at(first)
         return True
@@ -345,46 +288,66 @@ class _Row:
 
 class _GroupRNG(RowRNG):
     """The random streams of one policy group: row ``j`` draws from its own generator (or the global
-    RNG when unseeded); with no seeded row, one draw for the group (torch's global stream, as before)."""
+    RNG when unseeded); with no seeded row, one draw for the group from torch's global stream.
+
+    It saves each generator's state before its first draw, so a failed call can be undone (:meth:`restore`)
+    and run again row by row with exactly the draws each row makes alone."""
 
     def __init__(self, rows: list[_Row], device: torch.device):
-        gens = [r.gen for r in rows]
+        gens = [r.generator for r in rows]
         self.generators = None if all(g is None for g in gens) else gens
         self.device = device
+        self._saved: dict[int, torch.Tensor] = {}
+
+    def uniform(self, rows: torch.Tensor, counts: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.generators is not None:
+            for j in rows.tolist():
+                g = self.generators[j]
+                if g is not None and j not in self._saved:
+                    self._saved[j] = g.get_state()
+        return super().uniform(rows, counts, width, dtype)
+
+    def restore(self) -> None:
+        """Put every generator back where it was before this group's draws."""
+        for j, state in self._saved.items():
+            self.generators[j].set_state(state)
+        self._saved.clear()
 
 
 def _group_key(r: _Row) -> tuple:
     """Rows that can share one ``select`` call: same policy, block length, mask/EOS ids, and (for rules
     that read the batch-wide block scalars of ``StepState``) the same block and answer length."""
-    st = r.st
-    key = (id(st.policy), r.L, st.mask_id, st.eos, r.suppress_mask)
-    return key + ((r.b - r.b0, r.num_blocks - r.b0, r.G) if st.policy.uses_block_scalars else ())
+    st = r.settings
+    key = (id(st.policy), r.block_length, st.mask_id, st.eos, r.suppress_mask)
+    scalars = (r.block_index, r.num_blocks - r.first_block, r.gen_length)
+    return key + (scalars if st.policy.uses_block_scalars else ())
 
 
 def _state(rows: list[_Row], device: torch.device, memory: dict | None = None) -> StepState:
     """The policy's view of ``rows`` (one group: same policy and block geometry)."""
-    r0 = rows[0]
-    if not r0.bd and len({(r.G, r.b) for r in rows}) == 1:
-        gen = torch.stack([r.x[r.P :] for r in rows])
-        lo = r0.s - r0.P
-        tokens, gen_masked = gen[:, lo : lo + r0.L], (gen == r0.st.mask_id).sum(-1)
+    r0, mask_id = rows[0], rows[0].settings.mask_id
+    if not r0.block_diffusion and len({(r.gen_length, r.block) for r in rows}) == 1:
+        answers = torch.stack([r.canvas[r.prompt_length :] for r in rows])
+        lo = r0.window.start - r0.prompt_length
+        tokens, gen_masked = answers[:, lo : lo + r0.block_length], (answers == mask_id).sum(-1)
     else:  # rows at different blocks / answer lengths, or block models (blocks from absolute positions)
-        tokens = torch.stack([r.x[r.s : r.e] for r in rows])
-        gen_masked = torch.stack([(r.x[r.P : r.P + r.G] == r.st.mask_id).sum() for r in rows])
+        tokens = torch.stack([r.canvas[r.window.start : r.window.end] for r in rows])
+        answers = [r.canvas[r.prompt_length : r.prompt_length + r.gen_length] for r in rows]
+        gen_masked = torch.stack([(a == mask_id).sum() for a in answers])
     if memory is None:
         memory = {k: torch.cat([r.memory[k] for r in rows]) for k in (r0.memory or {})}
     return StepState(
         tokens=tokens,
-        mask=tokens == r0.st.mask_id,
+        mask=tokens == mask_id,
         step=torch.tensor([r.steps for r in rows], dtype=torch.long, device=device),
         rows=torch.arange(len(rows), device=device),
-        block=r0.b - r0.b0,
-        num_blocks=r0.num_blocks - r0.b0,
-        block_length=r0.L,
-        gen_length=r0.G,
+        block=r0.block_index,
+        num_blocks=r0.num_blocks - r0.first_block,
+        block_length=r0.block_length,
+        gen_length=r0.gen_length,
         gen_masked=gen_masked,
-        mask_id=r0.st.mask_id,
-        eos_ids=r0.st.eos,
+        mask_id=mask_id,
+        eos_ids=r0.settings.eos,
         rng=_GroupRNG(rows, device),
         memory=memory,
     )
@@ -397,10 +360,24 @@ def _groups(rows: list[_Row]) -> list[list[_Row]]:
     return list(out.values())
 
 
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _policy_failed(rows: list[_Row]) -> Callable[[BaseException], str]:
+    return lambda exc: f"policy {rows[0].settings.policy.describe()} failed: {_reason(exc)}"
+
+
+class _Pending(NamedTuple):
+    request: Request
+    settings: ResolvedSettings
+    prompt: list[int]
+
+
 @dataclass
 class _Inbox:
     lock: threading.Lock = field(default_factory=threading.Lock)
-    pending: deque = field(default_factory=deque)
+    pending: deque = field(default_factory=deque)  # _Pending, FIFO
     cancelled: set = field(default_factory=set)  # ids to cancel at the next round (cleared every round)
     live: set = field(default_factory=set)  # ids submitted whose last update has not been emitted
 
@@ -427,29 +404,30 @@ class Engine:
         self._inbox = _Inbox()
         self._ids = itertools.count()
         self._order = itertools.count()
-        self._policies: dict[str, Policy] = {}
+        self._policies: dict[str, Policy] = {}  # spec -> instance, least recently used first
         self._running: list[_Row] = []
         self.forward_calls = 0  # batched model calls so far (at most one per kind of forward per round)
         self.rounds = 0  # rounds that ran forwards
         self.cancelled = 0  # requests cancelled so far (before or while running)
+        self.failed = 0  # requests that ended with an error
 
     def _policy(self, spec: Policy | str) -> Policy:
         """One instance per spec string, so requests with the same spec share ``select`` calls."""
-        if isinstance(spec, Policy):
-            return spec
-        key = spec.strip() if isinstance(spec, str) else spec
-        if key not in self._policies:
-            self._policies[key] = parse_policy(spec)
+        if isinstance(spec, Policy) or not isinstance(spec, str):
+            return request_policy(spec)
+        key = spec.strip()
+        policy = self._policies.pop(key, None)
+        self._policies[key] = policy if policy is not None else request_policy(spec)
+        while len(self._policies) > POLICY_CACHE:
+            del self._policies[next(iter(self._policies))]
         return self._policies[key]
 
-    def validate(self, request: Request) -> tuple[Settings, list[int]]:
+    def validate(self, request: Request) -> tuple[ResolvedSettings, list[int]]:
         """The checks of :meth:`submit` without enqueuing: the resolved settings and the prompt as ints.
 
         Raises :class:`RequestError` (``field``: the request field at fault) for a user mistake."""
-        try:
-            policy = self._policy(request.policy)
-        except ValueError as exc:
-            raise RequestError(str(exc), "policy") from None
+        policy = self._policy(request.policy)
+        check_id(request.id)
         g = request.gen_length
         g = g if isinstance(g, int) and not isinstance(g, bool) and g > 0 else 0  # a bad one: resolve_settings says so
         prompt = check_prompt(self.model, request.prompt, g)  # the context first: an answer too long is the mistake
@@ -458,14 +436,14 @@ class Engine:
     def submit(self, request: Request) -> Any:
         """Validate and enqueue ``request``; returns its id. Raises :class:`RequestError` (a ValueError)
         for bad settings, or for an explicit ``id`` that is already pending or running."""
-        st, prompt = self.validate(request)
+        settings, prompt = self.validate(request)
         with self._inbox.lock:
             if request.id is None:
                 request.id = next(self._ids)
             elif request.id in self._inbox.live:
-                raise RequestError(f"request id {request.id!r} is already pending or running", "id")
+                raise RequestError("request {id} {value} is already pending or running", "id", value=shown(request.id))
             self._inbox.live.add(request.id)
-            self._inbox.pending.append((request, st, prompt))
+            self._inbox.pending.append(_Pending(request, settings, prompt))
         return request.id
 
     def cancel(self, request_id: Any) -> bool:
@@ -502,95 +480,118 @@ class Engine:
         rows = list(self._running)
         if not rows:
             return updates
+        try:
+            self._round(rows, updates)
+        except Exception as exc:  # a fault outside the per-row guards: end this round's rows, keep serving
+            for r in rows:
+                if r in self._running:
+                    r.fail(f"the engine failed: {_reason(exc)}")
+                    updates.append(self._finish(r))
+        return updates
+
+    def _round(self, rows: list[_Row], updates: list[Update]) -> None:
+        for r in rows:
+            r.outcome = Outcome(r.block_index)
         self._start_blocks([r for r in rows if r.memory is None])
         for r in rows:
-            if r.steps >= r.st.limit:
-                r.error = (
-                    f"policy {r.st.policy.describe()} made no progress on block {r.b} within {r.st.limit} "
-                    "forwards (raise max_steps_per_block if this is intended)"
+            if r.steps >= r.settings.limit:
+                r.fail(
+                    f"policy {r.settings.policy.describe()} made no progress on block {r.block} within "
+                    f"{r.settings.limit} forwards (raise max_steps_per_block if this is intended)"
                 )
-        failed = [r for r in rows if r.error is not None]
-        rows = [r for r in rows if r.error is None]
-        self.rounds += bool(rows)
-        logits = self._forward(rows) if rows else {}
-        done: set[int] = set()
-        commits: dict[int, tuple[list[int], list[int]]] = {}
-        for group in _groups([r for r in rows if id(r) in logits]):
-            try:
-                self._select(group, logits, commits, done)
-            except Exception as exc:  # a policy that fails ends its own rows, not the engine
-                for r in group:
-                    r.error = f"policy {r.st.policy.describe()} failed: {type(exc).__name__}: {exc}"
-                failed += group
-        for r in failed:
-            updates.append(self._finish(r, None))
+        live = [r for r in rows if r.error is None]
+        self.rounds += bool(live)
+        self._forward(live)
+        for group in _groups([r for r in live if r.error is None and r.outcome.logits is not None]):
+            self._decide(group)
         for r in rows:
-            if r.error is None:
-                commit = commits.get(id(r), ([], []))
-                updates.append(self._advance(r, commit, id(r) in done, id(r) not in logits))
-        return updates
+            updates.append(self._conclude(r))
 
     def _admit(self) -> list[Update]:
         """Cancellations and FIFO admission (up to ``max_batch`` running rows)."""
-        updates = []
-        with self._inbox.lock:
-            cancelled, self._inbox.cancelled = self._inbox.cancelled, set()
-            keep = deque()
-            for req, st, prompt in self._inbox.pending:
-                if req.id in cancelled:
-                    row = _Row(req, st, prompt, self.device, -1)
-                    updates.append(self._final(row, cancelled=True))
-                    self._inbox.live.discard(req.id)
-                else:
-                    keep.append((req, st, prompt))
-            self._inbox.pending = keep
-            for row in [r for r in self._running if r.req.id in cancelled]:
-                self._running.remove(row)
-                updates.append(self._final(row, cancelled=True))
-                self._inbox.live.discard(row.req.id)
-            while self._inbox.pending and len(self._running) < self.max_batch:
-                req, st, prompt = self._inbox.pending.popleft()
-                self._running.append(_Row(req, st, prompt, self.device, next(self._order)))
+        inbox = self._inbox
+        with inbox.lock:
+            cancelled, inbox.cancelled = inbox.cancelled, set()
+            dropped = [p for p in inbox.pending if p.request.id in cancelled]
+            inbox.pending = deque(p for p in inbox.pending if p.request.id not in cancelled)
+        updates = [self._unstarted(p, cancelled=True) for p in dropped]
+        for row in [r for r in self._running if r.request.id in cancelled]:
+            updates.append(self._finish(row, cancelled=True))
+        with inbox.lock:
+            free = self.max_batch - len(self._running)
+            admitted = [inbox.pending.popleft() for _ in range(min(free, len(inbox.pending)))]
+        for p in admitted:
+            try:
+                self._running.append(_Row(p.request, p.settings, p.prompt, self.device, next(self._order)))
+            except Exception as exc:  # e.g. a seed the generator refuses: this request ends, the others go on
+                updates.append(self._unstarted(p, error=f"the request could not start: {_reason(exc)}"))
         return updates
+
+    def _isolated(self, rows: list[_Row], action: Callable[[list[_Row]], None], failure) -> list[_Row]:
+        """``action(rows)``; if it raises, ``action`` again row by row, and the rows that raise alone fail
+        with ``failure(exc)``. ``action`` changes no row before it succeeds (it restores the random streams
+        it drew from itself). Returns the rows it succeeded for."""
+        try:
+            action(rows)
+            return rows
+        except Exception as exc:
+            if len(rows) == 1:
+                rows[0].fail(failure(exc))
+                return []
+        ok = []
+        for r in rows:
+            try:
+                action([r])
+                ok.append(r)
+            except Exception as exc:
+                r.fail(failure(exc))
+        return ok
 
     def _start_blocks(self, rows: list[_Row]) -> None:
         """Policy memory for rows entering a block (one ``start_block`` call per group)."""
         for group in _groups(rows):
-            state = _state(group, self.device, memory={})
-            mem = group[0].st.policy.start_block(state)
-            for i, r in enumerate(group):
-                r.memory = {k: v[i : i + 1] for k, v in mem.items()}
+            self._isolated(group, self._start_block, _policy_failed(group))
 
-    def _forward(self, rows: list[_Row]) -> dict[int, torch.Tensor]:
-        """Block logits ``[L, V]`` per row (keyed by ``id(row)``): at most one model call per kind."""
+    def _start_block(self, rows: list[_Row]) -> None:
+        mem = rows[0].settings.policy.start_block(_state(rows, self.device, memory={}))
+        for i, r in enumerate(rows):
+            r.memory = {k: v[i : i + 1] for k, v in mem.items()}
+
+    def _forward(self, rows: list[_Row]) -> None:
+        """Each row's forward of this round (its window's logits go to ``row.outcome.logits``): at most one
+        model call per kind; a call that raises is run again row by row and only the rows that fail alone fail."""
         kinds: dict[str, list[_Row]] = {"full": [], "prefix": [], "dual": [], "block": []}
         for r in rows:
-            kinds["block" if r.bd else "full" if r.st.cache == "none" or r.steps == 0 else r.st.cache].append(r)
-        out: dict[int, torch.Tensor] = {}
+            cache = r.settings.cache
+            kinds["block" if r.block_diffusion else "full" if cache == "none" or r.steps == 0 else cache].append(r)
         for kind, group in ((k, g) for k, rs in kinds.items() for g in self._calls(k, rs)):
-            seqs = [r.seqs() for r in group]
-            self.forward_calls += 1
-            if kind == "block":
-                zs, caches = block_forward(self.model, [r.block_run() for r in group], self.pad_id)
-                for r, z, kv in zip(group, zs, caches):
-                    if kv is not None:
-                        r.kv = kv
-                    if z is not None:
-                        out[id(r)] = r.logits(z)
-                continue
+            self._isolated(
+                group,
+                lambda call, kind=kind: self._call(kind, call),
+                lambda e: f"the model forward failed: {_reason(e)}",
+            )
+
+    def _call(self, kind: str, rows: list[_Row]) -> None:
+        """One batched model call of ``kind`` for ``rows``; rows change only once it succeeded."""
+        self.forward_calls += 1
+        if kind == "block":
+            zs, caches = block_forward(self.model, [r.block_run() for r in rows], self.pad_id)
+            logits = [None if z is None else r.combine(z) for r, z in zip(rows, zs)]
+        else:
+            seqs = [r.seqs() for r in rows]
+            caches = [None] * len(rows)
             if kind == "full":
-                want = any(r.st.cache != "none" for r in group)
+                want = any(r.settings.cache != "none" for r in rows)
                 zs, caches = full_forward(self.model, seqs, self.pad_id, want)
-                for r, kv in zip(group, caches):
-                    if r.st.cache != "none":
-                        r.kv = kv
             elif kind == "prefix":
                 zs = prefix_forward(self.model, seqs, self.pad_id)
             else:
                 zs = dual_forward(self.model, seqs, self.pad_id)
-            for r, z in zip(group, zs):
-                out[id(r)] = r.logits(z)
-        return out
+            logits = [r.combine(z) for r, z in zip(rows, zs)]
+        for r, z, kv in zip(rows, logits, caches):
+            r.outcome.logits = z
+            if kv is not None and (kind == "block" or r.settings.cache != "none"):
+                r.kv = kv
 
     def _calls(self, kind: str, rows: list[_Row]) -> list[list[_Row]]:
         """Split one kind's rows into calls whose padded columns stay within ``max_padding`` (by length)."""
@@ -602,11 +603,12 @@ class Engine:
             if kind == "block":
                 run = r.block_run()
                 return run.x.shape[1] + (0 if run.kv is None else run.kv.length)
-            return len(r.x) if kind == "full" else (len(r.x) - r.s + sh if kind == "prefix" else r.L + sh)
+            n, (s, e) = len(r.canvas), r.window
+            return n if kind == "full" else (n - s + sh if kind == "prefix" else e - s + sh)
 
         calls: list[list[_Row]] = []
         real = 0
-        for r in sorted(rows, key=lambda r: (cols(r), len(r.x), r.order)):
+        for r in sorted(rows, key=lambda r: (cols(r), len(r.canvas), r.order)):
             c = cols(r)
             if calls and (len(calls[-1]) + 1) * c <= (1 + self.max_padding) * (real + c):
                 calls[-1].append(r)
@@ -616,27 +618,41 @@ class Engine:
                 real = c
         return calls
 
-    def _select(self, group: list[_Row], logits: dict, commits: dict, done: set) -> None:
-        """One policy call for ``group``: commit, count, and record which rows are done with the block."""
-        r0, policy = group[0], group[0].st.policy
-        state = _state(group, self.device)
-        z = torch.stack([logits[id(r)] for r in group])
-        if r0.suppress_mask:
-            z[..., r0.st.mask_id] = torch.finfo(z.dtype).min
-        sel = policy.select(z, state)
-        # block models write wherever the policy commits (SDAR's uncapped top-k overwrites decoded and
-        # prompt tokens); full-attention rows only at masks. Counters count the masks committed.
-        write = sel.commit if r0.bd else sel.commit & state.mask
-        fresh = write & state.mask
-        new = torch.where(write, sel.tokens, state.tokens)
-        committed_eos = [False] * len(group)
-        if r0.st.eos and any(r.req.eos_early_stop for r in group):
-            committed_eos = (torch.isin(new, torch.tensor(r0.st.eos, device=self.device)) & write).any(-1).tolist()
-        flags, new_l, fresh_n = write.tolist(), new.tolist(), fresh.sum(-1).tolist()
-        for i, r in enumerate(group):
-            r.x[r.s : r.e] = new[i]
-            lo = r.s - r.P  # answer-relative start of the window (negative: the prompt tail's block)
-            a, b = max(0, -lo), min(r.L, r.G - lo)
+    def _decide(self, group: list[_Row]) -> None:
+        """The policy step of one group: ``select`` and commit, then ``block_done``, each isolated per row."""
+        failed = _policy_failed(group)
+        stepped = self._isolated(group, self._select, failed)
+        self._isolated(stepped, self._block_done, failed)
+        for r in group:
+            r.outcome.logits = None  # the [L, V] logits are not kept past the policy step
+
+    def _select(self, rows: list[_Row]) -> None:
+        """One ``select`` call for ``rows``: commit, count, and record what each row committed."""
+        r0, policy = rows[0], rows[0].settings.policy
+        state = _state(rows, self.device)
+        try:
+            z = torch.stack([r.outcome.logits for r in rows])
+            if r0.suppress_mask:
+                z[..., r0.settings.mask_id] = torch.finfo(z.dtype).min
+            sel = policy.select(z, state)
+            # block models write wherever the policy commits (SDAR's uncapped top-k overwrites decoded and
+            # prompt tokens); full-attention rows only at masks. Counters count the masks committed.
+            write = sel.commit if r0.block_diffusion else sel.commit & state.mask
+            fresh = write & state.mask
+            new = torch.where(write, sel.tokens, state.tokens)
+            committed_eos = [False] * len(rows)
+            if r0.settings.eos and any(r.request.eos_early_stop for r in rows):
+                eos = torch.tensor(r0.settings.eos, device=self.device)
+                committed_eos = (torch.isin(new, eos) & write).any(-1).tolist()
+            flags, new_l, fresh_n = write.tolist(), new.tolist(), fresh.sum(-1).tolist()
+        except Exception:
+            state.rng.restore()  # nothing was written: undo the draws so that a retry draws the same
+            raise
+        for i, r in enumerate(rows):
+            o, (s, e) = r.outcome, r.window
+            r.canvas[s:e] = new[i]
+            lo = s - r.prompt_length  # answer-relative start of the window (negative: the prompt tail's block)
+            a, b = max(0, -lo), min(e - s, r.gen_length - lo)
             if a < b:
                 ds = r.decode_step[lo + a : lo + b]
                 r.decode_step[lo + a : lo + b] = torch.where(fresh[i, a:b], r.nfe + 1, ds)
@@ -646,61 +662,89 @@ class Engine:
                 r.memory[k] = v[i : i + 1]
             pos = [j for j in range(a, b) if flags[i][j]]
             r.tokens_per_step.append(fresh_n[i])
-            commits[id(r)] = ([lo + j for j in pos], [new_l[i][j] for j in pos])
-            r.stop_now = r.eos_stop(committed_eos[i])
-        finished = policy.block_done(_state(group, self.device))
-        for r, f in zip(group, finished.tolist()):
-            if f and not (r.quirk_extra_nfe and r.steps < 2):
-                done.add(id(r))
+            o.positions, o.tokens = [lo + j for j in pos], [new_l[i][j] for j in pos]
+            o.eos_stop = r.eos_stop(committed_eos[i])
+            o.denoised = True
 
-    def _advance(self, r: _Row, commit: tuple[list[int], list[int]], block_done: bool, cache_call: bool) -> Update:
-        """After a row's forward: next block, early stop, end, or ``max_nfe``; its update.
+    def _block_done(self, rows: list[_Row]) -> None:
+        finished = rows[0].settings.policy.block_done(_state(rows, self.device)).tolist()
+        for r, f in zip(rows, finished):
+            r.outcome.block_done = bool(f) and not (r.extra_nfe and r.steps < 2)
 
-        ``cache_call``: the forward was a block model's prefill or store forward (no policy step)."""
-        block, (pos, toks) = r.b - r.b0, commit
-        finished = r.stop_now
-        if cache_call:
+    def _conclude(self, r: _Row) -> Update:
+        """The row's update for this round: its progress, or its last one when it finished or failed."""
+        finished = False
+        if r.error is None:
+            try:
+                finished = self._advance(r)
+            except Exception as exc:
+                r.fail(f"the engine failed: {_reason(exc)}")
+        if r.error is not None:
+            return self._finish(r)
+        if finished:
+            return self._finish(r, forwarded=True)
+        o = r.outcome
+        return Update(
+            r.request.id, r.nfe, o.block, o.positions, o.tokens, r.answer(), r.decode_step.tolist(), r.settings.mask_id
+        )
+
+    def _advance(self, r: _Row) -> bool:
+        """After a row's forward: next block, early stop, end, or ``max_nfe``. True when the row is finished."""
+        o = r.outcome
+        finished, block_done = o.eos_stop, o.block_done
+        if not o.denoised:  # a block model's prefill or store forward (no policy step)
             r.nfe += 1
-            if r.phase == "prefill":
-                r.phase = "denoise"
-            else:  # the completed block is stored: the block ends now
-                r.phase, block_done = "denoise", True
-        elif block_done and r.bd and r.cache != "none" and not finished:
-            cap = r.st.policy.iteration_cap()
-            left = bool((r.x[r.s : r.e] == r.st.mask_id).any()) or (cap is not None and r.steps >= cap)
-            if not (left and r.req.quirk_unstored_blocks):
-                r.phase, block_done = "store", False  # one more forward stores the block in the cache
+            block_done = r.phase is Phase.STORE  # the completed block is stored: the block ends now
+            r.phase = Phase.DENOISE
+        elif block_done and r.block_diffusion and r.cache != "none" and not finished:
+            cap = r.settings.policy.iteration_cap()
+            s, e = r.window
+            left = bool((r.canvas[s:e] == r.settings.mask_id).any()) or (cap is not None and r.steps >= cap)
+            if not (left and r.request.quirks.unstored_blocks):
+                r.phase, block_done = Phase.STORE, False  # one more forward stores the block in the cache
         if block_done and not finished:
-            if r.early_stop() or r.b + 1 == r.num_blocks:
+            if r.early_stop() or r.block + 1 == r.num_blocks:
                 finished = True
             else:
-                r.b, r.steps, r.memory = r.b + 1, 0, None
-                if not r.bd:
-                    r.kv = None
-        if not finished and r.req.max_nfe is not None and r.nfe >= r.req.max_nfe:
+                r.enter_block(r.block + 1)
+        if not finished and r.request.max_nfe is not None and r.nfe >= r.request.max_nfe:
             r.stopped_by_max_nfe = finished = True
-        if finished:
-            return self._finish(r, (block, pos, toks))
-        return Update(r.req.id, r.nfe, block, pos, toks, r.answer(), r.decode_step.tolist(), r.st.mask_id)
+        return finished
 
-    def _finish(self, r: _Row, step: tuple | None) -> Update:
-        self._running.remove(r)
+    def _finish(self, r: _Row, *, cancelled: bool = False, forwarded: bool = False) -> Update:
+        """The row's last update; its place in the running set and its id in the live set are freed.
+
+        ``forwarded``: it finished after a forward of this round (the update carries that forward's commits)."""
+        if r in self._running:
+            self._running.remove(r)
         with self._inbox.lock:
-            self._inbox.live.discard(r.req.id)
-        up = self._final(r)
-        if step is not None:
-            up.block, up.positions, up.tokens = step
-        return up
-
-    def _final(self, r: _Row, cancelled: bool = False) -> Update:
-        res = r.result(cancelled=cancelled)
+            self._inbox.live.discard(r.request.id)
         self.cancelled += cancelled
-        return Update(r.req.id, r.nfe, r.b - r.b0, [], [], res.answer, res.decode_step, r.st.mask_id, True, res)
+        try:
+            res = r.result(cancelled=cancelled)
+        except Exception as exc:  # the row cannot report itself: its request still ends, with the error
+            r.fail(f"the engine failed: {_reason(exc)}")
+            res = RowResult(r.request.id, [], [], r.nfe, [], [], cancelled=cancelled, error=r.error)
+        self.failed += res.error is not None
+        block, pos, tok = (
+            (r.outcome.block, r.outcome.positions, r.outcome.tokens) if forwarded else (r.block_index, [], [])
+        )
+        return Update(r.request.id, r.nfe, block, pos, tok, res.answer, res.decode_step, r.settings.mask_id, True, res)
+
+    def _unstarted(self, p: _Pending, *, cancelled: bool = False, error: str | None = None) -> Update:
+        """The last update of a request that never became a row (cancelled while waiting, or failed to start)."""
+        with self._inbox.lock:
+            self._inbox.live.discard(p.request.id)
+        self.cancelled += cancelled
+        self.failed += error is not None
+        mask, G = p.settings.mask_id, p.settings.gen_length
+        res = RowResult(p.request.id, list(p.prompt), [mask] * G, 0, [], [0] * G, cancelled=cancelled, error=error)
+        return Update(p.request.id, 0, 0, [], [], res.answer, res.decode_step, mask, True, res)
 
     def run(self, requests: Sequence[Request]) -> list[RowResult]:
         """Submit ``requests``, step until every one is done, return their results in order.
 
-        Raises ``RuntimeError`` when a request ended with an error (a policy that made no progress)."""
+        Raises ``RuntimeError`` when a request ended with an error (a policy that made no progress, a fault)."""
         ids = [self.submit(r) for r in requests]
         results: dict[Any, RowResult] = {}
         while len(results) < len(ids):

@@ -1,8 +1,9 @@
 """``fewstep.generate``: a batch of prompts through the step-level engine (:mod:`fewstep.decoding.engine`).
 
-``generate`` validates its arguments, unpads the prompts, submits one request per row to an
-:class:`~fewstep.decoding.engine.Engine` whose running set holds the whole batch, steps it to the end
-and assembles a :class:`GenerateOutput`. The engine is the only generation loop of the package: every
+``generate`` checks the shape of its inputs, unpads the prompts, submits one request per row to an
+:class:`~fewstep.decoding.engine.Engine` whose running set holds the whole batch (the engine validates
+every setting and every row, :mod:`fewstep.decoding.request`), steps it to the end and assembles a
+:class:`GenerateOutput`. The engine is the only generation loop of the package: every
 row has its own progress (block, steps, policy memory, random stream, KV cache, NFE), so a row's
 trajectory is exactly the one it gets alone, and a row that finishes its block moves on at once.
 Cache modes (Fast-dLLM semantics): ``none`` recomputes the whole canvas every step; ``prefix`` runs a
@@ -13,14 +14,26 @@ the block (its own keys/values are recomputed every step).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from fewstep.decoding.engine import CACHE_MODES, END_OF_TURN_TOKENS, Engine, Request, resolve_settings, stop_ids
-from fewstep.decoding.policies import Policy, parse_policy
+from fewstep.decoding import metrics
+from fewstep.decoding.engine import (
+    CACHE_MODES,
+    END_OF_TURN_TOKENS,
+    Engine,
+    Quirks,
+    Request,
+    RequestError,
+    resolve_settings,
+    stop_ids,
+)
+from fewstep.decoding.policies import Policy
+from fewstep.decoding.request import request_policy
 
 __all__ = ["CACHE_MODES", "END_OF_TURN_TOKENS", "GenerateOutput", "StepEvent", "generate", "stop_ids"]
 
@@ -47,7 +60,8 @@ class GenerateOutput:
     * ``tokens_per_step``: per row, the tokens committed at each of its forwards;
     * ``decode_step`` [B, G]: per answer position, the row's NFE count at the forward that committed
       it (1-based; 0 for positions filled by early stop or never committed);
-    * ``trace``: with ``trace=True``, one dict per forward (block, rows, committed positions and tokens).
+    * ``trace``: with ``trace=True``, one dict per forward (block, rows, committed positions and tokens);
+    * ``eos_ids``, ``mask_id``: the end-of-sequence set and mask token the rows were decoded with.
     """
 
     sequences: torch.Tensor
@@ -59,6 +73,8 @@ class GenerateOutput:
     cache: str
     trace: list[dict[str, Any]] | None = None
     finished_early: torch.Tensor | None = None  # [B], with early_stop: rows that stopped at an EOS
+    eos_ids: tuple[int, ...] = ()
+    mask_id: int | None = None
 
     @property
     def answers(self) -> torch.Tensor:
@@ -66,10 +82,19 @@ class GenerateOutput:
         return self.sequences[:, self.prompt_length :]
 
     @property
+    def positions_per_forward(self) -> torch.Tensor:
+        """Committed positions per forward, per row (``gen_length / nfe`` unless stopped early)."""
+        nfe = self.nfe.tolist()
+        rows = zip(self.tokens_per_step, nfe)
+        return torch.tensor([metrics.positions_per_forward(t, n) for t, n in rows], dtype=torch.float64)
+
+    @property
     def tokens_per_forward(self) -> torch.Tensor:
-        """Mean committed tokens per forward, per row (``gen_length / nfe`` unless stopped early)."""
-        committed = torch.tensor([sum(t) for t in self.tokens_per_step], dtype=torch.float64)
-        return committed / self.nfe.clamp_min(1).to(torch.float64)
+        """Answer tokens before the first EOS per forward, per row (:func:`fewstep.decoding.metrics.tokens_per_forward`)."""
+        rows = zip(self.answers.tolist(), self.nfe.tolist())
+        eos = set(self.eos_ids)
+        tpf = [metrics.tokens_per_forward(a, eos, n, mask_id=self.mask_id) for a, n in rows]
+        return torch.tensor(tpf, dtype=torch.float64)
 
 
 def _prepare_inputs(input_ids, attention_mask, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -104,12 +129,16 @@ def _prepare_inputs(input_ids, attention_mask, pad_id: int, device) -> tuple[tor
     return ids, (None if bool(am.all()) else am)
 
 
-def _seeds(seed, batch: int) -> list[int] | None:
+def _seeds(seed, batch: int) -> list | None:
+    """One seed per row (the engine checks each one's range)."""
     if seed is None:
         return None
-    if isinstance(seed, int):
-        return [seed + i for i in range(batch)]
-    seeds = [int(s) for s in seed]
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        return [int(seed) + i for i in range(batch)]
+    try:
+        seeds = list(seed)
+    except TypeError:
+        raise RequestError("{seed} must be an int or one int per row; got {value}", "seed", value=repr(seed)) from None
     if len(seeds) != batch:
         raise ValueError(f"seed must be an int or one int per row ({batch}); got {len(seeds)} seeds")
     return seeds
@@ -193,7 +222,7 @@ def generate(
     the current block every step (LLaDA2's official sampler). See ``docs/models.md``.
     """
     cfg = model.config
-    policy = parse_policy(policy)
+    policy = request_policy(policy)
     base = Request(
         prompt=[0],
         policy=policy,
@@ -204,29 +233,22 @@ def generate(
         eos_ids=eos_ids,
         cfg_scale=cfg_scale,
         mask_id=mask_id,
-        quirk_cache_extra_nfe=quirk_cache_extra_nfe,
-        quirk_mask_prediction=quirk_mask_prediction,
         max_steps_per_block=max_steps_per_block,
         eos_early_stop=eos_early_stop,
-        quirk_early_stop_scans_prompt=quirk_early_stop_scans_prompt,
-        quirk_unstored_blocks=quirk_unstored_blocks,
+        quirks=Quirks(
+            cache_extra_nfe=quirk_cache_extra_nfe,
+            mask_prediction=quirk_mask_prediction,
+            early_stop_scans_prompt=quirk_early_stop_scans_prompt,
+            unstored_blocks=quirk_unstored_blocks,
+        ),
     )
-    st = resolve_settings(model, base, tokenizer, policy)  # settings errors first, as before
+    st = resolve_settings(model, base, tokenizer, policy)  # the settings' errors before the prompts'
     pad_id = cfg.pad_token_id if getattr(cfg, "pad_token_id", None) is not None else (st.eos[0] if st.eos else 0)
     ids, am = _prepare_inputs(input_ids, attention_mask, pad_id, model.device)
-    B, P = ids.shape
-    vocab = int(cfg.vocab_size)
-    if bool(((ids < 0) | (ids >= vocab)).any()):
-        raise ValueError(f"input_ids must be token ids in [0, {vocab - 1}] (the vocabulary)")
-    max_len = getattr(cfg, "max_sequence_length", None)
-    if max_len is not None and max_len < P + gen_length:
-        raise ValueError(
-            f"prompt length ({P}) + gen_length ({gen_length}) = {P + gen_length} exceeds the model's context "
-            f"(max_sequence_length {max_len}); valid gen_length: <= {max_len - P}"
-        )
+    B = ids.shape[0]
     seeds = _seeds(seed, B)
     engine = Engine(model, max_batch=B, tokenizer=tokenizer)
-    for i in range(B):
+    for i in range(B):  # the engine checks every row (its prompt, its seed) before any runs
         row = ids[i] if am is None else ids[i][am[i].bool()]
         engine.submit(replace(base, prompt=row.tolist(), seed=None if seeds is None else seeds[i], id=i))
     return _drive(engine, ids, st, policy.describe(), callback, trace, early=early_stop or eos_early_stop)
@@ -273,4 +295,6 @@ def _drive(engine: Engine, ids: torch.Tensor, st, policy: str, callback, trace: 
         cache=st.cache,
         trace=steps,
         finished_early=torch.tensor([r.finished_early for r in res], device=device) if early else None,
+        eos_ids=st.eos,
+        mask_id=st.mask_id,
     )

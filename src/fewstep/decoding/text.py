@@ -5,7 +5,7 @@ caller that speaks text: ``fewstep serve``, ``fewstep generate``, the eval runne
 generator, the lm-eval adapter and ``eval/embedded.py`` (its six users)::
 
     gen = TextGenerator(model, tokenizer)
-    outs = gen.generate(["3 + 4 - 2 ?"], Settings(policy="entropy:0.45", max_tokens=64, stop=["."]))
+    outs = gen.generate(["3 + 4 - 2 ?"], GenerationSettings(policy="entropy:0.45", max_tokens=64, stop=["."]))
     outs[0].text, outs[0].finish_reason, outs[0].nfe, outs[0].tokens_per_forward, outs[0].latency_s
 
 The streaming side (the server's) is :meth:`TextGenerator.start` (a background thread that owns the
@@ -19,41 +19,57 @@ still start a stop string held back. A stop id ends the text at once but the row
 engine ends it (``early_stop``: after the block holding the EOS), so its NFE is exactly what
 :func:`fewstep.generate` reports for it. A stop string (which the engine does not know) finishes the
 request at once and cancels its row, so its NFE counts the forwards until the string became final.
-Validation and ``max_nfe`` are the engine's (:meth:`Engine.validate`, checked again at submit); the
-text layer adds its own knobs (stop strings, sampling options) and names the API parameter at fault.
+Validation is the engine's (:meth:`Engine.validate`, :mod:`fewstep.decoding.request`): the text layer
+checks only its own fields (stop strings) and maps its field names to the engine's through one table
+(:data:`ENGINE_FIELDS`: ``max_tokens`` is the engine's ``gen_length``); the server states the engine's
+errors in the text layer's names, which are the OpenAI API's, through the same table
+(``err.renamed(TEXT_NAMES)``).
+
+Faults stay per request: a request whose engine row fails, or whose text cannot be produced, ends with
+``finish_reason`` ``"error"`` and :attr:`Completion.error`; the others go on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+from fewstep.decoding import metrics
 from fewstep.decoding.engine import Engine, Request, RequestError, RowResult, Update
 from fewstep.decoding.policies import Policy, parse_policy
+from fewstep.decoding.policies.base import OptionError
 
 Prompt = str | Sequence[int] | Sequence[dict]  # text, token ids, or chat messages [{"role", "content"}]
 
-
-class SettingsError(ValueError):
-    """A user mistake in a request; ``param`` names the setting at fault (for API errors)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
-_PARAMS = {"gen_length": "max_tokens"}  # engine Request fields that the text layer names differently
+
+#: GenerationSettings fields that are engine Request fields, and the engine's name for each: the one table
+#: between the text layer's (and the OpenAI API's) field names and the engine's
+ENGINE_FIELDS = {
+    "max_tokens": "gen_length",
+    "block_length": "block_length",
+    "cache": "cache",
+    "seed": "seed",
+    "early_stop": "early_stop",
+    "stop_ids": "eos_ids",
+    "cfg_scale": "cfg_scale",
+    "max_nfe": "max_nfe",
+}
+#: the text layer's name of every engine field it sets
+TEXT_NAMES = {engine: name for name, engine in ENGINE_FIELDS.items()}
+#: GenerationSettings fields that set the policy option of the same name
+POLICY_OPTIONS = ("temperature", "top_p", "threshold")
 
 
 @dataclass
-class Settings:
-    """How to decode one request (the text-level knobs; ``None`` keeps the policy's own value)."""
+class GenerationSettings:
+    """How to generate one text request (the text-level knobs; ``None`` keeps the policy's own value)."""
 
     policy: Policy | str = "threshold:0.9"
     max_tokens: int = 128  # the answer length (the diffusion canvas); the text is cut at a stop
@@ -81,7 +97,7 @@ class Settings:
     # LLaDA/dParallel lm-eval harnesses' convention: an ``until`` string may be a special token)
     stop_in_raw: bool = False
 
-    def replace(self, **changes: Any) -> Settings:
+    def replace(self, **changes: Any) -> GenerationSettings:
         return dataclasses.replace(self, **changes)
 
 
@@ -95,10 +111,12 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     nfe: int
-    tokens_per_forward: float  # committed tokens / NFE
+    tokens_per_forward: float  # answer tokens before the first EOS / NFE (fewstep.decoding.metrics)
+    positions_per_forward: float  # committed positions / NFE
     latency_s: float  # submit -> finished
     first_delta_s: float | None  # submit -> first non-empty final text
     stop: str | int | None = None  # the stop string or stop id that ended it
+    error: str | None = None  # why the request failed (finish_reason "error")
     policy: str = ""
     id: Any = None
     row: RowResult | None = None  # the engine's result (None when the text layer finished it first)
@@ -115,11 +133,13 @@ class Completion:
 
     def stats(self) -> dict[str, Any]:
         """The per-request speed record of ``fewstep eval`` and the lm-eval adapter: NFE, answer tokens
-        before the first stop id, tokens per forward, and the batch's time shared out over its rows."""
+        before the first stop id, tokens and positions per forward, and the batch's time shared out over
+        its rows."""
         return {
             "nfe": self.nfe,
             "gen_tokens": self.answer_tokens,
-            "tokens_per_step": self.tokens_per_forward,
+            "tokens_per_forward": self.tokens_per_forward,
+            "positions_per_forward": self.positions_per_forward,
             "latency_s": self.batch_seconds / self.batch_rows,
             "batch_seconds": self.batch_seconds,
             "batch_rows": self.batch_rows,
@@ -156,7 +176,7 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 
 def _templated(tokenizer: Any, prompt: Any, chat: bool | None) -> bool:
-    """Whether ``prompt`` goes through the chat template (see :attr:`Settings.chat`)."""
+    """Whether ``prompt`` goes through the chat template (see :attr:`GenerationSettings.chat`)."""
     return has_chat_template(tokenizer) and (bool(chat) if isinstance(prompt, str) else chat is not False)
 
 
@@ -191,27 +211,52 @@ def encode(
     if not isinstance(items, str) and all(isinstance(t, int) and not isinstance(t, bool) for t in items):
         return [int(t) for t in items] + (encode(tokenizer, prefix) if prefix else [])
     if tokenizer is None:
-        raise SettingsError("a text prompt needs a tokenizer (give token ids instead)", "prompt")
+        raise RequestError("a text {prompt} needs a tokenizer (give token ids instead)", "prompt")
     add = special_tokens and not _templated(tokenizer, items, chat)
     text = render(tokenizer, items, chat, prefix)
     return [int(i) for i in tokenizer(text, add_special_tokens=add)["input_ids"]]
 
 
-def resolve_policy(settings: Settings) -> Policy:
-    """The policy with ``temperature``, ``top_p`` and ``threshold`` applied (ValueError if it has no such option)."""
-    policy = parse_policy(settings.policy)
-    names = {f.name for f in dataclasses.fields(policy)}
+def resolve_policy(settings: GenerationSettings) -> Policy:
+    """The policy with ``temperature``, ``top_p`` and ``threshold`` applied; :class:`RequestError` naming the
+    setting at fault (``policy``, or the option it sets: the policy checks the option's range)."""
+    try:
+        policy = parse_policy(settings.policy)
+    except ValueError as exc:
+        raise RequestError("{detail}", "policy", detail=str(exc)) from None
+    names = {f.name for f in dataclasses.fields(policy)} if dataclasses.is_dataclass(policy) else set()
     changes: dict[str, Any] = {}
-    for key in ("temperature", "top_p", "threshold"):
+    for key in POLICY_OPTIONS:
         value = getattr(settings, key)
         if value is None:
             continue
         if key not in names:
             if key == "top_p" and value == 1.0:
                 continue  # the no-op value every client may send
-            raise ValueError(f"policy {policy.name!r} has no {key} option (options: {', '.join(sorted(names))})")
+            msg = "policy {name} has no {key} option (options: {options})"
+            raise RequestError(msg, key, name=repr(policy.name), key=key, options=", ".join(sorted(names)))
         changes[key] = value
-    return dataclasses.replace(policy, **changes) if changes else policy
+    try:
+        return dataclasses.replace(policy, **changes) if changes else policy
+    except OptionError as exc:
+        raise RequestError("{detail}", exc.option if exc.option in changes else "policy", detail=str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise RequestError("{detail}", "policy", detail=str(exc)) from None
+
+
+def check_stops(stop: Any) -> tuple[str, ...]:
+    """The stop strings of a request (a string is one), empty strings dropped (they stop nothing);
+    :class:`RequestError` beyond ``MAX_STOP_STRINGS`` strings or ``MAX_STOP_LENGTH`` characters."""
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+        raise RequestError("{stop} must be a string or a list of strings", "stop")
+    stops = tuple(s for s in stops if s)
+    if len(stops) > MAX_STOP_STRINGS:
+        msg = "{stop} holds at most {n} strings; got {k}"
+        raise RequestError(msg, "stop", n=MAX_STOP_STRINGS, k=len(stops))
+    if any(len(s) > MAX_STOP_LENGTH for s in stops):
+        raise RequestError("each {stop} string is at most {n} characters", "stop", n=MAX_STOP_LENGTH)
+    return stops
 
 
 def first_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
@@ -237,12 +282,27 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+class Prepared(NamedTuple):
+    """One request encoded and validated, ready for :meth:`TextGenerator.submit`."""
+
+    ids: list[int]  # the prompt's token ids
+    request: Request
+    policy: Policy  # with the settings' option overrides applied
+    eos: tuple[int, ...]  # the end-of-sequence ids the engine decodes it with
+    settings: GenerationSettings  # as given, stop strings checked
+
+
 class _Tracker:
     """Turns one request's engine updates into final text, events and its :class:`Completion`."""
 
-    def __init__(self, gen: TextGenerator, rid: Any, prompt_len: int, settings: Settings, policy: str, stops, sink):
-        self.gen, self.id, self.prompt_len, self.settings, self.policy = gen, rid, prompt_len, settings, policy
+    def __init__(self, gen: TextGenerator, rid: Any, prepared: Prepared, sink):
+        settings = prepared.settings
+        self.gen, self.id, self.prompt_len, self.settings = gen, rid, len(prepared.ids), settings
+        self.policy, self.eos = _spec(prepared.policy), set(prepared.eos)
+        stops = gen.default_stop_ids if settings.stop_ids is None else settings.stop_ids
         self.stop_ids, self.sink = set(stops), sink
+        self.answer: list[int] = []  # the answer canvas after the last forward
+        self.mask_id = gen.mask_id
         self.t0 = time.perf_counter()
         self.first_delta: float | None = None
         self.emitted = ""
@@ -255,14 +315,17 @@ class _Tracker:
 
     def feed(self, u: Update, canvas: bool) -> Completion | None:
         """Process one update; returns the Completion when the request is finished."""
-        mask = u.mask_id
+        mask = self.mask_id = u.mask_id
         self.nfe = u.nfe
+        if u.done and u.result is not None and u.result.error is not None:
+            return self.fail(u.result.error, u.result)
         if u.positions or not u.done:
             self.per_step.append(len(u.positions))
         for p in u.positions:
             if 0 <= p < len(self.steps) and self.steps[p] == 0:
                 self.steps[p] = u.nfe
         answer = u.result.answer if (u.done and u.result is not None and u.result.answer) else u.answer
+        self.answer = answer
         k = self.committed
         while k < len(answer) and answer[k] != mask:
             k += 1
@@ -303,11 +366,18 @@ class _Tracker:
         pieces = [None if t is None else self.gen.piece(t) for t in tokens]
         return Canvas(self.id, u.nfe, u.block, tokens, pieces, list(self.steps), list(u.positions), text)
 
-    def _finish(self, text: str, ids: list[int], reason: str, stop, row: RowResult | None) -> Completion:
+    def fail(self, error: str, row: RowResult | None = None) -> Completion:
+        """The request's Completion when it failed: finish_reason "error", the text final so far."""
+        return self._finish(self.emitted, [], "error", None, row, error)
+
+    def _finish(
+        self, text: str, ids: list[int], reason: str, stop, row: RowResult | None, error: str | None = None
+    ) -> Completion:
         self.done = True
         per_step = row.tokens_per_step if row is not None and row.tokens_per_step else self.per_step
         committed = sum(per_step) if per_step else sum(1 for s in self.steps if s)
         nfe = row.nfe if row is not None and not row.cancelled else self.nfe
+        answer = row.answer if row is not None and row.answer else self.answer
         return Completion(
             text=text,
             token_ids=ids,
@@ -315,10 +385,12 @@ class _Tracker:
             prompt_tokens=self.prompt_len,
             completion_tokens=len(ids),
             nfe=nfe,
-            tokens_per_forward=committed / nfe if nfe else 0.0,
+            tokens_per_forward=metrics.tokens_per_forward(answer, self.eos, nfe, mask_id=self.mask_id),
+            positions_per_forward=committed / nfe if nfe else 0.0,
             latency_s=time.perf_counter() - self.t0,
             first_delta_s=self.first_delta,
             stop=stop,
+            error=error,
             policy=self.policy,
             id=self.id,
             row=row,
@@ -363,39 +435,28 @@ class TextGenerator:
             self._pieces[token] = self.decode([token], skip_special_tokens=False)
         return self._pieces[token]
 
-    def request(self, prompt_ids: Sequence[int], settings: Settings) -> tuple[Request, Policy]:
-        """Build the engine Request and validate it with the engine's own checks (:meth:`Engine.validate`);
-        :class:`SettingsError` (a ValueError) naming the API parameter at fault for a user mistake."""
-        try:
-            policy = resolve_policy(settings)
-        except ValueError as exc:
-            param = next((k for k in ("threshold", "top_p", "temperature") if f"has no {k} option" in str(exc)), None)
-            raise SettingsError(str(exc), param or "policy") from None
-        stops = [s for s in settings.stop if s != ""]  # an empty stop string stops nothing
-        if len(stops) > MAX_STOP_STRINGS or any(not isinstance(s, str) for s in stops):
-            raise SettingsError(f"stop must be at most {MAX_STOP_STRINGS} strings", "stop")
-        if any(len(s) > MAX_STOP_LENGTH for s in stops):
-            raise SettingsError(f"each stop string must be at most {MAX_STOP_LENGTH} characters", "stop")
-        eos = list(self.default_stop_ids if settings.stop_ids is None else settings.stop_ids)
-        req = Request(
-            prompt=list(prompt_ids),
-            policy=policy,
-            gen_length=settings.max_tokens,
-            block_length=settings.block_length,
-            cache=settings.cache,
-            seed=settings.seed,
-            early_stop=settings.early_stop,
-            eos_ids=eos or None,
-            cfg_scale=settings.cfg_scale,
-            max_nfe=settings.max_nfe,
-        )
-        try:
-            self.engine.validate(req)
-        except RequestError as exc:
-            raise SettingsError(str(exc), _PARAMS.get(exc.field, exc.field)) from None
-        return req, policy
+    def request(self, prompt_ids: Sequence[int], settings: GenerationSettings) -> Prepared:
+        """Build the engine Request and validate it with the engine's own checks (:meth:`Engine.validate`).
 
-    def _final_text(self, prefix: list[int], settings: Settings, stop_ids: set):
+        A mistake raises :class:`RequestError` (a ValueError) in the engine's words (the words of the
+        ``--gen-length`` flags of the commands); ``err.renamed(TEXT_NAMES)`` states it in the text layer's
+        names, which are the API's (the server does)."""
+        policy = resolve_policy(settings)
+        settings = settings.replace(stop=check_stops(settings.stop))
+        fields = {engine: getattr(settings, name) for name, engine in ENGINE_FIELDS.items()}
+        eos = self.default_stop_ids if settings.stop_ids is None else settings.stop_ids
+        fields["eos_ids"] = None if isinstance(eos, (list, tuple)) and not eos else eos  # none: the model's EOS
+        req = Request(prompt=list(prompt_ids), policy=policy, **fields)
+        try:
+            resolved, _ = self.engine.validate(req)
+        except RequestError as exc:  # an option these settings set is at fault: name that setting
+            overridden = [k for k in POLICY_OPTIONS if getattr(settings, k) is not None]
+            if exc.request_field == "policy" and exc.option in overridden:
+                raise RequestError("{detail}", exc.option, option=exc.option, detail=str(exc)) from None
+            raise
+        return Prepared(list(prompt_ids), req, policy, resolved.eos, settings)
+
+    def _final_text(self, prefix: list[int], settings: GenerationSettings, stop_ids: set):
         """(text, ids, finish reason or None, stop, tokens before the first stop id) of a committed prefix."""
         cut = next((i for i, t in enumerate(prefix) if t in stop_ids), None)
         ids = prefix if cut is None else prefix[:cut]
@@ -427,31 +488,29 @@ class TextGenerator:
         return ids
 
     # ---- submitting ------------------------------------------------------------------------------------
-    def prepare(self, prompt: Prompt, settings: Settings) -> tuple[list[int], Request, Policy]:
-        """Encode and validate one request without submitting it (ValueError for a user mistake)."""
+    def prepare(self, prompt: Prompt, settings: GenerationSettings) -> Prepared:
+        """Encode and validate one request without submitting it (:class:`RequestError` for a user mistake)."""
         ids = self.encode(prompt, settings.chat, prefix=settings.prefix, special_tokens=settings.special_tokens)
-        req, policy = self.request(ids, settings)
-        return ids, req, policy
+        return self.request(ids, settings)
 
     def submit(
         self,
         prompt: Prompt,
-        settings: Settings,
+        settings: GenerationSettings,
         on_event: Callable[[Event], None] | None = None,
         *,
         canvas: bool = False,
-        prepared: tuple[list[int], Request, Policy] | None = None,
+        prepared: Prepared | None = None,
     ) -> Any:
         """Validate and enqueue one request; ``on_event`` gets its events (from the thread that steps).
 
         ``canvas=True`` also sends a :class:`Canvas` after every forward. Returns the request id (for
         :meth:`cancel`). Raises ValueError for a user mistake.
         """
-        ids, req, policy = prepared or self.prepare(prompt, settings)
-        stops = self.default_stop_ids if settings.stop_ids is None else settings.stop_ids
+        prepared = prepared or self.prepare(prompt, settings)
         with self._lock:
-            rid = self.engine.submit(req)
-            tracker = _Tracker(self, rid, len(ids), settings, _spec(policy), stops, on_event)
+            rid = self.engine.submit(prepared.request)
+            tracker = _Tracker(self, rid, prepared, on_event)
             self._live[rid] = (tracker, canvas)
             self._wake.notify_all()
         return rid
@@ -480,7 +539,10 @@ class TextGenerator:
             if entry is None:
                 continue  # finished by the text layer already (the engine's cancel echo)
             tracker, canvas = entry
-            comp = tracker.feed(u, canvas)
+            try:
+                comp = tracker.feed(u, canvas)
+            except Exception as exc:  # this request's text cannot be made: it alone ends
+                comp = tracker.fail(f"the text layer failed: {type(exc).__name__}: {exc}", u.result)
             if comp is None:
                 continue
             with self._lock:
@@ -496,7 +558,7 @@ class TextGenerator:
     def generate(
         self,
         prompts: Sequence[Prompt],
-        settings: Settings | Sequence[Settings] | None = None,
+        settings: GenerationSettings | Sequence[GenerationSettings] | None = None,
         *,
         on_event: Callable[[Event], None] | None = None,
         canvas: bool = False,
@@ -507,10 +569,12 @@ class TextGenerator:
         ``settings``: one for all, or one per prompt (per-request stop strings, seeds, policies);
         ``changes`` override fields of every one. ``on_event`` sees every event (progress bars, traces
         with ``canvas=True``). Steps the engine in this thread, or waits for the background thread
-        when :meth:`start` ran. Raises ValueError (:class:`SettingsError`) before anything runs if
-        any prompt or setting is invalid.
+        when :meth:`start` ran. Raises :class:`RequestError` (a ValueError) before anything runs if
+        any prompt or setting is invalid, and RuntimeError when a request failed.
         """
-        per = list(settings) if isinstance(settings, (list, tuple)) else [settings or Settings()] * len(prompts)
+        per = (
+            list(settings) if isinstance(settings, (list, tuple)) else [settings or GenerationSettings()] * len(prompts)
+        )
         if len(per) != len(prompts):
             raise ValueError(f"settings: one for all prompts or one per prompt ({len(prompts)}); got {len(per)}")
         per = [s.replace(**changes) if changes else s for s in per]
@@ -541,7 +605,7 @@ class TextGenerator:
         seconds = time.perf_counter() - t0
         failed = next((c for c in results.values() if c.finish_reason == "error"), None)
         if failed is not None:
-            raise RuntimeError(f"the engine failed: {failed.stop}")
+            raise RuntimeError(f"request {failed.id} failed: {failed.error}")
         for c in results.values():
             c.batch_seconds, c.batch_rows = seconds, len(ids)
         return [results[i] for i in ids]
@@ -590,30 +654,28 @@ class TextGenerator:
                     return
             try:
                 self.step()
-            except Exception as exc:  # a bug in the engine: fail every live request, keep serving
+            except Exception as exc:  # a fault outside any one request: fail the live ones, keep serving
                 self._fail_all(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
+        """Every live request ends with ``exc`` and a fresh engine takes over (the engine ends a fault of one
+        request itself; this is the last resort for one it cannot attribute)."""
         with self._lock:
             live, self._live = list(self._live.values()), {}
+            old = self.engine
+            self.engine = Engine(
+                self.model, max_batch=old.max_batch, tokenizer=old.tokenizer, max_padding=old.max_padding
+            )
         for tracker, _ in live:
-            self.engine.cancel(tracker.id)
             if tracker.sink is not None:
-                comp = tracker._finish(tracker.emitted, [], "error", None, None)
-                comp.stop = f"{type(exc).__name__}: {exc}"
-                tracker.sink(comp)
-        self._drain()
-
-    def _drain(self) -> None:
-        try:
-            while self.engine.has_work():
-                self.engine.step()
-        except Exception:
-            self.engine = Engine(self.model, max_batch=self.engine.max_batch, tokenizer=self.tokenizer)
+                with contextlib.suppress(Exception):
+                    tracker.sink(tracker.fail(f"the engine failed: {type(exc).__name__}: {exc}"))
 
 
 def _spec(policy: Policy) -> str:
     """A short spec of a policy's non-default options, e.g. ``entropy:threshold=0.45``."""
+    if not dataclasses.is_dataclass(policy):
+        return policy.describe()
     defaults = type(policy)()
     opts = [
         f"{f.name}={getattr(policy, f.name)}"
@@ -624,16 +686,20 @@ def _spec(policy: Policy) -> str:
 
 
 __all__ = [
+    "ENGINE_FIELDS",
     "MAX_STOP_LENGTH",
     "MAX_STOP_STRINGS",
+    "TEXT_NAMES",
     "Canvas",
     "Completion",
     "Delta",
     "Event",
+    "GenerationSettings",
+    "Prepared",
     "Prompt",
-    "Settings",
-    "SettingsError",
+    "RequestError",
     "TextGenerator",
+    "check_stops",
     "cut_at_stop",
     "encode",
     "first_stop",

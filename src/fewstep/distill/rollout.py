@@ -346,11 +346,11 @@ def answer_batch(
 
 def _settings(gen: Any, cfg: RolloutConfig):
     from fewstep.decoding.engine import default_block_length
-    from fewstep.decoding.text import Settings
+    from fewstep.decoding.text import GenerationSettings
     from fewstep.models.block import attention_block
 
     block = default_block_length(attention_block(gen.model), cfg.gen_length, cfg.block_length)
-    return Settings(
+    return GenerationSettings(
         policy=cfg.policy,
         max_tokens=cfg.gen_length,
         block_length=block,

@@ -50,9 +50,9 @@ def evaluate_policy(
     every block of the generation length is decoded, EOS blocks included); the answer text is the whole
     canvas with special tokens dropped (no stop ids: EOS padding is skipped, not cut at).
     """
-    from fewstep.decoding.text import Completion, Settings, TextGenerator
+    from fewstep.decoding.text import Completion, GenerationSettings, TextGenerator
 
-    settings = Settings(
+    settings = GenerationSettings(
         policy=policy,
         max_tokens=gen_length,
         block_length=block_length,

@@ -162,11 +162,11 @@ def run_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any = None
 
 def _run_batch(task: Task, protocol, batch, gen, settings: EvalSettings, sandbox) -> list[dict]:
     """One batch through the text layer (stop strings cut the text only: NFE is the engine's), scored."""
-    from fewstep.decoding.text import Settings
+    from fewstep.decoding.text import GenerationSettings
 
     prompts = [protocol(r) for r in batch]
     same = {k: getattr(settings, k) for k in ("policy", "block_length", "cache", "early_stop")}
-    base = Settings(max_tokens=settings.gen_length, chat=False, cancel_at_stop=False, **same)
+    base = GenerationSettings(max_tokens=settings.gen_length, chat=False, cancel_at_stop=False, **same)
     seed = settings.seed  # row i of a batch uses seed + i, as fewstep.generate(seed=int) does
     per = [base.replace(stop=p.stop, seed=None if seed is None else seed + i) for i, p in enumerate(prompts)]
     outs = gen.generate([p.render(gen.tokenizer) for p in prompts], per)
@@ -207,7 +207,7 @@ def summarize_run(task: Task, out: Path, settings: EvalSettings) -> dict[str, An
         "correct": correct,
         "accuracy": correct / n if n else 0.0,
         "mean_nfe": statistics.fmean(r["nfe"] for r in recs) if recs else None,
-        "tokens_per_step": statistics.fmean(r["tokens_per_step"] for r in recs) if recs else None,
+        "tokens_per_step": statistics.fmean(r["positions_per_forward"] for r in recs) if recs else None,
         "latency_per_sample_s": gen_seconds / n if n else None,
         "tokens_per_s": tokens / gen_seconds if gen_seconds > 0 else None,
         "mean_gen_tokens": tokens / n if n else None,

@@ -1,7 +1,10 @@
 """OpenAI request parsing and response shapes for ``fewstep serve`` (no web framework in here).
 
 Requests are parsed by hand rather than by a schema library so that every mistake gets one clear
-OpenAI-style error naming its field (``param``), with status 400, never a traceback.
+OpenAI-style error naming its field (``param``), with status 400, never a traceback. This module checks
+only the JSON types of the fields and the fields that exist only in the API (``n``, ``stream_mode``, ...);
+the values of the decoding fields, which are the text layer's ``GenerationSettings`` fields under the same
+names, are checked by the engine's one validation path (:mod:`fewstep.decoding.request`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from fewstep.decoding.text import MAX_STOP_LENGTH, MAX_STOP_STRINGS, Completion, Settings
+from fewstep.decoding.text import Completion, GenerationSettings
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (a list prompt)
 
@@ -49,6 +52,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
             f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
             code="invalid_json",
         ) from None
+    except ValueError as exc:  # a number beyond what Python parses (e.g. an integer of 5,000 digits)
+        raise ApiError(400, f"the request body holds a number out of range: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
@@ -70,19 +75,12 @@ def _get(body: dict, name: str, kinds: tuple, default: Any = None, *, what: str 
     return value
 
 
-def _number(body: dict, name: str, lo: float, hi: float) -> float | None:
-    value = _get(body, name, (int, float), what="a number")
-    if value is not None and not lo <= value <= hi:
-        raise ApiError(400, f"'{name}' must be between {lo} and {hi}; got {value}", param=name)
-    return None if value is None else float(value)
-
-
 @dataclass
 class Parsed:
     """One parsed /v1 request."""
 
     prompts: list[Any]
-    settings: Settings
+    settings: GenerationSettings
     stream: bool = False
     denoise: bool = False
     include_usage: bool = False
@@ -91,8 +89,8 @@ class Parsed:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_request(body: dict, *, chat: bool, defaults: Settings, model_names: set[str], model: str) -> Parsed:
-    """Check fields and types of a completions / chat completions body and build the decoding Settings."""
+def parse_request(body: dict, *, chat: bool, defaults: GenerationSettings, model_names: set[str], model: str) -> Parsed:
+    """Check fields and types of a completions / chat completions body and build its GenerationSettings."""
     name = _get(body, "model", (str,), model)
     if name not in model_names:
         raise ApiError(
@@ -172,47 +170,47 @@ def _messages(body: dict) -> list[Any]:
     return [out]
 
 
-def _settings(body: dict, defaults: Settings, chat: bool) -> Settings:
-    max_tokens = _get(body, "max_completion_tokens", (int,), None) if chat else None
-    max_tokens = _get(body, "max_tokens", (int,), max_tokens)
-    if max_tokens is not None and max_tokens <= 0:
-        raise ApiError(400, f"'max_tokens' must be >= 1; got {max_tokens}", param="max_tokens")
+#: body fields that are GenerationSettings fields of the same name, with their JSON types (the values are
+#: checked by the engine and the text layer, fewstep.decoding.request)
+_SETTINGS_FIELDS: dict[str, tuple[tuple[type, ...], str | None]] = {
+    "policy": ((str,), None),
+    "max_tokens": ((int,), None),
+    "block_length": ((int,), None),
+    "cache": ((str,), None),
+    "seed": ((int,), None),
+    "max_nfe": ((int,), None),
+    "temperature": ((int, float), "a number"),
+    "top_p": ((int, float), "a number"),
+    "threshold": ((int, float), "a number"),
+}
+
+
+def _settings(body: dict, defaults: GenerationSettings, chat: bool) -> GenerationSettings:
+    """The request's GenerationSettings: its fields' JSON types checked here, their values by the engine."""
+    values = {name: _get(body, name, kinds, what=what) for name, (kinds, what) in _SETTINGS_FIELDS.items()}
+    if chat and values["max_tokens"] is None:  # OpenAI's newer name for it
+        values["max_tokens"] = _get(body, "max_completion_tokens", (int,))
+    for name in ("policy", "cache", "max_tokens"):
+        if values[name] is None:
+            values[name] = getattr(defaults, name)
+    if values["block_length"] is None and defaults.block_length is not None:
+        values["block_length"] = min(defaults.block_length, values["max_tokens"])
+    for name in ("temperature", "top_p", "threshold"):
+        values[name] = None if values[name] is None else _float(values[name])
     stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
-        raise ApiError(400, "'stop' must be a string or a list of non-empty strings", param="stop")
-    if stop is not None and len(stop) > MAX_STOP_STRINGS:
-        raise ApiError(400, f"'stop' holds at most {MAX_STOP_STRINGS} strings; got {len(stop)}", param="stop")
-    if stop is not None and any(len(s) > MAX_STOP_LENGTH for s in stop):
-        raise ApiError(400, f"each stop string is at most {MAX_STOP_LENGTH} characters", param="stop")
-    policy = _get(body, "policy", (str,), None)
-    cache = _get(body, "cache", (str,), defaults.cache)
-    if cache not in ("none", "prefix", "dual"):
-        raise ApiError(400, f"'cache' must be one of none, prefix, dual; got {cache!r}", param="cache")
-    block = _get(body, "block_length", (int,), None)
-    if block is not None and block < 1:
-        raise ApiError(400, f"'block_length' must be >= 1; got {block}", param="block_length")
-    max_nfe = _get(body, "max_nfe", (int,), None)
-    if max_nfe is not None and max_nfe < 1:
-        raise ApiError(400, f"'max_nfe' must be >= 1; got {max_nfe}", param="max_nfe")
-    seed = _get(body, "seed", (int,), None)
-    g = max_tokens if max_tokens is not None else defaults.max_tokens
-    if block is None and defaults.block_length is not None:
-        block = min(defaults.block_length, g)
-    return defaults.replace(
-        policy=policy if policy is not None else defaults.policy,
-        max_tokens=g,
-        block_length=block,  # None: the engine's default (32 at most; a block-diffusion model's own block size)
-        cache=cache,
-        temperature=_number(body, "temperature", 0.0, 2.0),
-        top_p=_number(body, "top_p", 0.0, 1.0),
-        threshold=_number(body, "threshold", 0.0, 1e9),
-        seed=seed,
-        stop=tuple(stop or ()),
-        max_nfe=max_nfe,
-        chat=chat,
-    )
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        raise ApiError(400, "'stop' must be a string or a list of strings", param="stop", code="invalid_type")
+    return defaults.replace(**values, stop=() if stop is None else stop, chat=chat)
+
+
+def _float(value: int | float) -> float:
+    """A JSON number as a float (an integer too large for one: infinity, which no range admits)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return float("inf") if value > 0 else float("-inf")
 
 
 # ---- responses ----------------------------------------------------------------------------------------
@@ -227,17 +225,20 @@ def new_id(chat: bool) -> str:
 
 
 def usage(comps: list[Completion]) -> dict[str, Any]:
-    """OpenAI usage plus fewstep's ``nfe`` (forwards) and ``tokens_per_forward`` (committed tokens / NFE)."""
+    """OpenAI usage plus fewstep's ``nfe`` (forwards), ``tokens_per_forward`` (answer tokens before the first
+    EOS / NFE) and ``positions_per_forward`` (committed positions / NFE), over every choice."""
     prompt = sum(c.prompt_tokens for c in comps)
     completion = sum(c.completion_tokens for c in comps)
     nfe = sum(c.nfe for c in comps)
-    committed = sum(c.tokens_per_forward * c.nfe for c in comps)
+    tokens = sum(c.tokens_per_forward * c.nfe for c in comps)
+    committed = sum(c.positions_per_forward * c.nfe for c in comps)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "nfe": nfe,
-        "tokens_per_forward": round(committed / nfe, 4) if nfe else 0.0,
+        "tokens_per_forward": round(tokens / nfe, 4) if nfe else 0.0,
+        "positions_per_forward": round(committed / nfe, 4) if nfe else 0.0,
         "latency_s": round(max((c.latency_s for c in comps), default=0.0), 6),
     }
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from fewstep.decoding.policies.base import Policy, Selection, StepState
+from fewstep.decoding.policies.base import OptionError, Policy, Selection, StepState, shown
 from fewstep.decoding.policies.cd4lm import CADPolicy
 from fewstep.decoding.policies.dparallel import DreamEntropyThresholdPolicy, EntropyThresholdPolicy
 from fewstep.decoding.policies.dream import DreamPolicy
@@ -59,6 +59,7 @@ __all__ = [
     "FactorPolicy",
     "LLaDA2Policy",
     "LowConfidencePolicy",
+    "OptionError",
     "Policy",
     "SDARPolicy",
     "Selection",
@@ -92,7 +93,7 @@ def _convert(cls: type[Policy], key: str, text: str, annotation: str):
             return tuple(int(t) for t in re.split(r"[/+\s]+", text) if t)
         return text
     except ValueError:
-        raise ValueError(f"{where} expects {annotation}; got {text!r}") from None
+        raise OptionError(f"{where} expects {annotation}; got {shown(text)}", key) from None
 
 
 def parse_policy(spec: str | Policy) -> Policy:
@@ -100,11 +101,11 @@ def parse_policy(spec: str | Policy) -> Policy:
     if isinstance(spec, Policy):
         return spec
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"policy must be a Policy or a string NAME[:ARGS]; got {spec!r}")
+        raise ValueError(f"policy must be a Policy or a string NAME[:ARGS]; got {shown(spec)}")
     name, _, rest = spec.strip().partition(":")
     name = name.strip().lower().replace("_", "-")
     if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; valid names: {', '.join(POLICIES)}")
+        raise ValueError(f"unknown policy {shown(name)}; valid names: {', '.join(POLICIES)}")
     cls = POLICIES[name]
     types = {f.name: f.type for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -115,9 +116,9 @@ def parse_policy(spec: str | Policy) -> Policy:
         elif cls.positional is not None and not kwargs:
             key, value = cls.positional, part
         else:
-            raise ValueError(f"policy {name!r}: expected key=value, got {part!r}")
+            raise ValueError(f"policy {name!r}: expected key=value, got {shown(part)}")
         if key not in types:
-            raise ValueError(f"policy {name!r} has no option {key!r}; options: {', '.join(types)}")
+            raise ValueError(f"policy {name!r} has no option {shown(key)}; options: {', '.join(types)}")
         kwargs[key] = _convert(cls, key, value, str(types[key]))
     return cls(**kwargs)
 

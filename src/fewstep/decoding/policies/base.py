@@ -21,6 +21,7 @@ vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -33,6 +34,23 @@ import torch.nn.functional as F
 CHUNK_BYTES = {"cpu": 16 * 2**20, "default": 512 * 2**20}
 
 PROBS_DTYPES = {"logits": None, "float32": torch.float32, "float64": torch.float64}
+
+#: the largest sampling temperature a policy takes (OpenAI's bound: above it sampling is close to uniform)
+MAX_TEMPERATURE = 2.0
+#: the largest value of a count option (steps, tokens per step, top-k): the longest canvas the engine takes
+MAX_OPTION_COUNT = 1 << 17
+#: the most token ids a token-id option (``eos_ids``) holds, and the bound of each (ids outside a model's
+#: vocabulary are allowed: a reference's list of EOS ids names ids the tiny fixtures do not have)
+MAX_OPTION_IDS = 256
+MAX_TOKEN_ID = 2**31 - 1
+
+
+class OptionError(ValueError):
+    """A policy option out of its type or range; ``option`` names it (e.g. ``temperature``)."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
 
 
 class RowRNG:
@@ -153,23 +171,81 @@ class Policy:
 # --------------------------------------------------------------------------------------------------
 
 
+def shown(value: Any) -> str:
+    """``value`` for an error message: at most 60 characters (a huge integer by its size, never its digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 192:
+        return f"an integer of {value.bit_length()} bits"
+    text = str(value) if isinstance(value, (int, float)) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _option(name: str) -> str:
+    """``temperature`` of ``entropy.temperature``."""
+    return name.rpartition(".")[2]
+
+
 def check_choice(name: str, value: Any, choices) -> None:
+    """:class:`OptionError` unless ``value`` is one of ``choices``."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        raise OptionError(f"{name} must be one of {', '.join(map(str, choices))}; got {shown(value)}", _option(name))
 
 
 def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
-    """ValueError naming the argument and its valid range."""
+    """:class:`OptionError` naming the argument and its valid range (NaN is never in range)."""
     ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
-        raise ValueError(f"{name} must be in {lb}{lo}, {hi}{rb}; got {value}")
+        raise OptionError(f"{name} must be in {lb}{lo}, {hi}{rb}; got {shown(value)}", _option(name))
+
+
+def check_temperature(policy: Any, option: str = "temperature") -> None:
+    """A sampling temperature in ``[0, MAX_TEMPERATURE]`` (0: greedy)."""
+    check_range(f"{policy.name}.{option}", getattr(policy, option), 0.0, MAX_TEMPERATURE)
+
+
+def check_options(policy: Any) -> None:
+    """The type and bounds of every option of a dataclass policy, read from its annotations: booleans are
+    bools, strings strings, counts integers in ``[0, MAX_OPTION_COUNT]``, real options numbers other than
+    NaN, token-id tuples at most ``MAX_OPTION_IDS`` ids in ``[0, MAX_TOKEN_ID]``; then the policy's own
+    range checks (its ``__post_init__``) run again, for an instance changed after it was built. The engine
+    runs it on every request's policy; :class:`OptionError`."""
+    if not is_dataclass(policy):
+        return
+    for f in fields(policy):
+        value, annotation = getattr(policy, f.name), str(f.type)
+        if value is None and "None" in annotation:
+            continue
+        kind, where = annotation.replace(" | None", "").strip(), f"{policy.name}.{f.name}"
+        if kind == "bool" and not isinstance(value, bool):
+            raise OptionError(f"{where} must be true or false; got {shown(value)}", f.name)
+        if kind == "str" and not isinstance(value, str):
+            raise OptionError(f"{where} must be a string; got {shown(value)}", f.name)
+        if kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise OptionError(f"{where} must be an integer; got {shown(value)}", f.name)
+        if kind == "int" and not 0 <= value <= MAX_OPTION_COUNT:
+            raise OptionError(f"{where} must be in [0, {MAX_OPTION_COUNT}]; got {shown(value)}", f.name)
+        if kind == "float" and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            raise OptionError(f"{where} must be a number; got {shown(value)}", f.name)
+        if kind == "float" and math.isnan(value):
+            raise OptionError(f"{where} must be a number; got nan", f.name)
+        if kind.startswith("tuple[int"):
+            _check_ids(where, f.name, value)
+    recheck = getattr(policy, "__post_init__", None)
+    if recheck is not None:
+        recheck()
+
+
+def _check_ids(where: str, option: str, value: Any) -> None:
+    ok = isinstance(value, (tuple, list)) and len(value) <= MAX_OPTION_IDS
+    if not ok or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= MAX_TOKEN_ID for i in value):
+        msg = f"{where} must be at most {MAX_OPTION_IDS} token ids in [0, {MAX_TOKEN_ID}]; got {shown(value)}"
+        raise OptionError(msg, option)
 
 
 def check_confidence_options(policy: Any) -> None:
-    """Validate the options the confidence rules share: ``temperature`` >= 0, ``remasking`` and
-    ``probs_dtype`` (each only where the policy has it)."""
-    check_range(f"{policy.name}.temperature", policy.temperature, 0.0, float("inf"))
+    """Validate the options the confidence rules share: ``temperature`` in ``[0, MAX_TEMPERATURE]``,
+    ``remasking`` and ``probs_dtype`` (each only where the policy has it)."""
+    check_temperature(policy)
     if hasattr(policy, "remasking"):
         check_choice(f"{policy.name}.remasking", policy.remasking, ("low_confidence", "random"))
     if hasattr(policy, "probs_dtype"):
@@ -287,11 +363,12 @@ def steps_per_block(name: str, steps: int, gen_length: int, block_length: int) -
     """``steps / number of blocks``, with a ValueError naming the constraint."""
     nb = gen_length // block_length
     if steps < 1:
-        raise ValueError(f"{name}.steps must be >= 1; got {steps}")
+        raise OptionError(f"{name}.steps must be >= 1; got {steps}", "steps")
     if steps % nb:
-        raise ValueError(
+        raise OptionError(
             f"{name}.steps ({steps}) must be divisible by the number of blocks ({nb} = gen_length {gen_length} "
-            f"/ block_length {block_length}); valid values: multiples of {nb}"
+            f"/ block_length {block_length}); valid values: multiples of {nb}",
+            "steps",
         )
     return steps // nb
 

@@ -21,6 +21,7 @@ from fewstep.decoding.policies.base import (
     StepState,
     check_choice,
     check_range,
+    check_temperature,
     chunks,
     entropy,
     gumbel_argmax,
@@ -96,7 +97,7 @@ class CADPolicy(Policy):
         if self.max_steps_per_block is not None:
             check_range(f"{self.name}.max_steps_per_block", self.max_steps_per_block, 0, float("inf"))
         check_range(f"{self.name}.eos_ratio", self.eos_ratio, 0.0, 1.0)
-        check_range(f"{self.name}.temperature", self.temperature, 0.0, float("inf"))
+        check_temperature(self)
         check_choice(f"{self.name}.selection", self.selection, ("confidence", "entropy", "random"))
         check_choice(f"{self.name}.remasking", self.remasking, ("low_confidence", "random"))
         check_choice(f"{self.name}.mode", self.mode, ("block", "global"))

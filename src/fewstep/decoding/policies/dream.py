@@ -28,6 +28,7 @@ from fewstep.decoding.policies.base import (
     StepState,
     check_choice,
     check_range,
+    check_temperature,
     chunks,
     even_quota,
     gumbel_argmax,
@@ -84,8 +85,8 @@ class DreamPolicy(FixedSteps, Policy):
         check_choice(f"{self.name}.alg", self.alg, ALGS)
         check_range(f"{self.name}.threshold", self.threshold, 0.0, 1.0)
         check_range(f"{self.name}.eps", self.eps, 0.0, 1.0, lo_open=True, hi_open=True)
-        check_range(f"{self.name}.temperature", self.temperature, 0.0, float("inf"))
-        check_range(f"{self.name}.alg_temp", self.alg_temp, 0.0, float("inf"))
+        check_temperature(self)
+        check_temperature(self, "alg_temp")
         if self.top_p is not None:
             check_range(f"{self.name}.top_p", self.top_p, 0.0, 1.0, lo_open=True)
         if self.top_k is not None:

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from fewstep.decoding.policies.base import (
+    OptionError,
     Policy,
     Selection,
     StepState,
     check_range,
+    check_temperature,
     even_quota,
     quota_at,
     sample_candidates,
@@ -52,9 +54,9 @@ class LLaDA2Policy(Policy):
 
     def __post_init__(self):
         check_range(f"{self.name}.threshold", self.threshold, 0.0, 1.0)
-        check_range(f"{self.name}.temperature", self.temperature, 0.0, float("inf"))
+        check_temperature(self)
         if self.steps < 1 or self.minimal_topk < 1:
-            raise ValueError(f"{self.name}.steps and minimal_topk must be >= 1; got {self.steps}, {self.minimal_topk}")
+            raise OptionError(f"{self.name}.steps and minimal_topk must be >= 1; got {self.steps}, {self.minimal_topk}")
 
     def steps_per_block(self, gen_length: int) -> int:
         """``min(steps, gen_length // minimal_topk)``, as the official code caps it (at least 1)."""

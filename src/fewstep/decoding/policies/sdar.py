@@ -36,11 +36,13 @@ from dataclasses import dataclass
 import torch
 
 from fewstep.decoding.policies.base import (
+    OptionError,
     Policy,
     Selection,
     StepState,
     check_choice,
     check_range,
+    check_temperature,
     entropy,
     even_quota,
     quota_at,
@@ -73,9 +75,12 @@ class SDARPolicy(Policy):
     def __post_init__(self):
         check_choice(f"{self.name}.remasking_strategy", self.remasking_strategy, STRATEGIES)
         check_range(f"{self.name}.confidence_threshold", self.confidence_threshold, 0.0, 1.0)
-        check_range(f"{self.name}.temperature", self.temperature, 0.0, float("inf"))
+        check_range(f"{self.name}.eb_threshold", self.eb_threshold, 0.0, float("inf"))
+        check_temperature(self)
         if self.denoising_steps < 1:
-            raise ValueError(f"{self.name}.denoising_steps must be >= 1; got {self.denoising_steps}")
+            raise OptionError(
+                f"{self.name}.denoising_steps must be >= 1; got {self.denoising_steps}", "denoising_steps"
+            )
 
     def start_block(self, state: StepState) -> dict[str, torch.Tensor]:
         full = torch.full_like(state.counts, state.block_length)

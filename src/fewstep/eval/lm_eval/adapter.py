@@ -331,9 +331,9 @@ class FewstepLM(TemplateLM):
     def _generate_batch(self, requests, prepared, batch, results) -> None:
         """One batch through the text layer: stop strings (``until``) matched with special tokens kept,
         as the LLaDA/dParallel harnesses do, and cutting the text only (NFE is the engine's)."""
-        from fewstep.decoding.text import Settings
+        from fewstep.decoding.text import GenerationSettings
 
-        base = Settings(
+        base = GenerationSettings(
             policy=self.policy,
             cache=self.cache,
             cfg_scale=self.cfg_scale,
@@ -383,7 +383,7 @@ class FewstepLM(TemplateLM):
         return {
             "requests": len(st),
             "mean_nfe": statistics.fmean(s["nfe"] for s in st),
-            "tokens_per_step": statistics.fmean(s["tokens_per_step"] for s in st),
+            "tokens_per_step": statistics.fmean(s["positions_per_forward"] for s in st),
             "latency_per_sample_s": seconds / len(st),
             "tokens_per_s": tokens / seconds if seconds > 0 else None,
             "mean_gen_tokens": tokens / len(st),
