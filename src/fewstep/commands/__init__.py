@@ -1,11 +1,4 @@
-"""Command implementations of the ``fewstep`` CLI, one module per command.
+"""Command implementations of the ``fewstep`` CLI, one module per command (``add_arguments`` and ``run``).
 
-``resolve_model`` and ``SHIPPED_HELP`` are re-exported from :mod:`fewstep.assets` (the one
-resolver of model arguments that the library, the CLI and lm-eval share).
+Model arguments go through the one resolver, :func:`fewstep.assets.resolve_model`.
 """
-
-from __future__ import annotations
-
-from fewstep.assets import SHIPPED_HELP, resolve_model, shipped_models
-
-__all__ = ["SHIPPED_HELP", "resolve_model", "shipped_models"]

@@ -75,8 +75,8 @@ def run_demo(
 
     Speedups are over the teacher's baseline row (the first model's), in NFE and in wall time.
     """
+    from fewstep.eval.embedded import evaluate_policy
     from fewstep.models import load_model, load_tokenizer
-    from fewstep.tasks.evaluate import evaluate_policy
 
     block_length = block_length or BLOCK_LENGTH
     families = list(families or policy_families(gen_length))
