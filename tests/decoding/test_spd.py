@@ -205,7 +205,7 @@ def test_folded_store_is_the_store_forward_without_its_nfe(d):
     m = model(d)
     for prompt in oracles(d)["prompts"].values():
         for B in (4, 8):
-            kw = dict(gen_length=24, block_length=B, cache="prefix")
+            kw = dict(gen_length=24, block_length=B, cache="prefix", early_stop=False)
             plain = generate(m, [prompt], LLaDA2Policy(threshold=0.9, steps=4), **kw)
             folded = generate(m, [prompt], FoldedLLaDA2(threshold=0.9, steps=4), **kw)
             assert folded.sequences.tolist() == plain.sequences.tolist()
@@ -304,7 +304,7 @@ def test_revised_fraction_figures():
 def test_text_is_final_only_when_its_block_closes():
     """Streamed text is append-only: the deltas of a revising request add up to its final text, and no delta
     ever holds a token of a block that was still open."""
-    from fewstep.commands import resolve_model
+    from fewstep.assets import resolve_model
     from fewstep.decoding.text import Canvas, Delta, GenerationSettings, TextGenerator
 
     d = resolve_model("dparallel")
