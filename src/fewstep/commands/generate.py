@@ -89,8 +89,11 @@ def run(args: argparse.Namespace) -> int:
     import fewstep
     from fewstep.decoding import parse_policy
     from fewstep.decoding.trace import StepRecorder, completions_json
+    from fewstep.models.loading import read_config, weight_files
 
     model_dir = resolve_model(args.model)
+    read_config(model_dir)  # a file, a folder without config.json or weights: one line before anything else
+    weight_files(model_dir)
     vars(args).update(decoding_settings(args, model_dir))  # unset flags: the model's decoding.json, else defaults
     policy = parse_policy(args.policy)  # fail fast on a bad spec, before loading a model
     device, dtype = device_and_dtype(args)

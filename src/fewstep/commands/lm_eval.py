@@ -46,8 +46,23 @@ def run(args: argparse.Namespace) -> int:
     from fewstep.eval.lm_eval.__main__ import main
 
     rest, threads = _pop_threads(args.lm_eval_args)
+    model_args = _value_of(rest, "--model_args")
+    if _value_of(rest, "--model") in (None, "fewstep") and model_args is not None:
+        from fewstep.eval.lm_eval import FewstepLM
+
+        FewstepLM.check_model_args(model_args)  # fewstep's mistakes in one line, before lm-eval starts
     apply_threads(argparse.Namespace(threads=threads))
     return main(rest)
+
+
+def _value_of(argv: list[str], flag: str) -> str | None:
+    """The value of ``flag`` (``--flag V`` or ``--flag=V``) in lm-eval's arguments, or None."""
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.partition("=")[2]
+    return None
 
 
 def _pop_threads(argv: list[str]) -> tuple[list[str], int | None]:

@@ -21,6 +21,7 @@ shards them by ``rank`` / ``world_size``, which come from accelerate) on its own
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -126,25 +127,24 @@ class FewstepLM(TemplateLM):
         **unknown: Any,
     ) -> None:
         super().__init__()
-        if unknown:
-            raise ValueError(
-                f"fewstep model_args: unknown argument(s) {', '.join(sorted(unknown))}; valid: pretrained, "
-                "tokenizer, dtype, device, policy, gen_length, block_length, cache, early_stop, cfg_scale, seed, "
-                "mc_num, mc_batch_size, check_greedy, add_bos_token, max_length, max_gen_toks, stats_path "
-                "(batch_size comes from lm-eval's --batch_size)"
-            )
-        self._decoding_args(policy, cache, batch_size, gen_length, block_length, max_gen_toks)
-        self.mc_num = _as_int("mc_num", mc_num)
-        self.mc_batch_size = min(_as_int("mc_batch_size", mc_batch_size), self.mc_num)
-        if self.mc_num % self.mc_batch_size:
-            raise ValueError(
-                f"fewstep model_args: mc_num ({mc_num}) must be a multiple of mc_batch_size ({mc_batch_size})"
-            )
-        self.cfg_scale, self.seed = float(cfg_scale), int(seed)
-        self.early_stop = None if early_stop is None else _as_bool("early_stop", early_stop)
-        self.check_greedy = bool(check_greedy if is_check_greedy is None else is_check_greedy)
-        self.add_bos_token = bool(add_bos_token)
-        self.stats_path = stats_path
+        self._settings(
+            policy=policy,
+            gen_length=gen_length,
+            block_length=block_length,
+            cache=cache,
+            batch_size=batch_size,
+            early_stop=early_stop,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            mc_num=mc_num,
+            mc_batch_size=mc_batch_size,
+            check_greedy=check_greedy,
+            is_check_greedy=is_check_greedy,
+            add_bos_token=add_bos_token,
+            max_gen_toks=max_gen_toks,
+            stats_path=stats_path,
+            **unknown,
+        )
         self._rank, self._world_size, self.accelerator = 0, 1, None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import Accelerator
@@ -169,6 +169,75 @@ class FewstepLM(TemplateLM):
         self.generation_stats: list[dict[str, Any]] = []
         self.likelihood_stats = {"requests": 0, "forwards": 0, "seconds": 0.0}
         self._warned: set[str] = set()
+
+    def _settings(
+        self,
+        *,
+        policy,
+        gen_length,
+        block_length,
+        cache,
+        batch_size,
+        early_stop,
+        cfg_scale,
+        seed,
+        mc_num,
+        mc_batch_size,
+        check_greedy,
+        is_check_greedy,
+        add_bos_token,
+        max_gen_toks,
+        stats_path,
+        **unknown: Any,
+    ) -> None:
+        """Check and keep every model_arg that needs no model (ValueError, one line, naming the argument)."""
+        if unknown:
+            raise ValueError(
+                f"fewstep model_args: unknown argument(s) {', '.join(sorted(unknown))}; valid: pretrained, "
+                "tokenizer, dtype, device, policy, gen_length, block_length, cache, early_stop, cfg_scale, seed, "
+                "mc_num, mc_batch_size, check_greedy, add_bos_token, max_length, max_gen_toks, stats_path "
+                "(batch_size comes from lm-eval's --batch_size)"
+            )
+        self._decoding_args(policy, cache, batch_size, gen_length, block_length, max_gen_toks)
+        self.mc_num = _as_int("mc_num", mc_num)
+        self.mc_batch_size = min(_as_int("mc_batch_size", mc_batch_size), self.mc_num)
+        if self.mc_num % self.mc_batch_size:
+            raise ValueError(
+                f"fewstep model_args: mc_num ({mc_num}) must be a multiple of mc_batch_size ({mc_batch_size})"
+            )
+        try:
+            self.cfg_scale, self.seed = float(cfg_scale), int(seed)
+        except (TypeError, ValueError):
+            raise ValueError(f"fewstep model_args: cfg_scale and seed must be numbers; got {cfg_scale!r}, {seed!r}")
+        self.early_stop = None if early_stop is None else _as_bool("early_stop", early_stop)
+        self.check_greedy = _as_bool("check_greedy", check_greedy if is_check_greedy is None else is_check_greedy)
+        self.add_bos_token = _as_bool("add_bos_token", add_bos_token)
+        self.stats_path = stats_path
+
+    @classmethod
+    def check_model_args(cls, arg_string: str) -> None:
+        """Check ``--model_args`` before lm-eval starts (``fewstep lm-eval`` does): every argument that needs no
+        model, the device and dtype, and that ``pretrained`` names a folder or a shipped model."""
+        from lm_eval import utils
+
+        from fewstep.assets import resolve_model
+        from fewstep.models.loading import device_and_dtype
+
+        args = utils.simple_parse_args_string(arg_string or "")
+        pretrained, tokenizer = args.pop("pretrained", None), args.pop("tokenizer", None)
+        device, dtype = args.pop("device", None), args.pop("dtype", None)
+        args.pop("max_length", None), args.pop("max_batch_size", None)
+        loading = ("self", "pretrained", "model", "tokenizer", "dtype", "device", "max_length", "max_batch_size")
+        params = inspect.signature(cls.__init__).parameters.values()
+        defaults = {p.name: p.default for p in params if p.name not in loading and p.kind == p.KEYWORD_ONLY}
+        cls.__new__(cls)._settings(**{**defaults, **args})
+        if device is not None and not (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device_and_dtype(str(device), None if dtype is None else str(dtype))
+        elif dtype is not None:
+            device_and_dtype("cpu", str(dtype))
+        for path in (pretrained, tokenizer):
+            if path is not None:
+                resolve_model(str(path))
 
     def _decoding_args(self, policy, cache, batch_size, gen_length, block_length, max_gen_toks) -> None:
         """Check the model_args of ``generate_until``'s decoding (before the model is loaded)."""
