@@ -208,7 +208,8 @@ class FewstepLM(TemplateLM):
         try:
             self.cfg_scale, self.seed = float(cfg_scale), int(seed)
         except (TypeError, ValueError):
-            raise ValueError(f"fewstep model_args: cfg_scale and seed must be numbers; got {cfg_scale!r}, {seed!r}")
+            msg = f"fewstep model_args: cfg_scale and seed must be numbers; got {cfg_scale!r}, {seed!r}"
+            raise ValueError(msg) from None
         self.early_stop = None if early_stop is None else _as_bool("early_stop", early_stop)
         self.check_greedy = _as_bool("check_greedy", check_greedy if is_check_greedy is None else is_check_greedy)
         self.add_bos_token = _as_bool("add_bos_token", add_bos_token)
