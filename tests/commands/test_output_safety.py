@@ -126,7 +126,7 @@ def test_allow_existing_writes_beside_the_users_files(env, user_folder, capsys):
     """`task --allow-existing` writes its files and keeps the user's; it leaves no marker, so a later
     --overwrite still cannot delete the folder."""
     before = files_of(user_folder)
-    code, out, err = run_cli(capsys, *argv_of("task", user_folder, env), "--allow-existing")
+    code, _, err = run_cli(capsys, *argv_of("task", user_folder, env), "--allow-existing")
     assert code == 0, err
     after = files_of(user_folder)
     assert {k: after[k] for k in before} == before and "train.jsonl" in after
