@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.assets import SHIPPED_HELP
-from fewstep.commands.common import add_device_arguments, add_output_arguments, apply_threads
+from fewstep.commands.common import add_device_arguments, add_output_arguments, apply_threads, positive_int
 
 EPILOG = """\
 examples:
@@ -128,14 +128,14 @@ def _length_arguments(opt) -> None:
     )
     opt.add_argument(
         "--max-length",
-        type=int,
+        type=positive_int,
         default=None,
         help="sequence length: dparallel and dmax pad prompt+response+EOS with EOS to it (papers: 384, 2048), "
         "cd4lm truncates (paper: 512); default: longest prompt + --gen-length",
     )
     opt.add_argument(
         "--gen-length",
-        type=int,
+        type=positive_int,
         default=None,
         help="response room for the default --max-length = longest prompt + max(gen length, longest response + 1) "
         "(default: the rollout's gen_length, else longest response + 1)",

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fewstep.commands.common import add_output_arguments, add_threads_argument, apply_threads
+from fewstep.commands.common import add_output_arguments, add_threads_argument, apply_threads, positive_int
 
 EPILOG = """examples:
   fewstep task --out data/arith --n-train 200000 --n-test 512
@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--gen-length",
-        type=int,
+        type=positive_int,
         default=None,
         help="pad every response with EOS to this many tokens (default: longest response + 1)",
     )
