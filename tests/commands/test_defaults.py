@@ -113,7 +113,7 @@ def test_a_failed_first_eval_does_not_lock_its_folder(arith_model, tmp_path, cap
     base = ["eval", "--model", arith_model, "--task", "arith", "--limit", 2, "--out", out, "--no-progress"]
     assert_one_line_error(capsys, *base, "--device", "cuda", match="CUDA is not available")
     assert (out / "config.json").is_file()
-    code, stdout, err = run_cli(capsys, *base, "--device", "cpu", "--gen-length", 16, "--block-length", 8)
+    code, _, err = run_cli(capsys, *base, "--device", "cpu", "--gen-length", 16, "--block-length", 8)
     assert code == 0, err
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["gen_length"], cfg["dtype"]) == (16, "float32")
