@@ -4,13 +4,14 @@ Fast-dLLM's caches are approximations: ``prefix`` reuses the keys/values before 
 (refreshed once per block), ``dual`` also those after it, computed while that part of the canvas was
 still masked. How much accuracy each costs depends on the model; this measures it on the held-out
 problems of the embedded task, for every model shipped in ``fewstep/assets/models`` (the teacher and
-its students), with the one-token-per-step baseline, Fast-dLLM's threshold rule and each model's
-recommended policy (its ``decoding.json``), at the task's answer length and block.
+its students), with Fast-dLLM's threshold rule and each model's recommended policy (its
+``decoding.json``; the teacher: dParallel's entropy rule), optionally the one-token-per-step baseline,
+at the task's answer length and block.
 
 One command, rerun whenever the shipped models change (they are retrained by the ``demo`` helper)::
 
-    python benchmarks/cache_accuracy.py                  # all 512 held-out problems, ~15 min on one core
-    python benchmarks/cache_accuracy.py --n 64 --quick   # a smoke run
+    python benchmarks/cache_accuracy.py                  # all 512 held-out problems, ~10 min on one core
+    python benchmarks/cache_accuracy.py --n 32           # a smoke run
 
 Writes ``benchmarks/results/cache_accuracy.json`` (``--out``) and prints a table; docs/decoding.md
 ("KV caches: what they cost") quotes it. NFE follows the reference samplers (no early stop), as in
@@ -30,18 +31,20 @@ RESULTS = Path(__file__).resolve().parent / "results" / "cache_accuracy.json"
 CACHES = ("none", "prefix", "dual")
 
 
-def policies_for(folder: Path, gen_length: int, quick: bool) -> list[str]:
-    """The one-token baseline, Fast-dLLM's threshold rule and the model's recommended policy (if another)."""
+def policies_for(folder: Path, gen_length: int, baseline: bool) -> list[str]:
+    """Fast-dLLM's threshold rule and the model's recommended policy (its decoding.json; without one,
+    dParallel's entropy rule at the demo's 0.5), and with ``baseline`` the one-token-per-step baseline."""
     from fewstep.models.saving import read_decoding
 
-    chosen = ["threshold:0.9"] if quick else [f"llada:steps={gen_length}", "threshold:0.9"]
-    recommended = read_decoding(folder).get("policy")
-    if recommended and recommended not in chosen:
+    chosen = [f"llada:steps={gen_length}"] if baseline else []
+    chosen.append("threshold:0.9")
+    recommended = read_decoding(folder).get("policy", "entropy:0.5")
+    if recommended not in chosen:
         chosen.append(recommended)
     return chosen
 
 
-def measure(n: int, batch_size: int, seed: int, quick: bool) -> dict:
+def measure(n: int, batch_size: int, seed: int, baseline: bool) -> dict:
     """Every (model, policy, cache) on the same ``n`` held-out problems."""
     import torch
 
@@ -54,7 +57,7 @@ def measure(n: int, batch_size: int, seed: int, quick: bool) -> dict:
     rows = []
     for name, folder in shipped_models():
         model, tok = fewstep.load_model(folder, dtype="float32"), fewstep.load_tokenizer(folder)
-        for policy in policies_for(folder, GEN_LENGTH, quick):
+        for policy in policies_for(folder, GEN_LENGTH, baseline):
             base = None
             for cache in CACHES:
                 res, _ = evaluate_policy(model, tok, problems, policy, batch_size=batch_size, cache=cache)
@@ -100,13 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128, help="problems decoded together")
     parser.add_argument("--seed", type=int, default=0, help="which held-out problems")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--quick", action="store_true", help="only the threshold rule and the recommended policy")
+    parser.add_argument(
+        "--baseline", action="store_true", help="also the one-token-per-step baseline (64 NFE: ten times longer)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON results file")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    result = measure(args.n, args.batch_size, args.seed, args.quick)
+    result = measure(args.n, args.batch_size, args.seed, args.baseline)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print("\n".join(summary(result)))

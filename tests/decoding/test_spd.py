@@ -31,6 +31,7 @@ from fewstep.decoding.policies.dmax import soft_embeddings
 from fewstep.models.base import KVCache
 from tests.decoding.test_engine import alone, assert_same, run_with_arrivals
 from tests.parity.fixtures import BLOCK_DIRS, DEFAULT_DIRS, model, oracles
+from tests.tolerances import assert_close_to_scale
 
 LLADA, DREAM = DEFAULT_DIRS
 FAMILIES = DEFAULT_DIRS + BLOCK_DIRS
@@ -189,7 +190,7 @@ def test_soft_embeddings_reach_their_columns(d):
         else:
             got = dual_forward(m, seqs, 0)
         for i in range(2):
-            torch.testing.assert_close(got[i][0], want[i], atol=2e-5, rtol=0, msg=f"{kind} row {i}")
+            assert_close_to_scale(got[i][0], want[i], msg=f"{kind} row {i}")
 
 
 @dataclass

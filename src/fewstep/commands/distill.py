@@ -37,6 +37,8 @@ examples:
   # the shipped tiny teacher on CPU (rollouts first, see `fewstep rollout --help`)
   fewstep distill --method dparallel --model teacher --data data/rollouts --out runs/dparallel \\
       --finetune full --lr 1e-4 --batch-size 64 --max-steps 1000
+  fewstep distill --method dparallel --model teacher --data data/rollouts --out runs/dparallel-lora \\
+      --finetune lora --lora-r 8 --lr 1e-3 --max-steps 600    # then: fewstep merge-lora --help
   fewstep distill --method cd4lm --model teacher --data data/rollouts --out runs/cd4lm \\
       --finetune full --lr 1e-4 --batch-size 64 --max-steps 1000 --eos-pad --teacher-visible token
   # d3LLM on the tiny teacher: trajectory rollouts (fewstep rollout --trajectory), then the objective
