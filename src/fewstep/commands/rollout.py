@@ -79,6 +79,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--trajectory: tries per prompt until the verifier accepts (d3LLM: 5, temperatures 0.0..0.4)",
     )
     add_decoding_arguments(parser, policy=False)
+    _prompt_arguments(parser)
+    add_device_arguments(parser)
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    add_output_arguments(parser, required=True, help="output folder (shards + rollout.json; resumed if it made it)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which prompts, how they are batched and rendered, which answers are kept."""
     parser.add_argument("--batch-size", type=positive_int, default=32, help="prompts per generate call (per process)")
     parser.add_argument(
         "--keep",
@@ -104,10 +113,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-sort", dest="sort", action="store_false", help="keep the prompt order (default: batch by length)"
     )
     parser.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer folder (default: --model)")
-    add_device_arguments(parser)
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
-    add_output_arguments(parser, required=True, help="output folder (shards + rollout.json; resumed if it made it)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _trajectory_teacher(model_dir: Path, gen_length: int) -> str:
