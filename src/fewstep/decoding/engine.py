@@ -76,6 +76,7 @@ from fewstep.decoding.request import (
     resolve_settings,
     stop_ids,
 )
+from fewstep.models.base import KVCache
 
 __all__ = [
     "CACHE_MODES",
@@ -156,7 +157,7 @@ class Outcome:
     positions: list[int] = field(default_factory=list)  # answer-relative positions committed
     tokens: list[int] = field(default_factory=list)
     block_done: bool = False  # the policy is done with the block
-    eos_stop: bool = False  # eos_early_stop ended the row at this forward
+    eos_stop: bool = False  # eos_early_stop or eos_fill ended the row at this forward
 
 
 class _Row:
@@ -167,6 +168,7 @@ class _Row:
         self.request, self.settings, self.order = request, settings, order
         self.prompt_length, self.gen_length = len(prompt), settings.gen_length
         self.block_length, self.block_diffusion = settings.block_length, settings.block_diffusion
+        self.spans = settings.policy.spans_blocks and not self.block_diffusion  # the window runs to the answer end
         P, G, L = self.prompt_length, self.gen_length, self.block_length
         if self.block_diffusion:  # blocks counted from the row's first token; decoding starts at the prompt tail's
             self.origin, self.first_block, self.num_blocks = 0, P // L, -(-(P + G) // L)
@@ -178,12 +180,14 @@ class _Row:
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
         quirks = request.quirks
         self.suppress_mask = not quirks.mask_prediction
+        self.own_first = quirks.prefix_own_logit
         # dual == prefix when block-causal
         self.cache = "prefix" if self.block_diffusion and settings.cache == "dual" else settings.cache
         self.extra_nfe = quirks.cache_extra_nfe and settings.cache != "none" and not self.block_diffusion
         self.nfe, self.tokens_per_step = 0, []
         self.decode_step = torch.zeros(G, dtype=torch.long, device=device)
         self.kv = None
+        self.memory = None
         self.enter_block(self.first_block)
         cached_prompt = self.block_diffusion and self.cache != "none" and self.first_block > 0
         self.phase = Phase.PREFILL if cached_prompt else Phase.DENOISE
@@ -192,12 +196,44 @@ class _Row:
         self.outcome = Outcome(0)
 
     def enter_block(self, block: int) -> None:
-        """Make ``block`` (absolute index) the decode window: no steps, no policy memory yet."""
-        self.block, self.steps, self.memory = block, 0, None
+        """Make ``block`` (absolute index) the decode window: no steps, no policy memory yet.
+
+        A row whose policy spans blocks (``Policy.spans_blocks``) decodes from ``block`` to the answer end and
+        keeps its policy memory and its cache from block to block (the policy manages both)."""
+        self.block, self.steps = block, 0
         start = self.origin + block * self.block_length
-        self.window = Window(start, start + self.block_length)
-        if not self.block_diffusion:
-            self.kv = None
+        end = self.origin + self.num_blocks * self.block_length if self.spans else start + self.block_length
+        self.window = Window(start, end)
+        if not self.spans:
+            self.memory = None
+            if not self.block_diffusion:
+                self.kv = None
+
+    def next_block(self) -> int:
+        """The block after the current one that the row decodes next: the next one, or for a spanning row the
+        first later block that still holds a mask (``num_blocks`` when there is none)."""
+        b = self.block + 1
+        if self.spans:
+            mask, L = self.settings.mask_id, self.block_length
+            while b < self.num_blocks:
+                s = self.origin + b * L
+                if bool((self.canvas[s : s + L] == mask).any()):
+                    break
+                b += 1
+        return b
+
+    def prefix_plan(self) -> tuple[int, int]:
+        """A spanning row with ``cache="prefix"``: the canvas columns its next forward takes from its cache and
+        the columns its cache holds after it, from the policy's ``prefix_reuse`` / ``prefix_keep`` memory
+        (counted in blocks: 0 none, 1 the prompt, ``k + 1`` the prompt and ``k`` answer blocks)."""
+        mem = self.memory or {}
+
+        def cols(key: str) -> int:
+            n = int(mem[key][0]) if key in mem else 0
+            return 0 if n <= 0 else self.prompt_length + (n - 1) * self.block_length
+
+        reuse = cols("prefix_reuse") if self.kv is not None else 0
+        return reuse, cols("prefix_keep")
 
     @property
     def block_index(self) -> int:
@@ -216,6 +252,8 @@ class _Row:
             un = x.clone()
             un[:, : self.prompt_length] = self.settings.mask_id
             x = torch.cat([x, un])
+        if self.spans and self.settings.cache == "prefix":
+            return Seqs(x, self.kv, *self.window, cut=self.prefix_plan()[0], own_first=self.own_first)
         return Seqs(x, self.kv, *self.window)
 
     def block_run(self) -> BlockRun:
@@ -250,12 +288,13 @@ class _Row:
     def answer(self) -> list[int]:
         return self.canvas[self.prompt_length : self.prompt_length + self.gen_length].tolist()
 
-    def early_stop(self) -> bool:
-        """With early stop: if the answer so far holds an EOS, fill everything after it with EOS."""
+    def early_stop(self, upto: int) -> bool:
+        """With early stop: if the answer before canvas column ``upto`` (the decoded blocks) holds an EOS,
+        fill everything after it with EOS."""
         st, P = self.settings, self.prompt_length
         if st.fill_id is None:
             return False
-        answer = self.canvas[P : min(self.window.end, P + self.gen_length)]
+        answer = self.canvas[P : min(upto, P + self.gen_length)]
         hit = torch.isin(answer, torch.tensor(st.eos, device=self.canvas.device))
         if not bool(hit.any()):
             return False
@@ -268,6 +307,26 @@ class _Row:
         self.canvas[cut:] = self.settings.eos[0]
         self.decode_step[cut - self.prompt_length :] = 0
         self.finished_early = True
+
+    def eos_fill(self) -> bool:
+        """``eos_fill`` (d3LLM's end-of-text stop): once the answer holds an EOS, everything after the first
+        one becomes EOS at once (masks and decoded tokens alike, no forward); True when no mask is left, so
+        the row is done. Decode steps stay those of the forwards (0 for masks the fill turned into EOS)."""
+        if not self.request.eos_fill:
+            return False
+        st, P, G = self.settings, self.prompt_length, self.gen_length
+        answer = self.canvas[P : P + G]
+        hit = torch.isin(answer, torch.tensor(st.eos, device=self.canvas.device))
+        if not bool(hit.any()):
+            return False
+        masked = bool((answer == st.mask_id).any())
+        answer[int(hit.nonzero()[0]) + 1 :] = st.eos[0]
+        if bool((answer == st.mask_id).any()):
+            return False  # masks before the first EOS are still to decode
+        self.finished_early = True
+        if masked and self.request.quirks.eos_fill_nfe:
+            self.nfe += 1  # d3LLM counts the forward before its loop-head fill, which then ends the row
+        return True
 
     def eos_stop(self, committed_eos: bool) -> bool:
         """``eos_early_stop`` (LLaDA2's): after a step that committed an EOS, stop now if every answer
@@ -323,13 +382,23 @@ def _group_key(r: _Row) -> tuple:
     return key + (scalars if st.policy.uses_block_scalars else ())
 
 
+def _kind(r: _Row) -> str:
+    """The kind of forward a row runs this round (:mod:`fewstep.decoding.forward`)."""
+    cache = r.settings.cache
+    if r.block_diffusion:
+        return "block"
+    if r.spans and cache == "prefix":  # the policy plans its cache: a full forward unless it reuses one
+        return "prefix" if r.prefix_plan()[0] > 0 else "full"
+    return "full" if cache == "none" or r.steps == 0 else cache
+
+
 def _state(rows: list[_Row], device: torch.device, memory: dict | None = None) -> StepState:
     """The policy's view of ``rows`` (one group: same policy and block geometry)."""
     r0, mask_id = rows[0], rows[0].settings.mask_id
     if not r0.block_diffusion and len({(r.gen_length, r.block) for r in rows}) == 1:
         answers = torch.stack([r.canvas[r.prompt_length :] for r in rows])
         lo = r0.window.start - r0.prompt_length
-        tokens, gen_masked = answers[:, lo : lo + r0.block_length], (answers == mask_id).sum(-1)
+        tokens, gen_masked = answers[:, lo : lo + r0.window.end - r0.window.start], (answers == mask_id).sum(-1)
     else:  # rows at different blocks / answer lengths, or block models (blocks from absolute positions)
         tokens = torch.stack([r.canvas[r.window.start : r.window.end] for r in rows])
         answers = [r.canvas[r.prompt_length : r.prompt_length + r.gen_length] for r in rows]
@@ -562,8 +631,7 @@ class Engine:
         model call per kind; a call that raises is run again row by row and only the rows that fail alone fail."""
         kinds: dict[str, list[_Row]] = {"full": [], "prefix": [], "dual": [], "block": []}
         for r in rows:
-            cache = r.settings.cache
-            kinds["block" if r.block_diffusion else "full" if cache == "none" or r.steps == 0 else cache].append(r)
+            kinds[_kind(r)].append(r)
         for kind, group in ((k, g) for k, rs in kinds.items() for g in self._calls(k, rs)):
             self._isolated(
                 group,
@@ -584,13 +652,22 @@ class Engine:
                 want = any(r.settings.cache != "none" for r in rows)
                 zs, caches = full_forward(self.model, seqs, self.pad_id, want)
             elif kind == "prefix":
-                zs = prefix_forward(self.model, seqs, self.pad_id)
+                stores = [r.spans and r.prefix_plan()[1] > r.prefix_plan()[0] for r in rows]
+                zs, caches = prefix_forward(self.model, seqs, self.pad_id, want_cache=any(stores))
+                caches = [kv if store else None for kv, store in zip(caches, stores)]
             else:
                 zs = dual_forward(self.model, seqs, self.pad_id)
             logits = [r.combine(z) for r, z in zip(rows, zs)]
         for r, z, kv in zip(rows, logits, caches):
             r.outcome.logits = z
-            if kv is not None and (kind == "block" or r.settings.cache != "none"):
+            if kv is None or (kind != "block" and r.settings.cache == "none"):
+                continue
+            if r.spans:  # the policy's plan: the cache keeps its first `keep` columns
+                keep = r.prefix_plan()[1]
+                r.kv = (
+                    KVCache([(k[:, :, :keep].clone(), v[:, :, :keep].clone()) for k, v in kv.layers]) if keep else None
+                )
+            else:
                 r.kv = kv
 
     def _calls(self, kind: str, rows: list[_Row]) -> list[list[_Row]]:
@@ -604,6 +681,8 @@ class Engine:
                 run = r.block_run()
                 return run.x.shape[1] + (0 if run.kv is None else run.kv.length)
             n, (s, e) = len(r.canvas), r.window
+            if kind == "prefix" and r.spans:
+                return n - r.prefix_plan()[0]
             return n if kind == "full" else (n - s + sh if kind == "prefix" else e - s + sh)
 
         calls: list[list[_Row]] = []
@@ -663,7 +742,7 @@ class Engine:
             pos = [j for j in range(a, b) if flags[i][j]]
             r.tokens_per_step.append(fresh_n[i])
             o.positions, o.tokens = [lo + j for j in pos], [new_l[i][j] for j in pos]
-            o.eos_stop = r.eos_stop(committed_eos[i])
+            o.eos_stop = r.eos_stop(committed_eos[i]) or r.eos_fill()
             o.denoised = True
 
     def _block_done(self, rows: list[_Row]) -> None:
@@ -703,10 +782,11 @@ class Engine:
             if not (left and r.request.quirks.unstored_blocks):
                 r.phase, block_done = Phase.STORE, False  # one more forward stores the block in the cache
         if block_done and not finished:
-            if r.early_stop() or r.block + 1 == r.num_blocks:
+            nxt = r.next_block()
+            if r.early_stop(r.origin + nxt * r.block_length) or nxt >= r.num_blocks:
                 finished = True
             else:
-                r.enter_block(r.block + 1)
+                r.enter_block(nxt)
         if not finished and r.request.max_nfe is not None and r.nfe >= r.request.max_nfe:
             r.stopped_by_max_nfe = finished = True
         return finished

@@ -14,6 +14,16 @@ Hooks, all with defaults:
 * :meth:`Policy.select` is the rule itself (pure; new memory values are returned, not written);
 * :meth:`Policy.block_done` says which rows are done with the block (default: no mask left).
 
+A policy with ``spans_blocks`` (multi-block decoding, :mod:`fewstep.decoding.policies.d3llm`) decodes
+several blocks at once: its window runs from the row's current block (the first one that still holds a mask)
+to the answer's end (``L`` in the shapes below is then the window's width, ``block_length`` still the
+block size), ``start_block`` is called once per row and its memory lives from block to block, and
+``block_done`` says whether the window's *first* block is done (the engine then moves to the next block
+that holds a mask). With ``cache="prefix"`` it plans its own prefix cache through two memory entries
+read before every forward, ``prefix_reuse`` (the blocks the forward takes from the cache) and
+``prefix_keep`` (the blocks the cache holds after it), counted as 0 (nothing), 1 (the prompt), ``k + 1``
+(the prompt and the first ``k`` answer blocks); reuse 0 is a full forward.
+
 The helpers below compute scores only for the candidate positions (``logits[mask]``, ``[K, V]``),
 in bounded chunks (:data:`CHUNK_BYTES`), so no float64 softmax is ever taken over the whole canvas of a 126k-152k
 vocabulary.
@@ -127,6 +137,9 @@ class Policy:
     #: logits, the mask and per-row tensors) lets the engine decide rows at different blocks and of
     #: different answer lengths in one ``select`` call.
     uses_block_scalars: ClassVar[bool] = True
+    #: the decode window spans the blocks from the current one to the answer's end, and the policy's memory
+    #: (and, with ``cache="prefix"``, the cache it plans) lives from block to block (see the module docstring)
+    spans_blocks: ClassVar[bool] = False
 
     def validate(self, gen_length: int, block_length: int) -> None:
         """Raise ``ValueError`` if the policy cannot run with these lengths."""
