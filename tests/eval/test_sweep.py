@@ -23,6 +23,28 @@ def test_aup_matches_the_formula_by_hand():
     assert aup([(1.0, 60.0), (3.0, 60.0)], y_max=80.0) < aup([(1.0, 60.0), (3.0, 60.0)])
     with pytest.raises(ValueError):
         aup([])
+    with pytest.raises(ValueError, match="positive"):
+        aup([(0.0, 50.0), (2.0, 50.0)])  # a run without a forward has no tokens per forward
+
+
+def test_aup_of_the_leaderboard_points_by_hand():
+    """d3LLM's LLaDA GSM8K-CoT points (TPF 1.0 / 5.14 / 9.11) with the leaderboard's best accuracy as y_max:
+    W(72.63) = 0.92095, W(74.02) = 0.97384, W(73.09) = 0.93812 by hand (exp(-3 (1 - y / 74.68)))."""
+    pts = [(5.14, 72.63), (9.11, 73.09), (1.0, 74.02)]
+    by_hand = (
+        74.02 + 0.5 * 4.14 * (72.63 * 0.92095 + 74.02 * 0.97384) + 0.5 * 3.97 * (73.09 * 0.93812 + 72.63 * 0.92095)
+    )
+    assert aup(pts, y_max=74.68) == pytest.approx(by_hand, abs=5e-3)
+    assert aup(pts, y_max=74.68) == pytest.approx(630.5717108162053)
+
+
+def test_aup_sorts_stably_by_tokens_per_forward():
+    """Equal tokens per forward keep their order (aup_utils sorts by rho only): y_1 is the first one given."""
+    assert aup([(1.0, 90.0), (1.0, 80.0), (2.0, 84.0)]) == pytest.approx(90.0)  # y_1 = 90: 80 and 84 dropped
+    # the other order: y_1 = 80, nothing dropped, the zero-width step adds nothing
+    assert aup([(1.0, 80.0), (1.0, 90.0), (2.0, 84.0)], y_max=90.0) == pytest.approx(
+        80.0 + 0.5 * 1.0 * (84 * math.exp(-3 * (1 - 84 / 90)) + 90.0)
+    )
 
 
 def test_pareto_frontier():
@@ -44,7 +66,7 @@ def test_sweep_cli_writes_png_and_json(tiny_model_dir, tmp_path, capsys):
     args += ["--batch-size", "3", "--out", str(out), "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "AUP" in printed and "frontier" in printed
+    assert "AUP" in printed and "frontier" in printed and "TPF" in printed and "pos/fwd" in printed
     png = out / "frontier.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     result = json.loads((out / "sweep.json").read_text())
@@ -55,6 +77,12 @@ def test_sweep_cli_writes_png_and_json(tiny_model_dir, tmp_path, capsys):
         "threshold:threshold=0.9",
     ]
     assert all(p["n"] == 3 for p in info["points"])
+    for p in info["points"]:  # both figures, named apart; TPF never counts EOS padding
+        assert 0 < p["tokens_per_forward"] <= p["positions_per_forward"] and "tokens_per_step" not in p
+    swept = [(p["tokens_per_forward"], 100 * p["accuracy"]) for p in info["points"][1:]]
+    assert (
+        info["aup"] == pytest.approx(aup(swept, y_max=result["aup_y_max"])) and result["aup_x"] == "tokens_per_forward"
+    )
     assert info["points"][1]["speedup"] is not None  # against the baseline run
     assert set(info["frontier"]) <= {p["policy"] for p in info["points"]}
     # every point is an eval folder: a second sweep resumes instead of regenerating

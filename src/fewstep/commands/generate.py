@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from fewstep.commands import SHIPPED_HELP, resolve_model
+from fewstep.commands import EOS_FILL_HELP, SHIPPED_HELP, resolve_model
 
 EPILOG = """\
 policies (--policy NAME, NAME:VALUE or NAME:key=value,...):
@@ -69,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="keep decoding after EOS (the reference samplers' behaviour; default: stop a prompt at EOS)",
     )
+    parser.add_argument("--eos-fill", action="store_true", help=EOS_FILL_HELP)
     parser.add_argument(
         "--no-chat-template", dest="chat", action="store_false", help="tokenize the prompt as plain text"
     )
@@ -102,7 +103,8 @@ def _prompts(args: argparse.Namespace) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model, answer the prompts through the text layer, print answers with NFE, tokens/step and time."""
+    """Load the model, answer the prompts through the text layer, print answers with NFE, tokens per forward
+    and time."""
     import torch
 
     import fewstep
@@ -126,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         cache=args.cache,
         cfg_scale=args.cfg_scale,
         early_stop=args.early_stop,
+        eos_fill=args.eos_fill,
         chat=args.chat,
         special_tokens=True,  # plain prompts get the tokenizer's BOS (the chat template writes its own)
     )
@@ -152,7 +155,13 @@ def run(args: argparse.Namespace) -> int:
         "tokens_per_second": sum(c.committed for c in comps) / max(gen_s, 1e-9),
     }
     results = [
-        {"prompt": p, "answer": c.text, "nfe": c.nfe, "tokens_per_step": c.committed / max(c.nfe, 1)}
+        {
+            "prompt": p,
+            "answer": c.text,
+            "nfe": c.nfe,
+            "tokens_per_forward": c.tokens_per_forward,
+            "positions_per_forward": c.positions_per_forward,
+        }
         for p, c in zip(shown, comps)
     ]
     if args.json:
@@ -177,7 +186,8 @@ def _print(args, results, summary, comps, recorder, tokenizer, mask_id: int) -> 
             console.print(f"[bold]prompt {i + 1}:[/bold] {r['prompt']}")
         console.print(r["answer"], markup=False)
         console.print(
-            f"[dim]NFE {r['nfe']} · {r['tokens_per_step']:.2f} tokens/step · policy {summary['policy']} · "
+            f"[dim]NFE {r['nfe']} · {r['tokens_per_forward']:.2f} tokens/forward (before EOS) · "
+            f"{r['positions_per_forward']:.2f} positions/forward · policy {summary['policy']} · "
             f"cache {args.cache}[/dim]"
         )
     gen_s, load_s = summary["seconds"], summary["load_seconds"]

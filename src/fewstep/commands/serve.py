@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from fewstep.commands import SHIPPED_HELP, resolve_model
+from fewstep.commands import EOS_FILL_HELP, SHIPPED_HELP, resolve_model
 
 EPILOG = """\
 endpoints: GET / (live denoising page), GET /health, GET /v1/models, POST /v1/completions,
@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="default semi-autoregressive block length (default: 32, at most the answer length; a "
         "block-diffusion model's own block size)",
     )
+    parser.add_argument(
+        "--eos-fill",
+        action="store_true",
+        help=EOS_FILL_HELP + " (the default of the requests' eos_fill field)",
+    )
     parser.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default: 32)")
     parser.add_argument(
         "--max-queue",
@@ -83,6 +88,7 @@ def build(args: argparse.Namespace):
         max_tokens=args.gen_length or card.get("gen_length", 128),
         block_length=args.block_length or card.get("block_length"),
         cache=args.cache,
+        eos_fill=args.eos_fill,
     )
     from fewstep.decoding.text import resolve_policy
 
