@@ -59,7 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--baseline", metavar="DIR", default=None, help="earlier eval folder: report the speedup over it"
     )
     parser.add_argument("--workers", type=int, default=2, help="code tasks: sandboxed programs run in parallel")
-    parser.add_argument("--timeout", type=float, default=10.0, help="code tasks: wall-clock seconds per program")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="code tasks: CPU seconds per program (a wall-clock backstop stops waiting programs at 4x + 10 s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
