@@ -89,3 +89,21 @@ def test_sweep_cli_writes_png_and_json(tiny_model_dir, tmp_path, capsys):
     before = sorted(p.read_bytes() for p in out.rglob("records.jsonl"))
     assert main(args) == 0
     assert sorted(p.read_bytes() for p in out.rglob("records.jsonl")) == before
+
+
+def test_run_figures_are_pooled_and_old_records_are_refused(tmp_path):
+    """A run's tokens per forward is d3LLM's pooled ratio (answer tokens / NFE over all records), not the mean
+    of per-record ratios; records written before the figure existed get a one-line error, not a KeyError."""
+    from fewstep.eval.runner import parallelism
+
+    recs = [
+        {"id": 0, "nfe": 2, "tokens_per_forward": 5.0, "positions_per_forward": 8.0},  # 10 tokens, 16 positions
+        {"id": 1, "nfe": 8, "tokens_per_forward": 1.25, "positions_per_forward": 4.0},  # 10 tokens, 32 positions
+    ]
+    got = parallelism(recs)
+    assert got == {"tokens_per_forward": 20 / 10, "positions_per_forward": 48 / 10}
+    assert parallelism([]) == {"tokens_per_forward": None, "positions_per_forward": None}
+    old = [{"id": "a", "nfe": 4, "tokens_per_step": 2.0}]
+    with pytest.raises(ValueError, match="no tokens_per_forward") as err:
+        parallelism(old, tmp_path / "records.jsonl")
+    assert "\n" not in str(err.value) and "new --out" in str(err.value)
