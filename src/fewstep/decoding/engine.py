@@ -1,7 +1,8 @@
 """The step-level, continuous-batching engine that ``fewstep.generate`` and the server share.
 
 Every request becomes a **row** that carries its own progress: prompt and answer length, block length,
-its decode window (the canvas columns of its current block) and phase, policy and policy memory, random
+its decode window (the canvas columns of its current block; for a policy that ``spans_blocks``, from its
+current block to the answer's end, several blocks decoded at once) and phase, policy and policy memory, random
 stream (a seeded row has its own generator), KV cache, NFE, and what the current round produced for it
 (:class:`Outcome`). A round (:meth:`Engine.step`):
 
@@ -13,8 +14,10 @@ stream (a seeded row has its own generator), KV cache, NFE, and what the current
    forwards and dual-cached forwards. Rows of every length, block and cache mode share these calls;
 4. groups the rows by policy (same instance, or same spec string) and block geometry and makes one
    ``select`` call per group; commits, counts NFE, and asks the policy which rows are done;
-5. a row whose block is done moves to its next block at once ("first done, first out"), stops at an EOS
-   with ``early_stop``, finishes after its last block, or stops at ``max_nfe``.
+5. a row whose block is done moves to its next block at once ("first done, first out"; a spanning row to
+   its next block that holds a mask), stops at an EOS with ``early_stop`` (after the block), ``eos_early_stop``
+   or ``eos_fill`` (after the forward: d3LLM's fill of everything after the first EOS, then a row with no
+   mask left is done), finishes after its last block, or stops at ``max_nfe``.
 
 Exactness: a row's forward sees exactly its own canvas at its own RoPE positions (pads are masked keys,
 before its real columns or after its queries); its policy state, memory, step counter and random stream
