@@ -200,8 +200,15 @@ def format_summary(rows: Sequence[dict[str, Any]], tolerance: float = 0.01) -> s
     return "\n".join(lines)
 
 
+#: what the two parallelism columns of the table mean (printed under it)
+FIGURES_LEGEND = (
+    "TPF: tokens per forward = answer tokens before the first EOS / NFE (d3LLM's figure, what AUP uses); "
+    "pos/fwd: committed positions / NFE (EOS padding included)"
+)
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table (also used in the README)."""
+    """A plain-text table (also used in the README), with :data:`FIGURES_LEGEND` under it."""
     head = ["model", "policy", "accuracy", "mean NFE", "TPF", "pos/fwd", "seconds", "speedup NFE", "speedup wall"]
     lines = [head]
     for r in rows:
@@ -226,6 +233,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         )
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
+    out.append(FIGURES_LEGEND)
     return "\n".join(out)
 
 
