@@ -107,3 +107,27 @@ def test_run_figures_are_pooled_and_old_records_are_refused(tmp_path):
     with pytest.raises(ValueError, match="no tokens_per_forward") as err:
         parallelism(old, tmp_path / "records.jsonl")
     assert "\n" not in str(err.value) and "new --out" in str(err.value)
+
+
+@pytest.mark.parametrize("x_axis", ["nfe", "tpf"])
+def test_frontier_plot_on_either_axis(tmp_path, x_axis):
+    """``--x-axis tpf`` plots accuracy against tokens per forward (more is faster: the frontier is read the
+    other way round); an unknown axis is refused."""
+    from fewstep.eval.sweep import SweepPoint, _front, plot_frontier, summarize_sweep
+
+    pts = [
+        SweepPoint("m", f"entropy:threshold={v}", str(v), "", acc, nfe, tpf, tpf * 1.5, 0.1, None, 8)
+        for v, acc, nfe, tpf in (
+            (0.2, 0.9, 20.0, 2.0),
+            (0.5, 0.85, 10.0, 4.0),
+            (0.8, 0.6, 8.0, 5.0),
+            (1.0, 0.5, 9.0, 3.0),
+        )
+    ]
+    result = summarize_sweep(pts, "arith", "entropy", None)
+    assert [p.value for p in _front(pts, "nfe")] == ["0.8", "0.5", "0.2"]
+    assert [p.value for p in _front(pts, "tpf")] == ["0.2", "0.5", "0.8"]  # (1.0: fewer TPF and less accurate)
+    plot_frontier(pts, result, tmp_path / "f.png", "arith", "entropy", x_axis)
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="x_axis"):
+        plot_frontier(pts, result, tmp_path / "g.png", "arith", "entropy", "speed")
