@@ -26,6 +26,7 @@ SPECS = {
     "dream": "dream:alg=confidence_threshold,steps=16",
     "llada2": "llada2:threshold=0.9,steps=4",
     "sdar": "sdar:denoising_steps=4,confidence_threshold=0.6",
+    "spd": "spd:0.5",
     "multiblock": "multiblock:1.0",
     "multiblock-dream": "multiblock-dream:threshold=1.0,cache_delay_iter=2,refresh_interval=3",
 }
@@ -37,6 +38,7 @@ EXTRA_SPECS = [
     "sdar:sequential",
     "sdar:entropy_bounded",
     "sdar:low_confidence_static",
+    "spd:threshold=0.7,soft=false",
 ]
 
 
@@ -86,6 +88,7 @@ def test_batch_equals_single(d, spec, cache):
         "llada:steps=16,remasking=random,temperature=1",
         "cad:temperature=0.8",
         "dream:alg=maskgit_plus,temperature=0.6,top_p=0.9,alg_temp=0.5",
+        "spd:threshold=0.5,temperature=0.8",
     ],
 )
 def test_sampling_batch_equals_single_with_row_seeds(spec, cache):

@@ -161,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
             "nfe": c.nfe,
             "tokens_per_forward": c.tokens_per_forward,
             "positions_per_forward": c.positions_per_forward,
+            "revisions": c.revisions,
+            "revised_fraction": c.stats()["revised_fraction"],
         }
         for p, c in zip(shown, comps)
     ]
@@ -185,9 +187,12 @@ def _print(args, results, summary, comps, recorder, tokenizer, mask_id: int) -> 
         if len(results) > 1:
             console.print(f"[bold]prompt {i + 1}:[/bold] {r['prompt']}")
         console.print(r["answer"], markup=False)
+        revised = (
+            f" · {r['revisions']} revisions ({r['revised_fraction']:.0%} of tokens changed)" if r["revisions"] else ""
+        )
         console.print(
             f"[dim]NFE {r['nfe']} · {r['tokens_per_forward']:.2f} tokens/forward (before EOS) · "
-            f"{r['positions_per_forward']:.2f} positions/forward · policy {summary['policy']} · "
+            f"{r['positions_per_forward']:.2f} positions/forward{revised} · policy {summary['policy']} · "
             f"cache {args.cache}[/dim]"
         )
     gen_s, load_s = summary["seconds"], summary["load_seconds"]

@@ -19,6 +19,14 @@ stream (a seeded row has its own generator), KV cache, NFE, and what the current
    or ``eos_fill`` (after the forward: d3LLM's fill of everything after the first EOS, then a row with no
    mask left is done), finishes after its last block, or stops at ``max_nfe``.
 
+Policy capabilities (:mod:`fewstep.decoding.policies.base`): a ``revises`` policy's commits may overwrite
+decoded tokens of the open block (counted as revisions: ``RowResult.revisions``/``revised``, ``Update.revised``);
+a ``uses_embeddings`` policy gets the model's input embedding in its ``StepState`` and its ``Selection.embeds``
+become the row's window inputs at its next forward; a ``folds_store`` policy's finished block is stored in the
+exact block cache by the next block's first forward (which runs both blocks) instead of a store forward;
+a ``spans_blocks`` policy's window runs from the row's current block to the answer's end, its memory lives
+from block to block and, with ``cache="prefix"``, it plans the row's prefix cache (``Row.prefix_plan``).
+
 Exactness: a row's forward sees exactly its own canvas at its own RoPE positions (pads are masked keys,
 before its real columns or after its queries); its policy state, memory, step counter and random stream
 are its own, so each request gets the tokens and NFE it gets alone, whatever shares the round.
@@ -117,6 +125,14 @@ class RowResult:
     cancelled: bool = False
     stopped_by_max_nfe: bool = False
     error: str | None = None  # why the request failed (its policy made no progress, or a fault)
+    revisions: int = 0  # revision events: a decoded answer token replaced by another one (revising policies)
+    revised: int = 0  # committed answer positions whose final token differs from their first committed one
+
+    @property
+    def revised_fraction(self) -> float:
+        """The share of the committed answer tokens that revision changed (0 when none was committed)."""
+        committed = sum(1 for s in self.decode_step if s)
+        return self.revised / committed if committed else 0.0
 
 
 @dataclass
@@ -126,13 +142,16 @@ class Update:
     id: Any
     nfe: int  # this request's forwards so far
     block: int
-    positions: list[int]  # answer-relative positions committed at this forward
+    positions: list[int]  # answer-relative positions whose token this forward set (first commits and revisions)
     tokens: list[int]
     answer: list[int]  # the whole answer canvas after this forward (mask_id where masked)
     decode_step: list[int]
     mask_id: int
     done: bool = False
     result: RowResult | None = None  # set when done
+    revised: list[int] = field(default_factory=list)  # the positions among them that replaced a decoded token
+    mutable_from: int | None = None  # answer positions from here on may still change (a revising policy's
+    # open block); None: every committed token is final
 
 
 class Phase(enum.Enum):
@@ -157,8 +176,9 @@ class Outcome:
     block: int  # the answer-relative block of this round's forward
     logits: torch.Tensor | None = None  # [L, V] the window's logits until the policy step (None after it)
     denoised: bool = False  # the policy stepped the row (else the forward was a block model's cache forward)
-    positions: list[int] = field(default_factory=list)  # answer-relative positions committed
+    positions: list[int] = field(default_factory=list)  # answer-relative positions set (commits, revisions)
     tokens: list[int] = field(default_factory=list)
+    revised: list[int] = field(default_factory=list)  # the positions among them that replaced a decoded token
     block_done: bool = False  # the policy is done with the block
     eos_stop: bool = False  # eos_early_stop or eos_fill ended the row at this forward
 
@@ -187,12 +207,18 @@ class _Row:
         # dual == prefix when block-causal
         self.cache = "prefix" if self.block_diffusion and settings.cache == "dual" else settings.cache
         self.extra_nfe = quirks.cache_extra_nfe and settings.cache != "none" and not self.block_diffusion
+        # the exact block cache stores a finished block in the next block's first forward (no store forward)
+        self.folds = self.block_diffusion and self.cache != "none" and settings.policy.folds_store
         self.nfe, self.tokens_per_step = 0, []
         self.decode_step = torch.zeros(G, dtype=torch.long, device=device)
+        self.first_token = torch.full((G,), -1, dtype=torch.long, device=device)  # first committed token
+        self.revisions = 0
         self.kv = None
         self.memory = None
+        self.fold = False  # the next forward also runs the previous block and stores it (folds_store)
         self.enter_block(self.first_block)
-        cached_prompt = self.block_diffusion and self.cache != "none" and self.first_block > 0
+        short = quirks.prefill_short_prompt  # dInfer prefills the first block even when the prompt fills none
+        cached_prompt = self.block_diffusion and self.cache != "none" and (self.first_block > 0 or short)
         self.phase = Phase.PREFILL if cached_prompt else Phase.DENOISE
         self.finished_early = self.stopped_by_max_nfe = False
         self.error: str | None = None
@@ -204,6 +230,7 @@ class _Row:
         A row whose policy spans blocks (``Policy.spans_blocks``) decodes from ``block`` to the answer end and
         keeps its policy memory and its cache from block to block (the policy manages both)."""
         self.block, self.steps = block, 0
+        self.embeds = None  # [L, D] the window's input embeddings for the next forward (None: its ids)
         start = self.origin + block * self.block_length
         end = self.origin + self.num_blocks * self.block_length if self.spans else start + self.block_length
         self.window = Window(start, end)
@@ -255,19 +282,24 @@ class _Row:
             un = x.clone()
             un[:, : self.prompt_length] = self.settings.mask_id
             x = torch.cat([x, un])
+        extra = {}
         if self.spans and self.settings.cache == "prefix":
-            return Seqs(x, self.kv, *self.window, cut=self.prefix_plan()[0], own_first=self.own_first)
-        return Seqs(x, self.kv, *self.window)
+            extra = {"cut": self.prefix_plan()[0], "own_first": self.own_first}
+        return Seqs(x, self.kv, *self.window, embeds=self.embeds, **extra)
 
     def block_run(self) -> BlockRun:
         """This row's part of a block-diffusion call: its phase's columns, cache and wanted logits."""
         x, (s, e), L = self.seqs().x, self.window, self.block_length
-        if self.phase is Phase.PREFILL:
-            return BlockRun(x[:, :s], None, 0, L, None, True)
+        if self.phase is Phase.PREFILL:  # the complete prompt blocks (a short prompt: its first block, not kept)
+            return BlockRun(x[:, :s], None, 0, L, None, True) if s else BlockRun(x[:, :e], None, 0, L, None, False)
+        embeds = None if self.embeds is None else (s, self.embeds)
         if self.cache == "none":  # no cache: the canvas up to the block (later blocks are never attended)
-            return BlockRun(x[:, :e], None, 0, L, (s, e), False)
+            return BlockRun(x[:, :e], None, 0, L, (s, e), False, embeds=embeds)
+        if self.fold:  # the previous block (stored: its columns' keys are kept) and this one, in one forward
+            return BlockRun(x[:, s - L : e], self.kv, s - L, L, (L, 2 * L), True, keep=L)
         store = self.phase is Phase.STORE
-        return BlockRun(x[:, s:e], self.kv, s, L, None if store else (0, L), store)
+        embeds = None if embeds is None else (0, self.embeds)
+        return BlockRun(x[:, s:e], self.kv, s, L, None if store else (0, L), store, embeds=embeds)
 
     def combine(self, z: torch.Tensor) -> torch.Tensor:
         """The window's logits ``[L, V]`` from this row's ``[n_seq, L, V]`` slice (CFG combined; a view without)."""
@@ -286,7 +318,15 @@ class _Row:
             cancelled=cancelled,
             stopped_by_max_nfe=self.stopped_by_max_nfe,
             error=self.error,
+            revisions=self.revisions,
+            revised=self.revised_count(),
         )
+
+    def revised_count(self) -> int:
+        """Committed answer positions (not filled by early stop) whose token differs from their first commit."""
+        answer = self.canvas[self.prompt_length : self.prompt_length + self.gen_length]
+        kept = (self.decode_step > 0) & (self.first_token >= 0)
+        return int((kept & (answer != self.first_token)).sum())
 
     def answer(self) -> list[int]:
         return self.canvas[self.prompt_length : self.prompt_length + self.gen_length].tolist()
@@ -297,11 +337,25 @@ class _Row:
         st, P = self.settings, self.prompt_length
         if st.fill_id is None:
             return False
+        if self.request.quirks.early_stop_keeps_block:
+            return self._stop_after_block()
         answer = self.canvas[P : min(upto, P + self.gen_length)]
         hit = torch.isin(answer, torch.tensor(st.eos, device=self.canvas.device))
         if not bool(hit.any()):
             return False
         self._stop_at(P + int(hit.nonzero()[0]))
+        return True
+
+    def _stop_after_block(self) -> bool:
+        """dInfer's early stop: an EOS anywhere in the finished block (its prompt tail included) stops the
+        row; the block is kept whole and everything after it is EOS."""
+        s, e = self.window
+        eos = torch.tensor(self.settings.eos, device=self.canvas.device)
+        if not bool(torch.isin(self.canvas[s:e], eos).any()):
+            return False
+        self.canvas[e:] = self.settings.eos[0]
+        self.decode_step[max(0, e - self.prompt_length) :] = 0
+        self.finished_early = True
         return True
 
     def _stop_at(self, first: int) -> None:
@@ -395,8 +449,9 @@ def _kind(r: _Row) -> str:
     return "full" if cache == "none" or r.steps == 0 else cache
 
 
-def _state(rows: list[_Row], device: torch.device, memory: dict | None = None) -> StepState:
-    """The policy's view of ``rows`` (one group: same policy and block geometry)."""
+def _state(rows: list[_Row], device: torch.device, memory: dict | None = None, model=None) -> StepState:
+    """The policy's view of ``rows`` (one group: same policy and block geometry); with ``model``, a policy that
+    ``uses_embeddings`` gets the model's input embedding (never the model itself)."""
     r0, mask_id = rows[0], rows[0].settings.mask_id
     if not r0.block_diffusion and len({(r.gen_length, r.block) for r in rows}) == 1:
         answers = torch.stack([r.canvas[r.prompt_length :] for r in rows])
@@ -408,6 +463,10 @@ def _state(rows: list[_Row], device: torch.device, memory: dict | None = None) -
         gen_masked = torch.stack([(a == mask_id).sum() for a in answers])
     if memory is None:
         memory = {k: torch.cat([r.memory[k] for r in rows]) for k in (r0.memory or {})}
+    embed = mask_embedding = None
+    if model is not None and r0.settings.policy.uses_embeddings:
+        embed = model.embed
+        mask_embedding = model.embed(torch.tensor([mask_id], device=device))[0]
     return StepState(
         tokens=tokens,
         mask=tokens == mask_id,
@@ -422,6 +481,8 @@ def _state(rows: list[_Row], device: torch.device, memory: dict | None = None) -
         eos_ids=r0.settings.eos,
         rng=_GroupRNG(rows, device),
         memory=memory,
+        embed=embed,
+        mask_embedding=mask_embedding,
     )
 
 
@@ -672,6 +733,7 @@ class Engine:
                 )
             else:
                 r.kv = kv
+            r.fold = False
 
     def _calls(self, kind: str, rows: list[_Row]) -> list[list[_Row]]:
         """Split one kind's rows into calls whose padded columns stay within ``max_padding`` (by length)."""
@@ -711,47 +773,67 @@ class Engine:
     def _select(self, rows: list[_Row]) -> None:
         """One ``select`` call for ``rows``: commit, count, and record what each row committed."""
         r0, policy = rows[0], rows[0].settings.policy
-        state = _state(rows, self.device)
+        state = _state(rows, self.device, model=self.model)
         try:
             z = torch.stack([r.outcome.logits for r in rows])
             if r0.suppress_mask:
                 z[..., r0.settings.mask_id] = torch.finfo(z.dtype).min
             sel = policy.select(z, state)
             # block models write wherever the policy commits (SDAR's uncapped top-k overwrites decoded and
-            # prompt tokens); full-attention rows only at masks. Counters count the masks committed.
-            write = sel.commit if r0.block_diffusion else sel.commit & state.mask
+            # prompt tokens), and so does a revising policy; full-attention rows only at masks. Counters count
+            # the masks committed; a decoded token replaced by another one is a revision.
+            write = sel.commit if (r0.block_diffusion or policy.revises) else sel.commit & state.mask
             fresh = write & state.mask
             new = torch.where(write, sel.tokens, state.tokens)
+            changed = write & (new != state.tokens)
             committed_eos = [False] * len(rows)
             if r0.settings.eos and any(r.request.eos_early_stop for r in rows):
                 eos = torch.tensor(r0.settings.eos, device=self.device)
                 committed_eos = (torch.isin(new, eos) & write).any(-1).tolist()
-            flags, new_l, fresh_n = write.tolist(), new.tolist(), fresh.sum(-1).tolist()
+            shown_l, new_l, fresh_n = (fresh | changed).tolist(), new.tolist(), fresh.sum(-1).tolist()
+            revised_l = (changed & ~state.mask).tolist()
         except Exception:
             state.rng.restore()  # nothing was written: undo the draws so that a retry draws the same
             raise
         for i, r in enumerate(rows):
-            o, (s, e) = r.outcome, r.window
-            r.canvas[s:e] = new[i]
-            lo = s - r.prompt_length  # answer-relative start of the window (negative: the prompt tail's block)
-            a, b = max(0, -lo), min(e - s, r.gen_length - lo)
-            if a < b:
-                ds = r.decode_step[lo + a : lo + b]
-                r.decode_step[lo + a : lo + b] = torch.where(fresh[i, a:b], r.nfe + 1, ds)
-            r.nfe += 1
-            r.steps += 1
+            r.canvas[r.window.start : r.window.end] = new[i]
+            self._count(r, i, fresh, new)
             for k, v in (sel.memory or {}).items():
                 r.memory[k] = v[i : i + 1]
-            pos = [j for j in range(a, b) if flags[i][j]]
+            r.embeds = None if sel.embeds is None else sel.embeds[i]
+            o, lo = r.outcome, r.window.start - r.prompt_length
+            width = r.window.end - r.window.start  # the block, or a spanning row's blocks to the answer end
+            pos = [j for j in range(max(0, -lo), min(width, r.gen_length - lo)) if shown_l[i][j]]
             r.tokens_per_step.append(fresh_n[i])
             o.positions, o.tokens = [lo + j for j in pos], [new_l[i][j] for j in pos]
+            o.revised = [lo + j for j in pos if revised_l[i][j]]
+            r.revisions += len(o.revised)
             o.eos_stop = r.eos_stop(committed_eos[i]) or r.eos_fill()
             o.denoised = True
+
+    @staticmethod
+    def _count(r: _Row, i: int, fresh: torch.Tensor, new: torch.Tensor) -> None:
+        """A row's counters after its step: decode steps and first tokens of the answer positions it committed."""
+        s, e = r.window
+        lo = s - r.prompt_length  # answer-relative start of the window (negative: the prompt tail's block)
+        a, b = max(0, -lo), min(e - s, r.gen_length - lo)
+        if a < b:
+            f = fresh[i, a:b]
+            ds = r.decode_step[lo + a : lo + b]
+            r.decode_step[lo + a : lo + b] = torch.where(f, r.nfe + 1, ds)
+            first = r.first_token[lo + a : lo + b]
+            t = new[i, a:b]
+            take = f & (first < 0) & (t != r.settings.mask_id)
+            r.first_token[lo + a : lo + b] = torch.where(take, t, first)
+        r.nfe += 1
+        r.steps += 1
 
     def _block_done(self, rows: list[_Row]) -> None:
         finished = rows[0].settings.policy.block_done(_state(rows, self.device)).tolist()
         for r, f in zip(rows, finished):
             r.outcome.block_done = bool(f) and not (r.extra_nfe and r.steps < 2)
+            if r.outcome.block_done:
+                r.embeds = None  # a finished block's store forward runs its ids
 
     def _conclude(self, r: _Row) -> Update:
         """The row's update for this round: its progress, or its last one when it finished or failed."""
@@ -766,8 +848,18 @@ class Engine:
         if finished:
             return self._finish(r, forwarded=True)
         o = r.outcome
+        mutable = max(0, r.window.start - r.prompt_length) if r.settings.policy.revises else None
         return Update(
-            r.request.id, r.nfe, o.block, o.positions, o.tokens, r.answer(), r.decode_step.tolist(), r.settings.mask_id
+            r.request.id,
+            r.nfe,
+            o.block,
+            o.positions,
+            o.tokens,
+            r.answer(),
+            r.decode_step.tolist(),
+            r.settings.mask_id,
+            revised=o.revised,
+            mutable_from=mutable,
         )
 
     def _advance(self, r: _Row) -> bool:
@@ -778,7 +870,7 @@ class Engine:
             r.nfe += 1
             block_done = r.phase is Phase.STORE  # the completed block is stored: the block ends now
             r.phase = Phase.DENOISE
-        elif block_done and r.block_diffusion and r.cache != "none" and not finished:
+        elif block_done and r.block_diffusion and r.cache != "none" and not finished and not r.folds:
             cap = r.settings.policy.iteration_cap()
             s, e = r.window
             left = bool((r.canvas[s:e] == r.settings.mask_id).any()) or (cap is not None and r.steps >= cap)
@@ -790,6 +882,7 @@ class Engine:
                 finished = True
             else:
                 r.enter_block(nxt)
+                r.fold = r.folds  # the finished block is stored by the next block's first forward
         if not finished and r.request.max_nfe is not None and r.nfe >= r.request.max_nfe:
             r.stopped_by_max_nfe = finished = True
         return finished
@@ -809,10 +902,10 @@ class Engine:
             r.fail(f"the engine failed: {_reason(exc)}")
             res = RowResult(r.request.id, [], [], r.nfe, [], [], cancelled=cancelled, error=r.error)
         self.failed += res.error is not None
-        block, pos, tok = (
-            (r.outcome.block, r.outcome.positions, r.outcome.tokens) if forwarded else (r.block_index, [], [])
-        )
-        return Update(r.request.id, r.nfe, block, pos, tok, res.answer, res.decode_step, r.settings.mask_id, True, res)
+        o = r.outcome
+        block, pos, tok, rev = (o.block, o.positions, o.tokens, o.revised) if forwarded else (r.block_index, [], [], [])
+        mask = r.settings.mask_id
+        return Update(r.request.id, r.nfe, block, pos, tok, res.answer, res.decode_step, mask, True, res, rev)
 
     def _unstarted(self, p: _Pending, *, cancelled: bool = False, error: str | None = None) -> Update:
         """The last update of a request that never became a row (cancelled while waiting, or failed to start)."""

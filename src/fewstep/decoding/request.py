@@ -106,6 +106,10 @@ class Quirks:
     mask_prediction: bool = False  # the mask token itself may win the argmax
     early_stop_scans_prompt: bool = False  # eos_early_stop also finds an EOS inside the prompt (LLaDA2)
     unstored_blocks: bool = False  # block models: a block left with masks is never stored (SDAR)
+    prefill_short_prompt: bool = False  # block models with a cache: a prompt shorter than a block still costs a
+    # prefill forward (over the first block, masks included; nothing of it is kept), as dInfer counts it
+    early_stop_keeps_block: bool = False  # early_stop: an EOS anywhere in the finished block (its prompt tail
+    # included) stops the row; the block is kept whole and the EOS fill starts after it (dInfer)
     eos_fill_nfe: bool = False  # an eos_fill that ends the row counts one more forward (d3LLM's count)
     prefix_own_logit: bool = False  # logit_shift models, a spanning policy's prefix cache (d3LLM's Dream)
 

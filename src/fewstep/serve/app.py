@@ -447,6 +447,7 @@ def _canvas(rid: str, model: str, index: int, ev: Canvas) -> dict[str, Any]:
         "pieces": ev.pieces,
         "steps": ev.steps,
         "committed": ev.committed,
+        "revised": ev.revised,
         "text": ev.text,
     }
 

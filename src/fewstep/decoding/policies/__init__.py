@@ -12,6 +12,7 @@ name               rule                                                       cl
 ``dream``          Dream diffusion_generate (entropy, maskgit_plus, ...)      :class:`DreamPolicy`
 ``llada2``         LLaDA2 generate: threshold 0.95 with top-k fallback         :class:`LLaDA2Policy`
 ``sdar``           SDAR block_diffusion_generate (4 remasking strategies)      :class:`SDARPolicy`
+``spd``            DMax soft parallel decoding (revision, soft embeddings)     :class:`SoftParallelPolicy`
 ``multiblock``     d3LLM multi-block decoding (LLaDA: argmin + H <= τ)         :class:`MultiBlockPolicy`
 ``multiblock-      d3LLM multi-block decoding (Dream: H < τ)                   :class:`DreamMultiBlockPolicy`
 dream``
@@ -31,6 +32,7 @@ import re
 from fewstep.decoding.policies.base import OptionError, Policy, Selection, StepState, shown
 from fewstep.decoding.policies.cd4lm import CADPolicy
 from fewstep.decoding.policies.d3llm import DreamMultiBlockPolicy, MultiBlockPolicy
+from fewstep.decoding.policies.dmax import SoftParallelPolicy
 from fewstep.decoding.policies.dparallel import DreamEntropyThresholdPolicy, EntropyThresholdPolicy
 from fewstep.decoding.policies.dream import DreamPolicy
 from fewstep.decoding.policies.fastdllm import ConfidenceThresholdPolicy, FactorPolicy
@@ -52,6 +54,7 @@ POLICIES: dict[str, type[Policy]] = {
         SDARPolicy,
         MultiBlockPolicy,
         DreamMultiBlockPolicy,
+        SoftParallelPolicy,
     )
 }
 
@@ -71,6 +74,7 @@ __all__ = [
     "Policy",
     "SDARPolicy",
     "Selection",
+    "SoftParallelPolicy",
     "StepState",
     "parse_policy",
     "policy_help",
