@@ -70,7 +70,15 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fewstep.decoding.forward import BlockRun, Seqs, block_forward, dual_forward, full_forward, prefix_forward
+from fewstep.decoding.forward import (
+    BlockRun,
+    Seqs,
+    block_forward,
+    dual_forward,
+    full_forward,
+    prefix_forward,
+    prefix_store_forward,
+)
 from fewstep.decoding.policies import Policy, StepState
 from fewstep.decoding.policies.base import RowRNG, shown
 from fewstep.decoding.request import (
@@ -717,8 +725,11 @@ class Engine:
                 zs, caches = full_forward(self.model, seqs, self.pad_id, want)
             elif kind == "prefix":
                 stores = [r.spans and r.prefix_plan()[1] > r.prefix_plan()[0] for r in rows]
-                zs, caches = prefix_forward(self.model, seqs, self.pad_id, want_cache=any(stores))
-                caches = [kv if store else None for kv, store in zip(caches, stores)]
+                if any(stores):
+                    zs, caches = prefix_store_forward(self.model, seqs, self.pad_id)
+                    caches = [kv if store else None for kv, store in zip(caches, stores)]
+                else:
+                    zs = prefix_forward(self.model, seqs, self.pad_id)
             else:
                 zs = dual_forward(self.model, seqs, self.pad_id)
             logits = [r.combine(z) for r, z in zip(rows, zs)]

@@ -167,10 +167,19 @@ def full_forward(model, seqs: list[Seqs], pad: int, want_cache: bool) -> tuple[l
     return logits, caches
 
 
-def prefix_forward(model, seqs: list[Seqs], pad: int, want_cache: bool = False) -> tuple[list[torch.Tensor], list]:
+def prefix_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
     """Prefix-cached forward: each row's cached columns ``[0, cut)`` left-padded, its columns from there on
-    right-padded (cut: ``s - shift``, or the row's own ``Seqs.cut``). Returns per-row window logits and, with
-    ``want_cache``, per-row caches (the row's cached columns followed by the keys/values of its run)."""
+    right-padded (cut: ``s - shift``, or the row's own ``Seqs.cut``). Returns per-row window logits."""
+    return _prefix(model, seqs, pad, False)[0]
+
+
+def prefix_store_forward(model, seqs: list[Seqs], pad: int) -> tuple[list[torch.Tensor], list[KVCache]]:
+    """:func:`prefix_forward` that also returns each row's cache after it: its cached columns followed by the
+    keys/values of its run (a spanning policy keeps the prefix it plans from them)."""
+    return _prefix(model, seqs, pad, True)
+
+
+def _prefix(model, seqs: list[Seqs], pad: int, want_cache: bool) -> tuple[list[torch.Tensor], list]:
     sh = model.logit_shift
     cut = [s.start - sh if s.cut is None else (s.cut if s.own_first and sh else s.cut - sh) for s in seqs]
     C = max(cut)
