@@ -180,8 +180,7 @@ def test_default_model_is_the_shipped_teacher(capsys):
 
 def test_shipped_model_names_resolve_in_every_command(tmp_path):
     """`--model teacher` works wherever a checkpoint folder does; a folder of that name wins."""
-    from fewstep.assets import shipped_models
-    from fewstep.commands import resolve_model
+    from fewstep.assets import resolve_model, shipped_models
 
     shipped = dict(shipped_models())
     assert resolve_model("teacher") == shipped["teacher"] and resolve_model("dparallel") == shipped["dparallel"]

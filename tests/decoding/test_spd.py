@@ -304,7 +304,7 @@ def test_revised_fraction_figures():
 def test_text_is_final_only_when_its_block_closes():
     """Streamed text is append-only: the deltas of a revising request add up to its final text, and no delta
     ever holds a token of a block that was still open."""
-    from fewstep.commands import resolve_model
+    from fewstep.assets import resolve_model
     from fewstep.decoding.text import Canvas, Delta, GenerationSettings, TextGenerator
 
     d = resolve_model("dparallel")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fewstep.eval import code
-from fewstep.eval.tasks import get_task
+from fewstep.eval.benchmarks import get_task
 
 
 def test_extract_code_prefers_python_fences():

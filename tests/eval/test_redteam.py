@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from fewstep.eval.benchmarks import get_task
 from fewstep.eval.sandbox import Limits, MiB, Sandbox, _cgroups, _rootfs
 from fewstep.eval.scoring import score
-from fewstep.eval.tasks import get_task
 
 LIMITS = Limits(timeout=5, memory=512 * MiB, processes=32, wall_timeout=60)
 IS_ROOT = os.geteuid() == 0

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from fewstep.cli import main
-from fewstep.eval.tasks import get_task
+from fewstep.eval.benchmarks import get_task
 
 
 def _write(path, rows):

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 import fewstep
-from fewstep.commands import resolve_model
+from fewstep.assets import resolve_model
 from fewstep.decoding.text import GenerationSettings, TextGenerator
 from fewstep.serve import ServeConfig, ServerLimits, create_app, start_in_thread
 

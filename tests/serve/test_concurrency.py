@@ -20,7 +20,7 @@ from fewstep.tasks import arith
 from tests.serve.conftest import reference
 
 N_REQUESTS, N_CLIENTS = 240, 32
-PROMPTS = [p.prompt for p in arith.generate("test", 24, seed=1)]
+PROMPTS = [p.prompt for p in arith.generate_problems("test", 24, seed=1)]
 POLICIES = ["entropy:0.45", "threshold:0.9", "llada:steps=8", "cad:0.9", "threshold:0.7"]
 BAD = [
     b'{"prompt": ',

@@ -12,7 +12,7 @@ import fewstep
 from fewstep.tasks import arith
 from tests.serve.conftest import GEN, POLICY, reference
 
-PROBLEMS = [p.prompt for p in arith.generate("test", 3, seed=0)]
+PROBLEMS = [p.prompt for p in arith.generate_problems("test", 3, seed=0)]
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import pytest
 
 import fewstep
 from fewstep.assets import shipped_models
+from fewstep.eval.embedded import evaluate_policy
 from fewstep.models.tokenizer import special_ids
 from fewstep.tasks import BLOCK_LENGTH, GEN_LENGTH, generate
-from fewstep.tasks.evaluate import evaluate_policy
 
 TEACHER = Path(fewstep.__file__).parent / "assets" / "models" / "teacher"
 REPO = Path(__file__).resolve().parents[2]

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     """Run (or resume) the evaluation and print its summary."""
     from pathlib import Path
 
-    from fewstep.commands import resolve_model
+    from fewstep.assets import resolve_model
     from fewstep.eval.benchmarks import get_task
     from fewstep.eval.runner import EvalSettings, run_eval
 

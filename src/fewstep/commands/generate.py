@@ -9,7 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from fewstep.commands import EOS_FILL_HELP, SHIPPED_HELP, resolve_model
+from fewstep.assets import SHIPPED_HELP, resolve_model
+from fewstep.commands import EOS_FILL_HELP
+
+#: What an unset decoding flag means when the model folder has no recommended decoding (decoding.json).
+FALLBACK = {"policy": "threshold:0.9", "gen_length": 128, "block_length": None, "cache": "none", "early_stop": True}
 
 EPILOG = """\
 policies (--policy NAME, NAME:VALUE or NAME:key=value,...):
@@ -42,19 +46,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--policy",
-        default="threshold:0.9",
+        default=None,
         metavar="NAME[:ARGS]",
-        help="unmasking policy (default: threshold:0.9; names below)",
+        help="unmasking policy (default: the model's decoding.json, else threshold:0.9; names below)",
     )
     parser.add_argument(
-        "--cache", default="none", choices=["none", "prefix", "dual"], help="KV cache mode (default: none)"
+        "--cache",
+        default=None,
+        choices=["none", "prefix", "dual"],
+        help="KV cache mode (default: the model's decoding.json, else none)",
     )
-    parser.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default: 128)")
+    parser.add_argument(
+        "--gen-length", type=int, default=None, help="tokens to generate (default: the model's decoding.json, else 128)"
+    )
     parser.add_argument(
         "--block-length",
         type=int,
         default=None,
-        help="semi-autoregressive block length (default: 32, or gen-length if smaller)",
+        help="semi-autoregressive block length (default: the model's decoding.json, else 32, or gen-length if smaller)",
     )
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (default: 0, off)")
     parser.add_argument(
@@ -67,7 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-early-stop",
         dest="early_stop",
         action="store_false",
-        help="keep decoding after EOS (the reference samplers' behaviour; default: stop a prompt at EOS)",
+        default=None,
+        help="keep decoding after EOS (the reference samplers' behaviour; default: stop a prompt at EOS, unless "
+        "the model's decoding.json says otherwise)",
     )
     parser.add_argument("--eos-fill", action="store_true", help=EOS_FILL_HELP)
     parser.add_argument(
@@ -111,9 +122,11 @@ def run(args: argparse.Namespace) -> int:
     from fewstep.decoding import parse_policy
     from fewstep.decoding.text import GenerationSettings, TextGenerator
     from fewstep.decoding.trace import StepRecorder, completions_json
+    from fewstep.models.saving import recommended
 
-    policy = parse_policy(args.policy)  # fail fast on a bad spec, before loading a model
     model_dir = resolve_model(args.model)
+    vars(args).update(recommended(model_dir, vars(args), FALLBACK))  # unset flags: the model's decoding.json
+    policy = parse_policy(args.policy)  # fail fast on a bad spec, before loading a model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
     tokenizer = _load_tokenizer(Path(args.tokenizer or model_dir), required=args.prompt is not None)
@@ -143,9 +156,7 @@ def run(args: argparse.Namespace) -> int:
             progress.stop()
     shown = [p if isinstance(p, str) else " ".join(map(str, p)) for p in prompts]
     if args.trace_json:
-        doc = completions_json(comps, recorder, policy.describe(), args.cache, tokenizer, shown)
-        doc.update(model=str(model_dir), gen_length=args.gen_length, block_length=args.block_length or "default")
-        Path(args.trace_json).write_text(json.dumps(doc, indent=1) + "\n")
+        _save_trace(args, completions_json(comps, recorder, policy.describe(), args.cache, tokenizer, shown), model_dir)
     gen_s = comps[0].batch_seconds
     summary = {
         "policy": policy.describe(),
@@ -171,6 +182,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print(args, results, summary, comps, recorder, tokenizer, int(model.config.mask_token_id))
     return 0
+
+
+def _save_trace(args: argparse.Namespace, doc: dict, model_dir: Path) -> None:
+    """``--trace-json``: the step trace with the model and the canvas geometry."""
+    doc.update(model=str(model_dir), gen_length=args.gen_length, block_length=args.block_length or "default")
+    Path(args.trace_json).write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def _print(args, results, summary, comps, recorder, tokenizer, mask_id: int) -> None:

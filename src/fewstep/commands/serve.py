@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from fewstep.commands import EOS_FILL_HELP, SHIPPED_HELP, resolve_model
+from fewstep.assets import SHIPPED_HELP, resolve_model
+from fewstep.commands import EOS_FILL_HELP
+
+#: What an unset decoding flag means when the model folder has no recommended decoding (decoding.json).
+FALLBACK = {"policy": "threshold:0.9", "gen_length": 128, "block_length": None, "cache": "none", "early_stop": True}
 
 EPILOG = """\
 endpoints: GET / (live denoising page), GET /health (liveness), GET /ready (readiness), GET /metrics
@@ -15,7 +19,7 @@ fewstep's knobs are extra body fields: policy, threshold, cache, block_length, m
 seconds) and exits 0; a second signal exits at once. See docs/serving.md.
 
 examples:
-  fewstep serve                                   # the shipped dparallel student, its recommended policy
+  fewstep serve                                   # the shipped dparallel student, its decoding.json
   fewstep serve --model /models/LLaDA-8B-Instruct --policy threshold:0.9 --cache dual --gen-length 256 \\
       --device cuda:0 --port 8000
   curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
@@ -34,21 +38,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy",
         default=None,
         metavar="NAME[:ARGS]",
-        help="default unmasking policy (default: the one the model card recommends, else threshold:0.9)",
+        help="default unmasking policy (default: the model's decoding.json, else threshold:0.9)",
     )
-    parser.add_argument("--cache", default="none", choices=["none", "prefix", "dual"], help="default KV cache mode")
+    parser.add_argument(
+        "--cache",
+        default=None,
+        choices=["none", "prefix", "dual"],
+        help="default KV cache mode (default: the model's decoding.json, else none)",
+    )
     parser.add_argument(
         "--gen-length",
         type=int,
         default=None,
-        help="default max_tokens, the answer canvas (default: the model card's, else 128)",
+        help="default max_tokens, the answer canvas (default: the model's decoding.json, else 128)",
     )
     parser.add_argument(
         "--block-length",
         type=int,
         default=None,
-        help="default semi-autoregressive block length (default: 32, at most the answer length; a "
-        "block-diffusion model's own block size)",
+        help="default semi-autoregressive block length (default: the model's decoding.json, else 32, at most "
+        "the answer length; a block-diffusion model's own block size)",
     )
     parser.add_argument(
         "--eos-fill",
@@ -139,7 +148,8 @@ def build(args: argparse.Namespace):
 
     import fewstep
     from fewstep.decoding.text import GenerationSettings, TextGenerator
-    from fewstep.serve import ServeConfig, card_defaults, create_app
+    from fewstep.models.saving import recommended
+    from fewstep.serve import ServeConfig, create_app
     from fewstep.serve.guards import default_allowed_hosts, parse_allowed_hosts
 
     if args.max_batch < 1 or args.max_queue < 0:
@@ -150,12 +160,13 @@ def build(args: argparse.Namespace):
     key = args.api_key or None
     hosts = parse_allowed_hosts(args.allowed_hosts) if args.allowed_hosts else default_allowed_hosts(args.host, key)
     model_dir = resolve_model(args.model)
-    card = card_defaults(model_dir)
+    d = recommended(model_dir, vars(args), FALLBACK)
     settings = GenerationSettings(
-        policy=args.policy or card.get("policy", "threshold:0.9"),
-        max_tokens=args.gen_length or card.get("gen_length", 128),
-        block_length=args.block_length or card.get("block_length"),
-        cache=args.cache,
+        policy=d["policy"],
+        max_tokens=d["gen_length"],
+        block_length=d["block_length"],
+        cache=d["cache"],
+        early_stop=d["early_stop"],
         eos_fill=args.eos_fill,
     )
     from fewstep.decoding.text import resolve_policy

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--values needs at least one value")
     for v in values:
         policy_spec(args.policy, v)  # unknown policy / no main option: fail before any model loads
-    from fewstep.commands import resolve_model
+    from fewstep.assets import resolve_model
 
     args.model = [str(resolve_model(m)) for m in args.model]
     base = EvalSettings(

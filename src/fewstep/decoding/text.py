@@ -2,7 +2,7 @@
 
 ``encode prompt -> engine Request -> incremental detokenisation -> answer + stats``, shared by every
 caller that speaks text: ``fewstep serve``, ``fewstep generate``, the eval runner, the rollout
-generator, the lm-eval adapter and ``tasks/evaluate.py`` (its six users)::
+generator, the lm-eval adapter and ``eval/embedded.py`` (its six users)::
 
     gen = TextGenerator(model, tokenizer)
     outs = gen.generate(["3 + 4 - 2 ?"], GenerationSettings(policy="entropy:0.45", max_tokens=64, stop=["."]))

@@ -78,8 +78,8 @@ def run_demo(
     d3LLM's AUP of the row's model and policy family (every setting of the family, over TPF), with
     ``y_max`` the best accuracy of all rows; the baseline family (one point) gets TPF x accuracy.
     """
+    from fewstep.eval.embedded import evaluate_policy
     from fewstep.models import load_model, load_tokenizer
-    from fewstep.tasks.evaluate import evaluate_policy
 
     block_length = block_length or BLOCK_LENGTH
     families = list(families or policy_families(gen_length))

@@ -137,7 +137,7 @@ class FewstepLM(TemplateLM):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import Accelerator
 
-            from fewstep.train.distributed import close_process_group_at_exit
+            from fewstep.distributed import close_process_group_at_exit
 
             acc = Accelerator()
             if acc.num_processes > 1:

@@ -1,4 +1,7 @@
-"""Accuracy and speed of one decoding policy on the embedded task (used by tests, the model card and the demo)."""
+"""Accuracy and speed of one decoding policy on the embedded task (``fewstep demo``, the model cards, tests).
+
+Evaluation, not the task: the task (:mod:`fewstep.tasks`) is data and a verifier and imports nothing of fewstep.
+"""
 
 from __future__ import annotations
 
