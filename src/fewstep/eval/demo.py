@@ -192,10 +192,10 @@ def format_summary(rows: Sequence[dict[str, Any]], tolerance: float = 0.01) -> s
             key=lambda r: r["aup"],
         )
         score = "" if best is None else f"; best AUP {best['aup']:.1f} ({best.get('family', best['policy'])})"
+        tpf = "" if row.get("tokens_per_forward") is None else f", {row['tokens_per_forward']:.2f} tokens/forward"
         lines.append(
-            f"{entry['model']}: {row['policy']} {100 * row['accuracy']:.1f}% at {row['mean_nfe']:.2f} NFE, "
-            f"{row['tokens_per_forward']:.2f} tokens/forward ({row['speedup_nfe']:.1f}x fewer NFE than the "
-            f"baseline{extra}){score}"
+            f"{entry['model']}: {row['policy']} {100 * row['accuracy']:.1f}% at {row['mean_nfe']:.2f} NFE{tpf} "
+            f"({row['speedup_nfe']:.1f}x fewer NFE than the baseline{extra}){score}"
         )
     return "\n".join(lines)
 
