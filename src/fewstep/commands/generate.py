@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from fewstep.assets import SHIPPED_HELP, resolve_model
+from fewstep.commands import EOS_FILL_HELP
 
 #: What an unset decoding flag means when the model folder has no recommended decoding (decoding.json).
 FALLBACK = {"policy": "threshold:0.9", "gen_length": 128, "block_length": None, "cache": "none", "early_stop": True}
@@ -79,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep decoding after EOS (the reference samplers' behaviour; default: stop a prompt at EOS, unless "
         "the model's decoding.json says otherwise)",
     )
+    parser.add_argument("--eos-fill", action="store_true", help=EOS_FILL_HELP)
     parser.add_argument(
         "--no-chat-template", dest="chat", action="store_false", help="tokenize the prompt as plain text"
     )
@@ -112,7 +114,8 @@ def _prompts(args: argparse.Namespace) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model, answer the prompts through the text layer, print answers with NFE, tokens/step and time."""
+    """Load the model, answer the prompts through the text layer, print answers with NFE, tokens per forward
+    and time."""
     import torch
 
     import fewstep
@@ -138,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         cache=args.cache,
         cfg_scale=args.cfg_scale,
         early_stop=args.early_stop,
+        eos_fill=args.eos_fill,
         chat=args.chat,
         special_tokens=True,  # plain prompts get the tokenizer's BOS (the chat template writes its own)
     )
@@ -166,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
             "prompt": p,
             "answer": c.text,
             "nfe": c.nfe,
-            "tokens_per_step": c.committed / max(c.nfe, 1),
+            "tokens_per_forward": c.tokens_per_forward,
+            "positions_per_forward": c.positions_per_forward,
             "revisions": c.revisions,
             "revised_fraction": c.stats()["revised_fraction"],
         }
@@ -203,7 +208,8 @@ def _print(args, results, summary, comps, recorder, tokenizer, mask_id: int) -> 
             f" · {r['revisions']} revisions ({r['revised_fraction']:.0%} of tokens changed)" if r["revisions"] else ""
         )
         console.print(
-            f"[dim]NFE {r['nfe']} · {r['tokens_per_step']:.2f} tokens/step{revised} · policy {summary['policy']} · "
+            f"[dim]NFE {r['nfe']} · {r['tokens_per_forward']:.2f} tokens/forward (before EOS) · "
+            f"{r['positions_per_forward']:.2f} positions/forward{revised} · policy {summary['policy']} · "
             f"cache {args.cache}[/dim]"
         )
     gen_s, load_s = summary["seconds"], summary["load_seconds"]

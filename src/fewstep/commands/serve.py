@@ -6,6 +6,7 @@ import argparse
 import os
 
 from fewstep.assets import SHIPPED_HELP, resolve_model
+from fewstep.commands import EOS_FILL_HELP
 
 #: What an unset decoding flag means when the model folder has no recommended decoding (decoding.json).
 FALLBACK = {"policy": "threshold:0.9", "gen_length": 128, "block_length": None, "cache": "none", "early_stop": True}
@@ -57,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="default semi-autoregressive block length (default: the model's decoding.json, else 32, at most "
         "the answer length; a block-diffusion model's own block size)",
+    )
+    parser.add_argument(
+        "--eos-fill",
+        action="store_true",
+        help=EOS_FILL_HELP + " (the default of the requests' eos_fill field)",
     )
     parser.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default: 32)")
     parser.add_argument(
@@ -161,6 +167,7 @@ def build(args: argparse.Namespace):
         block_length=d["block_length"],
         cache=d["cache"],
         early_stop=d["early_stop"],
+        eos_fill=args.eos_fill,
     )
     from fewstep.decoding.text import resolve_policy
 
