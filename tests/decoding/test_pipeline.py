@@ -27,6 +27,8 @@ SPECS = {
     "llada2": "llada2:threshold=0.9,steps=4",
     "sdar": "sdar:denoising_steps=4,confidence_threshold=0.6",
     "spd": "spd:0.5",
+    "multiblock": "multiblock:1.0",
+    "multiblock-dream": "multiblock-dream:threshold=1.0,cache_delay_iter=2,refresh_interval=3",
 }
 EXTRA_SPECS = [
     "llada:steps=32,remasking=random",
@@ -65,6 +67,10 @@ def assert_batch_equals_single(m, rows, spec, **kw):
 @pytest.mark.parametrize("spec", list(SPECS.values()) + EXTRA_SPECS)
 @pytest.mark.parametrize("d", [LLADA, DREAM], ids=lambda d: d.name)
 def test_batch_equals_single(d, spec, cache):
+    if parse_policy(spec).spans_blocks and cache == "dual":  # later blocks stay open: no dual cache
+        with pytest.raises(fewstep.decoding.RequestError, match="cache"):
+            generate(model(d), prompts(d), spec, gen_length=32, block_length=8, cache=cache)
+        return
     seeds = {"seed": [1, 2, 3]} if "random" in spec else {}  # random remasking needs per-row streams
     out = assert_batch_equals_single(
         model(d), prompts(d), spec, gen_length=32, block_length=8, cache=cache, early_stop=False, **seeds

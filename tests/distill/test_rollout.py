@@ -117,8 +117,9 @@ def test_keep_modes_verdicts_stats_and_batch_independence(arith_teacher, tmp_pat
         for i, r in kept[keep].items():
             assert r == kept["all"][i]
     r = next(iter(kept["all"].values()))
-    assert set(r) >= {"id", "prompt", "response", "correct", "question", "nfe", "tokens_per_step", "finished", "gold"}
-    assert r["nfe"] == 32 and r["tokens_per_step"] == 1.0
+    keys = {"id", "prompt", "response", "correct", "question", "nfe", "finished", "gold"}
+    assert set(r) >= keys | {"tokens_per_forward", "positions_per_forward"}
+    assert r["nfe"] == 32 and r["positions_per_forward"] == 1.0 and r["tokens_per_forward"] <= 1.0
     manifest = json.loads((tmp_path / "all" / "rollout.json").read_text())
     assert manifest["summary"]["kept"] == 20 and manifest["config"]["keep"] == "all"
 

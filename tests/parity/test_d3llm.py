@@ -34,7 +34,7 @@ from fewstep.train.objective import SpecialIds
 from tests.parity.fixtures import d3llm_oracles, fixture_dirs, model, params
 
 RTOL = 1e-5
-#: sections of oracles_d3llm.json that this module runs, and those another module will (multi-block decoding)
+#: sections of oracles_d3llm.json that this module runs, and those test_d3llm_sampler.py runs (multi-block decoding)
 SECTIONS = ("trajectory_oracles", "noisy_state_oracles", "loss_oracles")
 ELSEWHERE = ("sampler_cases",)
 

@@ -142,14 +142,14 @@ NASTY = st.recursive(SCALARS, lambda kids: st.lists(kids, max_size=4) | st.dicti
                      max_leaves=6)  # fmt: skip
 POLICIES = st.sampled_from(
     ["entropy:0.45", "threshold:0.9", "threshold:0.5", "llada:steps=4", "llada:8", "cad:0.9", "factor", "dream",
-     "entropy-dream", "llada2", "sdar", "threshold:nan", "threshold:-1", "llada:steps=0", "llada:steps=-3",
+     "entropy-dream", "llada2", "sdar", "multiblock", "multiblock-dream:threshold=9,cache_delay_iter=0", "threshold:nan", "threshold:-1", "llada:steps=0", "llada:steps=-3",
      "llada:steps=99999999999999999999999", "cad:threshold=2,max_tokens=0", "entropy:warp=3", "llada:steps=abc",
      "threshold:0.9,temperature=1e308", "threshold:0.9,temperature=-1", "dream:top_p=2", ":", "", " ", "x" * 300,
      "spd:0.5", "spd:threshold=0,soft=false", "spd:convergence=nan", "spd:soft=maybe"]
 )  # fmt: skip
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
           "stop", "stream", "stream_options", "n", "policy", "threshold", "cache", "block_length", "max_nfe",
-          "stream_mode", "echo", "logprobs", "best_of", "suffix", "user"]  # fmt: skip
+          "stream_mode", "echo", "logprobs", "best_of", "suffix", "user", "eos_fill"]  # fmt: skip
 
 
 @st.composite
@@ -169,6 +169,7 @@ def valid_bodies(draw, chat: bool) -> dict:
         ("stream_mode", st.sampled_from(["text", "denoise"])),
         ("max_nfe", st.integers(1, 8)),
         ("block_length", st.sampled_from([1, 2, 4, 8])),
+        ("eos_fill", st.booleans()),
     ):
         if draw(st.booleans()):
             body[key] = draw(values)

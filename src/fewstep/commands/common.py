@@ -1,7 +1,8 @@
 """What the commands share, declared once: the decoding flags, the device/dtype/threads flags, the output
 folder flags, and how each is applied.
 
-* :func:`add_decoding_arguments`: ``--policy --cache --gen-length --block-length --no-early-stop``; unset
+* :func:`add_decoding_arguments`: ``--policy --cache --gen-length --block-length --no-early-stop
+  --eos-fill``; unset
   means the model's recommended decoding, else the library's defaults
   (:mod:`fewstep.decoding.defaults`), resolved by :func:`decoding_settings`.
 * :func:`add_device_arguments`: ``--device --dtype --threads``; :func:`device_and_dtype` gives the one
@@ -23,6 +24,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from fewstep.decoding.defaults import CACHE_MODES, SETTINGS, describe_default
+
+#: The help of ``--eos-fill`` (every decoding command takes it, with the early-stop flag).
+EOS_FILL_HELP = (
+    "d3LLM's end-of-text stop: once an EOS is committed, every later position becomes EOS at once and a row "
+    "with no mask left stops (no forward spent after the EOS; --no-early-stop does not turn it off)"
+)
 
 #: ``--dtype`` values: the canonical names and their short forms.
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -113,6 +120,7 @@ def add_decoding_arguments(
             "samplers' behaviour; default: stop after the block holding the EOS, unless the model's "
             "decoding.json says otherwise)",
         )
+        parser.add_argument("--eos-fill", action="store_true", help=EOS_FILL_HELP)
 
 
 def decoding_settings(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:

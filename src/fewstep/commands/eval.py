@@ -1,7 +1,7 @@
 """`fewstep eval`: generate a benchmark's answers with the decoding engine, score them, measure speed.
 
 Writes DIR/records.jsonl (one line per record: id, response, extracted, passed, reason, nfe,
-gen_tokens, tokens_per_step, latency_s), DIR/summary.json, DIR/config.json and DIR/run.json (fewstep's
+gen_tokens, tokens_per_forward, positions_per_forward, latency_s), DIR/summary.json, DIR/config.json and DIR/run.json (fewstep's
 output-folder marker). A killed run resumes where it stopped when started again with the same settings
 and --out; a start that failed before writing a record binds nothing.
 """
@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         device=args.device,
         dtype=args.dtype,
+        eos_fill=args.eos_fill,
         seed=args.seed,
         baseline=args.baseline,
         workers=args.workers,
@@ -100,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     metric = "pass@1" if task.kind == "code" else "accuracy"
     line = (
         f"{s['task']}: {metric} {s['accuracy']:.4f} ({s['correct']}/{s['n']}) · NFE {s['mean_nfe']:.1f} · "
-        f"{s['tokens_per_step']:.2f} tokens/step · {s['latency_per_sample_s']:.3f} s/sample · "
+        f"{_fig(s['tokens_per_forward'])} tokens/forward (TPF) · {_fig(s['positions_per_forward'])} positions/forward · "
+        f"{s['latency_per_sample_s']:.3f} s/sample · "
         f"{s['tokens_per_s']:.1f} tokens/s · {s['device']} {s['dtype']} batch {s['batch_size']}"
     )
     if s.get("speedup"):
@@ -111,3 +113,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {w}")
     print(f"records: {Path(args.out) / 'records.jsonl'} · summary: {Path(args.out) / 'summary.json'}")
     return 0
+
+
+def _fig(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"

@@ -85,7 +85,8 @@ def _prompts(args: argparse.Namespace) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model, answer the prompts through the text layer, print answers with NFE, tokens/step and time."""
+    """Load the model, answer the prompts through the text layer, print answers with NFE, tokens per forward
+    and time."""
     import fewstep
     from fewstep.decoding import parse_policy
     from fewstep.decoding.trace import StepRecorder, completions_json
@@ -133,6 +134,7 @@ def _generate(args: argparse.Namespace, model, tokenizer, prompts: list, policy,
         cache=args.cache,
         cfg_scale=args.cfg_scale,
         early_stop=args.early_stop,
+        eos_fill=args.eos_fill,
         chat=args.chat,
         special_tokens=True,  # plain prompts get the tokenizer's BOS (the chat template writes its own)
     )
@@ -157,7 +159,8 @@ def _results(args: argparse.Namespace, policy, comps: list, shown: list[str], lo
             "prompt": p,
             "answer": c.text,
             "nfe": c.nfe,
-            "tokens_per_step": c.committed / max(c.nfe, 1),
+            "tokens_per_forward": c.tokens_per_forward,
+            "positions_per_forward": c.positions_per_forward,
             "revisions": c.revisions,
             "revised_fraction": c.stats()["revised_fraction"],
         }
@@ -209,7 +212,8 @@ def _print(args, results, summary, comps, recorder, tokenizer, mask_id: int) -> 
             f" · {r['revisions']} revisions ({r['revised_fraction']:.0%} of tokens changed)" if r["revisions"] else ""
         )
         console.print(
-            f"[dim]NFE {r['nfe']} · {r['tokens_per_step']:.2f} tokens/step{revised} · policy {summary['policy']} · "
+            f"[dim]NFE {r['nfe']} · {r['tokens_per_forward']:.2f} tokens/forward (before EOS) · "
+            f"{r['positions_per_forward']:.2f} positions/forward{revised} · policy {summary['policy']} · "
             f"cache {args.cache}[/dim]"
         )
     gen_s, load_s = summary["seconds"], summary["load_seconds"]

@@ -1,7 +1,8 @@
 """`fewstep rollout`: the teacher answers a prompt set; verified answers become distillation data.
 
 Writes OUT/shard-RRRRR-of-WWWWW.jsonl (one per process) with records ``{"id", "prompt", "response",
-"correct", "question", "nfe", "tokens_per_step", "response_tokens", "finished", "seconds", ...}`` and
+"correct", "question", "nfe", "tokens_per_forward", "positions_per_forward", "response_tokens", "finished",
+"seconds", ...}`` and
 OUT/rollout.json (settings and summary). ``fewstep distill --data OUT`` reads the shards. Killed? Run
 the same command again: it continues where it stopped, without losing or repeating a record.
 ``--trajectory`` records d3LLM's teacher trajectories (``commit_rank`` etc., docs/distillation.md).
@@ -159,6 +160,7 @@ def rollout_config(args: argparse.Namespace, model_dir: Path, verifier: str | No
         seed=args.seed,
         chat=args.chat,
         early_stop=d["early_stop"] and not args.trajectory,
+        eos_fill=args.eos_fill,
         sort_by_length=args.sort,
         prompt_field=args.prompt_field,
         protocol=args.protocol,
@@ -246,6 +248,7 @@ def _print_summary(summary: dict, out: Path) -> None:
         f"fewstep rollout: kept {summary['kept']:,} of {summary['prompts']:,} answers "
         f"({summary['acceptance']:.1%}"
         + (f"; teacher accuracy {acc:.1%}" if acc is not None else "")
-        + f"), mean NFE {summary['mean_nfe']:.1f}, {summary['tokens_per_step']:.2f} tokens/step, "
+        + f"), mean NFE {summary['mean_nfe']:.1f}, {summary['tokens_per_forward']:.2f} tokens/forward (TPF), "
+        f"{summary['positions_per_forward']:.2f} positions/forward, "
         f"{summary['prompts_per_second']:.1f} prompts/s; data in {out}"
     )

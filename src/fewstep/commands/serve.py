@@ -148,6 +148,7 @@ def build(args: argparse.Namespace):
         block_length=d["block_length"],
         cache=d["cache"],
         early_stop=d["early_stop"],
+        eos_fill=args.eos_fill,
     )
     from fewstep.decoding.text import resolve_policy
 

@@ -1,5 +1,6 @@
-"""`fewstep sweep`: one unmasking policy over a grid of values (and models): accuracy against NFE, the
-Pareto frontier as a PNG, and d3LLM's AUP score (docs/evaluation.md gives the formula and source).
+"""`fewstep sweep`: one unmasking policy over a grid of values (and models): accuracy against NFE (or
+tokens per forward), the Pareto frontier as a PNG, and d3LLM's AUP score (docs/evaluation.md gives the
+formula and source).
 
 Every point is a `fewstep eval` run in its own folder under --out, so an interrupted sweep resumes.
 """
@@ -26,7 +27,9 @@ examples:
       --out runs/sweep-arith
 
 --values sets the policy's main option (threshold for threshold/entropy/cad, steps for llada, factor for
-factor); other options go after the name: --policy cad:max_tokens=32.
+factor, multiblock); other options go after the name: --policy cad:max_tokens=32.
+Columns: TPF = tokens per forward (answer tokens before the first EOS / NFE, d3LLM's figure, what AUP
+integrates); pos/fwd = committed positions per forward (EOS padding included).
 Outputs: DIR/<model>/<policy>/ (one eval folder per point), DIR/sweep.json, DIR/frontier.png.
 """
 
@@ -47,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-policy", default=None, metavar="SPEC", help="also run this policy once per model")
     add_output_arguments(parser, default="sweep-out", help="output folder (resumed if this command made it)")
     parser.add_argument("--aup-ymax", type=float, default=None, help="AUP's y_max in %% (default: best point)")
+    parser.add_argument(
+        "--x-axis",
+        choices=["nfe", "tpf"],
+        default="nfe",
+        help="the plot's x axis: mean NFE (default) or tokens per forward (TPF)",
+    )
     add_decoding_arguments(parser, policy=False)
     parser.add_argument("--batch-size", type=positive_int, default=1, help="prompts decoded together")
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N records")
@@ -84,19 +93,29 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         device=args.device,
         dtype=args.dtype,
+        eos_fill=args.eos_fill,
         workers=args.workers,
         progress=not args.no_progress,
     )
-    result = run_sweep(base, args.model, args.policy, values, args.out, args.baseline_policy, args.aup_ymax)
+    result = run_sweep(
+        base, args.model, args.policy, values, args.out, args.baseline_policy, args.aup_ymax, args.x_axis
+    )
     for model, info in result["models"].items():
-        print(f"{model}: AUP {info['aup']:.2f} (alpha {result['aup_alpha']}, y_max {result['aup_y_max']:.1f}%)")
-        print(f"  {'policy':<34} {'acc %':>7} {'NFE':>8} {'tok/step':>9} {'s/sample':>9} {'speedup':>8}  frontier")
+        score = "-" if info["aup"] is None else f"{info['aup']:.2f}"
+        print(f"{model}: AUP {score} over TPF (alpha {result['aup_alpha']}, y_max {result['aup_y_max']:.1f}%)")
+        head = f"{'policy':<34} {'acc %':>7} {'NFE':>8} {'TPF':>7} {'pos/fwd':>8} {'s/sample':>9} {'speedup':>8}"
+        print(f"  {head}  frontier")
         for p in info["points"]:
             on = "*" if p["policy"] in info["frontier"] else ""
             speed = f"{p['speedup']:.2f}x" if p["speedup"] else "-"
             print(
-                f"  {p['policy']:<34} {100 * p['accuracy']:>7.2f} {p['mean_nfe']:>8.1f} {p['tokens_per_step']:>9.2f} "
+                f"  {p['policy']:<34} {100 * p['accuracy']:>7.2f} {p['mean_nfe']:>8.1f} "
+                f"{_fig(p['tokens_per_forward']):>7} {_fig(p['positions_per_forward']):>8} "
                 f"{p['latency_per_sample_s']:>9.3f} {speed:>8}  {on}"
             )
     print(f"plot: {result['png']} · data: {Path(args.out) / 'sweep.json'}")
     return 0
+
+
+def _fig(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"

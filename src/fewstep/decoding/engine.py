@@ -1,7 +1,8 @@
 """The step-level, continuous-batching engine that ``fewstep.generate`` and the server share.
 
 Every request becomes a **row** that carries its own progress: prompt and answer length, block length,
-its decode window (the canvas columns of its current block) and phase, policy and policy memory, random
+its decode window (the canvas columns of its current block; for a policy that ``spans_blocks``, from its
+current block to the answer's end, several blocks decoded at once) and phase, policy and policy memory, random
 stream (a seeded row has its own generator), KV cache, NFE, and what the current round produced for it
 (:class:`Outcome`). A round (:meth:`Engine.step`):
 
@@ -13,14 +14,18 @@ stream (a seeded row has its own generator), KV cache, NFE, and what the current
    forwards and dual-cached forwards. Rows of every length, block and cache mode share these calls;
 4. groups the rows by policy (same instance, or same spec string) and block geometry and makes one
    ``select`` call per group; commits, counts NFE, and asks the policy which rows are done;
-5. a row whose block is done moves to its next block at once ("first done, first out"), stops at an EOS
-   with ``early_stop``, finishes after its last block, or stops at ``max_nfe``.
+5. a row whose block is done moves to its next block at once ("first done, first out"; a spanning row to
+   its next block that holds a mask), stops at an EOS with ``early_stop`` (after the block), ``eos_early_stop``
+   or ``eos_fill`` (after the forward: d3LLM's fill of everything after the first EOS, then a row with no
+   mask left is done), finishes after its last block, or stops at ``max_nfe``.
 
 Policy capabilities (:mod:`fewstep.decoding.policies.base`): a ``revises`` policy's commits may overwrite
 decoded tokens of the open block (counted as revisions: ``RowResult.revisions``/``revised``, ``Update.revised``);
 a ``uses_embeddings`` policy gets the model's input embedding in its ``StepState`` and its ``Selection.embeds``
 become the row's window inputs at its next forward; a ``folds_store`` policy's finished block is stored in the
-exact block cache by the next block's first forward (which runs both blocks) instead of a store forward.
+exact block cache by the next block's first forward (which runs both blocks) instead of a store forward;
+a ``spans_blocks`` policy's window runs from the row's current block to the answer's end, its memory lives
+from block to block and, with ``cache="prefix"``, it plans the row's prefix cache (``Row.prefix_plan``).
 
 Exactness: a row's forward sees exactly its own canvas at its own RoPE positions (pads are masked keys,
 before its real columns or after its queries); its policy state, memory, step counter and random stream
@@ -65,7 +70,15 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fewstep.decoding.forward import BlockRun, Seqs, block_forward, dual_forward, full_forward, prefix_forward
+from fewstep.decoding.forward import (
+    BlockRun,
+    Seqs,
+    block_forward,
+    dual_forward,
+    full_forward,
+    prefix_forward,
+    prefix_store_forward,
+)
 from fewstep.decoding.policies import Policy, StepState
 from fewstep.decoding.policies.base import RowRNG, shown
 from fewstep.decoding.request import (
@@ -82,6 +95,7 @@ from fewstep.decoding.request import (
     resolve_settings,
     stop_ids,
 )
+from fewstep.models.base import KVCache
 
 __all__ = [
     "CACHE_MODES",
@@ -174,7 +188,7 @@ class Outcome:
     tokens: list[int] = field(default_factory=list)
     revised: list[int] = field(default_factory=list)  # the positions among them that replaced a decoded token
     block_done: bool = False  # the policy is done with the block
-    eos_stop: bool = False  # eos_early_stop ended the row at this forward
+    eos_stop: bool = False  # eos_early_stop or eos_fill ended the row at this forward
 
 
 class _Row:
@@ -185,6 +199,7 @@ class _Row:
         self.request, self.settings, self.order = request, settings, order
         self.prompt_length, self.gen_length = len(prompt), settings.gen_length
         self.block_length, self.block_diffusion = settings.block_length, settings.block_diffusion
+        self.spans = settings.policy.spans_blocks and not self.block_diffusion  # the window runs to the answer end
         P, G, L = self.prompt_length, self.gen_length, self.block_length
         if self.block_diffusion:  # blocks counted from the row's first token; decoding starts at the prompt tail's
             self.origin, self.first_block, self.num_blocks = 0, P // L, -(-(P + G) // L)
@@ -196,6 +211,7 @@ class _Row:
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
         quirks = request.quirks
         self.suppress_mask = not quirks.mask_prediction
+        self.own_first = quirks.prefix_own_logit
         # dual == prefix when block-causal
         self.cache = "prefix" if self.block_diffusion and settings.cache == "dual" else settings.cache
         self.extra_nfe = quirks.cache_extra_nfe and settings.cache != "none" and not self.block_diffusion
@@ -206,6 +222,7 @@ class _Row:
         self.first_token = torch.full((G,), -1, dtype=torch.long, device=device)  # first committed token
         self.revisions = 0
         self.kv = None
+        self.memory = None
         self.fold = False  # the next forward also runs the previous block and stores it (folds_store)
         self.enter_block(self.first_block)
         short = quirks.prefill_short_prompt  # dInfer prefills the first block even when the prompt fills none
@@ -216,13 +233,45 @@ class _Row:
         self.outcome = Outcome(0)
 
     def enter_block(self, block: int) -> None:
-        """Make ``block`` (absolute index) the decode window: no steps, no policy memory yet."""
-        self.block, self.steps, self.memory = block, 0, None
+        """Make ``block`` (absolute index) the decode window: no steps, no policy memory yet.
+
+        A row whose policy spans blocks (``Policy.spans_blocks``) decodes from ``block`` to the answer end and
+        keeps its policy memory and its cache from block to block (the policy manages both)."""
+        self.block, self.steps = block, 0
         self.embeds = None  # [L, D] the window's input embeddings for the next forward (None: its ids)
         start = self.origin + block * self.block_length
-        self.window = Window(start, start + self.block_length)
-        if not self.block_diffusion:
-            self.kv = None
+        end = self.origin + self.num_blocks * self.block_length if self.spans else start + self.block_length
+        self.window = Window(start, end)
+        if not self.spans:
+            self.memory = None
+            if not self.block_diffusion:
+                self.kv = None
+
+    def next_block(self) -> int:
+        """The block after the current one that the row decodes next: the next one, or for a spanning row the
+        first later block that still holds a mask (``num_blocks`` when there is none)."""
+        b = self.block + 1
+        if self.spans:
+            mask, L = self.settings.mask_id, self.block_length
+            while b < self.num_blocks:
+                s = self.origin + b * L
+                if bool((self.canvas[s : s + L] == mask).any()):
+                    break
+                b += 1
+        return b
+
+    def prefix_plan(self) -> tuple[int, int]:
+        """A spanning row with ``cache="prefix"``: the canvas columns its next forward takes from its cache and
+        the columns its cache holds after it, from the policy's ``prefix_reuse`` / ``prefix_keep`` memory
+        (counted in blocks: 0 none, 1 the prompt, ``k + 1`` the prompt and ``k`` answer blocks)."""
+        mem = self.memory or {}
+
+        def cols(key: str) -> int:
+            n = int(mem[key][0]) if key in mem else 0
+            return 0 if n <= 0 else self.prompt_length + (n - 1) * self.block_length
+
+        reuse = cols("prefix_reuse") if self.kv is not None else 0
+        return reuse, cols("prefix_keep")
 
     @property
     def block_index(self) -> int:
@@ -241,7 +290,10 @@ class _Row:
             un = x.clone()
             un[:, : self.prompt_length] = self.settings.mask_id
             x = torch.cat([x, un])
-        return Seqs(x, self.kv, *self.window, embeds=self.embeds)
+        extra = {}
+        if self.spans and self.settings.cache == "prefix":
+            extra = {"cut": self.prefix_plan()[0], "own_first": self.own_first}
+        return Seqs(x, self.kv, *self.window, embeds=self.embeds, **extra)
 
     def block_run(self) -> BlockRun:
         """This row's part of a block-diffusion call: its phase's columns, cache and wanted logits."""
@@ -287,14 +339,15 @@ class _Row:
     def answer(self) -> list[int]:
         return self.canvas[self.prompt_length : self.prompt_length + self.gen_length].tolist()
 
-    def early_stop(self) -> bool:
-        """With early stop: if the answer so far holds an EOS, fill everything after it with EOS."""
+    def early_stop(self, upto: int) -> bool:
+        """With early stop: if the answer before canvas column ``upto`` (the decoded blocks) holds an EOS,
+        fill everything after it with EOS."""
         st, P = self.settings, self.prompt_length
         if st.fill_id is None:
             return False
         if self.request.quirks.early_stop_keeps_block:
             return self._stop_after_block()
-        answer = self.canvas[P : min(self.window.end, P + self.gen_length)]
+        answer = self.canvas[P : min(upto, P + self.gen_length)]
         hit = torch.isin(answer, torch.tensor(st.eos, device=self.canvas.device))
         if not bool(hit.any()):
             return False
@@ -319,6 +372,26 @@ class _Row:
         self.canvas[cut:] = self.settings.eos[0]
         self.decode_step[cut - self.prompt_length :] = 0
         self.finished_early = True
+
+    def eos_fill(self) -> bool:
+        """``eos_fill`` (d3LLM's end-of-text stop): once the answer holds an EOS, everything after the first
+        one becomes EOS at once (masks and decoded tokens alike, no forward); True when no mask is left, so
+        the row is done. Decode steps stay those of the forwards (0 for masks the fill turned into EOS)."""
+        if not self.request.eos_fill:
+            return False
+        st, P, G = self.settings, self.prompt_length, self.gen_length
+        answer = self.canvas[P : P + G]
+        hit = torch.isin(answer, torch.tensor(st.eos, device=self.canvas.device))
+        if not bool(hit.any()):
+            return False
+        masked = bool((answer == st.mask_id).any())
+        answer[int(hit.nonzero()[0]) + 1 :] = st.eos[0]
+        if bool((answer == st.mask_id).any()):
+            return False  # masks before the first EOS are still to decode
+        self.finished_early = True
+        if masked and self.request.quirks.eos_fill_nfe:
+            self.nfe += 1  # d3LLM counts the forward before its loop-head fill, which then ends the row
+        return True
 
     def eos_stop(self, committed_eos: bool) -> bool:
         """``eos_early_stop`` (LLaDA2's): after a step that committed an EOS, stop now if every answer
@@ -374,6 +447,16 @@ def _group_key(r: _Row) -> tuple:
     return key + (scalars if st.policy.uses_block_scalars else ())
 
 
+def _kind(r: _Row) -> str:
+    """The kind of forward a row runs this round (:mod:`fewstep.decoding.forward`)."""
+    cache = r.settings.cache
+    if r.block_diffusion:
+        return "block"
+    if r.spans and cache == "prefix":  # the policy plans its cache: a full forward unless it reuses one
+        return "prefix" if r.prefix_plan()[0] > 0 else "full"
+    return "full" if cache == "none" or r.steps == 0 else cache
+
+
 def _state(rows: list[_Row], device: torch.device, memory: dict | None = None, model=None) -> StepState:
     """The policy's view of ``rows`` (one group: same policy and block geometry); with ``model``, a policy that
     ``uses_embeddings`` gets the model's input embedding (never the model itself)."""
@@ -381,7 +464,7 @@ def _state(rows: list[_Row], device: torch.device, memory: dict | None = None, m
     if not r0.block_diffusion and len({(r.gen_length, r.block) for r in rows}) == 1:
         answers = torch.stack([r.canvas[r.prompt_length :] for r in rows])
         lo = r0.window.start - r0.prompt_length
-        tokens, gen_masked = answers[:, lo : lo + r0.block_length], (answers == mask_id).sum(-1)
+        tokens, gen_masked = answers[:, lo : lo + r0.window.end - r0.window.start], (answers == mask_id).sum(-1)
     else:  # rows at different blocks / answer lengths, or block models (blocks from absolute positions)
         tokens = torch.stack([r.canvas[r.window.start : r.window.end] for r in rows])
         answers = [r.canvas[r.prompt_length : r.prompt_length + r.gen_length] for r in rows]
@@ -620,8 +703,7 @@ class Engine:
         model call per kind; a call that raises is run again row by row and only the rows that fail alone fail."""
         kinds: dict[str, list[_Row]] = {"full": [], "prefix": [], "dual": [], "block": []}
         for r in rows:
-            cache = r.settings.cache
-            kinds["block" if r.block_diffusion else "full" if cache == "none" or r.steps == 0 else cache].append(r)
+            kinds[_kind(r)].append(r)
         for kind, group in ((k, g) for k, rs in kinds.items() for g in self._calls(k, rs)):
             self._isolated(
                 group,
@@ -642,13 +724,25 @@ class Engine:
                 want = any(r.settings.cache != "none" for r in rows)
                 zs, caches = full_forward(self.model, seqs, self.pad_id, want)
             elif kind == "prefix":
-                zs = prefix_forward(self.model, seqs, self.pad_id)
+                stores = [r.spans and r.prefix_plan()[1] > r.prefix_plan()[0] for r in rows]
+                if any(stores):
+                    zs, caches = prefix_store_forward(self.model, seqs, self.pad_id)
+                    caches = [kv if store else None for kv, store in zip(caches, stores)]
+                else:
+                    zs = prefix_forward(self.model, seqs, self.pad_id)
             else:
                 zs = dual_forward(self.model, seqs, self.pad_id)
             logits = [r.combine(z) for r, z in zip(rows, zs)]
         for r, z, kv in zip(rows, logits, caches):
             r.outcome.logits = z
-            if kv is not None and (kind == "block" or r.settings.cache != "none"):
+            if kv is None or (kind != "block" and r.settings.cache == "none"):
+                continue
+            if r.spans:  # the policy's plan: the cache keeps its first `keep` columns
+                keep = r.prefix_plan()[1]
+                r.kv = (
+                    KVCache([(k[:, :, :keep].clone(), v[:, :, :keep].clone()) for k, v in kv.layers]) if keep else None
+                )
+            else:
                 r.kv = kv
             r.fold = False
 
@@ -663,6 +757,8 @@ class Engine:
                 run = r.block_run()
                 return run.x.shape[1] + (0 if run.kv is None else run.kv.length)
             n, (s, e) = len(r.canvas), r.window
+            if kind == "prefix" and r.spans:
+                return n - r.prefix_plan()[0]
             return n if kind == "full" else (n - s + sh if kind == "prefix" else e - s + sh)
 
         calls: list[list[_Row]] = []
@@ -717,12 +813,13 @@ class Engine:
                 r.memory[k] = v[i : i + 1]
             r.embeds = None if sel.embeds is None else sel.embeds[i]
             o, lo = r.outcome, r.window.start - r.prompt_length
-            pos = [j for j in range(max(0, -lo), min(r.block_length, r.gen_length - lo)) if shown_l[i][j]]
+            width = r.window.end - r.window.start  # the block, or a spanning row's blocks to the answer end
+            pos = [j for j in range(max(0, -lo), min(width, r.gen_length - lo)) if shown_l[i][j]]
             r.tokens_per_step.append(fresh_n[i])
             o.positions, o.tokens = [lo + j for j in pos], [new_l[i][j] for j in pos]
             o.revised = [lo + j for j in pos if revised_l[i][j]]
             r.revisions += len(o.revised)
-            o.eos_stop = r.eos_stop(committed_eos[i])
+            o.eos_stop = r.eos_stop(committed_eos[i]) or r.eos_fill()
             o.denoised = True
 
     @staticmethod
@@ -791,10 +888,11 @@ class Engine:
             if not (left and r.request.quirks.unstored_blocks):
                 r.phase, block_done = Phase.STORE, False  # one more forward stores the block in the cache
         if block_done and not finished:
-            if r.early_stop() or r.block + 1 == r.num_blocks:
+            nxt = r.next_block()
+            if r.early_stop(r.origin + nxt * r.block_length) or nxt >= r.num_blocks:
                 finished = True
             else:
-                r.enter_block(r.block + 1)
+                r.enter_block(nxt)
                 r.fold = r.folds  # the finished block is stored by the next block's first forward
         if not finished and r.request.max_nfe is not None and r.nfe >= r.request.max_nfe:
             r.stopped_by_max_nfe = finished = True

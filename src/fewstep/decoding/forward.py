@@ -51,6 +51,12 @@ class Seqs:
     start: int  # block start column s
     end: int  # block end column e
     embeds: torch.Tensor | None = None  # [L, D] the window's input embeddings (None: its ids)
+    # prefix kind: the cached columns the row's run starts after (None: s - logit_shift, the block's own cut);
+    # a spanning policy's cache may stop before its window
+    cut: int | None = None
+    # prefix kind, logit_shift 1 (quirk): the run starts at ``cut`` itself and a window starting there takes
+    # that column's own output as its prediction (d3LLM's Dream cached sampler)
+    own_first: bool = False
 
 
 def _place(parts: list[tuple[torch.Tensor, int]], width: int, n: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +97,8 @@ def _padded_cache(seqs: list[Seqs], layout: list[list[tuple[int, int, int]]], wi
 
 
 def _same_geometry(seqs: list[Seqs]) -> bool:
-    """Whether every row has the same canvas length and block (then nothing needs padding)."""
-    return len({(s.x.shape[1], s.start, s.end) for s in seqs}) == 1
+    """Whether every row has the same canvas length, block and cut (then nothing needs padding)."""
+    return len({(s.x.shape[1], s.start, s.end, s.cut, s.own_first) for s in seqs}) == 1
 
 
 def _joined_cache(seqs: list[Seqs], width: int) -> KVCache:
@@ -162,9 +168,20 @@ def full_forward(model, seqs: list[Seqs], pad: int, want_cache: bool) -> tuple[l
 
 
 def prefix_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
-    """Prefix-cached forward: cache ``[0, s - shift)`` left-padded, columns from there on right-padded."""
+    """Prefix-cached forward: each row's cached columns ``[0, cut)`` left-padded, its columns from there on
+    right-padded (cut: ``s - shift``, or the row's own ``Seqs.cut``). Returns per-row window logits."""
+    return _prefix(model, seqs, pad, False)[0]
+
+
+def prefix_store_forward(model, seqs: list[Seqs], pad: int) -> tuple[list[torch.Tensor], list[KVCache]]:
+    """:func:`prefix_forward` that also returns each row's cache after it: its cached columns followed by the
+    keys/values of its run (a spanning policy keeps the prefix it plans from them)."""
+    return _prefix(model, seqs, pad, True)
+
+
+def _prefix(model, seqs: list[Seqs], pad: int, want_cache: bool) -> tuple[list[torch.Tensor], list]:
     sh = model.logit_shift
-    cut = [s.start - sh for s in seqs]
+    cut = [s.start - sh if s.cut is None else (s.cut if s.own_first and sh else s.cut - sh) for s in seqs]
     C = max(cut)
     Q = max(s.x.shape[1] - c for s, c in zip(seqs, cut))
     placed = [_place([(s.x[:, :c], C - c), (s.x[:, c:], C)], C + Q, s.x.shape[0], pad) for s, c in zip(seqs, cut)]
@@ -173,12 +190,41 @@ def prefix_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
         cache = _joined_cache(seqs, C)
     else:
         cache = _padded_cache(seqs, [[(0, C - c, c)] for c in cut], C)
-    L = max(s.end - s.start for s in seqs)
+    # a quirk row whose window starts at its cut takes the logits of the next column for that column too
+    dup = [int(s.own_first and sh > 0 and s.start == c) for s, c in zip(seqs, cut)]
+    first = [C + s.start - c + d for s, c, d in zip(seqs, cut, dup)]
+    lo, hi = min(first), max(C + s.end - c for s, c in zip(seqs, cut))
     ids, emb = _inputs(model, ids, [(j, C + s.start - c, s.embeds) for j, s, c in zip(_rows(seqs), seqs, cut)])
     out = model.denoise(
-        ids, am, start=C + sh, cache=cache, cache_mode="prefix", logits_start=C + sh, logits_end=C + sh + L, **emb
+        ids,
+        am,
+        start=C + sh,
+        cache=cache,
+        cache_mode="prefix",
+        use_cache=want_cache,
+        logits_start=lo,
+        logits_end=hi,
+        **emb,
     )
-    return _split_logits(out.logits, seqs, [0] * len(seqs))
+    logits, caches, j = [], [], 0
+    for s, c, d, f in zip(seqs, cut, dup, first):
+        m, L = s.x.shape[0], s.end - s.start
+        z = out.logits[j : j + m, f - lo : f - lo + L - d]
+        logits.append(torch.cat([z[:, :1], z], 1) if d else z)
+        if want_cache:
+            n = s.x.shape[1]
+            caches.append(
+                KVCache(
+                    [
+                        (k[j : j + m, :, C - c : C - c + n], v[j : j + m, :, C - c : C - c + n])
+                        for k, v in out.past_key_values
+                    ]
+                )
+            )
+        else:
+            caches.append(None)
+        j += m
+    return logits, caches
 
 
 def dual_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:

@@ -78,7 +78,7 @@ class GenerateOutput:
     policy: str
     cache: str
     trace: list[dict[str, Any]] | None = None
-    finished_early: torch.Tensor | None = None  # [B], with early_stop: rows that stopped at an EOS
+    finished_early: torch.Tensor | None = None  # [B], with an early stop: rows that stopped at an EOS
     eos_ids: tuple[int, ...] = ()
     mask_id: int | None = None
     revisions: torch.Tensor | None = None
@@ -184,6 +184,9 @@ def generate(
     quirk_unstored_blocks: bool = False,
     quirk_prefill_short_prompt: bool = False,
     quirk_early_stop_keeps_block: bool = False,
+    eos_fill: bool = False,
+    quirk_eos_fill_nfe: bool = False,
+    quirk_prefix_own_logit: bool = False,
 ) -> GenerateOutput:
     """Generate ``gen_length`` tokens after each prompt with a diffusion LM and an unmasking policy.
 
@@ -241,6 +244,17 @@ def generate(
         quirk_early_stop_keeps_block: ``early_stop`` as dInfer's ``decode_uniform``: an EOS anywhere in the
             finished block (its prompt tail included) stops the row, the block is kept whole (tokens after its
             first EOS stay) and everything after it is EOS.
+        eos_fill: d3LLM's end-of-text stop, for any policy: after a forward, once the answer holds an EOS,
+            everything after the first one becomes EOS at once (masks and decoded tokens, no forward), and a
+            row with no mask left stops. Unlike ``early_stop`` (which waits for the block holding the EOS to
+            finish and fills the later blocks) it also drops the masks after the EOS from the current block;
+            unlike ``eos_early_stop`` (which stops only once everything before the EOS is decoded, decoding
+            the masks after it meanwhile) it never spends a forward on a position after the EOS.
+        quirk_eos_fill_nfe: d3LLM counts a forward before its loop-head fill, so a fill that ends the row
+            costs one forward that never runs; on for parity only.
+        quirk_prefix_own_logit: d3LLM's Dream cached sampler runs a prefix-cached forward from the first
+            uncached column and shifts the logits inside the run, so that column is predicted from its own
+            output instead of its left neighbour's (multi-block policies with ``cache="prefix"``).
 
     Block-diffusion models (LLaDA2-MoE, SDAR; ``model.block_diffusion``): ``block_length`` is the block
     size of the model's block-causal attention (default: the model's); blocks are aligned to positions
@@ -266,6 +280,7 @@ def generate(
         mask_id=mask_id,
         max_steps_per_block=max_steps_per_block,
         eos_early_stop=eos_early_stop,
+        eos_fill=eos_fill,
         quirks=Quirks(
             cache_extra_nfe=quirk_cache_extra_nfe,
             mask_prediction=quirk_mask_prediction,
@@ -273,6 +288,8 @@ def generate(
             unstored_blocks=quirk_unstored_blocks,
             prefill_short_prompt=quirk_prefill_short_prompt,
             early_stop_keeps_block=quirk_early_stop_keeps_block,
+            eos_fill_nfe=quirk_eos_fill_nfe,
+            prefix_own_logit=quirk_prefix_own_logit,
         ),
     )
     st = resolve_settings(model, base, tokenizer, policy)  # the settings' errors before the prompts'
@@ -284,7 +301,8 @@ def generate(
     for i in range(B):  # the engine checks every row (its prompt, its seed) before any runs
         row = ids[i] if am is None else ids[i][am[i].bool()]
         engine.submit(replace(base, prompt=row.tolist(), seed=None if seeds is None else seeds[i], id=i))
-    return _drive(engine, ids, st, policy.describe(), callback, trace, early=d["early_stop"] or eos_early_stop)
+    early = d["early_stop"] or eos_early_stop or eos_fill
+    return _drive(engine, ids, st, policy.describe(), callback, trace, early=early)
 
 
 def _drive(engine: Engine, ids: torch.Tensor, st, policy: str, callback, trace: bool, early: bool) -> GenerateOutput:

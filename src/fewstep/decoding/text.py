@@ -1,4 +1,4 @@
-"""The text layer: prompts in, answers out, on top of the step-level engine (issue 12, item 2).
+"""The text layer: prompts in, answers out, on top of the step-level engine.
 
 ``encode prompt -> engine Request -> incremental detokenisation -> answer + stats``, shared by every
 caller that speaks text: ``fewstep serve``, ``fewstep generate``, the eval runner, the rollout
@@ -58,6 +58,7 @@ ENGINE_FIELDS = {
     "cache": "cache",
     "seed": "seed",
     "early_stop": "early_stop",
+    "eos_fill": "eos_fill",
     "stop_ids": "eos_ids",
     "cfg_scale": "cfg_scale",
     "max_nfe": "max_nfe",
@@ -92,6 +93,7 @@ class GenerationSettings:
     stop: Sequence[str] = ()
     stop_ids: Sequence[int] | None = None  # None: the model's EOS + the tokenizer's end-of-turn ids
     early_stop: bool | None = None
+    eos_fill: bool = False  # d3LLM's end-of-text stop: everything after the first EOS at once, no forward
     max_nfe: int | None = None
     cfg_scale: float = 0.0
     # True: text prompts go through the chat template when the tokenizer has one; False: always raw;

@@ -156,6 +156,7 @@ class RolloutConfig:
     seed: int = 0
     chat: str = "auto"
     early_stop: bool = True
+    eos_fill: bool = False  # d3LLM's end-of-text stop (everything after the first EOS at once)
     sort_by_length: bool = True
     prompt_field: str = "prompt"
     protocol: str | None = None
@@ -173,7 +174,7 @@ class RolloutConfig:
             raise ValueError("limit must be >= 1")
         if self.chat not in CHAT_MODES:
             raise ValueError(f"chat must be one of {', '.join(CHAT_MODES)}; got {self.chat!r}")
-        if self.trajectory and self.early_stop:
+        if self.trajectory and (self.early_stop or self.eos_fill):
             raise ValueError("a trajectory rollout commits every answer position by a forward: no early stop")
         if self.attempts < 1:
             raise ValueError("attempts must be >= 1")
@@ -181,6 +182,8 @@ class RolloutConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that must not change between a run and its resumption."""
         skip = {"out_dir"} if self.trajectory else {"out_dir", "trajectory", "attempts"}
+        if not self.eos_fill:
+            skip.add("eos_fill")  # a manifest written before the option existed matches a run without it
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -216,7 +219,16 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def _new_stats() -> dict[str, float]:
-    return {"prompts": 0, "kept": 0, "correct": 0, "verified": 0, "nfe": 0, "tokens": 0, "seconds": 0.0}
+    return {
+        "prompts": 0,
+        "kept": 0,
+        "correct": 0,
+        "verified": 0,
+        "nfe": 0,
+        "tokens": 0,  # committed positions
+        "answer_tokens": 0,  # answer tokens before the first EOS
+        "seconds": 0.0,
+    }
 
 
 class ShardWriter:
@@ -230,7 +242,8 @@ class ShardWriter:
         size = 0
         if self.index.is_file():
             state = json.loads(self.index.read_text())
-            self.batches_done, size, self.stats = int(state["batches_done"]), int(state["bytes"]), state["stats"]
+            self.batches_done, size = int(state["batches_done"]), int(state["bytes"])
+            self.stats = {**_new_stats(), **state["stats"]}  # an index written before a statistic existed
         on_disk = self.path.stat().st_size if self.path.exists() else 0
         if on_disk < size:
             raise ValueError(f"{self.path} is shorter than its progress index records: the run folder is damaged")
@@ -255,7 +268,8 @@ class ShardWriter:
 
 
 def summarize(stats: dict[str, float], seconds: float | None = None) -> dict[str, float]:
-    """Rates from summed statistics: acceptance, accuracy, mean NFE, tokens per step, and throughput over
+    """Rates from summed statistics: acceptance, accuracy, mean NFE, tokens per forward (TPF: answer tokens
+    before the first EOS / NFE), positions per forward (committed positions / NFE), and throughput over
     ``seconds`` (default: the summed generation time)."""
     n = max(stats["prompts"], 1)
     seconds = stats["seconds"] if seconds is None else seconds
@@ -265,7 +279,8 @@ def summarize(stats: dict[str, float], seconds: float | None = None) -> dict[str
         "acceptance": stats["kept"] / n,
         "accuracy": stats["correct"] / stats["verified"] if stats["verified"] else None,
         "mean_nfe": stats["nfe"] / n,
-        "tokens_per_step": stats["tokens"] / max(stats["nfe"], 1),
+        "tokens_per_forward": stats.get("answer_tokens", 0) / max(stats["nfe"], 1),
+        "positions_per_forward": stats["tokens"] / max(stats["nfe"], 1),
         "prompts_per_second": stats["prompts"] / max(seconds, 1e-9),
         "tokens_per_second": stats["tokens"] / max(seconds, 1e-9),
         "seconds": round(seconds, 3),
@@ -334,6 +349,7 @@ def answer_batch(
         stats["prompts"] += 1
         stats["nfe"] += o.nfe
         stats["tokens"] += o.committed
+        stats["answer_tokens"] += round(o.tokens_per_forward * o.nfe)
         stats["verified"] += correct is not None
         stats["correct"] += bool(correct)
         stats["seconds"] = o.batch_seconds
@@ -356,6 +372,7 @@ def _settings(gen: Any, cfg: RolloutConfig):
         block_length=block,
         cache=cfg.cache,
         early_stop=cfg.early_stop,
+        eos_fill=cfg.eos_fill,
         cancel_at_stop=False,
     )
 
@@ -368,7 +385,8 @@ def _record(cfg: RolloutConfig, record: Record, text: str, o: Any, correct: bool
         "correct": correct,
         "question": record["prompt"],
         "nfe": o.nfe,
-        "tokens_per_step": round(o.committed / max(o.nfe, 1), 4),
+        "tokens_per_forward": round(o.tokens_per_forward, 4),  # answer tokens before the first EOS / NFE
+        "positions_per_forward": round(o.committed / max(o.nfe, 1), 4),  # committed positions / NFE
         "response_tokens": o.answer_tokens,
         "finished": o.answer_tokens < cfg.gen_length,  # a stop id ended the answer
         "seconds": round(o.batch_seconds / o.batch_rows, 6),
@@ -404,6 +422,7 @@ def answer_trajectories(
             correct = bool(verify(records[i], records[i].get("gen_prefix", "") + o.text)) if verify else None
             stats["nfe"] += o.nfe
             stats["tokens"] += o.committed
+            stats["answer_tokens"] += round(o.tokens_per_forward * o.nfe)
             final[i] = (o, correct, attempt)
             if correct is False:
                 retry.append(i)

@@ -26,6 +26,10 @@ _COMMON: dict[str, Any] = {
     "cache": {"type": "string", "enum": ["none", "prefix", "dual"]},
     "block_length": {"type": "integer", "minimum": 1},
     "max_nfe": {"type": "integer", "minimum": 1},
+    "eos_fill": {
+        "type": "boolean",
+        "description": "d3LLM's EOS stop: after the first EOS every position is EOS at once, no forward spent on it",
+    },
     "stream_mode": {"type": "string", "enum": ["text", "denoise"]},
 }
 COMPLETION = {

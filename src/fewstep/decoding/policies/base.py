@@ -22,7 +22,16 @@ the plain loop):
 * ``uses_embeddings``: the engine fills :attr:`StepState.embed` and :attr:`StepState.mask_embedding`,
   and runs a row's next forward on ``Selection.embeds`` (its window's input embeddings) when given;
 * ``folds_store``: with the exact block cache of a block-diffusion model, a finished block is not
-  stored by a forward of its own: the next block's first forward also runs it (hard ids) and stores it.
+  stored by a forward of its own: the next block's first forward also runs it (hard ids) and stores it;
+* ``spans_blocks`` (multi-block decoding, :mod:`fewstep.decoding.policies.d3llm`): several blocks at once.
+  The window runs from the row's current block (the first one that still holds a mask) to the answer's end
+  (``L`` in the shapes below is then the window's width, ``block_length`` still the block size),
+  ``start_block`` is called once per row and its memory lives from block to block, and ``block_done`` says
+  whether the window's *first* block is done (the engine then moves to the next block that holds a mask).
+  With ``cache="prefix"`` it plans its own prefix cache through two memory entries read before every
+  forward, ``prefix_reuse`` (the blocks the forward takes from the cache) and ``prefix_keep`` (the blocks
+  the cache holds after it), counted as 0 (nothing), 1 (the prompt), ``k + 1`` (the prompt and the first
+  ``k`` answer blocks); reuse 0 is a full forward.
 
 The helpers below compute scores only for the candidate positions (``logits[mask]``, ``[K, V]``),
 in bounded chunks (:data:`CHUNK_BYTES`), so no float64 softmax is ever taken over the whole canvas of a 126k-152k
@@ -138,6 +147,8 @@ class Policy:
     name: ClassVar[str] = ""
     #: one line for ``--help`` and docs
     summary: ClassVar[str] = ""
+    #: the paper (or official code) the rule comes from, for the README's policy table
+    paper: ClassVar[str] = ""
     #: the option a bare value sets in the ``"name:value"`` form (e.g. ``threshold:0.9``)
     positional: ClassVar[str | None] = None
     #: whether the rule reads the batch-wide block scalars of :class:`StepState` (``block``,
@@ -149,6 +160,9 @@ class Policy:
     revises: ClassVar[bool] = False
     uses_embeddings: ClassVar[bool] = False
     folds_store: ClassVar[bool] = False
+    #: the decode window spans the blocks from the current one to the answer's end, and the policy's memory
+    #: (and, with ``cache="prefix"``, the cache it plans) lives from block to block (see the module docstring)
+    spans_blocks: ClassVar[bool] = False
 
     def validate(self, gen_length: int, block_length: int) -> None:
         """Raise ``ValueError`` if the policy cannot run with these lengths."""

@@ -87,7 +87,8 @@ class FewstepLM(TemplateLM):
       block holding its EOS): unset, the model's decoding.json, else the library's defaults
       (:mod:`fewstep.decoding.defaults`: threshold:0.9, blocks of 32 or the model's own, no cache, early
       stop); ``gen_length`` (default: the request's ``max_gen_toks``), ``batch_size`` (lm-eval's
-      ``--batch_size``),
+      ``--batch_size``), ``eos_fill`` (False; True: d3LLM's end-of-text stop, everything after the first EOS
+      at once, no forward spent on it),
       ``cfg_scale`` (0), ``seed`` (1234: per-request seeds for sampling policies and the Monte Carlo draws);
     * ``mc_num`` (128), ``mc_batch_size`` (16), ``check_greedy`` (True; alias ``is_check_greedy``) for
       loglikelihood;
@@ -114,6 +115,7 @@ class FewstepLM(TemplateLM):
         batch_size: int | str | None = 1,
         max_batch_size: int | None = None,
         early_stop: bool | str | None = None,
+        eos_fill: bool | str = False,
         cfg_scale: float = 0.0,
         seed: int = 1234,
         mc_num: int = 128,
@@ -134,6 +136,7 @@ class FewstepLM(TemplateLM):
             cache=cache,
             batch_size=batch_size,
             early_stop=early_stop,
+            eos_fill=eos_fill,
             cfg_scale=cfg_scale,
             seed=seed,
             mc_num=mc_num,
@@ -179,6 +182,7 @@ class FewstepLM(TemplateLM):
         cache,
         batch_size,
         early_stop,
+        eos_fill,
         cfg_scale,
         seed,
         mc_num,
@@ -194,7 +198,7 @@ class FewstepLM(TemplateLM):
         if unknown:
             raise ValueError(
                 f"fewstep model_args: unknown argument(s) {', '.join(sorted(unknown))}; valid: pretrained, "
-                "tokenizer, dtype, device, policy, gen_length, block_length, cache, early_stop, cfg_scale, seed, "
+                "tokenizer, dtype, device, policy, gen_length, block_length, cache, early_stop, eos_fill, cfg_scale, seed, "
                 "mc_num, mc_batch_size, check_greedy, add_bos_token, max_length, max_gen_toks, stats_path "
                 "(batch_size comes from lm-eval's --batch_size)"
             )
@@ -211,6 +215,7 @@ class FewstepLM(TemplateLM):
             msg = f"fewstep model_args: cfg_scale and seed must be numbers; got {cfg_scale!r}, {seed!r}"
             raise ValueError(msg) from None
         self.early_stop = None if early_stop is None else _as_bool("early_stop", early_stop)
+        self.eos_fill = _as_bool("eos_fill", eos_fill)
         self.check_greedy = _as_bool("check_greedy", check_greedy if is_check_greedy is None else is_check_greedy)
         self.add_bos_token = _as_bool("add_bos_token", add_bos_token)
         self.stats_path = stats_path
@@ -446,6 +451,7 @@ class FewstepLM(TemplateLM):
             cache=self.cache,
             cfg_scale=self.cfg_scale,
             early_stop=self.early_stop,
+            eos_fill=self.eos_fill,
             cancel_at_stop=False,
             stop_in_raw=True,
         )
@@ -481,17 +487,21 @@ class FewstepLM(TemplateLM):
                 f.write("".join(json.dumps(s) + "\n" for s in lines))
 
     def speed_summary(self) -> dict[str, Any] | None:
-        """Speed of the ``generate_until`` requests so far (this rank): mean NFE, tokens per forward,
-        latency per sample, tokens/s (answer tokens before the first EOS over generation time)."""
+        """Speed of the ``generate_until`` requests so far (this rank): mean NFE, tokens per forward (TPF:
+        answer tokens before the first EOS / NFE) and positions per forward (committed positions / NFE), both
+        pooled over the requests, latency per sample, tokens/s (answer tokens before the first stop over
+        generation time)."""
         st = self.generation_stats
         if not st:
             return None
         seconds = sum(s["latency_s"] for s in st)
         tokens = sum(s["gen_tokens"] for s in st)
+        nfe = sum(s["nfe"] for s in st)
         return {
             "requests": len(st),
             "mean_nfe": statistics.fmean(s["nfe"] for s in st),
-            "tokens_per_step": statistics.fmean(s["positions_per_forward"] for s in st),
+            "tokens_per_forward": sum(round(s["tokens_per_forward"] * s["nfe"]) for s in st) / nfe if nfe else 0.0,
+            "positions_per_forward": sum(s["positions_per_forward"] * s["nfe"] for s in st) / nfe if nfe else 0.0,
             "latency_per_sample_s": seconds / len(st),
             "tokens_per_s": tokens / seconds if seconds > 0 else None,
             "mean_gen_tokens": tokens / len(st),
@@ -503,11 +513,13 @@ class FewstepLM(TemplateLM):
         s = self.speed_summary()
         if s:
             log.info(
-                "fewstep [rank %d] %d requests · mean NFE %.1f · %.2f tokens/step · %.3f s/sample · %s tokens/s",
+                "fewstep [rank %d] %d requests · mean NFE %.1f · %.2f tokens/forward (TPF) · %.2f positions/forward · "
+                "%.3f s/sample · %s tokens/s",
                 self._rank,
                 s["requests"],
                 s["mean_nfe"],
-                s["tokens_per_step"],
+                s["tokens_per_forward"],
+                s["positions_per_forward"],
                 s["latency_per_sample_s"],
                 "-" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:.1f}",
             )
@@ -524,6 +536,7 @@ class FewstepLM(TemplateLM):
                 "block_length": self.block_length,
                 "batch_size": self.batch_size,
                 "early_stop": self.early_stop,
+                "eos_fill": self.eos_fill,
                 "cfg_scale": self.cfg_scale,
                 "device": str(self._device),
                 "dtype": str(self.model.dtype).removeprefix("torch."),
