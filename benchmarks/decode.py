@@ -356,6 +356,7 @@ def batching_requests(n: int, gen_lengths: list[int], L: int, seed: int = 1) -> 
             policy=rng.choice(["threshold:0.9", "entropy:0.5"]),
             gen_length=rng.choice(gen_lengths),
             block_length=L,
+            early_stop=False,  # as the lockstep loop it is compared with
             id=i,
         )
         for i, p in enumerate(task_prompts(n, seed))
@@ -458,7 +459,10 @@ def bare_forward_loop(model, reqs: list[Request], rounds: int) -> float:
 def engine_overhead(model, batch: int, G: int, L: int, repeats: int) -> dict:
     """Engine and old lockstep loop against a bare forward loop, same forwards (fixed steps, no cache)."""
     prompt = task_prompts(1, seed=5)[0]
-    reqs = [Request(prompt, policy=f"llada:steps={G}", gen_length=G, block_length=L, id=i) for i in range(batch)]
+    reqs = [
+        Request(prompt, policy=f"llada:steps={G}", gen_length=G, block_length=L, early_stop=False, id=i)
+        for i in range(batch)
+    ]
     eng = lock = bare = float("inf")
     for _ in range(repeats):
         t = time.thread_time()

@@ -1,6 +1,6 @@
 """The package's layering, read from its imports (ast): no import runs back up.
 
-    assets <- models, distributed <- decoding <- {train, tasks} <- {distill, eval} <- commands / cli / facade
+    errors <- assets <- models, distributed, outputs <- decoding <- {train, tasks} <- {distill, eval} <- commands / cli / facade
 
 A module may import its own layer's package and any lower layer, never a higher one nor a peer
 (train and tasks do not import each other). One sideways edge is allowed: ``distill`` may import
@@ -21,10 +21,12 @@ ROOT = Path(fewstep.__file__).parent
 
 # assets (the shipped checkpoints and the resolver) sits below models, which resolve names through it
 RANK = {
+    "errors": -2,  # what a user mistake is (imports nothing of fewstep)
     "assets": -1,
     "models": 0,
     "plotting": 0,
     "distributed": 0,
+    "outputs": 0,  # the output-folder rule every command follows
     "decoding": 1,
     "train": 2,
     "tasks": 2,
@@ -107,6 +109,8 @@ def test_the_embedded_task_is_a_leaf():
 
 def test_the_distributed_utility_imports_nothing_of_fewstep():
     assert imports_of(ROOT / "distributed.py") == set()
+    assert imports_of(ROOT / "errors.py") == set()
+    assert imports_of(ROOT / "outputs.py") == {"fewstep.errors"}
 
 
 def test_the_checker_sees_a_back_edge():

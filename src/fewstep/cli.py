@@ -3,9 +3,11 @@
 Every command module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported
 only when their command is used, so ``fewstep --help`` stays fast (no torch import).
 
-User mistakes (a missing folder, a bad flag value, a malformed file) surface as ``ValueError`` or
-``FileNotFoundError`` and are printed as one line, without a traceback. Set ``FEWSTEP_DEBUG=1`` to
-see the traceback anyway.
+User mistakes are stated in one place (:func:`main`): a bad flag (argparse) or any of
+:data:`fewstep.errors.USER_ERRORS` raised by a command (a missing folder, a malformed file, a bad value,
+an output folder fewstep must not touch) is printed as one line on stderr, ``fewstep <command>: error:
+...``, and the exit status is 2. Everything else is a bug and keeps its traceback. Set
+``FEWSTEP_DEBUG=1`` to see the traceback of a user error too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import argparse
 import importlib
 import os
 import sys
+
+from fewstep.errors import USAGE_EXIT, USER_ERRORS, one_line
 
 # (command, module under fewstep.commands, one-line help). The order is the order of `--help`.
 COMMANDS: list[tuple[str, str, str]] = [
@@ -32,6 +36,13 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``fewstep <command>: error: <message> (fewstep <command> --help)``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(USAGE_EXIT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keep paragraph breaks in descriptions and show defaults (none shown where the default is None:
     those flags say in their help what an unset value means)."""
@@ -48,7 +59,7 @@ def _load(module: str):
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Build the top-level parser; only the chosen command's module is imported."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fewstep",
         description="fewstep: few-step decoding and distillation for diffusion language models.",
         formatter_class=_HelpFormatter,
@@ -79,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fewstep: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+    except USER_ERRORS as exc:
         if os.environ.get("FEWSTEP_DEBUG"):
             raise
-        print(f"fewstep {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"fewstep {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return USAGE_EXIT
 
 
 if __name__ == "__main__":  # pragma: no cover

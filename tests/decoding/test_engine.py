@@ -452,8 +452,8 @@ def test_block_cache_is_exact_and_counts_prefill_and_stores(fixture):
     for prompt in oracles(d)["prompts"].values():
         for policy, B in (("threshold:0.9", 4), ("llada2", 8), ("sdar", 16)):
             P, G = len(prompt), 32
-            none = generate(m, [prompt], policy, gen_length=G, block_length=B, cache="none")
-            pre = generate(m, [prompt], policy, gen_length=G, block_length=B, cache="prefix")
+            none = generate(m, [prompt], policy, gen_length=G, block_length=B, cache="none", early_stop=False)
+            pre = generate(m, [prompt], policy, gen_length=G, block_length=B, cache="prefix", early_stop=False)
             assert pre.sequences.tolist() == none.sequences.tolist(), (policy, B, P)
             blocks = -(-(P + G) // B) - P // B
             assert int(pre.nfe[0]) == int(none.nfe[0]) + (P >= B) + blocks, (policy, B, P)

@@ -72,7 +72,9 @@ def test_batch_equals_single(d, spec, cache):
             generate(model(d), prompts(d), spec, gen_length=32, block_length=8, cache=cache)
         return
     seeds = {"seed": [1, 2, 3]} if "random" in spec else {}  # random remasking needs per-row streams
-    out = assert_batch_equals_single(model(d), prompts(d), spec, gen_length=32, block_length=8, cache=cache, **seeds)
+    out = assert_batch_equals_single(
+        model(d), prompts(d), spec, gen_length=32, block_length=8, cache=cache, early_stop=False, **seeds
+    )
     assert out.sequences.shape == (3, 13 + 32)
     if not spec.startswith(
         ("llada", "dream:maskgit", "dream:topk", "sdar:sequential", "sdar:low_confidence_static")
@@ -141,7 +143,7 @@ def test_early_stop(cache):
     rows = prompts(LLADA)
     eos = (m.config.eos_token_id, oracles(LLADA)["special_ids"]["eot"])
     kw = dict(gen_length=64, block_length=16, cache=cache, eos_ids=eos)
-    full = generate(m, rows, "threshold:0.9", **kw)
+    full = generate(m, rows, "threshold:0.9", early_stop=False, **kw)
     stop = generate(m, rows, "threshold:0.9", early_stop=True, **kw)
     assert stop.finished_early.all()
     assert (stop.nfe < full.nfe).any() and (stop.nfe <= full.nfe).all()
@@ -162,7 +164,9 @@ def test_trace_and_callback_reconstruct_the_answer():
     m = model(LLADA)
     rows = prompts(LLADA)
     events = []
-    out = generate(m, rows, "entropy:0.5", gen_length=32, block_length=8, trace=True, callback=events.append)
+    out = generate(
+        m, rows, "entropy:0.5", gen_length=32, block_length=8, early_stop=False, trace=True, callback=events.append
+    )
     assert len(out.trace) == len(events) >= max(out.nfe.tolist())
     canvas = torch.full((3, 32), m.config.mask_token_id)
     per_row_steps = [0, 0, 0]

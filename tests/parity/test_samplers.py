@@ -148,7 +148,9 @@ def test_sampler(fixture_dir, case):
     assert case["sampler"] in SAMPLERS, f"no fewstep mapping for reference sampler {case['sampler']!r}"
     policy, options = SAMPLERS[case["sampler"]](case["args"], case)
     prompt = torch.tensor([oracles(fixture_dir)["prompts"][case["prompt"]]])
-    # every reference sampler lets the mask token itself win the argmax (fewstep's default forbids it)
+    # every reference sampler lets the mask token itself win the argmax (fewstep's default forbids it) and
+    # decodes every block (fewstep's default stops after the block holding the EOS)
+    options = {"early_stop": False, **options}
     out = fewstep.generate(model(fixture_dir), prompt, policy, quirk_mask_prediction=True, **options)
     assert out.sequences[0].tolist() == case["output_ids"]
     assert int(out.nfe[0]) == case["nfe"]

@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fewstep.commands.common import add_output_arguments, add_threads_argument, apply_threads, prepare_out
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -19,9 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=128, help="problems decoded together")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
-    parser.add_argument("--out", default="fewstep-demo", help="folder for results.json and pareto.png")
+    add_output_arguments(parser, default="fewstep-demo", help="folder for results.json and pareto.png", overwrite=False)
     parser.add_argument("--seed", type=int, default=0, help="which held-out problems (and torch's RNG)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,8 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--n must lie in 1..512")
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     torch.manual_seed(args.seed)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -55,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
     problems = generate_problems("test", args.n, seed=args.seed)
     families = policy_families(GEN_LENGTH)
     total = len(models) * sum(len(f.specs) for f in families) * len(problems)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(prepare_out(args, "demo", on_existing="refresh"))
     console.print(
         f"fewstep demo: {len(models)} model(s) ({', '.join(n for n, _ in models)}) x "
         f"{sum(len(f.specs) for f in families)} policy settings on {len(problems)} held-out '{NAME}' problems "

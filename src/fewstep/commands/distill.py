@@ -25,30 +25,34 @@ import json
 import math
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fewstep.assets import SHIPPED_HELP
+from fewstep.commands.common import add_device_arguments, add_output_arguments, apply_threads, positive_int
 
 EPILOG = """\
 examples:
-  # the tiny embedded teacher on CPU (rollouts first, see `fewstep rollout --help`)
-  fewstep distill --method dparallel --model runs/teacher --data data/rollouts --out runs/dparallel \\
+  # the shipped tiny teacher on CPU (rollouts first, see `fewstep rollout --help`)
+  fewstep distill --method dparallel --model teacher --data data/rollouts --out runs/dparallel \\
+      --finetune full --lr 1e-4 --batch-size 64 --max-steps 1000
+  fewstep distill --method dparallel --model teacher --data data/rollouts --out runs/dparallel-lora \\
+      --finetune lora --lora-r 8 --lr 1e-3 --max-steps 600    # then: fewstep merge-lora --help
+  fewstep distill --method cd4lm --model teacher --data data/rollouts --out runs/cd4lm \\
+      --finetune full --lr 1e-4 --batch-size 64 --max-steps 1000 --eos-pad --teacher-visible token
+  # d3LLM on the tiny teacher: trajectory rollouts (fewstep rollout --trajectory), then the objective
+  fewstep distill --method d3llm --model teacher --data data/trajectories --out runs/d3llm \\
       --lora-r 32 --lr 1e-3 --batch-size 32 --max-steps 600
-  fewstep distill --method cd4lm --model runs/teacher --data data/rollouts --out runs/cd4lm \\
-      --lr 3e-4 --warmup-steps 30 --batch-size 32 --max-steps 600
-  # dParallel on LLaDA-8B-Instruct, 8 GPUs x 1 x grad-acc 8 (README, Distillation)
+  # dParallel on LLaDA-8B-Instruct, 8 GPUs x 1 x grad-acc 8 (docs/distillation.md)
   accelerate launch --config_file configs/accelerate/deepspeed_zero2_8gpu.yaml -m fewstep distill \\
       --method dparallel --model /models/LLaDA-8B-Instruct --data data/llada-gsm8k --out runs/dparallel-llada \\
       --lora-r 128 --lora-targets dparallel --batch-size 64 --grad-accum 8 --max-length 384 --bf16
-  # d3LLM on the tiny teacher: trajectory rollouts (fewstep rollout --trajectory), then the objective
-  fewstep distill --method d3llm --model runs/teacher --data data/trajectories --out runs/d3llm \
-      --lora-r 32 --lr 1e-3 --batch-size 32 --max-steps 600
   # block-diffusion models (LLaDA2-MoE, SDAR): dFactory's dParallel objective, full fine-tuning by default
-  # (not run here: no GPU; in the FSDP config wrap DecoderLayer for LLaDA2, SDARLayer for SDAR)
+  # (in the FSDP config wrap DecoderLayer for LLaDA2, SDARLayer for SDAR)
   accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m fewstep distill --method dparallel \\
       --model /models/LLaDA2.0-mini --data data/llada2-gsm8k --out runs/dparallel-llada2 --batch-size 8 --bf16
-  # DMax OPUT on LLaDA2.0-mini at the official settings (docs/distillation.md, "DMax"; not run here)
+  # DMax OPUT on LLaDA2.0-mini at the official settings (docs/distillation.md, "DMax")
   accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m fewstep distill --method dmax \\
       --model /models/LLaDA2.0-mini --data data/dmax-math --out runs/dmax-llada2 --batch-size 8 \\
       --max-length 2048 --bf16 --gradient-checkpointing
@@ -83,7 +87,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", required=True, metavar="PATH", help="rollout folder (fewstep rollout) or prompt/response JSONL"
     )
-    parser.add_argument("--out", required=True, metavar="DIR", help="run folder: final model + checkpoints/")
     parser.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer folder (default: --model)")
     parser.add_argument(
         "--trajectories",
@@ -127,14 +130,14 @@ def _length_arguments(opt) -> None:
     )
     opt.add_argument(
         "--max-length",
-        type=int,
+        type=positive_int,
         default=None,
         help="sequence length: dparallel and dmax pad prompt+response+EOS with EOS to it (papers: 384, 2048), "
         "cd4lm truncates (paper: 512); default: longest prompt + --gen-length",
     )
     opt.add_argument(
         "--gen-length",
-        type=int,
+        type=positive_int,
         default=None,
         help="response room for the default --max-length = longest prompt + max(gen length, longest response + 1) "
         "(default: the rollout's gen_length, else longest response + 1)",
@@ -142,17 +145,14 @@ def _length_arguments(opt) -> None:
 
 
 def _system_arguments(sys_) -> None:
-    sys_.add_argument(
-        "--dtype",
-        default=None,
-        help="weights dtype (default: float32; bfloat16 for the frozen base of LoRA on GPU)",
+    add_device_arguments(
+        sys_, device=False, dtype_help="weights dtype (default: float32; bfloat16 for the frozen base of LoRA on GPU)"
     )
     sys_.add_argument(
         "--save-dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: the base checkpoint's"
     )
     sys_.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    sys_.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    sys_.add_argument("--overwrite", action="store_true", help="delete the run folder instead of resuming from it")
+    add_output_arguments(sys_, required=True, help="run folder: final model + checkpoints/ (resumed if it made it)")
     sys_.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -237,17 +237,52 @@ def _objective(args: argparse.Namespace, arch: str, tok: Any, model: Any, exampl
     return objective
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+@dataclass
+class _Run:
+    """What :func:`_setup` reads before training."""
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from fewstep.assets import resolve_model
-    from fewstep.distill import frozen_teacher, read_training_data, recipe_for
-    from fewstep.models.loading import architecture_of, load_model, load_tokenizer, read_config
-    from fewstep.train.data import hash_files
-    from fewstep.train.launch import open_run, resume
+    model_dir: Path
+    out: Path
+    arch: str
+    recipe: Any
+    manifest: dict | None
+    tok: Any
+    examples: list[dict[str, Any]]
+    data_hash: str
+    accelerator: Any
+
+
+def run(args: argparse.Namespace) -> int:
+    from fewstep.train.launch import resume
     from fewstep.train.trainer import Trainer
+
+    r = _setup(args)
+    main = r.accelerator.is_main_process
+    model, objective, lora, teacher = _model_and_objective(args, r)
+    examples = objective.training_examples(r.examples)  # DMax: each example once per view
+    train_cfg = _train_config(args, r.recipe, lora, objective, len(examples), r.data_hash)
+    trainer = Trainer(
+        model, objective, examples, train_cfg, tokenizer=r.tok, teacher=teacher, accelerator=r.accelerator
+    )
+    resume(trainer, "distill")
+    if main:
+        _announce(args, r.arch, model, lora, objective, len(examples), train_cfg, r.accelerator)
+    summary = trainer.train()
+    trainer.export(r.out)
+    if main:
+        _finish(args, r.model_dir, r.out, r.recipe.finetune, train_cfg, summary, len(examples), r.accelerator)
+        trainer.write_logs()
+    return 0
+
+
+def _setup(args: argparse.Namespace) -> _Run:
+    """Everything read before training: the model's family and recipe, the data, the tokenizer, the run
+    folder (checked and claimed: :mod:`fewstep.outputs`) and the accelerator."""
+    from fewstep.assets import resolve_model
+    from fewstep.distill import read_training_data, recipe_for
+    from fewstep.models.loading import architecture_of, load_tokenizer, read_config
+    from fewstep.train.data import hash_files
+    from fewstep.train.launch import open_run
 
     model_dir, out = resolve_model(args.model), Path(args.out)
     arch = architecture_of(read_config(model_dir))
@@ -255,29 +290,35 @@ def run(args: argparse.Namespace) -> int:
     records, manifest, files = read_training_data(args.data)
     tok = load_tokenizer(args.tokenizer or model_dir)
     examples = _examples(args, recipe, records, tok)
-    accelerator = open_run(out, bf16=args.bf16, cpu=args.cpu, overwrite=args.overwrite)
-    main = accelerator.is_main_process
-    if main:
+    accelerator = open_run(
+        out,
+        bf16=args.bf16,
+        cpu=args.cpu,
+        overwrite=args.overwrite,
+        command="distill",
+        inputs=[model_dir, args.data, args.tokenizer, args.trajectories],
+        allow_existing=args.allow_existing,
+    )
+    apply_threads(args, accelerator.num_processes if accelerator.device.type == "cpu" else None)
+    if accelerator.is_main_process:
         _warn_unused(args, arch, recipe)
-    dtype = args.dtype or ("bfloat16" if accelerator.device.type != "cpu" and recipe.finetune == "lora" else "float32")
-    model = load_model(model_dir, dtype=dtype, device="cpu")
-    objective = _objective(args, arch, tok, model, examples, manifest)
-    examples = objective.training_examples(examples)  # DMax: each example once per view
-    lora = _lora_spec(args, recipe.finetune, arch)
+    return _Run(model_dir, out, arch, recipe, manifest, tok, examples, hash_files(files), accelerator)
+
+
+def _model_and_objective(args: argparse.Namespace, r: _Run):
+    """The student (loaded on the CPU; the trainer places it), the objective, the LoRA spec, the teacher."""
+    from fewstep.distill import frozen_teacher
+    from fewstep.models.loading import load_model
+
+    on_gpu = r.accelerator.device.type != "cpu"
+    dtype = args.dtype or ("bfloat16" if on_gpu and r.recipe.finetune == "lora" else "float32")
+    model = load_model(r.model_dir, dtype=dtype, device="cpu")
+    objective = _objective(args, r.arch, r.tok, model, r.examples, r.manifest)
+    lora = _lora_spec(args, r.recipe.finetune, r.arch)
     teacher = None
     if objective.needs_teacher and lora is None:
-        teacher = frozen_teacher(model_dir, "bfloat16" if args.bf16 else dtype)
-    train_cfg = _train_config(args, recipe, lora, objective, len(examples), hash_files(files))
-    trainer = Trainer(model, objective, examples, train_cfg, tokenizer=tok, teacher=teacher, accelerator=accelerator)
-    resume(trainer, "distill")
-    if main:
-        _announce(args, arch, model, lora, objective, len(examples), train_cfg, accelerator)
-    summary = trainer.train()
-    trainer.export(out)
-    if main:
-        _finish(args, model_dir, out, recipe.finetune, train_cfg, summary, len(examples), accelerator)
-        trainer.write_logs()
-    return 0
+        teacher = frozen_teacher(r.model_dir, "bfloat16" if args.bf16 else dtype)
+    return model, objective, lora, teacher
 
 
 def _examples(args: argparse.Namespace, recipe: Any, records: list[dict], tok: Any) -> list[dict[str, Any]]:
@@ -362,6 +403,10 @@ def _finish(args, model_dir: Path, out: Path, finetune: str, train_cfg, summary,
     }
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     write_model_card(out, info)
+    if finetune == "lora":
+        from fewstep.train.lora import record_adapter_base
+
+        record_adapter_base(out / "adapter", model_dir)  # merge-lora merges it only into this base
     print(
         f"fewstep distill: done, {summary['steps']} steps in {summary['seconds']:.0f} s, final loss "
         f"{summary['final_loss']:.4f}; model in {out}"

@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fewstep.commands.common import add_output_arguments, add_threads_argument, apply_threads, positive_int
+
 EPILOG = """examples:
-  fewstep task --out data/arith
+  fewstep task --out data/arith --n-train 200000 --n-test 512
   fewstep pretrain --data data/arith/train.jsonl --tokenizer data/arith/tokenizer \\
       --model-config llada-tiny --gen-length 64 --max-steps 8000 --out runs/teacher
   # killed? run the same command again: it resumes from the last checkpoint.
@@ -54,10 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-config", default="llada-tiny", help="preset name (llada-tiny, llada-small) or a config.json"
     )
-    parser.add_argument("--out", required=True, help="run folder: final HF checkpoint + checkpoints/ for resuming")
     parser.add_argument(
         "--gen-length",
-        type=int,
+        type=positive_int,
         default=None,
         help="pad every response with EOS to this many tokens (default: longest response + 1)",
     )
@@ -67,11 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--save-dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the final model.safetensors"
     )
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="delete an existing run folder instead of resuming from its last checkpoint",
+    add_threads_argument(parser)
+    add_output_arguments(
+        parser, required=True, help="run folder: final HF checkpoint + checkpoints/ for resuming (if it made it)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -109,20 +108,26 @@ def _setup(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from fewstep.train.data import hash_files
     from fewstep.train.launch import open_run, resume
-    from fewstep.train.presets import count_parameters, init_model
+    from fewstep.train.presets import PRESETS, count_parameters, init_model
     from fewstep.train.trainer import Trainer
 
     out = Path(args.out)
     command = "fewstep pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
-    accelerator = open_run(out, bf16=args.bf16, cpu=args.cpu, overwrite=args.overwrite)
+    tok, examples, gen_length, cfg, objective = _setup(args)  # bad data fails before the run folder is touched
+    config_file = None if args.model_config in PRESETS else args.model_config
+    accelerator = open_run(
+        out,
+        bf16=args.bf16,
+        cpu=args.cpu,
+        overwrite=args.overwrite,
+        command="pretrain",
+        inputs=[args.data, args.tokenizer, config_file],
+        allow_existing=args.allow_existing,
+    )
+    apply_threads(args, accelerator.num_processes if accelerator.device.type == "cpu" else None)
     main = accelerator.is_main_process
-    tok, examples, gen_length, cfg, objective = _setup(args)
     model = init_model(cfg, args.seed)
     train_cfg = _train_config(args, gen_length, hash_files([args.data]), len(examples))
     trainer = Trainer(model, objective, examples, train_cfg, tokenizer=tok, accelerator=accelerator)

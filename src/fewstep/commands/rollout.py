@@ -11,11 +11,18 @@ the same command again: it continues where it stopped, without losing or repeati
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 from pathlib import Path
 
-from fewstep.commands import EOS_FILL_HELP
+from fewstep.commands.common import (
+    add_decoding_arguments,
+    add_device_arguments,
+    add_output_arguments,
+    apply_threads,
+    decoding_settings,
+    device_and_dtype,
+    output_plan,
+    positive_int,
+)
 
 EPILOG = """\
 prompt sets (--prompts NAME, or a JSONL file with a "prompt" field per line):
@@ -24,15 +31,15 @@ prompt sets (--prompts NAME, or a JSONL file with a "prompt" field per line):
 verifiers (--verifier NAME): {verifiers}
 
 examples:
-  # the embedded task: the tiny teacher answers 8192 train prompts, keep the verified answers
-  fewstep rollout --model runs/teacher --prompts arith --out data/rollouts --gen-length 64
+  # the embedded task: the shipped teacher answers 1024 train prompts, the verified answers are kept
+  fewstep rollout --model teacher --prompts arith --limit 1024 --out data/rollouts
   # dParallel's data recipe on LLaDA-8B-Instruct, 8 GPUs (each process writes its own shard)
   accelerate launch --num_processes 8 -m fewstep rollout --model /models/LLaDA-8B-Instruct \\
       --prompts gsm8k --out data/llada-gsm8k --policy llada --gen-length 256 --block-length 32 --batch-size 32
   # any prompts, no verifier: keep everything
-  fewstep rollout --model M --prompts prompts.jsonl --keep all --out data/r
+  fewstep rollout --model teacher --prompts prompts.jsonl --keep all --out data/r
   # d3LLM trajectories: one token per forward, retries at temperature 0.1, 0.2, ... until verified
-  fewstep rollout --model runs/teacher --prompts arith --out data/trajectories --gen-length 64 --trajectory
+  fewstep rollout --model teacher --prompts arith --limit 1024 --out data/trajectories --trajectory
 """
 
 
@@ -51,7 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="teacher checkpoint folder (LLaDA, Dream, LLaDA2-MoE, SDAR), or a shipped model name (teacher, ...)",
     )
     parser.add_argument("--prompts", required=True, metavar="NAME|JSONL", help="a prompt set name or a JSONL file")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (shards + rollout.json)")
     parser.add_argument(
         "--policy",
         default=None,
@@ -69,31 +75,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--attempts",
-        type=int,
+        type=positive_int,
         default=5,
         help="--trajectory: tries per prompt until the verifier accepts (d3LLM: 5, temperatures 0.0..0.4)",
     )
-    parser.add_argument(
-        "--gen-length",
-        type=int,
-        default=None,
-        help="answer length in tokens (default: the model's decoding.json, else its training gen_length if "
-        "recorded, else 256)",
-    )
-    parser.add_argument(
-        "--block-length",
-        type=int,
-        default=None,
-        help="semi-autoregressive block length (default: the model's decoding.json, else its own block size for "
-        "block-diffusion models (LLaDA2-MoE, SDAR), as fewstep generate; 32 otherwise; at most --gen-length)",
-    )
-    parser.add_argument(
-        "--cache",
-        choices=["none", "prefix", "dual"],
-        default=None,
-        help="KV cache mode (default: the model's decoding.json, else none)",
-    )
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (per process)")
+    add_decoding_arguments(parser, policy=False)
+    _prompt_arguments(parser)
+    add_device_arguments(parser)
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    add_output_arguments(parser, required=True, help="output folder (shards + rollout.json; resumed if it made it)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which prompts, how they are batched and rendered, which answers are kept."""
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="prompts per generate call (per process)")
     parser.add_argument(
         "--keep",
         choices=["correct", "all", "incorrect"],
@@ -103,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verifier", default=None, metavar="NAME", help="answer checker (default: the prompt set's; 'none' to skip)"
     )
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="use only the first N prompts")
     parser.add_argument("--seed", type=int, default=0, help="prompt set seed; sampling seed of prompt i is seed + i")
     parser.add_argument(
         "--chat-template",
@@ -115,37 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", default=None, help="prompt protocol of a benchmark prompt set (e.g. dparallel)")
     parser.add_argument("--prompt-field", default="prompt", help="JSONL field holding the prompt text")
     parser.add_argument(
-        "--no-early-stop",
-        dest="early_stop",
-        action="store_false",
-        default=None,
-        help="decode every block even after EOS (same answers, more NFE; default: stop, unless the model's "
-        "decoding.json says otherwise)",
-    )
-    parser.add_argument("--eos-fill", action="store_true", help=EOS_FILL_HELP)
-    parser.add_argument(
         "--no-sort", dest="sort", action="store_false", help="keep the prompt order (default: batch by length)"
     )
     parser.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer folder (default: --model)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: this process's accelerate device)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 (default: bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing output folder first")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def default_gen_length(model_dir: Path) -> int:
-    """The generation length the model was trained with (``training.json``), else dParallel's 256."""
-    info = model_dir / "training.json"
-    if info.is_file():
-        try:
-            g = json.loads(info.read_text()).get("gen_length")
-        except json.JSONDecodeError:
-            g = None
-        if isinstance(g, int) and g > 0:
-            return g
-    return 256
 
 
 def _trajectory_teacher(model_dir: Path, gen_length: int) -> str:
@@ -156,22 +124,27 @@ def _trajectory_teacher(model_dir: Path, gen_length: int) -> str:
     return teacher_policy(architecture_of(read_config(model_dir)), gen_length)
 
 
-#: What an unset decoding flag means when the model folder has no decoding.json.
-FALLBACK = {"policy": "llada", "gen_length": None, "block_length": None, "cache": "none", "early_stop": True}
+#: The rollout's own policy default: one token per step, dParallel's data recipe (the other settings are the
+#: library's defaults, fewstep.decoding.defaults).
+ROLLOUT_POLICY = "llada"
 
 
 def rollout_config(args: argparse.Namespace, model_dir: Path, verifier: str | None):
-    """The run's settings: the flags, else the model's recommended decoding (``decoding.json``), else the
-    rollout defaults (llada, the training gen_length or 256, the default block, no cache, early stop). A
-    trajectory rollout takes the family's one-token-per-forward teacher and never stops early."""
+    """The run's settings: the flags, else the model's recommended decoding (``decoding.json``, the trained
+    gen_length), else the library's defaults (:mod:`fewstep.decoding.defaults`), except the policy, whose
+    rollout default is ``llada`` (one token per step, the teachers' data recipe). A trajectory rollout takes
+    the family's one-token-per-forward teacher and never stops early."""
     from fewstep.decoding.engine import default_block_length
     from fewstep.distill import rollout as ro
     from fewstep.models import checkpoint_block_length
-    from fewstep.models.saving import recommended
+    from fewstep.models.saving import model_decoding
 
-    d = recommended(model_dir, vars(args), FALLBACK)
-    gen_length = d["gen_length"] or default_gen_length(model_dir)
-    policy = args.policy or (_trajectory_teacher(model_dir, gen_length) if args.trajectory else d["policy"])
+    rec = model_decoding(model_dir)
+    d = decoding_settings(args, model_dir)
+    gen_length = d["gen_length"]
+    policy = args.policy or (
+        _trajectory_teacher(model_dir, gen_length) if args.trajectory else rec.get("policy", ROLLOUT_POLICY)
+    )
     return ro.RolloutConfig(
         out_dir=args.out,
         model=str(model_dir.resolve()),
@@ -197,37 +170,14 @@ def rollout_config(args: argparse.Namespace, model_dir: Path, verifier: str | No
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from accelerate import PartialState
-
     import fewstep
-    from fewstep.assets import resolve_model
-    from fewstep.decoding import parse_policy
     from fewstep.distill import rollout as ro
-    from fewstep.distributed import close_process_group_at_exit
 
-    model_dir = resolve_model(args.model)
-    records, default_verifier = ro.load_prompts(
-        args.prompts, limit=args.limit, seed=args.seed, prompt_field=args.prompt_field, protocol=args.protocol
-    )
-    verifier = default_verifier if args.verifier is None else (None if args.verifier == "none" else args.verifier)
-    if verifier is not None:
-        ro.get_verifier(verifier)  # unknown name -> one-line error before loading the model
-    cfg = rollout_config(args, model_dir, verifier)
-    parse_policy(cfg.policy)  # fail fast on a bad spec
-    # cpu=True on a machine without GPU, so that torchrun processes form a gloo group
-    state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
-    close_process_group_at_exit()
+    model_dir, records, cfg, verifier = _plan(args)
+    state = _open(args, model_dir)
     main = state.is_main_process
-    out = Path(args.out)
-    if args.overwrite and out.exists() and main:
-        shutil.rmtree(out)
-    state.wait_for_everyone()
     device = args.device or state.device
-    dtype = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+    dtype = device_and_dtype(argparse.Namespace(device=str(device), dtype=args.dtype))[1]
     tokenizer = fewstep.load_tokenizer(args.tokenizer or model_dir)
     model = fewstep.load_model(model_dir, dtype=dtype, device=device)
     if main:
@@ -247,8 +197,49 @@ def run(args: argparse.Namespace) -> int:
         barrier=state.wait_for_everyone,
     )
     if main:
-        _print_summary(summary, out)
+        _print_summary(summary, Path(args.out))
     return 0
+
+
+def _plan(args: argparse.Namespace):
+    """The model folder, the prompts, the run's settings and the verifier, all checked before anything loads."""
+    from fewstep.assets import resolve_model
+    from fewstep.decoding import parse_policy
+    from fewstep.distill import rollout as ro
+
+    model_dir = resolve_model(args.model)
+    records, default_verifier = ro.load_prompts(
+        args.prompts, limit=args.limit, seed=args.seed, prompt_field=args.prompt_field, protocol=args.protocol
+    )
+    verifier = default_verifier if args.verifier is None else (None if args.verifier == "none" else args.verifier)
+    if verifier is not None:
+        ro.get_verifier(verifier)  # unknown name -> one-line error before loading the model
+    cfg = rollout_config(args, model_dir, verifier)
+    parse_policy(cfg.policy)  # fail fast on a bad spec
+    device_and_dtype(args)  # a bad --device / --dtype too
+    return model_dir, records, cfg, verifier
+
+
+def _open(args: argparse.Namespace, model_dir: Path):
+    """The process state (accelerate), the output folder checked by every process and claimed by the main
+    one (:mod:`fewstep.outputs`), the CPU threads."""
+    import torch
+    from accelerate import PartialState
+
+    from fewstep.distributed import close_process_group_at_exit
+    from fewstep.outputs import claim_output
+
+    inputs = [model_dir, args.tokenizer, args.prompts if Path(args.prompts).exists() else None]
+    plan = output_plan(args, "rollout", inputs=inputs)
+    # cpu=True on a machine without GPU, so that torchrun processes form a gloo group
+    state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
+    close_process_group_at_exit()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        claim_output(plan)
+    state.wait_for_everyone()
+    apply_threads(args, state.num_processes if str(args.device or state.device).startswith("cpu") else None)
+    return state
 
 
 def _print_summary(summary: dict, out: Path) -> None:

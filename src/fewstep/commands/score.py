@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fewstep.commands.common import add_output_arguments, positive_int, prepare_out
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``fewstep score``."""
@@ -24,8 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--predictions", required=True, metavar="FILE.jsonl", help='lines of {"id": ..., "response": "..."}'
     )
-    parser.add_argument("--out", metavar="DIR", help="write summary.json and records.jsonl here")
-    parser.add_argument("--workers", type=int, default=2, help="code tasks: programs run in parallel")
+    add_output_arguments(
+        parser,
+        help="write summary.json and records.jsonl here (a folder this command made is rewritten)",
+        overwrite=False,
+    )
+    parser.add_argument("--workers", type=positive_int, default=2, help="code tasks: programs run in parallel")
     parser.add_argument(
         "--timeout",
         type=float,
@@ -47,12 +53,12 @@ def run(args: argparse.Namespace) -> int:
     from fewstep.eval.sandbox import Limits, Sandbox
     from fewstep.eval.scoring import print_summary, read_predictions, score, summarize, write_results
 
-    if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
-    if args.timeout <= 0:
-        raise ValueError("--timeout must be positive")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be > 0 seconds; got {args.timeout}")
     task = get_task(args.task)
     pairs = read_predictions(args.predictions, task)
+    if args.out:
+        prepare_out(args, "score", inputs=[args.predictions], on_existing="refresh")
     sandbox = None
     if task.kind == "code":
         sandbox = Sandbox(Limits(timeout=args.timeout), isolation=args.isolation)

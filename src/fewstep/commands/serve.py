@@ -6,10 +6,26 @@ import argparse
 import os
 
 from fewstep.assets import SHIPPED_HELP, resolve_model
-from fewstep.commands import EOS_FILL_HELP
+from fewstep.commands.common import (
+    add_decoding_arguments,
+    add_device_arguments,
+    apply_threads,
+    decoding_settings,
+    device_and_dtype,
+    positive_int,
+)
 
-#: What an unset decoding flag means when the model folder has no recommended decoding (decoding.json).
-FALLBACK = {"policy": "threshold:0.9", "gen_length": 128, "block_length": None, "cache": "none", "early_stop": True}
+
+def port_number(text: str) -> int:
+    """A TCP port, 1..65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"must be a port in 1..65535; got {text!r}")
+    return value
+
 
 EPILOG = """\
 endpoints: GET / (live denoising page), GET /health (liveness), GET /ready (readiness), GET /metrics
@@ -20,7 +36,7 @@ seconds) and exits 0; a second signal exits at once. See docs/serving.md.
 
 examples:
   fewstep serve                                   # the shipped dparallel student, its decoding.json
-  fewstep serve --model /models/LLaDA-8B-Instruct --policy threshold:0.9 --cache dual --gen-length 256 \\
+  fewstep serve --model /models/LLaDA-8B-Instruct --policy threshold:0.9 --cache prefix --gen-length 256 \\
       --device cuda:0 --port 8000
   curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
       -d '{"prompt": "3 + 4 - 2 + 8 - 1 ?", "max_tokens": 64}'
@@ -33,46 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", default="dparallel", metavar="PATH", help=f"{SHIPPED_HELP} (default: dparallel)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument(
-        "--policy",
-        default=None,
-        metavar="NAME[:ARGS]",
-        help="default unmasking policy (default: the model's decoding.json, else threshold:0.9)",
-    )
-    parser.add_argument(
-        "--cache",
-        default=None,
-        choices=["none", "prefix", "dual"],
-        help="default KV cache mode (default: the model's decoding.json, else none)",
-    )
-    parser.add_argument(
-        "--gen-length",
-        type=int,
-        default=None,
-        help="default max_tokens, the answer canvas (default: the model's decoding.json, else 128)",
-    )
-    parser.add_argument(
-        "--block-length",
-        type=int,
-        default=None,
-        help="default semi-autoregressive block length (default: the model's decoding.json, else 32, at most "
-        "the answer length; a block-diffusion model's own block size)",
-    )
-    parser.add_argument(
-        "--eos-fill",
-        action="store_true",
-        help=EOS_FILL_HELP + " (the default of the requests' eos_fill field)",
-    )
-    parser.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default: 32)")
+    parser.add_argument("--port", type=port_number, default=8000, help="port, 1..65535 (default: 8000)")
+    add_decoding_arguments(parser, prefix="default ")
+    parser.add_argument("--max-batch", type=positive_int, default=32, help="rows decoded together (default: 32)")
     parser.add_argument(
         "--max-queue",
         type=int,
         default=256,
         help="requests waiting beyond the running set; more get 429 at once (default: 256)",
     )
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    add_device_arguments(parser)
     parser.add_argument(
         "--api-key",
         default=os.environ.get("FEWSTEP_API_KEY"),
@@ -144,23 +130,18 @@ def _check_limits(args: argparse.Namespace) -> None:
 
 def build(args: argparse.Namespace):
     """Load the model and build the app (separate from :func:`run` so tests can serve it in-process)."""
-    import torch
-
     import fewstep
     from fewstep.decoding.text import GenerationSettings, TextGenerator
-    from fewstep.models.saving import recommended
     from fewstep.serve import ServeConfig, create_app
     from fewstep.serve.guards import default_allowed_hosts, parse_allowed_hosts
 
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise ValueError("--max-batch must be >= 1 and --max-queue >= 0")
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1..65535; got {args.port}")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0; got {args.max_queue}")
     _check_limits(args)
     key = args.api_key or None
     hosts = parse_allowed_hosts(args.allowed_hosts) if args.allowed_hosts else default_allowed_hosts(args.host, key)
     model_dir = resolve_model(args.model)
-    d = recommended(model_dir, vars(args), FALLBACK)
+    d = decoding_settings(args, model_dir)
     settings = GenerationSettings(
         policy=d["policy"],
         max_tokens=d["gen_length"],
@@ -172,8 +153,8 @@ def build(args: argparse.Namespace):
     from fewstep.decoding.text import resolve_policy
 
     resolve_policy(settings)  # a bad --policy fails before the model loads
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+    device, dtype = device_and_dtype(args)
+    apply_threads(args)
     model = fewstep.load_model(model_dir, dtype=dtype, device=device)
     tokenizer = fewstep.load_tokenizer(model_dir)
     gen = TextGenerator(model, tokenizer, max_batch=args.max_batch)

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import argparse
 
-from fewstep.commands import EOS_FILL_HELP
+from fewstep.commands.common import (
+    add_decoding_arguments,
+    add_device_arguments,
+    add_output_arguments,
+    apply_threads,
+    given_decoding,
+    positive_int,
+    prepare_out,
+)
 
 EPILOG = """\
 examples:
   fewstep sweep --model /models/LLaDA-8B-Instruct --task gsm8k --policy threshold --values 0.5,0.7,0.8,0.9,0.95 \\
       --baseline-policy llada:steps=256 --gen-length 256 --out runs/sweep
-  fewstep sweep --model teacher --model student --task arith --policy entropy --values 0.2,0.5,1.0 --gen-length 64
+  fewstep sweep --model teacher --model dparallel --task arith --policy entropy --values 0.2,0.5,1.0 --limit 64 \\
+      --out runs/sweep-arith
 
 --values sets the policy's main option (threshold for threshold/entropy/cad, steps for llada, factor for
 factor, multiblock); other options go after the name: --policy cad:max_tokens=32.
@@ -39,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", required=True, metavar="NAME[:key=value,...]", help="policy to sweep")
     parser.add_argument("--values", required=True, help="comma-separated values of the policy's main option")
     parser.add_argument("--baseline-policy", default=None, metavar="SPEC", help="also run this policy once per model")
-    parser.add_argument("--out", default="sweep-out", metavar="DIR", help="output folder")
+    add_output_arguments(parser, default="sweep-out", help="output folder (resumed if this command made it)")
     parser.add_argument("--aup-ymax", type=float, default=None, help="AUP's y_max in %% (default: best point)")
     parser.add_argument(
         "--x-axis",
@@ -47,23 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="nfe",
         help="the plot's x axis: mean NFE (default) or tokens per forward (TPF)",
     )
-    parser.add_argument("--cache", default="none", choices=["none", "prefix", "dual"], help="KV cache mode")
-    parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N records")
+    add_decoding_arguments(parser, policy=False)
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="prompts decoded together")
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N records")
     parser.add_argument("--protocol", default=None, help="prompt protocol (default: the task's default)")
-    parser.add_argument("--gen-length", type=int, default=256, help="tokens to generate")
-    parser.add_argument(
-        "--block-length",
-        type=int,
-        default=None,
-        help="semi-autoregressive block length (default: 32, at most --gen-length; a block-diffusion model's own "
-        "block size)",
-    )
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
-    parser.add_argument("--no-early-stop", dest="early_stop", action="store_false", help="decode blocks after EOS")
-    parser.add_argument("--eos-fill", action="store_true", help=EOS_FILL_HELP)
-    parser.add_argument("--workers", type=int, default=2, help="code tasks: sandboxed programs in parallel")
+    add_device_arguments(parser)
+    parser.add_argument("--workers", type=positive_int, default=2, help="code tasks: sandboxed programs in parallel")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -84,18 +82,17 @@ def run(args: argparse.Namespace) -> int:
     from fewstep.assets import resolve_model
 
     args.model = [str(resolve_model(m)) for m in args.model]
+    prepare_out(args, "sweep", inputs=args.model)
+    apply_threads(args)
     base = EvalSettings(
+        **{**given_decoding(args), "policy": None},
         model=args.model[0],
         task=args.task,
-        cache=args.cache,
         protocol=args.protocol,
-        gen_length=args.gen_length,
-        block_length=args.block_length,
         batch_size=args.batch_size,
         limit=args.limit,
         device=args.device,
         dtype=args.dtype,
-        early_stop=args.early_stop,
         eos_fill=args.eos_fill,
         workers=args.workers,
         progress=not args.no_progress,

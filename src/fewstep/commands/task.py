@@ -12,15 +12,22 @@ import argparse
 import json
 from pathlib import Path
 
+from fewstep.commands.common import add_output_arguments, prepare_out
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fewstep.tasks.arith import ArithConfig
 
     d = ArithConfig()
     parser.epilog = "example:\n  fewstep task --out data/arith --n-train 200000 --n-test 512"
-    parser.add_argument("--out", default="arith-data", help="folder for train.jsonl, test.jsonl, tokenizer/, task.json")
-    parser.add_argument("--n-train", type=int, default=200_000, help="training examples")
-    parser.add_argument("--n-test", type=int, default=512, help="held-out problems (distinct prompts)")
+    add_output_arguments(
+        parser,
+        default="arith-data",
+        help="folder for train.jsonl, test.jsonl, tokenizer/, task.json (an existing dataset is replaced only "
+        "with --overwrite)",
+    )
+    parser.add_argument("--n-train", type=_count, default=200_000, help="training examples")
+    parser.add_argument("--n-test", type=_count, default=512, help="held-out problems (distinct prompts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--unique-train",
@@ -39,12 +46,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _count(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     from fewstep.models.tokenizer import build_word_tokenizer
     from fewstep.tasks.arith import NAME, ArithConfig, generate_problems
 
-    if args.n_train < 0 or args.n_test < 0:
-        raise ValueError("--n-train and --n-test must be >= 0")
     cfg = ArithConfig(
         min_leaves=args.min_leaves,
         max_leaves=args.max_leaves,
@@ -52,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
         p_swap=args.p_swap,
         p_shuffle=args.p_shuffle,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(prepare_out(args, "task", on_existing="refuse"))
     from tqdm.auto import tqdm
 
     for split, n in (("test", args.n_test), ("train", args.n_train)):

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from fewstep.decoding import metrics
+from fewstep.decoding.defaults import resolve_decoding
 from fewstep.decoding.engine import (
     CACHE_MODES,
     END_OF_TURN_TOKENS,
@@ -161,17 +162,17 @@ def _seeds(seed, batch: int) -> list | None:
 def generate(
     model,
     input_ids: torch.Tensor | Sequence[Sequence[int]],
-    policy: Policy | str = "threshold",
+    policy: Policy | str | None = None,
     *,
-    gen_length: int = 128,
+    gen_length: int | None = None,
     block_length: int | None = None,
-    cache: str = "none",
+    cache: str | None = None,
     attention_mask: torch.Tensor | None = None,
     cfg_scale: float = 0.0,
     mask_id: int | None = None,
     eos_ids: Sequence[int] | None = None,
     tokenizer=None,
-    early_stop: bool = False,
+    early_stop: bool | None = None,
     seed: int | Sequence[int] | None = None,
     callback: Callable[[StepEvent], None] | None = None,
     trace: bool = False,
@@ -192,6 +193,12 @@ def generate(
     A thin call of the step-level engine (:class:`fewstep.decoding.engine.Engine`): one request per
     row, every row decoded with its own progress (a row that finishes its block moves on at once).
 
+    ``policy``, ``gen_length``, ``block_length``, ``cache`` and ``early_stop`` left unset (None) take the
+    model's recommended decoding (``model.decoding``: its folder's ``decoding.json`` and trained
+    ``gen_length``, attached by :func:`fewstep.load_model`), else the library's defaults
+    (:data:`fewstep.decoding.defaults.DEFAULTS`: ``threshold:0.9``, 256 tokens, blocks of 32 or the model's
+    own, no cache, early stop). Precedence: explicit argument > the model's decoding.json > the defaults.
+
     Args:
         model: a fewstep model (:func:`fewstep.load_model`), anything with ``denoise`` and ``config``.
         input_ids: ``[B, P]`` prompts, left-padded when ``attention_mask`` is given, or a list of token
@@ -199,7 +206,8 @@ def generate(
         policy: a :class:`~fewstep.decoding.policies.Policy` or a spec such as ``"threshold:0.9"``,
             ``"llada:steps=64"``, ``"cad:threshold=0.95,max_tokens=32"`` (see ``POLICIES``).
         gen_length: answer length; a multiple of ``block_length``.
-        block_length: semi-autoregressive block length (None: 32, or ``gen_length`` if smaller).
+        block_length: semi-autoregressive block length (default: 32, or ``gen_length`` if smaller; a
+            block-diffusion model's own block).
         cache: ``"none"``, ``"prefix"`` or ``"dual"`` (Fast-dLLM KV caches).
         attention_mask: ``[B, P]`` padding mask (1 = token) for left-padded prompts.
         cfg_scale: classifier-free guidance: ``z_u + (cfg_scale + 1)(z_c - z_u)``, with the prompt
@@ -208,7 +216,8 @@ def generate(
         eos_ids: end-of-sequence ids for early stop and for CAD's EOS gating (default: the model's EOS
             plus the end-of-turn tokens of ``tokenizer`` when given).
         early_stop: a row whose decoded blocks contain an EOS id stops after that block (the rest of
-            its answer is filled with EOS and it stops counting NFE). Off by default (reference parity).
+            its answer is filled with EOS and it stops counting NFE). On by default; the reference
+            samplers decode every block (parity tests pass ``early_stop=False``).
         seed: int (row ``i`` uses ``seed + i``) or one seed per row: per-row random streams, so sampling
             does not depend on the batch. None uses torch's global RNG.
         callback: called with a :class:`StepEvent` after every forward (one event per block that rows
@@ -256,14 +265,16 @@ def generate(
     the current block every step (LLaDA2's official sampler). See ``docs/models.md``.
     """
     cfg = model.config
-    policy = request_policy(policy)
+    given = {"policy": policy, "gen_length": gen_length, "block_length": block_length, "cache": cache}
+    d = resolve_decoding({**given, "early_stop": early_stop}, model)
+    policy = request_policy(d["policy"])
     base = Request(
         prompt=[0],
         policy=policy,
-        gen_length=gen_length,
-        block_length=block_length,
-        cache=cache,
-        early_stop=early_stop,
+        gen_length=d["gen_length"],
+        block_length=d["block_length"],
+        cache=d["cache"],
+        early_stop=d["early_stop"],
         eos_ids=eos_ids,
         cfg_scale=cfg_scale,
         mask_id=mask_id,
@@ -290,7 +301,8 @@ def generate(
     for i in range(B):  # the engine checks every row (its prompt, its seed) before any runs
         row = ids[i] if am is None else ids[i][am[i].bool()]
         engine.submit(replace(base, prompt=row.tolist(), seed=None if seeds is None else seeds[i], id=i))
-    return _drive(engine, ids, st, policy.describe(), callback, trace, early=early_stop or eos_early_stop or eos_fill)
+    early = d["early_stop"] or eos_early_stop or eos_fill
+    return _drive(engine, ids, st, policy.describe(), callback, trace, early=early)
 
 
 def _drive(engine: Engine, ids: torch.Tensor, st, policy: str, callback, trace: bool, early: bool) -> GenerateOutput:

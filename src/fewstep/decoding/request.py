@@ -40,11 +40,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from fewstep.decoding.defaults import CACHE_MODES, DEFAULTS
 from fewstep.decoding.policies import Policy, parse_policy
 from fewstep.decoding.policies.base import OptionError, check_options, shown
 from fewstep.models.block import attention_block
 
-CACHE_MODES = ("none", "prefix", "dual")
 # token strings that end a turn in the chat formats fewstep knows (looked up in the tokenizer's vocab)
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|eot|>")
 
@@ -116,15 +116,16 @@ class Quirks:
 
 @dataclass
 class Request:
-    """One prompt and its decoding settings (the per-row arguments of :func:`fewstep.generate`)."""
+    """One prompt and its decoding settings (the per-row arguments of :func:`fewstep.generate`); the defaults
+    are the library's (:data:`fewstep.decoding.defaults.DEFAULTS`)."""
 
     prompt: Sequence[int]
-    policy: Policy | str = "threshold"
-    gen_length: int = 128
-    block_length: int | None = None
-    cache: str = "none"
+    policy: Policy | str = DEFAULTS.policy
+    gen_length: int = DEFAULTS.gen_length
+    block_length: int | None = DEFAULTS.block_length
+    cache: str = DEFAULTS.cache
     seed: int | None = None
-    early_stop: bool = False
+    early_stop: bool = DEFAULTS.early_stop
     eos_ids: Sequence[int] | None = None
     cfg_scale: float = 0.0
     max_nfe: int | None = None
@@ -290,8 +291,8 @@ def resolve_settings(model, req: Request, tokenizer=None, policy: Policy | None 
     eos = token_ids(req.eos_ids, "eos_ids", vocab, MAX_EOS_IDS) if req.eos_ids is not None else None
     eos = stop_ids(model, tokenizer) if eos is None else eos
     fill_id = eos[0] if eos else None
-    if (req.early_stop or req.eos_early_stop or req.eos_fill) and fill_id is None:
-        msg = "{early_stop}, {eos_early_stop} and {eos_fill} need {eos_ids} (the model config has no eos_token_id)"
+    if (req.eos_early_stop or req.eos_fill) and fill_id is None:  # early_stop without an EOS: nothing to stop at
+        msg = "{eos_early_stop} and {eos_fill} need {eos_ids} (the model config has no eos_token_id)"
         raise RequestError(msg, "eos_ids")
     limit = req.max_steps_per_block or 4 * L + 64
     fill = fill_id if req.early_stop else None

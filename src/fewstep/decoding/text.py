@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from fewstep.decoding import metrics
+from fewstep.decoding.defaults import DEFAULTS, resolve_decoding
 from fewstep.decoding.engine import Engine, Request, RequestError, RowResult, Update
 from fewstep.decoding.policies import Policy, parse_policy
 from fewstep.decoding.policies.base import OptionError
@@ -64,25 +65,34 @@ ENGINE_FIELDS = {
 }
 #: the text layer's name of every engine field it sets
 TEXT_NAMES = {engine: name for name, engine in ENGINE_FIELDS.items()}
+#: GenerationSettings fields that are decoding settings with library defaults (fewstep.decoding.defaults),
+#: and their names there
+DECODING_FIELDS = ("policy", "max_tokens", "block_length", "cache", "early_stop")
+DECODING_NAMES = {"max_tokens": "gen_length"}
 #: GenerationSettings fields that set the policy option of the same name
 POLICY_OPTIONS = ("temperature", "top_p", "threshold")
 
 
 @dataclass
 class GenerationSettings:
-    """How to generate one text request (the text-level knobs; ``None`` keeps the policy's own value)."""
+    """How to generate one text request (the text-level knobs).
 
-    policy: Policy | str = "threshold:0.9"
-    max_tokens: int = 128  # the answer length (the diffusion canvas); the text is cut at a stop
-    block_length: int | None = None  # None: 32, or max_tokens if smaller
-    cache: str = "none"
+    ``policy``, ``max_tokens``, ``block_length``, ``cache`` and ``early_stop`` left None take the model's
+    recommended decoding, else the library's defaults (:mod:`fewstep.decoding.defaults`), when the request
+    is built (:meth:`TextGenerator.request`); ``temperature``, ``top_p`` and ``threshold`` left None keep the
+    policy's own value."""
+
+    policy: Policy | str | None = None
+    max_tokens: int | None = None  # the answer length (the diffusion canvas); the text is cut at a stop
+    block_length: int | None = None  # None: the model's decoding.json, else 32 (at most max_tokens)
+    cache: str | None = None
     temperature: float | None = None
     top_p: float | None = None
     threshold: float | None = None
     seed: int | None = None
     stop: Sequence[str] = ()
     stop_ids: Sequence[int] | None = None  # None: the model's EOS + the tokenizer's end-of-turn ids
-    early_stop: bool = True
+    early_stop: bool | None = None
     eos_fill: bool = False  # d3LLM's end-of-text stop: everything after the first EOS at once, no forward
     max_nfe: int | None = None
     cfg_scale: float = 0.0
@@ -229,7 +239,7 @@ def resolve_policy(settings: GenerationSettings) -> Policy:
     """The policy with ``temperature``, ``top_p`` and ``threshold`` applied; :class:`RequestError` naming the
     setting at fault (``policy``, or the option it sets: the policy checks the option's range)."""
     try:
-        policy = parse_policy(settings.policy)
+        policy = parse_policy(DEFAULTS.policy if settings.policy is None else settings.policy)
     except ValueError as exc:
         raise RequestError("{detail}", "policy", detail=str(exc)) from None
     names = {f.name for f in dataclasses.fields(policy)} if dataclasses.is_dataclass(policy) else set()
@@ -456,7 +466,9 @@ class TextGenerator:
 
         A mistake raises :class:`RequestError` (a ValueError) in the engine's words (the words of the
         ``--gen-length`` flags of the commands); ``err.renamed(TEXT_NAMES)`` states it in the text layer's
-        names, which are the API's (the server does)."""
+        names, which are the API's (the server does). Unset decoding settings are filled in first
+        (:meth:`resolved`)."""
+        settings = self.resolved(settings)
         policy = resolve_policy(settings)
         settings = settings.replace(stop=check_stops(settings.stop))
         fields = {engine: getattr(settings, name) for name, engine in ENGINE_FIELDS.items()}
@@ -471,6 +483,15 @@ class TextGenerator:
                 raise RequestError("{detail}", exc.option, option=exc.option, detail=str(exc)) from None
             raise
         return Prepared(list(prompt_ids), req, policy, resolved.eos, settings)
+
+    def resolved(self, settings: GenerationSettings) -> GenerationSettings:
+        """``settings`` with every unset decoding setting filled in: the model's recommended decoding, else
+        the library's defaults (:func:`fewstep.decoding.defaults.resolve_decoding`)."""
+        given = {DECODING_NAMES.get(k, k): getattr(settings, k) for k in DECODING_FIELDS}
+        if all(v is not None for v in given.values()):
+            return settings
+        d = resolve_decoding(given, self.model)
+        return settings.replace(**{k: d[DECODING_NAMES.get(k, k)] for k in DECODING_FIELDS})
 
     def _final_text(self, prefix: list[int], settings: GenerationSettings, stop_ids: set):
         """(text, ids, finish reason or None, stop, tokens before the first stop id) of a committed prefix."""

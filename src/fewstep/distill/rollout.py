@@ -320,7 +320,7 @@ def _open_run(cfg: RolloutConfig, out: Path, manifest: dict[str, Any], rank: int
         return
     out.mkdir(parents=True, exist_ok=True)
     path = out / MANIFEST
-    if not path.is_file():
+    if not path.is_file() or not any(out.glob("*.progress.json")):  # a start that committed nothing binds nothing
         write_json_atomic(path, manifest)
         return
     old = json.loads(path.read_text())

@@ -24,6 +24,7 @@ from fewstep.eval.benchmarks import Task, get_task
 from fewstep.eval.protocols import get_protocol
 from fewstep.eval.sandbox import Limits, Sandbox
 from fewstep.eval.scoring import score
+from fewstep.outputs import prepare_output
 
 # Settings that change what is generated: a resumed run must use the same ones.
 IDENTITY_KEYS = (
@@ -50,23 +51,25 @@ class EvalSettings:
 
     model: str
     task: str
-    policy: str = "threshold:0.9"
-    cache: str = "none"
+    # decoding settings left None: the model's decoding.json, else fewstep.decoding.defaults (run_eval fills them)
+    policy: str | None = None
+    cache: str | None = None
     protocol: str | None = None
-    gen_length: int = 256
+    gen_length: int | None = None
     block_length: int | None = None  # None: 32 (at most gen_length), or a block-diffusion model's block size
     batch_size: int = 1
     limit: int | None = None
     out: str = "eval-out"
     device: str | None = None
     dtype: str | None = None
-    early_stop: bool = True
+    early_stop: bool | None = None
     eos_fill: bool = False  # d3LLM's end-of-text stop: everything after the first EOS at once (no forward)
     seed: int | None = None
     baseline: str | None = None  # an earlier eval folder (or its summary.json) to compute the speedup against
     workers: int = 2
     timeout: float = 10.0
     progress: bool = True
+    allow_existing: bool = False  # write into a non-empty --out fewstep did not make (fewstep.outputs)
 
     def identity(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in IDENTITY_KEYS}
@@ -95,7 +98,7 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
 def _check_identity(out: Path, settings: EvalSettings) -> None:
     cfg_path = out / "config.json"
     mine = settings.identity()
-    if cfg_path.exists():
+    if cfg_path.exists() and _read_records(out / "records.jsonl"):  # a start that wrote nothing binds nothing
         theirs = json.loads(cfg_path.read_text())
         diff = [k for k in IDENTITY_KEYS if theirs.get(k, IDENTITY_DEFAULTS.get(k)) != mine[k]]
         if diff:
@@ -109,12 +112,17 @@ def _check_identity(out: Path, settings: EvalSettings) -> None:
         cfg_path.write_text(json.dumps(mine, indent=2) + "\n")
 
 
-def _device_and_dtype(settings: EvalSettings) -> tuple[str, str]:
-    import torch
+def _resolve(settings: EvalSettings, model: Any) -> None:
+    """Fill in the unset decoding settings (the model's decoding.json, else the library's defaults), the
+    device and dtype (the commands' one default)."""
+    from fewstep.decoding.defaults import SETTINGS, resolve_decoding
+    from fewstep.models.loading import device_and_dtype
 
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = settings.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
-    return device, dtype
+    d = resolve_decoding({k: getattr(settings, k) for k in SETTINGS}, settings.model if model is None else model)
+    for k in ("policy", "cache", "gen_length", "early_stop"):
+        setattr(settings, k, d[k])
+    settings.block_length = d["block_length"]
+    settings.device, settings.dtype = device_and_dtype(settings.device, settings.dtype)
 
 
 def run_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
@@ -127,14 +135,14 @@ def run_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any = None
     task = get_task(settings.task)
     protocol = get_protocol(task.name, settings.protocol)
     settings.protocol = protocol.name
+    _resolve(settings, model)
     parse_policy(settings.policy)  # a bad spec fails before anything is loaded
-    device, dtype = _device_and_dtype(settings)
-    settings.device, settings.dtype = device, dtype
+    device, dtype = settings.device, settings.dtype
     if settings.block_length is None:
         settings.block_length = default_block_length(checkpoint_block_length(settings.model), settings.gen_length)
     if settings.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    out = Path(settings.out)
+    out = prepare_output(settings.out, "eval", allow_existing=settings.allow_existing, inputs=[settings.model])
     _check_identity(out, settings)
     rec_path = out / "records.jsonl"
     done = {str(r["id"]) for r in _read_records(rec_path)}

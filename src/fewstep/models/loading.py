@@ -12,6 +12,7 @@ user mistake is a one-line ``ValueError`` / ``FileNotFoundError`` that says how 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -25,6 +26,7 @@ from fewstep.assets import resolve_model
 from fewstep.models.base import ConfigFields, DiffusionLM
 from fewstep.models.block import attention_block
 from fewstep.models.families import architecture_of, families, model_class
+from fewstep.models.saving import model_decoding
 
 _DTYPES = {
     "float32": torch.float32,
@@ -91,18 +93,67 @@ def weight_files(folder: Path) -> dict[str, list[str]]:
     return {f.name: [k for k in read_header(f)[0] if k != "__metadata__"] for f in candidates}
 
 
+#: The largest safetensors header read (the format's own limit is 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+
+
 def read_header(file: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's JSON header and the byte offset where its data section starts."""
+    """A safetensors file's JSON header and the byte offset where its data section starts.
+
+    The header length (the first 8 bytes) is checked against the file's size before anything is
+    read, so a file of random bytes is a one-line ValueError, not an allocation of exabytes."""
+    size = os.path.getsize(file)
     with open(file, "rb") as fh:
         raw = fh.read(8)
         if len(raw) != 8:
             raise ValueError(f"{file} is not a safetensors file (too short)")
         n = struct.unpack("<Q", raw)[0]
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(
+                f"{file} is not a safetensors file (its header length, {n} bytes, exceeds the file's {size} bytes)"
+            )
         try:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError(f"{file} is not a safetensors file (bad header)") from None
+    if not isinstance(header, dict) or not all(k == "__metadata__" or _tensor_entry(v) for k, v in header.items()):
+        raise ValueError(f"{file} is not a safetensors file (bad header)")
+    for key, meta in header.items():
+        if key != "__metadata__" and not 0 <= meta["data_offsets"][0] <= meta["data_offsets"][1] <= size - 8 - n:
+            raise ValueError(f"{file} is truncated or corrupt: tensor {key} lies beyond the end of the file")
     return header, 8 + n
+
+
+def _tensor_entry(meta: Any) -> bool:
+    """Whether a header entry has the fields of a tensor (dtype, shape, two data offsets)."""
+    return (
+        isinstance(meta, dict)
+        and isinstance(meta.get("dtype"), str)
+        and isinstance(meta.get("shape"), list)
+        and all(isinstance(d, int) and d >= 0 for d in meta["shape"])
+        and isinstance(meta.get("data_offsets"), list)
+        and len(meta["data_offsets"]) == 2
+        and all(isinstance(o, int) for o in meta["data_offsets"])
+    )
+
+
+def weights_fingerprint(path: str | os.PathLike) -> str:
+    """A short hash that tells checkpoints apart without reading all their weights: every tensor's name,
+    dtype and shape, and 256 bytes at its start, middle and end (a LoRA merge or any fine-tuning changes
+    them). ``fewstep merge-lora`` compares it with the one an adapter recorded of its base."""
+    folder = resolve_model(path)
+    digest = hashlib.sha256()
+    for fname in sorted(weight_files(folder)):
+        header, start = read_header(folder / fname)
+        with open(folder / fname, "rb") as fh:
+            for key in sorted(k for k in header if k != "__metadata__"):
+                meta = header[key]
+                a, b = meta["data_offsets"]
+                digest.update(f"{key}|{meta['dtype']}|{meta['shape']}|".encode())
+                for offset in sorted({a, a + (b - a) // 2, max(a, b - 256)}):
+                    fh.seek(start + offset)
+                    digest.update(fh.read(min(256, b - offset)))
+    return digest.hexdigest()[:32]
 
 
 def checkpoint_dtype(folder: Path, files: dict[str, list[str]]) -> torch.dtype:
@@ -139,6 +190,46 @@ def read_into(fh, offset: int, nbytes: int, src_dtype: torch.dtype, dst: torch.T
             raise ValueError(f"truncated safetensors file {fh.name}")
         flat[done : done + n].copy_(torch.frombuffer(buf, dtype=src_dtype))
         done += n
+
+
+#: Device types fewstep runs on (``type`` or ``type:index``).
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """``"cuda:1"`` -> ``torch.device("cuda:1")``; None: :func:`default_device`. A name torch does not know
+    (``"tpu"``) is a one-line ValueError listing the valid ones."""
+    if device is None:
+        return torch.device(default_device())
+    if isinstance(device, torch.device):
+        return device
+    try:
+        parsed = torch.device(str(device).strip())
+    except (RuntimeError, ValueError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise ValueError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps")
+    return parsed
+
+
+def default_device() -> str:
+    """The device a command uses when none is given: ``cuda`` when a GPU is present, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | torch.device) -> str:
+    """The dtype a command loads weights in when none is given: bfloat16 on a GPU, float32 elsewhere."""
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
+def device_and_dtype(device: str | torch.device | None = None, dtype: str | None = None) -> tuple[str, str]:
+    """The one device/dtype default of every command: ``(device, dtype)`` with an unset one filled in
+    (:func:`default_device`, :func:`default_dtype`), both checked (one-line ValueError)."""
+    dev = parse_device(device)
+    name = str(dev)
+    chosen = dtype or default_dtype(dev)
+    parse_dtype(chosen)
+    return name, str(chosen)
 
 
 def check_device_dtype(device: torch.device, dtype: torch.dtype) -> None:
@@ -191,7 +282,7 @@ def load_model(
     arch = architecture_of(cfg)
     files = weight_files(folder)
     dtype = parse_dtype(dtype) or checkpoint_dtype(folder, files)
-    device = torch.device(device)
+    device = parse_device(device)
     check_device_dtype(device, dtype)
     model = build_model(cfg).to(dtype)  # still on the meta device: no memory yet
     model.to_empty(device=device)
@@ -232,6 +323,7 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     model.checkpoint_path = str(folder)
+    model.decoding = model_decoding(folder)  # its recommended decoding: fewstep.generate's unset arguments
     return model
 
 

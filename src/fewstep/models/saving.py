@@ -40,6 +40,7 @@ NOT_COPIED = frozenset(
         "model.safetensors.index.json",
         "README.md",
         DECODING,
+        "run.json",  # fewstep's output-folder marker (fewstep.outputs.MARKER): the new folder writes its own
         "training.json",
         "train_log.jsonl",
         "loss.png",
@@ -222,8 +223,37 @@ def read_decoding(folder: str | os.PathLike) -> dict[str, Any]:
     return _checked_decoding(settings, str(path))
 
 
+def model_decoding(folder: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint folder recommends for decoding: its ``decoding.json`` (:func:`read_decoding`), with
+    ``gen_length`` taken from ``training.json`` (the answer length it was trained at) when the file gives
+    none. ``fewstep.load_model`` attaches it to the model as ``model.decoding``."""
+    settings = read_decoding(folder)
+    if "gen_length" not in settings:
+        trained = _trained_gen_length(Path(folder) / "training.json")
+        if trained is not None:
+            settings["gen_length"] = trained
+    return settings
+
+
+def _trained_gen_length(path: Path) -> int | None:
+    """``gen_length`` of a run's ``training.json`` (a positive int), or None."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("gen_length")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def pick_settings(given: dict[str, Any], recommendation: dict[str, Any], fallback: dict[str, Any]) -> dict[str, Any]:
+    """The one precedence rule of decoding settings: for each setting of ``fallback``, the ``given`` value when
+    it is set (not None), else the model's ``recommendation``, else the ``fallback``."""
+    return {
+        k: given[k] if given.get(k) is not None else recommendation.get(k, default) for k, default in fallback.items()
+    }
+
+
 def recommended(folder: str | os.PathLike, given: dict[str, Any], fallback: dict[str, Any]) -> dict[str, Any]:
-    """For each setting of ``fallback``: the ``given`` value when it is set (not None), else the checkpoint's
-    recommendation (:func:`read_decoding`), else the ``fallback`` (the command's own default)."""
-    rec = read_decoding(folder)
-    return {k: given[k] if given.get(k) is not None else rec.get(k, default) for k, default in fallback.items()}
+    """:func:`pick_settings` with the recommendation of a checkpoint folder (:func:`model_decoding`)."""
+    return pick_settings(given, model_decoding(folder), fallback)

@@ -17,8 +17,12 @@ def read_jsonl(
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     out = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
             if not line.strip():
                 continue
             try:

@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
-import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from fewstep.distributed import close_process_group_at_exit
+from fewstep.outputs import check_output, claim_output
 
 
-def open_run(out: str | Path, *, bf16: bool, cpu: bool, overwrite: bool) -> Any:
+def open_run(
+    out: str | Path,
+    *,
+    bf16: bool,
+    cpu: bool,
+    overwrite: bool,
+    command: str,
+    inputs: Iterable[Any] = (),
+    allow_existing: bool = False,
+) -> Any:
     """The ``accelerate`` Accelerator of a run writing to ``out`` (bf16 autocast or not; the CPU when asked
     or when there is no GPU, so that ``torchrun`` processes form a gloo group), its process group closed at
-    exit; with ``overwrite`` the main process deletes ``out`` first and every process waits for it."""
+    exit. Every process checks the run folder first (:func:`fewstep.outputs.check_output`: ``--overwrite``
+    deletes only a folder this command made and never one holding ``inputs``); then the main process
+    claims it (deleting it with ``overwrite``) while the others wait."""
     import torch
     from accelerate import Accelerator
 
+    plan = check_output(out, command, overwrite=overwrite, allow_existing=allow_existing, inputs=inputs)
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=cpu or not torch.cuda.is_available())
     close_process_group_at_exit()
-    if overwrite and Path(out).exists() and accelerator.is_main_process:
-        shutil.rmtree(out)
+    accelerator.wait_for_everyone()  # every process has checked the folder before the main one changes it
+    if accelerator.is_main_process:
+        claim_output(plan)
     accelerator.wait_for_everyone()
     return accelerator
 

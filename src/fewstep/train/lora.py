@@ -139,7 +139,50 @@ def merge_lora(
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter))
     except (ValueError, KeyError, RuntimeError) as exc:
-        raise ValueError(f"the adapter in {adapter} does not fit the base model {base}: {exc}") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        first = next((line for line in lines if "size mismatch" in line), lines[0])
+        raise ValueError(f"the adapter in {adapter} does not fit the base model {base}: {first}") from None
     merged = peft_model.merge_and_unload()
     merged.requires_grad_(False)
     return merged.to(target) if target != torch.float32 else merged
+
+
+#: What ``fewstep distill`` records beside a LoRA adapter: the base it was trained on and its fingerprint.
+ADAPTER_BASE = "fewstep_base.json"
+
+
+def record_adapter_base(adapter: str | os.PathLike, base: str | os.PathLike) -> None:
+    """Write ``adapter/fewstep_base.json``: the base folder and its weights fingerprint
+    (:func:`fewstep.models.loading.weights_fingerprint`), which :func:`check_adapter_base` compares."""
+    import json
+
+    from fewstep.models.loading import weights_fingerprint
+
+    doc = {"base_model": str(base), "fingerprint": weights_fingerprint(base)}
+    (Path(adapter) / ADAPTER_BASE).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def check_adapter_base(adapter: str | os.PathLike, base: str | os.PathLike) -> None:
+    """ValueError (one line) when ``adapter`` records a base whose weights differ from ``base``'s (merging it
+    there would silently produce another model); an adapter without the record is not checked."""
+    import json
+
+    from fewstep.models.loading import weights_fingerprint
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"no adapter_config.json in {str(adapter)!r} (expected a peft LoRA adapter folder)")
+    path = adapter / ADAPTER_BASE
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())
+        want, trained_on = str(recorded["fingerprint"]), recorded.get("base_model", "?")
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is not a valid record of the adapter's base") from None
+    got = weights_fingerprint(base)
+    if got != want:
+        raise ValueError(
+            f"the adapter in {adapter} was trained on {trained_on} (weights {want[:8]}), not on {base} "
+            f"(weights {got[:8]}): pass the base it was trained on, or --ignore-base-check"
+        )

@@ -21,6 +21,7 @@ shards them by ``rank`` / ``world_size``, which come from accelerate) on its own
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -58,6 +59,18 @@ def _as_int(name: str, value: Any, lo: int = 1) -> int:
     return int(text)
 
 
+def _as_bool(name: str, value: Any) -> bool:
+    """``value`` (a bool or the strings true/false/1/0, as lm-eval passes model_args) as a bool."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"fewstep model_args: {name} must be true or false; got {value!r}")
+
+
 @register_model("fewstep")
 class FewstepLM(TemplateLM):
     """A fewstep diffusion LM (LLaDA or Dream checkpoint folder) as an lm-eval model.
@@ -70,10 +83,12 @@ class FewstepLM(TemplateLM):
       ``tokenizer``: another tokenizer folder;
     * ``dtype`` (default bfloat16 on GPU, float32 on CPU), ``device`` (default cuda if available;
       the process's GPU under accelerate);
-    * ``policy`` (default ``threshold:0.9``), ``gen_length`` (default: the request's ``max_gen_toks``),
-      ``block_length`` (32; a block-diffusion model's own block size), ``cache`` (none / prefix / dual), ``batch_size`` (lm-eval's
-      ``--batch_size``), ``early_stop`` (True: a row stops after the block holding its EOS), ``eos_fill``
-      (False; True: d3LLM's end-of-text stop, everything after the first EOS at once, no forward spent on it),
+    * ``policy``, ``block_length``, ``cache`` (none / prefix / dual), ``early_stop`` (a row stops after the
+      block holding its EOS): unset, the model's decoding.json, else the library's defaults
+      (:mod:`fewstep.decoding.defaults`: threshold:0.9, blocks of 32 or the model's own, no cache, early
+      stop); ``gen_length`` (default: the request's ``max_gen_toks``), ``batch_size`` (lm-eval's
+      ``--batch_size``), ``eos_fill`` (False; True: d3LLM's end-of-text stop, everything after the first EOS
+      at once, no forward spent on it),
       ``cfg_scale`` (0), ``seed`` (1234: per-request seeds for sampling policies and the Monte Carlo draws);
     * ``mc_num`` (128), ``mc_batch_size`` (16), ``check_greedy`` (True; alias ``is_check_greedy``) for
       loglikelihood;
@@ -93,14 +108,14 @@ class FewstepLM(TemplateLM):
         tokenizer: Any = None,
         dtype: str | None = None,
         device: str | None = None,
-        policy: str = "threshold:0.9",
+        policy: str | None = None,
         gen_length: int | None = None,
         block_length: int | None = None,
-        cache: str | None = "none",
+        cache: str | None = None,
         batch_size: int | str | None = 1,
         max_batch_size: int | None = None,
-        early_stop: bool = True,
-        eos_fill: bool = False,
+        early_stop: bool | str | None = None,
+        eos_fill: bool | str = False,
         cfg_scale: float = 0.0,
         seed: int = 1234,
         mc_num: int = 128,
@@ -114,6 +129,72 @@ class FewstepLM(TemplateLM):
         **unknown: Any,
     ) -> None:
         super().__init__()
+        self._settings(
+            policy=policy,
+            gen_length=gen_length,
+            block_length=block_length,
+            cache=cache,
+            batch_size=batch_size,
+            early_stop=early_stop,
+            eos_fill=eos_fill,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            mc_num=mc_num,
+            mc_batch_size=mc_batch_size,
+            check_greedy=check_greedy,
+            is_check_greedy=is_check_greedy,
+            add_bos_token=add_bos_token,
+            max_gen_toks=max_gen_toks,
+            stats_path=stats_path,
+            **unknown,
+        )
+        self._rank, self._world_size, self.accelerator = 0, 1, None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import Accelerator
+
+            from fewstep.distributed import close_process_group_at_exit
+
+            acc = Accelerator()
+            if acc.num_processes > 1:
+                self.accelerator = acc
+                self._rank, self._world_size = acc.process_index, acc.num_processes
+                device = str(acc.device)
+                close_process_group_at_exit()
+        self._load(pretrained, model, tokenizer, dtype, device)
+        self._model_defaults()
+        cfg_len = getattr(self.model.config, "max_sequence_length", None)
+        self._max_length = _as_int("max_length", max_length) if max_length is not None else int(cfg_len or 4096)
+        from fewstep.decoding.text import TextGenerator
+
+        self.text = TextGenerator(self.model, self.tokenizer, max_batch=self.batch_size)
+        self.stop_ids = self.text.default_stop_ids
+        self.mask_id = int(self.model.config.mask_token_id)
+        self.generation_stats: list[dict[str, Any]] = []
+        self.likelihood_stats = {"requests": 0, "forwards": 0, "seconds": 0.0}
+        self._warned: set[str] = set()
+
+    def _settings(
+        self,
+        *,
+        policy,
+        gen_length,
+        block_length,
+        cache,
+        batch_size,
+        early_stop,
+        eos_fill,
+        cfg_scale,
+        seed,
+        mc_num,
+        mc_batch_size,
+        check_greedy,
+        is_check_greedy,
+        add_bos_token,
+        max_gen_toks,
+        stats_path,
+        **unknown: Any,
+    ) -> None:
+        """Check and keep every model_arg that needs no model (ValueError, one line, naming the argument)."""
         if unknown:
             raise ValueError(
                 f"fewstep model_args: unknown argument(s) {', '.join(sorted(unknown))}; valid: pretrained, "
@@ -128,43 +209,50 @@ class FewstepLM(TemplateLM):
             raise ValueError(
                 f"fewstep model_args: mc_num ({mc_num}) must be a multiple of mc_batch_size ({mc_batch_size})"
             )
-        self.cfg_scale, self.seed, self.early_stop = float(cfg_scale), int(seed), bool(early_stop)
-        self.eos_fill = bool(eos_fill)
-        self.check_greedy = bool(check_greedy if is_check_greedy is None else is_check_greedy)
-        self.add_bos_token = bool(add_bos_token)
+        try:
+            self.cfg_scale, self.seed = float(cfg_scale), int(seed)
+        except (TypeError, ValueError):
+            msg = f"fewstep model_args: cfg_scale and seed must be numbers; got {cfg_scale!r}, {seed!r}"
+            raise ValueError(msg) from None
+        self.early_stop = None if early_stop is None else _as_bool("early_stop", early_stop)
+        self.eos_fill = _as_bool("eos_fill", eos_fill)
+        self.check_greedy = _as_bool("check_greedy", check_greedy if is_check_greedy is None else is_check_greedy)
+        self.add_bos_token = _as_bool("add_bos_token", add_bos_token)
         self.stats_path = stats_path
-        self._rank, self._world_size, self.accelerator = 0, 1, None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import Accelerator
 
-            from fewstep.distributed import close_process_group_at_exit
+    @classmethod
+    def check_model_args(cls, arg_string: str) -> None:
+        """Check ``--model_args`` before lm-eval starts (``fewstep lm-eval`` does): every argument that needs no
+        model, the device and dtype, and that ``pretrained`` names a folder or a shipped model."""
+        from lm_eval import utils
 
-            acc = Accelerator()
-            if acc.num_processes > 1:
-                self.accelerator = acc
-                self._rank, self._world_size = acc.process_index, acc.num_processes
-                device = str(acc.device)
-                close_process_group_at_exit()
-        self._load(pretrained, model, tokenizer, dtype, device)
-        cfg_len = getattr(self.model.config, "max_sequence_length", None)
-        self._max_length = _as_int("max_length", max_length) if max_length is not None else int(cfg_len or 4096)
-        from fewstep.decoding.text import TextGenerator
+        from fewstep.assets import resolve_model
+        from fewstep.models.loading import device_and_dtype
 
-        self.text = TextGenerator(self.model, self.tokenizer, max_batch=self.batch_size)
-        self.stop_ids = self.text.default_stop_ids
-        self.mask_id = int(self.model.config.mask_token_id)
-        self.generation_stats: list[dict[str, Any]] = []
-        self.likelihood_stats = {"requests": 0, "forwards": 0, "seconds": 0.0}
-        self._warned: set[str] = set()
+        args = utils.simple_parse_args_string(arg_string or "")
+        pretrained, tokenizer = args.pop("pretrained", None), args.pop("tokenizer", None)
+        device, dtype = args.pop("device", None), args.pop("dtype", None)
+        args.pop("max_length", None), args.pop("max_batch_size", None)
+        loading = ("self", "pretrained", "model", "tokenizer", "dtype", "device", "max_length", "max_batch_size")
+        params = inspect.signature(cls.__init__).parameters.values()
+        defaults = {p.name: p.default for p in params if p.name not in loading and p.kind == p.KEYWORD_ONLY}
+        cls.__new__(cls)._settings(**{**defaults, **args})
+        if device is not None and not (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device_and_dtype(str(device), None if dtype is None else str(dtype))
+        elif dtype is not None:
+            device_and_dtype("cpu", str(dtype))
+        for path in (pretrained, tokenizer):
+            if path is not None:
+                resolve_model(str(path))
 
     def _decoding_args(self, policy, cache, batch_size, gen_length, block_length, max_gen_toks) -> None:
         """Check the model_args of ``generate_until``'s decoding (before the model is loaded)."""
         from fewstep.decoding import CACHE_MODES, parse_policy
 
-        self.policy_spec = str(policy).replace(";", ",")
-        self.policy = parse_policy(self.policy_spec)  # a bad spec fails before the model is loaded
-        self.cache = "none" if cache is None else str(cache).lower()
-        if self.cache not in CACHE_MODES:
+        self.policy_spec = None if policy is None else str(policy).replace(";", ",")
+        self.policy = None if policy is None else parse_policy(self.policy_spec)  # fails before the model loads
+        self.cache = None if cache is None else str(cache).lower()
+        if self.cache is not None and self.cache not in CACHE_MODES:
             raise ValueError(f"fewstep model_args: cache must be one of {', '.join(CACHE_MODES)}; got {cache!r}")
         if batch_size is None:
             batch_size = 1
@@ -175,10 +263,33 @@ class FewstepLM(TemplateLM):
         self.block_length = None if block_length is None else _as_int("block_length", block_length)
         self.max_gen_toks = _as_int("max_gen_toks", max_gen_toks)
 
+    def _model_defaults(self) -> None:
+        """The decoding settings model_args left unset: the model's decoding.json, else the library's defaults
+        (:mod:`fewstep.decoding.defaults`); ``gen_length`` unset stays the task's ``max_gen_toks``."""
+        from fewstep.decoding import parse_policy
+        from fewstep.decoding.defaults import resolve_decoding
+
+        given = {"policy": self.policy_spec, "cache": self.cache, "early_stop": self.early_stop}
+        d = resolve_decoding({**given, "block_length": self.block_length}, self.model)
+        if self.policy is None:
+            self.policy_spec, self.policy = d["policy"], parse_policy(d["policy"])
+        self.cache, self.early_stop, self.block_length = d["cache"], d["early_stop"], d["block_length"]
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> FewstepLM:
+        """lm-eval's constructor from ``--model_args``: the keys written there win over the ones lm-eval adds
+        from its own flags (``--device``, ``--batch_size``), instead of colliding with them."""
+        from lm_eval import utils
+
+        args = utils.simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
+
     # ------------------------------------------------------------------ loading and basic properties
 
     def _load(self, pretrained, model, tokenizer, dtype, device) -> None:
         from fewstep.models import load_model, load_tokenizer
+        from fewstep.models.loading import device_and_dtype
 
         if model is None:
             if not pretrained:
@@ -187,8 +298,7 @@ class FewstepLM(TemplateLM):
                 # lm-eval's CLI passes device="cuda:0" unless told otherwise
                 log.warning("fewstep: CUDA is not available; running on the CPU")
                 device = "cpu"
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+            device, dtype = device_and_dtype(device, dtype)
             model = load_model(pretrained, dtype=dtype, device=device)
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             source = tokenizer or pretrained or getattr(model, "checkpoint_path", None)
