@@ -42,6 +42,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -445,17 +446,15 @@ def peer_available(python: str | None) -> tuple[bool, str]:
     return True, f"dlmserve {out.stdout.strip()}"
 
 
-def _env() -> dict:
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
-    }
+def _env(src: str | None = None) -> dict:
+    path = [str(Path(src) / "src") if src else str(ROOT / "src"), os.environ.get("PYTHONPATH")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
 
 
-def _start(cmd: list[str], url: str) -> subprocess.Popen:
+def _start(cmd: list[str], url: str, src: str | None = None) -> subprocess.Popen:
     import httpx
 
-    proc = subprocess.Popen(cmd, env=_env())
+    proc = subprocess.Popen(cmd, env=_env(src))
     deadline = time.monotonic() + 600
     while True:
         try:
@@ -508,86 +507,115 @@ def _bodies(server: str, prompts: list[str]) -> list[dict]:
     return [{"messages": [{"role": "user", "content": p}], "max_tokens": MATCHED_TOKENS, **extra} for p in prompts]
 
 
-def matched_server(server: str, levels: list[int], prompts: list[str], args) -> list[dict]:
-    """One server (fewstep or the peer) in its own pinned process at every concurrency level."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    common = ["--port", str(port), "--threads", str(args.threads), "--pin", str(args.pin)]
-    if server == "fewstep":
-        cmd = [sys.executable, __file__, "--_serve", "embedded", "--matched", *common]
-    else:
-        cmd = [args.peer, __file__, "--_peer_serve", *common]
-    proc = _start(cmd, url)
-    bodies = _bodies(server, prompts)
-    rows = []
-    try:
-        asyncio.run(_chat_clients(url, bodies[:2], 1))  # warm-up
-        for c in levels:
-            n = max(len(bodies), 2 * c)
-            cpu = process_cpu(proc.pid)
-            wall, lat, texts = asyncio.run(_chat_clients(url, (bodies * (n // len(bodies) + 1))[:n], c))
-            cpu = process_cpu(proc.pid) - cpu
-            rows.append({"server": "fewstep serve" if server == "fewstep" else "dlmserve 0.1.1", "clients": c,
-                         "requests": n, "seconds": round(wall, 3), "requests_per_s": round(n / wall, 3),
-                         "cpu_s_per_request": round(cpu / n, 4), "latency_p50_s": round(_pct(lat, 0.5), 4),
-                         "latency_p99_s": round(_pct(lat, 0.99), 4), "texts": texts})  # fmt: skip
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "texts"}), flush=True)
-    finally:
-        proc.terminate()
+class _Server:
+    """A server process (fewstep or the peer) pinned to the servers' core, paused (SIGSTOP) between its
+    bursts so that an idle server takes nothing from the one measured."""
+
+    def __init__(self, kind: str, args, src: str | None = None):
+        """``kind``: ``fewstep`` or ``peer``; ``src``: serve fewstep from this source tree (a baseline)."""
+        self.kind = kind
+        self.name = {"fewstep": "fewstep serve", "peer": "dlmserve 0.1.1"}[kind] + (" (baseline)" if src else "")
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        common = ["--port", str(port), "--threads", str(args.threads), "--pin", str(args.pin)]
+        if kind == "fewstep":
+            cmd = [sys.executable, __file__, "--_serve", "embedded", "--matched", *common]
+        else:
+            cmd = [args.peer, __file__, "--_peer_serve", *common]
+        self.proc = _start(cmd, self.url, src)
+
+    def signal(self, sig) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def close(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.proc.terminate()
         try:
-            proc.wait(timeout=60)
+            self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            proc.kill()
-    return rows
+            self.proc.kill()
+
+    def burst(self, prompts: list[str], clients: int) -> dict:
+        self.signal(signal.SIGCONT)
+        try:
+            cpu = process_cpu(self.proc.pid)
+            wall, lat, texts = asyncio.run(_chat_clients(self.url, _bodies(self.kind, prompts), clients))
+            cpu = process_cpu(self.proc.pid) - cpu
+        finally:
+            self.signal(signal.SIGSTOP)
+        return {"seconds": wall, "cpu": cpu, "latencies": lat, "texts": texts}
 
 
-def matched_in_process(model, tok, prompts: list[str], levels: list[int]) -> list[dict]:
-    """The same requests without HTTP, in this process (pinned to the server's core): the engine alone
-    (``Engine.run``, token ids in and out) and the text layer (``TextGenerator.generate``, text in and out),
-    each with ``max_batch`` = the concurrency level."""
+def _in_process_burst(layer: str, model, tok, prompts: list[str], batch: int) -> dict:
+    """The same requests without HTTP, in this process: the engine alone (``Engine.run``, token ids in and out)
+    or the text layer (``TextGenerator.generate``, text in and out), with ``max_batch`` = the concurrency."""
     from fewstep.decoding.engine import Engine, Request
     from fewstep.decoding.text import TextGenerator
 
-    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-
-    def requests():
-        return [Request(p, policy=MATCHED_POLICY, gen_length=MATCHED_TOKENS, block_length=MATCHED_BLOCK,
+    t, c = time.perf_counter(), time.process_time()
+    if layer == "engine":
+        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        reqs = [Request(p, policy=MATCHED_POLICY, gen_length=MATCHED_TOKENS, block_length=MATCHED_BLOCK,
                         early_stop=False) for p in ids]  # fmt: skip
+        Engine(model, max_batch=batch).run(reqs)
+    else:
+        TextGenerator(model, tok, max_batch=batch).generate(prompts, matched_settings())
+    return {"seconds": time.perf_counter() - t, "cpu": time.process_time() - c, "latencies": [], "texts": None}
 
-    Engine(model, max_batch=2).run(requests()[:2])  # warm-up
-    rows = []
-    for b in levels:
-        for layer in ("engine", "text layer"):
-            t, c = time.perf_counter(), time.process_time()
-            if layer == "engine":
-                Engine(model, max_batch=b).run(requests())
+
+def _burst_size(clients: int, base: int) -> int:
+    """Requests per burst: at least ``base`` and two waves of the clients."""
+    return max(base, 2 * clients)
+
+
+def matched_runs(model, tok, prompts: list[str], levels: list[int], servers: list[_Server], args) -> dict:
+    """Every runner (each server, the in-process engine and text layer) at every level, in short bursts
+    interleaved over ``args.repeats`` rounds (the order reversed every other round): a shared machine's
+    changing load hits every runner and level alike. Returns ``{(runner, clients): [burst, ...]}``."""
+    client_cpu = args.client_pin if args.client_pin is not None else (1 if (os.cpu_count() or 1) > 1 else None)
+    runners = [(s.name, s) for s in servers] + [("in-process engine (no HTTP)", "engine"),
+                                                ("in-process text layer (no HTTP)", "text layer")]  # fmt: skip
+    out: dict[tuple[str, int], list[dict]] = {}
+    cursor = 0
+    for rep in range(args.repeats):
+        order = [(c, r) for c in levels for r in runners]
+        for c, (name, runner) in order if rep % 2 == 0 else order[::-1]:
+            n = _burst_size(c, args.burst)
+            batch = [prompts[(cursor + i) % len(prompts)] for i in range(n)]
+            cursor += n
+            if isinstance(runner, _Server):
+                pin(client_cpu)
+                res = runner.burst(batch, c)
             else:
-                TextGenerator(model, tok, max_batch=b).generate(prompts, matched_settings())
-            wall, cpu = time.perf_counter() - t, time.process_time() - c
-            n = len(prompts)
-            rows.append({"server": f"in-process {layer} (no HTTP)", "clients": b, "requests": n,
-                         "seconds": round(wall, 3), "requests_per_s": round(n / wall, 3),
-                         "cpu_s_per_request": round(cpu / n, 4)})  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
-def _median_rows(runs: list[list[dict]]) -> list[dict]:
-    """Per (server, clients): the run with the median requests/s, with every run's figures listed."""
-    out = []
-    for group in zip(*runs):
-        ordered = sorted(group, key=lambda r: r["requests_per_s"])
-        row = dict(ordered[len(ordered) // 2])
-        row["requests_per_s_runs"] = [r["requests_per_s"] for r in group]
-        row["cpu_s_per_request_runs"] = [r["cpu_s_per_request"] for r in group]
-        row["cpu_s_per_request"] = round(statistics.median(row["cpu_s_per_request_runs"]), 4)
-        out.append(row)
+                pin(args.pin)
+                res = _in_process_burst(runner, model, tok, batch, c)
+            res["prompts"] = batch
+            out.setdefault((name, c), []).append(res)
+            print(json.dumps({"runner": name, "clients": c, "requests": n, "seconds": round(res["seconds"], 3),
+                              "cpu_s_per_request": round(res["cpu"] / n, 4)}), flush=True)  # fmt: skip
     return out
 
 
-def _reference_texts(model, tok, prompts: list[str]) -> list[str]:
-    """Each prompt's answer decoded alone with fewstep.generate (whole answer, special tokens skipped: what the
-    peer returns) and cut at the first EOS (what fewstep returns)."""
+def _summary(name: str, clients: int, bursts: list[dict], reference: dict[str, str] | None) -> dict:
+    n = sum(len(b["prompts"]) for b in bursts)
+    wall, cpu = sum(b["seconds"] for b in bursts), sum(b["cpu"] for b in bursts)
+    lat = [x for b in bursts for x in b["latencies"]]
+    row = {"server": name, "clients": clients, "requests": n, "seconds": round(wall, 3),
+           "requests_per_s": round(n / wall, 3), "cpu_s_per_request": round(cpu / n, 4),
+           "requests_per_s_bursts": [round(len(b["prompts"]) / b["seconds"], 3) for b in bursts],
+           "cpu_s_per_request_bursts": [round(b["cpu"] / len(b["prompts"]), 4) for b in bursts]}  # fmt: skip
+    if lat:
+        row["latency_p50_s"], row["latency_p99_s"] = round(_pct(lat, 0.5), 4), round(_pct(lat, 0.99), 4)
+    if reference is not None:
+        pairs = [(t, reference[p]) for b in bursts for t, p in zip(b["texts"], b["prompts"])]
+        row["answers_equal_alone"] = round(sum(t.strip() == x.strip() for t, x in pairs) / len(pairs), 4)
+    return row
+
+
+def _reference_texts(model, tok, prompts: list[str]) -> tuple[list[str], list[str]]:
+    """Each prompt's answer decoded alone with fewstep.generate: the whole answer with special tokens skipped
+    (what the peer returns) and the answer cut at the first EOS (what fewstep returns)."""
     import fewstep
 
     full, cut = [], []
@@ -612,52 +640,41 @@ def matched_main(args) -> int:
 
     prompts = [p.prompt for p in arith.generate("test", args.requests, seed=0)]
     ok, why = peer_available(args.peer)
-    servers = ["fewstep"] + (["peer"] if ok else [])
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    client_cpu = args.client_pin if args.client_pin is not None else (1 if (os.cpu_count() or 1) > 1 else None)
-    pin(args.pin)  # the in-process rows run on the servers' core
-    inproc = _median_rows([matched_in_process(model, tok, prompts, levels) for _ in range(args.repeats)])
-    pin(client_cpu)
-    runs: dict[str, list[list[dict]]] = {s: [] for s in servers}
-    for rep in range(args.repeats):
-        for server in servers if rep % 2 == 0 else servers[::-1]:  # alternate the order: drift hits both
-            runs[server].append(matched_server(server, levels, prompts, args))
-    full, cut = _reference_texts(model, tok, prompts)
-    rows = []
-    for server in servers:
-        med = _median_rows(runs[server])
-        ref = cut if server == "fewstep" else full
-        for r in med:
-            r["answers_equal_alone"] = sum(t.strip() == x.strip() for t, x in zip(r["texts"], ref * 2)) / r["requests"]
-            del r["texts"]
-        rows += med
-    rows += inproc
+    pin(args.pin)
+    full, cut = _reference_texts(model, tok, prompts)  # each prompt alone (and a warm-up)
+    servers = []
+    try:
+        kinds = [("fewstep", None)] + ([("fewstep", args.baseline_src)] if args.baseline_src else [])
+        for kind, src in kinds + ([("peer", None)] if ok else []):
+            servers.append(_Server(kind, args, src))
+            servers[-1].burst(prompts[:2], 1)  # warm-up, then paused
+        bursts = matched_runs(model, tok, prompts, levels, servers, args)
+    finally:
+        for s in servers:
+            s.close()
+    names = ["fewstep serve", "fewstep serve (baseline)", "dlmserve 0.1.1"]
+    refs = dict(zip(names, [dict(zip(prompts, cut))] * 2 + [dict(zip(prompts, full))]))
+    rows = [_summary(name, c, b, refs.get(name)) for (name, c), b in bursts.items()]
+    rows.sort(key=lambda r: (names.index(r["server"]) if r["server"] in names else 3, r["server"], r["clients"]))
     for r in rows:
         base = next(b for b in rows if b["server"] == r["server"] and b["clients"] == levels[0])
         r["speedup_vs_1"] = round(r["requests_per_s"] / base["requests_per_s"], 3)
         r["cpu_gain_vs_1"] = round(base["cpu_s_per_request"] / r["cpu_s_per_request"], 3)
     result = {
-        "setting": {
-            "model": "dparallel (shipped student, LLaDA format, float32)",
-            "prompts": len(prompts),
-            "policy": MATCHED_POLICY,
-            "max_tokens": MATCHED_TOKENS,
-            "block_length": MATCHED_BLOCK,
-            "early_stop": False,
-            "requests": "non-streaming chat completions",
-            "server_core": args.pin,
-            "client_core": client_cpu,
-            "threads": args.threads,
-            "max_batch": 32,
-        },
+        "setting": {"model": "dparallel (shipped student, LLaDA format, float32)", "prompts": len(prompts),
+                    "policy": MATCHED_POLICY, "max_tokens": MATCHED_TOKENS, "block_length": MATCHED_BLOCK,
+                    "early_stop": False, "requests": "non-streaming chat completions", "server_core": args.pin,
+                    "threads": args.threads, "max_batch": 32, "repeats": args.repeats,
+                    "burst": f"max({args.burst}, 2 x clients) requests per runner and level, interleaved"},
         "host": {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count()},
         "peer": {"ran": ok, "reason" if not ok else "version": why},
-        "repeats": args.repeats,
+        "baseline": args.baseline_label if args.baseline_src else None,
         "load_average_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "rows": rows,
         "total_seconds": round(time.perf_counter() - t0, 1),
-    }
+    }  # fmt: skip
     result["target"] = matched_target(rows, levels)
     out = Path(args.out if args.out != DEFAULT_OUT else ROOT / "benchmarks" / "results" / "serve_matched.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
@@ -680,6 +697,14 @@ def matched_target(rows: list[dict], levels: list[int]) -> dict:
             c: round(peer[c]["cpu_s_per_request"] / few[c]["cpu_s_per_request"], 3) for c in few
         }
         out["at_least_peer"] = all(v >= 1 for v in out["vs_peer_requests_per_s"].values())
+    base = {r["clients"]: r for r in rows if r["server"] == "fewstep serve (baseline)"}
+    if base:
+        out["vs_baseline_requests_per_s"] = {
+            c: round(few[c]["requests_per_s"] / base[c]["requests_per_s"], 3) for c in few
+        }
+        out["vs_baseline_cpu_per_request"] = {
+            c: round(base[c]["cpu_s_per_request"] / few[c]["cpu_s_per_request"], 3) for c in few
+        }
     return out
 
 
@@ -687,8 +712,9 @@ def matched_markdown(result: dict) -> str:
     st = result["setting"]
     lines = [f"\n**matched compute** ({st['policy']}, {st['max_tokens']} tokens in blocks of {st['block_length']}, no early "
              f"stop, {st['prompts']} prompts, server on core {st['server_core']}, {st['threads']} thread; 1-min load "
-             f"{result['load_average_1min'][0]} -> {result['load_average_1min'][1]}; median of {result['repeats']} runs; "
-             f"peer: {result['peer'].get('version') or 'skipped: ' + result['peer']['reason']})\n",
+             f"{result['load_average_1min'][0]} -> {result['load_average_1min'][1]}; {st['repeats']} interleaved rounds of bursts; "
+             f"peer: {result['peer'].get('version') or 'skipped: ' + result['peer']['reason']}; "
+             f"baseline: {result.get('baseline') or 'none'})\n",
              "| server | clients | req/s | vs 1 client | CPU s/request | CPU gain vs 1 | latency p50 | same answers |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["rows"]:
@@ -752,14 +778,23 @@ def main(argv=None) -> int:
         "--pin", type=int, default=0, help="--matched: the core every server (and the in-process rows) runs on"
     )
     p.add_argument("--client-pin", type=int, default=None, help="--matched: the clients' core (default 1)")
-    p.add_argument("--repeats", type=int, default=3, help="--matched: runs per server, alternating their order")
+    p.add_argument("--baseline-src", default=None, metavar="DIR",
+                   help="--matched: also serve fewstep from this source tree (e.g. `git archive` of an older commit)")  # fmt: skip
+    p.add_argument("--baseline-label", default="baseline", help="--matched: what --baseline-src is (recorded)")
+    p.add_argument(
+        "--repeats", type=int, default=4, help="--matched: interleaved rounds of bursts (order reversed every other)"
+    )
+    p.add_argument(
+        "--burst", type=int, default=16, help="--matched: requests per burst (at least two waves of clients)"
+    )
     p.add_argument("--report", metavar="JSON", help="print the markdown table of a results file and exit")
     p.add_argument("--_serve", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_peer_serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.report:
-        print(markdown(json.loads(Path(args.report).read_text())))
+        result = json.loads(Path(args.report).read_text())
+        print(matched_markdown(result) if "setting" in result else markdown(result))
         return 0
     if args._serve:
         return serve_main(args)

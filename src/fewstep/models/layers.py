@@ -20,7 +20,6 @@ computed once per forward by the model's :class:`RotaryEmbedding`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -120,15 +119,17 @@ def silu(g: torch.Tensor) -> torch.Tensor:
 
     On a CPU torch computes an element-wise function in vector steps and the last ``numel % step`` elements
     in a scalar loop whose ``exp`` rounds differently (one ulp): a row's last values then change with the
-    tokens batched after it. A tensor whose size is a multiple of :data:`VECTOR_STEP` never takes that
-    loop, so the tokens are padded (with zeros, dropped after) to such a size; one thread per process
-    (with more, torch splits the work at other places)."""
-    if g.device.type != "cpu" or g.numel() % VECTOR_STEP == 0:
+    tokens batched after it. The last ``numel % VECTOR_STEP`` values are computed again from a zero-padded
+    vector of :data:`VECTOR_STEP` elements, so every value comes from the vector path (one thread per
+    process: with more, torch splits the work at other places)."""
+    tail = g.numel() % VECTOR_STEP
+    if g.device.type != "cpu" or tail == 0:
         return F.silu(g)
-    width = g.shape[-1]
-    flat = g.reshape(-1, width)
-    pad = -flat.shape[0] % (VECTOR_STEP // math.gcd(width, VECTOR_STEP))
-    return F.silu(torch.cat([flat, flat.new_zeros(pad, width)]))[: flat.shape[0]].view(g.shape)
+    g = g.contiguous()
+    out = F.silu(g)
+    last = g.reshape(-1)[-tail:]
+    out.view(-1)[-tail:] = F.silu(torch.cat([last, last.new_zeros(VECTOR_STEP - tail)]))[:tail]
+    return out
 
 
 def swiglu(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> torch.Tensor:
