@@ -1036,9 +1036,10 @@ def train_row(ctx: Ctx, finetune: str) -> dict:
     from accelerate import Accelerator
 
     from fewstep.distill import build_objective
-    from fewstep.train.lora import DPARALLEL_LLADA_ROLES, LoraSpec
+    from fewstep.train.config import TrainConfig
+    from fewstep.train.lora import LoraSpec, lora_roles
     from fewstep.train.objective import SpecialIds
-    from fewstep.train.trainer import TrainConfig, Trainer
+    from fewstep.train.trainer import Trainer
 
     s = ctx.sizes
     dtype = torch.bfloat16 if finetune == "lora" else torch.float32
@@ -1052,7 +1053,7 @@ def train_row(ctx: Ctx, finetune: str) -> dict:
     examples = [{"prompt_ids": [rng.randrange(lo, hi) for _ in range(P)],
                  "response_ids": [rng.randrange(lo, hi) for _ in range(s.train_length - P - 1)]}
                 for _ in range(s.train_batch * s.train_steps)]  # fmt: skip
-    lora = LoraSpec(r=s.lora_r, alpha=s.lora_r, roles=DPARALLEL_LLADA_ROLES) if finetune == "lora" else None
+    lora = LoraSpec(r=s.lora_r, alpha=s.lora_r, roles=lora_roles("dparallel", "llada")) if finetune == "lora" else None
     row = {
         "finetune": finetune,
         "layers": s.layers,

@@ -65,13 +65,13 @@ def build_model(
     import torch
 
     import fewstep
-    from fewstep.commands import resolve_model
+    from fewstep.assets import resolve_model
     from fewstep.decoding.text import GenerationSettings
     from fewstep.tasks import arith
 
     if which == "embedded":
         d = resolve_model("dparallel")
-        prompts = [p.prompt for p in arith.generate("test", 512, seed=0)]
+        prompts = [p.prompt for p in arith.generate_problems("test", 512, seed=0)]
         return (
             fewstep.load_model(d, dtype=dtype, device=device),
             fewstep.load_tokenizer(d),
@@ -81,7 +81,7 @@ def build_model(
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from decode import synthetic_llada
 
-    from fewstep.tasks.tokenizer import build_word_tokenizer
+    from fewstep.models.tokenizer import build_word_tokenizer
 
     vocab = 1024 if quick else VOCAB_8B
     width = (

@@ -1,12 +1,13 @@
 """The package's layering, read from its imports (ast): no import runs back up.
 
-    models <- decoding <- {train, tasks} <- {distill, eval} <- commands / cli / the ``fewstep`` facade
+    assets <- models, distributed <- decoding <- {train, tasks} <- {distill, eval} <- commands / cli / facade
 
 A module may import its own layer's package and any lower layer, never a higher one nor a peer
 (train and tasks do not import each other). One sideways edge is allowed: ``distill`` may import
-``eval`` (rollouts verify answers with the benchmark registry); ``eval`` never imports ``distill``. The
-embedded task (``fewstep.tasks``) is a leaf that only the demo and evaluation (``eval``), the rollout
-(``distill.rollout``) and the commands import. docs/architecture.md draws the same table.
+``eval`` (rollouts read the benchmark registry); ``eval`` never imports ``distill``. The embedded task
+(``fewstep.tasks``) is a leaf: data and a verifier, importing nothing of fewstep, imported only by
+evaluation (``eval``: the benchmark registry, the demo) and the commands. docs/architecture.md draws the
+same table.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ RANK = {
     "assets": -1,
     "models": 0,
     "plotting": 0,
+    "distributed": 0,
     "decoding": 1,
     "train": 2,
     "tasks": 2,
@@ -32,7 +34,7 @@ RANK = {
 }
 TOP = 4  # commands, cli, __main__ and the root facade (fewstep/__init__.py)
 SIDEWAYS = {("distill", "eval")}
-TASK_IMPORTERS = ("eval", "distill.rollout", "commands")
+TASK_IMPORTERS = ("eval", "commands")
 
 
 def module_name(path: Path) -> str:
@@ -98,7 +100,13 @@ def test_no_import_runs_back_up():
 def test_the_embedded_task_is_a_leaf():
     importers = {src for src, dst in edges() if layer(dst) == "tasks" and layer(src) != "tasks"}
     stray = sorted(m for m in importers if not any(m.startswith(f"fewstep.{p}") for p in TASK_IMPORTERS))
-    assert stray == [], f"only the demo, eval and the rollout may import fewstep.tasks: {stray}"
+    assert stray == [], f"only evaluation and the commands may import fewstep.tasks: {stray}"
+    imported = sorted({f"{src} -> {dst}" for src, dst in edges() if layer(src) == "tasks" and layer(dst) != "tasks"})
+    assert imported == [], f"fewstep.tasks imports nothing of fewstep (a task is data and a verifier): {imported}"
+
+
+def test_the_distributed_utility_imports_nothing_of_fewstep():
+    assert imports_of(ROOT / "distributed.py") == set()
 
 
 def test_the_checker_sees_a_back_edge():
@@ -106,7 +114,7 @@ def test_the_checker_sees_a_back_edge():
     importing the facade are all reported (so the tests above cannot pass vacuously)."""
     fake = [
         ("fewstep.models.loading", "fewstep.train.trainer"),
-        ("fewstep.train.trainer", "fewstep.tasks.tokenizer"),
+        ("fewstep.train.trainer", "fewstep.tasks.arith"),
         ("fewstep.eval.runner", "fewstep"),
         ("fewstep.eval.runner", "fewstep.distill.rollout"),
         ("fewstep.distill.rollout", "fewstep.eval.benchmarks"),  # allowed
@@ -114,7 +122,7 @@ def test_the_checker_sees_a_back_edge():
     ]
     assert back_edges(fake) == [
         "fewstep.models.loading -> fewstep.train.trainer",
-        "fewstep.train.trainer -> fewstep.tasks.tokenizer",
+        "fewstep.train.trainer -> fewstep.tasks.arith",
         "fewstep.eval.runner -> fewstep",
         "fewstep.eval.runner -> fewstep.distill.rollout",
     ]

@@ -25,7 +25,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("sweep", "sweep", "Sweep a policy's threshold, draw the accuracy/NFE Pareto frontier and report AUP."),
     ("pretrain", "pretrain", "Train a masked-diffusion LM from scratch on prompt/response JSONL (LLaDA objective)."),
     ("rollout", "rollout", "Let a teacher answer a prompt set and keep verified answers (self-distillation data)."),
-    ("distill", "distill", "Distil a model for few-step decoding: --method dparallel, cd4lm, dmax or d3llm."),
+    ("distill", "distill", "Distil a model for few-step decoding with a paper's method (--method; LoRA or full)."),
     ("merge-lora", "merge_lora", "Merge a LoRA adapter into its base model and save a plain checkpoint."),
     ("serve", "serve", "Serve a model over an OpenAI-compatible HTTP API, with a live denoising page at /."),
     ("task", "task", "Write train/test JSONL of the embedded synthetic reasoning task."),

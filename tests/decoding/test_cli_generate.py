@@ -81,7 +81,8 @@ def test_answer_nfe_and_json_match_the_api(model_dir, capsys):
     (res,) = doc["results"]
     assert res["answer"] == words(answer[:cut])
     assert res["nfe"] == int(ref.nfe[0]) < 64  # early stop is on by default in the CLI
-    assert res["tokens_per_step"] == pytest.approx(sum(ref.tokens_per_step[0]) / int(ref.nfe[0]))
+    assert res["positions_per_forward"] == pytest.approx(float(ref.positions_per_forward[0]))
+    assert res["tokens_per_forward"] == pytest.approx(cut / int(ref.nfe[0]))  # answer tokens before the EOS
     assert doc["policy"] == "threshold" and doc["cache"] == "dual" and doc["seconds"] > 0
 
 
@@ -93,7 +94,7 @@ def test_human_output_and_trace(model_dir, capsys, tmp_path):
         "--gen-length", 32, "--block-length", 8, "--policy", "entropy:0.5", "--trace", "--trace-json", trace_file,
     )  # fmt: skip
     assert code == 0
-    assert "NFE " in out and "tokens/step" in out and "tokens/s" in out
+    assert "NFE " in out and "tokens/forward" in out and "positions/forward" in out and "tokens/s" in out
     assert "step   1  block 0" in out and "░" in out  # the canvas, masks still visible at step 1
     doc = json.loads(trace_file.read_text())
     assert len(doc["rows"]) == 2 and doc["policy"] == "entropy"
@@ -179,8 +180,7 @@ def test_default_model_is_the_shipped_teacher(capsys):
 
 def test_shipped_model_names_resolve_in_every_command(tmp_path):
     """`--model teacher` works wherever a checkpoint folder does; a folder of that name wins."""
-    from fewstep.assets import shipped_models
-    from fewstep.commands import resolve_model
+    from fewstep.assets import resolve_model, shipped_models
 
     shipped = dict(shipped_models())
     assert resolve_model("teacher") == shipped["teacher"] and resolve_model("dparallel") == shipped["dparallel"]

@@ -26,6 +26,9 @@ SPECS = {
     "dream": "dream:alg=confidence_threshold,steps=16",
     "llada2": "llada2:threshold=0.9,steps=4",
     "sdar": "sdar:denoising_steps=4,confidence_threshold=0.6",
+    "spd": "spd:0.5",
+    "multiblock": "multiblock:1.0",
+    "multiblock-dream": "multiblock-dream:threshold=1.0,cache_delay_iter=2,refresh_interval=3",
 }
 EXTRA_SPECS = [
     "llada:steps=32,remasking=random",
@@ -35,6 +38,7 @@ EXTRA_SPECS = [
     "sdar:sequential",
     "sdar:entropy_bounded",
     "sdar:low_confidence_static",
+    "spd:threshold=0.7,soft=false",
 ]
 
 
@@ -63,6 +67,10 @@ def assert_batch_equals_single(m, rows, spec, **kw):
 @pytest.mark.parametrize("spec", list(SPECS.values()) + EXTRA_SPECS)
 @pytest.mark.parametrize("d", [LLADA, DREAM], ids=lambda d: d.name)
 def test_batch_equals_single(d, spec, cache):
+    if parse_policy(spec).spans_blocks and cache == "dual":  # later blocks stay open: no dual cache
+        with pytest.raises(fewstep.decoding.RequestError, match="cache"):
+            generate(model(d), prompts(d), spec, gen_length=32, block_length=8, cache=cache)
+        return
     seeds = {"seed": [1, 2, 3]} if "random" in spec else {}  # random remasking needs per-row streams
     out = assert_batch_equals_single(model(d), prompts(d), spec, gen_length=32, block_length=8, cache=cache, **seeds)
     assert out.sequences.shape == (3, 13 + 32)
@@ -80,6 +88,7 @@ def test_batch_equals_single(d, spec, cache):
         "llada:steps=16,remasking=random,temperature=1",
         "cad:temperature=0.8",
         "dream:alg=maskgit_plus,temperature=0.6,top_p=0.9,alg_temp=0.5",
+        "spd:threshold=0.5,temperature=0.8",
     ],
 )
 def test_sampling_batch_equals_single_with_row_seeds(spec, cache):

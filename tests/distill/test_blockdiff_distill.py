@@ -13,11 +13,12 @@ from safetensors.torch import load_file
 import fewstep
 from fewstep.cli import main
 from fewstep.distill import build_objective
-from fewstep.distill.dparallel import block_diffusion_logits
+from fewstep.distill.blockdiff import block_diffusion_logits
+from fewstep.train.config import TrainConfig
 from fewstep.train.data import read_jsonl, tokenize_pairs
-from fewstep.train.lora import ALL_ROLES, target_modules
+from fewstep.train.lora import ROLES, target_modules
 from fewstep.train.objective import SpecialIds
-from fewstep.train.trainer import TrainConfig, Trainer
+from fewstep.train.trainer import Trainer
 from tests.distill.blockdata import FAMILIES, block_checkpoint, teacher_answers, write_jsonl
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -159,7 +160,7 @@ def test_distill_on_block_models(bases, tmp_path, capsys, family, method, finetu
     assert after < 0.98 * before, (before, after)
     assert_drop_in(folder, out)
     if finetune == "lora":
-        adapted = target_modules(base, ALL_ROLES)
+        adapted = target_modules(base, ROLES)
         assert f"({len(adapted)} modules)" in printed.out and len(adapted) == {"llada2": 63, "sdar": 21}[family]
         keys = set(load_file(str(out / "adapter" / "adapter_model.safetensors")))
         assert any(".self_attn." in k or ".attention." in k for k in keys)

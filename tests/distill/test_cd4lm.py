@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from fewstep.distill.cd4lm import (
     IGNORE,
+    PAPER_MAX_LENGTH,
     CD4LMObjective,
+    CD4LMRecipe,
     collate_nested,
     consistency_kl,
     consistency_loss,
@@ -188,9 +190,10 @@ def test_lambda_schedule_shape():
 # -- objective ------------------------------------------------------------------------------------------
 
 
-def _objective(model, **kw):
+def _objective(model, gen_length=None, **recipe):
     c = model.config
-    return CD4LMObjective(SpecialIds(mask=c.mask_token_id, eos=c.eos_token_id, pad=c.pad_token_id), **kw)
+    ids = SpecialIds(mask=c.mask_token_id, eos=c.eos_token_id, pad=c.pad_token_id)
+    return CD4LMObjective(ids, PAPER_MAX_LENGTH, CD4LMRecipe(**recipe), gen_length=gen_length)
 
 
 def _examples():
@@ -242,10 +245,10 @@ def test_loss_decreases_on_the_fixture_model(tiny_llada):
 
 
 def test_eos_pad_gives_the_llada_sft_canvas(tiny_llada):
-    """``eos_pad_to=G``: every answer is EOS-padded to G tokens, the EOS tail is masked and trained on
+    """``eos_pad`` with ``gen_length=G``: every answer is EOS-padded to G tokens, the EOS tail is masked and trained on
     like any answer token, the prompt never; without it the canvas is the raw text (the reference)."""
     c = tiny_llada.config
-    obj = _objective(tiny_llada, eos_pad_to=16)
+    obj = _objective(tiny_llada, eos_pad=True, gen_length=16)
     batch = obj.collate(_examples(), torch.Generator().manual_seed(0))
     assert batch["input_ids"].shape == (2, 6 + 16)
     assert batch["lengths"].tolist() == [6 + 16, 3 + 16]
@@ -267,7 +270,7 @@ def test_eos_pad_gives_the_llada_sft_canvas(tiny_llada):
     raw = _objective(tiny_llada).collate(_examples(), torch.Generator().manual_seed(0))
     assert raw["lengths"].tolist() == [18, 10]
     with pytest.raises(ValueError):
-        _objective(tiny_llada, eos_pad_to=0)
+        _objective(tiny_llada, eos_pad=True, gen_length=0)
 
 
 def test_visible_token_targets_replace_only_what_the_teacher_sees():

@@ -24,6 +24,7 @@ from fewstep.distill.d3llm import (
     NEVER,
     PAPER_MAX_LENGTH,
     D3LLMObjective,
+    D3LLMRecipe,
     Span,
     attach_trajectories,
     block_size_at,
@@ -37,6 +38,7 @@ from fewstep.distill.d3llm import (
     teacher_policy,
     trajectory_views,
 )
+from fewstep.eval.benchmarks import TASKS, Task, register_task
 from fewstep.train.objective import SpecialIds
 from tests.killpoint import killed_at
 
@@ -82,8 +84,9 @@ def retry_verifier():
         seen[rec["id"]] = seen.get(rec["id"], 0) + 1
         return int(rec["id"].rsplit("-", 1)[-1]) % 2 == 1 and seen[rec["id"]] >= 2
 
-    ro.register_verifier("test-second-try", lambda: verify)
+    register_task(Task("test-second-try", "math", "stand-in", load=list, extract=lambda r, resp: resp, check=verify))
     yield "test-second-try", seen
+    TASKS.pop("test-second-try")
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +107,7 @@ def test_trajectory_records(trajectory_rollouts, arith_teacher):
     assert len(recs) == 12
     for r in recs.values():
         assert sorted(r["commit_rank"]) == list(range(32))  # one commit per forward, every position
-        assert r["nfe"] == 32 and r["tokens_per_step"] == 1.0
+        assert r["nfe"] == 32 and r["positions_per_forward"] == 1.0 and r["tokens_per_forward"] <= 1.0
         assert r["prompt_tokens"] == len(tok(r["prompt"], add_special_tokens=False)["input_ids"])
         assert tok.decode(r["response_ids"], skip_special_tokens=True).strip() == r["response"].strip()
         # the random teacher never passes: five attempts, the last one kept
@@ -241,7 +244,7 @@ def test_views_are_complementary_with_clean_prefix_and_masked_future():
 
 
 def test_rows_do_not_depend_on_their_batch():
-    obj = D3LLMObjective(IDS, 40, block_sizes="8,16")
+    obj = D3LLMObjective(IDS, 40, D3LLMRecipe(block_sizes="8,16"))
     ex = [
         {"prompt_ids": [5, 6, 7], "response_ids": list(range(10, 10 + n)), "rank": array("i", range(20))}
         for n in (4, 12, 19)
@@ -369,9 +372,10 @@ def test_recipes_are_the_official_runs():
     assert (dream.lr, dream.epochs, dream.schedule, dream.warmup_for(100)) == (2e-5, 3.0, "cosine", 5)
     obj = build_objective("d3llm", "llada", IDS, PAPER_MAX_LENGTH["llada"])
     assert type(obj) is D3LLMObjective is objective_class("d3llm", "llada")
-    assert obj.block_sizes == (16, 16, 24, 24, 32, 32) and obj.max_mask_ratio == 0.8
-    assert (obj.entropy_weight, obj.entropy_views, obj.past_canvas, obj.temperature) == (2.0, "first", "masked", 0.5)
-    d = build_objective("d3llm", "dream", IDS, PAPER_MAX_LENGTH["dream"])
+    r = obj.recipe
+    assert r.block_sizes == (16, 16, 24, 24, 32, 32) and r.max_mask_ratio == 0.8
+    assert (r.entropy_weight, r.entropy_views, r.past_canvas, r.temperature) == (2.0, "first", "masked", 0.5)
+    d = build_objective("d3llm", "dream", IDS, PAPER_MAX_LENGTH["dream"]).recipe
     assert (d.block_sizes, d.entropy_weight, d.entropy_views, d.past_canvas) == ((16, 24, 32), 1.0, "both", "clean")
     with pytest.raises(ValueError, match="no d3llm recipe for 'llada2'"):
         recipe_for("d3llm", "llada2")

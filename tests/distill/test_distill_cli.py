@@ -15,13 +15,14 @@ from safetensors.torch import load_file
 
 import fewstep
 from fewstep.cli import main
-from fewstep.commands.distill import frozen_teacher
-from fewstep.distill.cd4lm import CD4LMObjective
+from fewstep.distill import frozen_teacher
+from fewstep.distill.cd4lm import CD4LMObjective, CD4LMRecipe
 from fewstep.models.tokenizer import special_ids
+from fewstep.train.config import TrainConfig
 from fewstep.train.data import read_jsonl, tokenize_pairs
 from fewstep.train.lora import LoraSpec, apply_lora
 from fewstep.train.objective import SpecialIds
-from fewstep.train.trainer import TrainConfig, Trainer
+from fewstep.train.trainer import Trainer
 from tests.killpoint import killed_at
 from tests.tiny import OFFICIAL_FILES
 
@@ -125,7 +126,7 @@ def _cd4lm_trainer(teacher_dir, rollouts, out, lora):
     tok = fewstep.load_tokenizer(teacher_dir)
     ids = special_ids(tok)
     examples = tokenize_pairs([r for f in sorted(Path(rollouts).glob("shard-*.jsonl")) for r in read_jsonl(f)], tok)
-    obj = CD4LMObjective(SpecialIds(ids["mask"], ids["eos"], ids["pad"]), 96, per_sequence=True)
+    obj = CD4LMObjective(SpecialIds(ids["mask"], ids["eos"], ids["pad"]), 96, CD4LMRecipe(), per_sequence=True)
     cfg = TrainConfig(
         out_dir=str(out), max_steps=3, batch_size=8, lr=1e-2, warmup_steps=0, save_every=100, progress=False,
         lora=LoraSpec(r=4, alpha=8) if lora else None,

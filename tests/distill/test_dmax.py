@@ -15,19 +15,22 @@ from torch import nn
 import fewstep
 from fewstep.cli import main
 from fewstep.distill import build_objective, objective_class, recipe_for
+from fewstep.distill.blockdiff import block_diffusion_logits
 from fewstep.distill.dmax import (
     IGNORE,
     BlockDiffusionDMaxObjective,
     DMaxObjective,
+    DMaxRecipe,
     oput_examples,
     oput_labels,
     oput_loss,
     semi_ar_view,
     sigma_noise,
 )
-from fewstep.distill.dparallel import block_diffusion_logits, masked_cross_entropy
+from fewstep.distill.dparallel import masked_cross_entropy
+from fewstep.train.config import TrainConfig
 from fewstep.train.objective import SpecialIds, align_logits
-from fewstep.train.trainer import TrainConfig, Trainer
+from fewstep.train.trainer import Trainer
 from tests.distill.blockdata import block_checkpoint, teacher_answers, write_jsonl
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -75,8 +78,8 @@ def test_every_example_once_per_view():
         oput_examples(ex, "all")
     ids = SpecialIds(mask=9, eos=8, pad=8)
     with pytest.raises(ValueError, match="training_examples"):
-        DMaxObjective(ids, 8).collate(ex, torch.Generator())
-    mdm = DMaxObjective(ids, 8, views="mdm").collate(ex, torch.Generator().manual_seed(0))
+        DMaxObjective(ids, 8, DMaxRecipe()).collate(ex, torch.Generator())
+    mdm = DMaxObjective(ids, 8, DMaxRecipe(views="mdm")).collate(ex, torch.Generator().manual_seed(0))
     assert not bool(mdm["fill"].any()) and mdm["flag"].tolist() == [False, False]
 
 
@@ -276,11 +279,13 @@ def test_recipes():
     for family in FAMILY_DIRS:
         obj = build_objective("dmax", family, ids, 2048)
         assert type(obj) is objective_class("dmax", family) and obj.name == "dmax"
-        assert obj.noise_range == (0.75, 0.75) and obj.per_sequence and obj.views == "both"
+        assert obj.recipe.noise_range == (0.75, 0.75) and obj.per_sequence and obj.recipe.views == "both"
     assert type(build_objective("dmax", "sdar", ids, 64)) is BlockDiffusionDMaxObjective
-    assert build_objective("dmax", "sdar", ids, 64).block_size is None  # SDAR: the model's block length
+    assert build_objective("dmax", "sdar", ids, 64).recipe.block_size is None  # SDAR: the model's block length
     assert type(build_objective("dmax", "dream", ids, 64)) is DMaxObjective
-    assert build_objective("dmax", "llada", ids, 64, block_size=0).block_size is None  # 0: the whole answer
+    assert (
+        build_objective("dmax", "llada", ids, 64, block_size=0).recipe.block_size or None
+    ) is None  # 0: whole answer
     assert not build_objective("dmax", "llada2", ids, 64, shifted_labels=True).same_token_labels
 
 
@@ -327,13 +332,8 @@ def test_distill_dmax_on_llada2(tmp_path, capsys, finetune):
         2 * len(records),
     )
     hp = info["objective_hparams"]
-    assert (hp["block_size"], hp["noise_range"], hp["views"], hp["eos_labels"], hp["same_token_labels"]) == (
-        32,
-        [0.75, 0.75],
-        "both",
-        32,
-        True,
-    )
+    hp = (hp["block_size"], [hp["noise_range_low"], hp["noise_range_high"]], hp["views"], hp["eos_labels"], hp)
+    assert hp[:4] == (32, [0.75, 0.75], "both", 32) and not hp[4]["shifted_labels"]  # the recipe's own fields
     assert info["schedule"] == "cosine" and "on-policy uniform training" in (out / "README.md").read_text()
     losses = [json.loads(x)["loss"] for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(0 < v < 20 for v in losses)

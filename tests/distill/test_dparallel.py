@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from fewstep.distill.dparallel import (
     DParallelObjective,
+    DParallelRecipe,
     active_span,
     certainty_forcing_entropy,
     certainty_forcing_loss,
@@ -200,7 +201,7 @@ def test_dream_shift_aligns_logit_i_minus_1_with_token_i():
 
 
 def test_collate_pads_with_eos_to_a_fixed_length_and_is_reproducible():
-    obj = DParallelObjective(SpecialIds(mask=MASK, eos=EOS, pad=EOS), max_length=16, block_size=4)
+    obj = DParallelObjective(SpecialIds(mask=MASK, eos=EOS, pad=EOS), 16, DParallelRecipe(block_size=4))
     examples = [
         {"prompt_ids": [1, 2, 3], "response_ids": [4, 5, 6, 7]},
         {"prompt_ids": [1] * 5, "response_ids": list(range(20))},  # truncated
@@ -220,7 +221,7 @@ def test_loss_decreases_on_the_fixture_model(tiny_llada):
     torch.manual_seed(0)
     model = tiny_llada
     ids = SpecialIds(mask=model.config.mask_token_id, eos=model.config.eos_token_id, pad=model.config.pad_token_id)
-    obj = DParallelObjective(ids, max_length=32, block_size=8)
+    obj = DParallelObjective(ids, 32, DParallelRecipe(block_size=8))
     g = torch.Generator().manual_seed(0)
     examples = [{"prompt_ids": list(range(1, 9)), "response_ids": list(range(9, 25))} for _ in range(4)]
     batch = obj.collate(examples, g)

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 import fewstep
 from fewstep.cli import main
-from fewstep.distill.cd4lm import CD4LMObjective
-from fewstep.distill.dparallel import DParallelObjective
+from fewstep.distill.cd4lm import CD4LMObjective, CD4LMRecipe
+from fewstep.distill.dparallel import DParallelObjective, DParallelRecipe
 from fewstep.models.tokenizer import special_ids
 from fewstep.train.data import read_jsonl, tokenize_pairs
 from fewstep.train.objective import SpecialIds
@@ -57,9 +57,9 @@ def test_per_sequence_losses_do_not_depend_on_the_split(arith_teacher, arith_rol
     got = {}
     for per_sequence in (True, False):
         if method == "dparallel":
-            obj = DParallelObjective(ids, 49, block_size=16, per_sequence=per_sequence)
+            obj = DParallelObjective(ids, 49, DParallelRecipe(block_size=16), per_sequence=per_sequence)
         else:
-            obj = CD4LMObjective(ids, 49, per_sequence=per_sequence)
+            obj = CD4LMObjective(ids, 49, CD4LMRecipe(), per_sequence=per_sequence)
         batch = obj.collate(examples[:8], seeded(0, 1, 0))
         got[per_sequence] = [_loss_and_grads(model, obj, batch, parts) for parts in (1, 2, 8)]
     for loss, grads in got[True][1:]:

@@ -4,6 +4,7 @@ Python API's defaults and the README's table."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ import pytest
 from fewstep.cli import build_parser
 from fewstep.distill import all_recipes, build_objective, recipe_for, recipe_table
 from fewstep.distill.cd4lm import CD4LMObjective, CD4LMRecipe
-from fewstep.distill.dparallel import DREAM_DEFAULTS, LLADA_DEFAULTS, DParallelObjective, DParallelRecipe
+from fewstep.distill.dparallel import RECIPES as DPARALLEL_RECIPES
+from fewstep.distill.dparallel import DParallelObjective, DParallelRecipe
 from fewstep.train.objective import SpecialIds
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -49,11 +51,12 @@ def test_every_recipe_field_is_a_cli_flag_whose_unset_value_is_the_recipes():
 def test_python_api_defaults_are_the_papers():
     llada = build_objective("dparallel", "llada", IDS, 384)
     dream = build_objective("dparallel", "dream", IDS, 384)
-    assert isinstance(llada, DParallelObjective) and (llada.block_size, llada.entropy_weight) == (32, 2.0)
-    assert (dream.block_size, dream.entropy_weight, dream.temperature) == (None, 1.0, 0.5)
-    assert LLADA_DEFAULTS["block_size"] == 32 and DREAM_DEFAULTS["block_size"] is None
+    assert isinstance(llada, DParallelObjective) and (llada.recipe.block_size, llada.recipe.entropy_weight) == (32, 2.0)
+    assert (dream.recipe.block_size, dream.recipe.entropy_weight, dream.recipe.temperature) == (None, 1.0, 0.5)
+    assert DPARALLEL_RECIPES["llada"].block_size == 32 and DPARALLEL_RECIPES["dream"].block_size is None
     cd = build_objective("cd4lm", "llada", IDS, 512, gen_length=64, temperature=3.0, eos_pad=True)
-    assert isinstance(cd, CD4LMObjective) and (cd.temperature, cd.initial_lambda, cd.eos_pad_to) == (3.0, 0.9, 64)
+    assert isinstance(cd, CD4LMObjective)
+    assert (cd.recipe.temperature, cd.recipe.initial_lambda, cd.eos_pad_to) == (3.0, 0.9, 64)
     assert isinstance(recipe_for("cd4lm", "dream"), CD4LMRecipe) and isinstance(
         recipe_for("dparallel", "llada"), DParallelRecipe
     )
@@ -64,7 +67,7 @@ def test_python_api_defaults_are_the_papers():
 
 
 def test_block_families_get_the_block_diffusion_objectives():
-    from fewstep.distill import objective_class, objective_hparams
+    from fewstep.distill import objective_class
     from fewstep.distill.cd4lm import BlockDiffusionCD4LMObjective
     from fewstep.distill.dparallel import BlockDiffusionDParallelObjective
 
@@ -72,21 +75,18 @@ def test_block_families_get_the_block_diffusion_objectives():
         dp = build_objective("dparallel", family, IDS, 384)
         assert type(dp) is BlockDiffusionDParallelObjective is objective_class("dparallel", family)
         # dFactory's settings; block None = the model's block length; per-sequence normalisation by default
-        assert (dp.block_size, dp.confidence_beta, dp.noise_range, dp.same_token_labels) == (
-            None,
-            1.0,
-            (0.3, 0.8),
-            True,
-        )
+        r = dp.recipe
+        assert (r.block_size, r.confidence_beta, r.noise_range, not r.shifted_labels) == (None, 1.0, (0.3, 0.8), True)
         assert dp.per_sequence and recipe_for("dparallel", family).finetune == "full"
-        assert objective_hparams(dp)["noise_range"] == [0.3, 0.8]  # a list, as training.json reads it back
+        hp = dp.hparams()  # what training.json records: the recipe's own fields, JSON as it reads back
+        assert (hp["noise_range_low"], hp["noise_range_high"]) == (0.3, 0.8) and json.loads(json.dumps(hp)) == hp
         over = build_objective(
             "dparallel", family, IDS, 96, overrides=vars(_args("--block-size", "8", "--shifted-labels"))
         )
-        assert (over.block_size, over.same_token_labels) == (8, False)
+        assert (over.recipe.block_size, not over.recipe.shifted_labels) == (8, False)
         cd = build_objective("cd4lm", family, IDS, 512, gen_length=64, eos_pad=True, block_size=4)
         assert type(cd) is BlockDiffusionCD4LMObjective is objective_class("cd4lm", family)
-        assert (cd.block_size, cd.temperature, cd.eos_pad_to) == (4, 2.0, 64)
+        assert (cd.recipe.block_size, cd.recipe.temperature, cd.eos_pad_to) == (4, 2.0, 64)
     assert objective_class("dparallel", "llada") is DParallelObjective
     assert objective_class("cd4lm", "dream") is CD4LMObjective
 

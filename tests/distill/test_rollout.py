@@ -14,7 +14,9 @@ import pytest
 
 import fewstep
 from fewstep.cli import main
+from fewstep.decoding.text import cut_at_stop
 from fewstep.distill import rollout as ro
+from fewstep.eval.benchmarks import TASKS, Task, prompt_records, register_task
 from tests.killpoint import killed_at
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,9 +51,12 @@ def _run(teacher, out, records, **kw):
 
 @pytest.fixture(scope="module")
 def parity_verifier():
-    """A deterministic stand-in verifier (even ids are 'correct'), to exercise the keep modes."""
-    ro.register_verifier("test-even-id", lambda: lambda rec, resp: int(rec["id"].rsplit("-", 1)[-1]) % 2 == 0)
-    return "test-even-id"
+    """A deterministic stand-in verifier (even ids are 'correct'), to exercise the keep modes: a task of the
+    benchmark registry, as every verifier is."""
+    even = lambda rec, resp: int(rec["id"].rsplit("-", 1)[-1]) % 2 == 0  # noqa: E731
+    register_task(Task("test-even-id", "math", "stand-in", load=list, extract=lambda r, resp: resp, check=even))
+    yield "test-even-id"
+    TASKS.pop("test-even-id")
 
 
 def test_prompt_sources(tmp_path):
@@ -92,7 +97,7 @@ def test_render_prompt_with_and_without_chat_template():
         ro.render_prompt(conv, plain)
     with pytest.raises(ValueError, match="no chat template"):
         ro.render_prompt(rec, plain, "on")
-    assert ro.cut_at("abc Question: more", ["Question:", "zz"]) == "abc "
+    assert cut_at_stop("abc Question: more", ["Question:", "zz"]) == "abc "
 
 
 def test_keep_modes_verdicts_stats_and_batch_independence(arith_teacher, tmp_path, parity_verifier):
@@ -112,8 +117,9 @@ def test_keep_modes_verdicts_stats_and_batch_independence(arith_teacher, tmp_pat
         for i, r in kept[keep].items():
             assert r == kept["all"][i]
     r = next(iter(kept["all"].values()))
-    assert set(r) >= {"id", "prompt", "response", "correct", "question", "nfe", "tokens_per_step", "finished", "gold"}
-    assert r["nfe"] == 32 and r["tokens_per_step"] == 1.0
+    keys = {"id", "prompt", "response", "correct", "question", "nfe", "finished", "gold"}
+    assert set(r) >= keys | {"tokens_per_forward", "positions_per_forward"}
+    assert r["nfe"] == 32 and r["positions_per_forward"] == 1.0 and r["tokens_per_forward"] <= 1.0
     manifest = json.loads((tmp_path / "all" / "rollout.json").read_text())
     assert manifest["summary"]["kept"] == 20 and manifest["config"]["keep"] == "all"
 
@@ -211,7 +217,7 @@ class FakePrompt:
 
 
 class FakeTask:
-    """The evaluation harness's task interface (extract / check / prompt), as ``fewstep.eval.tasks.Task``."""
+    """The evaluation harness's task interface (extract / check / prompt), as ``fewstep.eval.benchmarks.Task``."""
 
     name = "fake"
 
@@ -236,20 +242,13 @@ def test_evaluation_task_hook():
     assert verify({"gold": "12"}, "it is 12") and not verify({"gold": "12"}, "it is 13")
     assert verify({"target": "7"}, "7 apples") and not verify({"target": "7"}, "none")
     rows = [{"id": 0, "question": "2 + 5?", "target": "7"}]
-    chat = ro.eval_prompt_records(rows, FakeTask())
+    chat = prompt_records(rows, FakeTask())
     assert chat[0]["messages"] == [{"role": "user", "content": "Question: 2 + 5?"}] and chat[0]["gen_prefix"] == "So"
     assert ro.render_prompt(chat[0], ChatTok()) == "<user>Question: 2 + 5?</user><assistant>So"
-    raw = ro.eval_prompt_records(rows, FakeTask(), "raw")
+    raw = prompt_records(rows, FakeTask(), "raw")
     assert raw[0]["raw"] and raw[0]["stop"] == ["Q:"] and raw[0]["id"] == "0"
     assert ro.render_prompt(raw[0], ChatTok()) == "Q: 2 + 5?\nA:"
-    try:  # the GSM8K registrations go through the harness when it is installed, and say so when not
-        import fewstep.eval.tasks  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match="evaluation harness"):
-            ro.get_verifier("gsm8k")
-        with pytest.raises(ValueError, match="evaluation harness"):
-            ro.load_prompts("gsm8k", limit=2)
-    else:
-        recs, verifier = ro.load_prompts("gsm8k", limit=2, protocol="cd4lm")
-        assert verifier == "gsm8k" and len(recs) == 2 and recs[0]["raw"]
-        assert ro.get_verifier("gsm8k")(recs[0], f"The answer is \\boxed{{{recs[0]['target']}}}")
+    # GSM8K is a prompt set and a verifier through the benchmark registry
+    recs, verifier = ro.load_prompts("gsm8k", limit=2, protocol="cd4lm")
+    assert verifier == "gsm8k" and len(recs) == 2 and recs[0]["raw"]
+    assert ro.get_verifier("gsm8k")(recs[0], f"The answer is \\boxed{{{recs[0]['target']}}}")

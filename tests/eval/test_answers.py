@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fewstep.eval import answers
+from fewstep.eval.benchmarks import get_task
 from fewstep.eval.scoring import score, summarize
-from fewstep.eval.tasks import get_task
 
 
 @pytest.mark.parametrize(

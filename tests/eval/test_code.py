@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fewstep.eval import code
-from fewstep.eval.tasks import get_task
+from fewstep.eval.benchmarks import get_task
 
 
 def test_extract_code_prefers_python_fences():
@@ -76,11 +76,20 @@ def test_mbpp_program_order():
     rec = get_task("mbpp").get(367)
     program = code.mbpp_test_program(rec, code.mbpp_solution(rec, rec["code"]))
     assert program.index("class Node") < program.index(rec["test_setup_code"].strip().splitlines()[0])
-    assert program.rstrip().endswith(rec["test_list"][-1].strip())
+    assert program.rstrip().endswith(code.guard_asserts(rec["test_list"][-1].strip()))  # asserts last, guarded
+    assert program.index("def _fewstep_answer") > program.index("class Node")  # the guard after the solution
     rec = get_task("mbpp-sanitized").records[0]
     program = code.mbpp_test_program(rec, "def f(): return 1\n")
     for imp in rec["test_imports"]:
         assert program.index(imp) < program.index("def f")
+
+
+def test_guard_wraps_every_call_of_an_assert():
+    assert code.guard_asserts("assert f(1) == 2") == "assert _fewstep_answer(f(1)) == 2"
+    assert code.guard_asserts("assert math.isclose(f(x), 1.5)") == (
+        "assert _fewstep_answer(math.isclose(_fewstep_answer(f(x)), 1.5))"
+    )
+    assert code.guard_asserts("assert f(1) == (") == "assert f(1) == ("  # does not parse: left as it is
 
 
 def test_no_code_means_no_extraction():

@@ -27,8 +27,9 @@ def test_eval_writes_records_and_summary(tiny_model_dir, tmp_path, capsys):
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n"] == 5 and summary["complete"] and summary["task"] == "arith"
-    for key in ("accuracy", "mean_nfe", "tokens_per_step", "latency_per_sample_s", "tokens_per_s", "speedup"):
+    for key in ("accuracy", "mean_nfe", "tokens_per_forward", "positions_per_forward", "latency_per_sample_s"):
         assert key in summary
+    assert "tokens_per_step" not in summary and "speedup" in summary and "tokens_per_s" in summary
     assert (summary["device"], summary["dtype"], summary["batch_size"]) == ("cpu", "float32", 2)
     recs = _records(out)
     assert [r["id"] for r in recs] == [f"arith-test-{i:06d}" for i in range(5)]
@@ -36,6 +37,14 @@ def test_eval_writes_records_and_summary(tiny_model_dir, tmp_path, capsys):
         keys = {"id", "response", "extracted", "passed", "reason", "nfe", "latency_s"}
         assert set(r) >= keys | {"positions_per_forward", "tokens_per_forward"}
         assert 1 <= r["nfe"] <= 32 and r["reason"]
+    # the figures pooled over the records (sums, then one ratio), as d3LLM's harness pools TPF
+    nfe = sum(r["nfe"] for r in recs)
+    tokens = sum(round(r["tokens_per_forward"] * r["nfe"]) for r in recs)
+    assert summary["tokens_per_forward"] == pytest.approx(tokens / nfe)
+    assert summary["positions_per_forward"] == pytest.approx(
+        sum(r["positions_per_forward"] * r["nfe"] for r in recs) / nfe
+    )
+    assert summary["tokens_per_forward"] <= summary["positions_per_forward"]
     assert "arith: accuracy" in capsys.readouterr().out
     # the same command again does nothing new; a larger --limit only adds the missing records
     assert (

@@ -62,7 +62,7 @@ def loaded(model_dir):
 
 @pytest.fixture(scope="module")
 def problems():
-    return arith.generate("test", 6, seed=0)
+    return arith.generate_problems("test", 6, seed=0)
 
 
 @pytest.fixture(scope="module")

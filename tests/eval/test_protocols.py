@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from fewstep.decoding.text import cut_at_stop
 from fewstep.eval import protocols
-from fewstep.eval.protocols import Prompt, cut_at_stop, get_protocol
-from fewstep.eval.tasks import TASKS, get_task
+from fewstep.eval.benchmarks import TASKS, get_task
+from fewstep.eval.protocols import Prompt, get_protocol
 
 
 class FakeChatTokenizer:

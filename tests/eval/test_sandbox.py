@@ -118,21 +118,33 @@ def test_program_runs_unprivileged(box):
     res = box.run(
         "import os\nst = open('/proc/self/status').read()\n"
         "f = dict(l.split(':', 1) for l in st.splitlines())\n"
-        "print(os.getuid(), os.geteuid(), f['CapEff'].strip(), f['CapBnd'].strip(), f['NoNewPrivs'].strip())"
+        "caps = [f[k].strip() for k in ('CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb')]\n"
+        "print(os.getuid(), os.geteuid(), *caps, f['NoNewPrivs'].strip(), f['Seccomp'].strip())"
     )
-    uid, euid, cap_eff, cap_bnd, nnp = res.stdout.split()
+    uid, euid, *caps, nnp, seccomp = res.stdout.split()
     assert int(uid) != 0 and int(euid) != 0
-    assert int(cap_eff, 16) == 0 and int(cap_bnd, 16) == 0 and nnp == "1"
+    assert [int(c, 16) for c in caps] == [0] * 5 and nnp == "1" and seccomp == "2"  # 2: a seccomp filter
 
 
 # ------------------------------------------------------------------------------------ attacks
 
 
-def test_infinite_loop_is_killed_at_the_timeout(box):
+def test_infinite_loop_is_killed_at_the_cpu_limit(box):
     res = box.run("while True:\n    pass", limits=Limits(timeout=1.0))
     assert res.timed_out and not res.passed and res.limit == "time"
-    assert res.reason == "timeout (1 s wall clock)"
-    assert res.duration >= 1.0  # killed at the deadline, never before it
+    assert res.reason == "timeout (1 s CPU time)"
+    assert res.cpu_time >= 1.0 and res.duration >= 1.0  # killed at the limit, never before it
+
+
+def test_waiting_costs_no_cpu_time_and_the_wall_clock_is_only_a_backstop(box):
+    """Sleeping 2 s under a 1 s CPU limit passes (the CPU limit decides); a sleeper past the wall-clock
+    backstop fails, and its reason says it was the backstop."""
+    ok = box.run("import time\ntime.sleep(2)\nprint('awake')", limits=Limits(timeout=1.0, wall_timeout=30))
+    assert ok.passed and ok.stdout == "awake\n" and ok.cpu_time < 1.0, ok.reason
+    slow = box.run("import time\ntime.sleep(60)", limits=Limits(timeout=1.0, wall_timeout=1.5))
+    assert not slow.passed and slow.timed_out and slow.limit == "time"
+    assert slow.reason == "timeout (1.5 s wall clock, the backstop; the CPU limit is 1 s)"
+    assert Limits(timeout=10).wall == 50 and Limits(timeout=1, wall_timeout=7).wall == 7
 
 
 def test_process_count_limit_holds(box):
@@ -164,7 +176,10 @@ def test_fork_bomb(box):
     token = _token("bomb")
     res = box.run(_fork_bomb(token), limits=Limits(timeout=1.5, memory=256 * MiB, processes=16))
     assert not res.passed
-    assert res.limit == ("processes" if _cgroups.probe() is not None else "time"), res.reason
+    if _cgroups.probe() is not None:
+        assert res.reason == "process limit reached (a fork beyond 16 processes was refused)"
+    else:
+        assert res.reason == "timeout (1.5 s CPU time)"
     assert not _alive_with(token)
 
 
@@ -244,6 +259,7 @@ def test_setsid_double_fork_escape_is_killed(box):
 
 
 def test_cannot_write_outside_its_directory(box):
+    """namespaces/bwrap: host folders do not exist inside (ENOENT); process: the uid's permissions decide."""
     iso = box.resolve()
     with tempfile.TemporaryDirectory() as private, tempfile.TemporaryDirectory() as shared:
         os.chmod(private, 0o755)  # like most of the file system: others may read, not write
@@ -315,32 +331,66 @@ def test_parallel_workers_keep_order(box):
 # ------------------------------------------------------------------------ determinism of verdicts
 
 
-def _limit_cases(cgroup: bool, token: str) -> list[tuple[str, str, Limits, str | None]]:
-    """(name, program, limits, expected limit) for every limit; the expected verdict depends on the layer."""
-    # Programs that end by themselves get a time limit far above what they need (5 s): only the
+FLOOD = (  # files until the file system refuses, at most 600: bounded in every isolation
+    "n = 0\ntry:\n    while n < 600:\n        open('f%d' % n, 'w').close()\n        n += 1\n"
+    "except OSError as e:\n    print(e.errno)"
+)
+FILL = (  # 512 KiB files until the file system refuses, at most 16 MiB in all
+    "try:\n    for i in range(32):\n        open('b%d' % i, 'wb').write(b'x' * 2**19)\n"
+    "except OSError as e:\n    print(e.errno)"
+)
+
+
+def _limit_cases(cgroup: bool, scratch: bool, token: str) -> list[tuple[str, str, Limits, str]]:
+    """(name, program, limits, expected reason) for every limit; the expected verdict depends on the layer."""
+    # Programs that end by themselves get a time limit far above what they need (5 s CPU): only the
     # endless ones meet the 0.2 s limit, so which limit is hit never depends on the machine's load.
     tiny = Limits(timeout=0.2, memory=128 * MiB, processes=16, file_size=1 * MiB, output=4096)
     roomy = Limits(timeout=5, memory=128 * MiB, processes=16, file_size=1 * MiB, output=4096)
+    few_files = Limits(timeout=5, memory=128 * MiB, files=200)
+    small_disk = Limits(timeout=5, memory=128 * MiB, file_size=1 * MiB, workdir_size=4 * MiB)
     nproc = (
         "import os, time\nn = 0\nwhile True:\n    try:\n        pid = os.fork()\n    except OSError:\n"
         "        break\n    if pid == 0:\n        time.sleep(3600)\n    n += 1\nprint(n)"
     )
+    refused = "process limit reached (a fork beyond 16 processes was refused)"
     cases = [
-        ("time", "while True:\n    pass", tiny, "time"),
-        ("fork bomb", _fork_bomb(token), tiny, "processes" if cgroup else "time"),
-        ("processes", nproc, roomy, "processes" if cgroup else None),
-        ("memory", "x = []\nwhile True:\n    x.append(bytearray(10**7))", roomy, "memory"),
-        ("output", "import sys\nwhile True:\n    sys.stdout.write('x' * 4096)", roomy, "output"),
-        ("output at exit", "print('x' * 5000)", roomy, "output"),
-        ("file size", "open('big', 'wb').write(b'x' * (2 * 2**20))", roomy, "file_size"),
-        ("open files", "fs = [open('f%d' % i, 'w') for i in range(1000)]", roomy, "open_files"),
+        ("time", "while True:\n    pass", tiny, "timeout (0.2 s CPU time)"),
+        ("fork bomb", _fork_bomb(token), tiny, refused if cgroup else "timeout (0.2 s CPU time)"),
+        ("processes", nproc, roomy, refused if cgroup else "passed"),
+        (
+            "memory",
+            "x = []\nwhile True:\n    x.append(bytearray(10**7))",
+            roomy,
+            "memory limit exceeded (a process went over its 128 MiB address space: MemoryError)",
+        ),
+        (
+            "output",
+            "import sys\nwhile True:\n    sys.stdout.write('x' * 4096)",
+            roomy,
+            "output limit exceeded (more than 4096 bytes on stdout)",
+        ),
+        ("output at exit", "print('x' * 5000)", roomy, "output limit exceeded (more than 4096 bytes on stdout)"),
+        (
+            "file size",
+            "open('big', 'wb').write(b'x' * (2 * 2**20))",
+            roomy,
+            "file size limit exceeded (a file went over 1048576 bytes)",
+        ),
+        (
+            "open files",
+            "fs = [open('f%d' % i, 'w') for i in range(1000)]",
+            roomy,
+            "open file limit reached (more than 256 open files)",
+        ),
+        ("files", FLOOD, few_files, "file limit reached (at most 200 files and folders)"),
     ]
+    if scratch:
+        cases.append(("disk", FILL, small_disk, "working directory full (the 4 MiB working directory is full)"))
     if cgroup:
         slow = Limits(timeout=10, memory=128 * MiB, processes=16)
-        cases += [
-            ("memory tree", FORKING_MEMORY_BOMB, slow, "memory"),
-            ("holding tree", HOLDING_MEMORY_BOMB, slow, "memory"),
-        ]
+        tree = "memory limit exceeded (the process tree went over 192 MiB)"
+        cases += [("memory tree", FORKING_MEMORY_BOMB, slow, tree), ("holding tree", HOLDING_MEMORY_BOMB, slow, tree)]
     return cases
 
 
@@ -357,32 +407,50 @@ def test_every_limit_gives_the_same_verdict_every_time(box, layer):
         pytest.skip("not root: RLIMIT_NPROC counts every process of the harness user, not the program's")
     b = box if layer == "cgroup" else _no_cgroup(box)
     token = _token("rep")
-    cases = _limit_cases(layer == "cgroup", token)
+    cases = _limit_cases(layer == "cgroup", box.resolve() != "process", token)
     if layer == "rlimits":
         cases = [c for c in cases if c[0] in ("fork bomb", "processes", "memory")]
-    for name, program, limits, limit in cases:
+    for name, program, limits, expected in cases:
         runs = [b.run(program, limits=limits) for _ in range(REPS)]
         verdicts = {(r.passed, r.limit, r.reason, r.stdout[:8]) for r in runs}
         assert len(verdicts) == 1, (name, verdicts)
-        passed, got, reason, _ = verdicts.pop()
-        assert got == limit and passed == (limit is None), (name, reason)
+        passed, _, reason, _ = verdicts.pop()
+        assert reason == expected and passed == (expected == "passed"), (name, reason)
     assert not _alive_with(token)
 
 
 # ------------------------------------------------------------------------------ specific layers
 
 
-def test_namespaces_read_only_fallback_by_remount():
-    """Kernels without mount_setattr: per-mount bind-remounts give the same read-only file system."""
-    box = _usable("namespaces", force_remount=True)
-    if box is None:
-        pytest.skip("namespaces isolation is not usable here")
-    with tempfile.TemporaryDirectory() as shared:
-        os.chmod(shared, 0o1777)
-        target = os.path.join(shared, "escaped")
-        res = box.run(f"try:\n    open({target!r}, 'w')\nexcept OSError as e:\n    print(e.errno)")
-        assert res.passed and res.stdout.strip() == "30"  # EROFS
-        assert not os.path.exists(target)
+# Prints every mount point the program sees with whether it is read-only.
+MOUNTS = (
+    "for line in open('/proc/self/mountinfo'):\n    f = line.split()\n"
+    "    print(f[4], 'ro' if 'ro' in f[5].split(',') else 'rw')"
+)
+WRITABLE = {"/sandbox", "/tmp", "/dev/shm", "/dev/pts", "/proc"} | {
+    f"/dev/{d}" for d in ("null", "zero", "full", "random", "urandom", "tty")
+}
+
+
+@pytest.mark.parametrize("remount", [False, True])
+def test_everything_but_the_scratch_space_is_read_only(remount):
+    """namespaces and bwrap: every mount is read-only except the scratch tmpfs (/sandbox, /tmp, /dev/shm),
+    /proc and the device nodes; with ``force_remount`` (kernels without mount_setattr) too."""
+    checked = 0
+    for iso in ("namespaces", "bwrap"):
+        box = _usable(iso, force_remount=remount)
+        if box is None or (remount and iso == "bwrap"):
+            continue  # bubblewrap makes its binds read-only itself
+        res = box.run(MOUNTS)
+        assert res.passed, res.reason
+        mounts = dict(line.split() for line in res.stdout.splitlines())
+        assert mounts["/"] == "ro" and mounts["/usr"] == "ro" and mounts["/sandbox"] == "rw"
+        assert {m for m, flag in mounts.items() if flag == "rw"} <= WRITABLE, (iso, mounts)
+        write = box.run("try:\n    open('/usr/escaped', 'w')\nexcept OSError as e:\n    print(e.errno)")
+        assert write.passed and write.stdout.strip() in ("13", "30")  # EACCES (sandbox uid) or EROFS
+        checked += 1
+    if not checked:
+        pytest.skip("neither namespaces nor bwrap isolation is usable here")
 
 
 def test_cgroup_event_counters_of_both_versions(tmp_path):
@@ -444,5 +512,16 @@ def test_describe_names_every_layer():
     if box is None:
         pytest.skip("no usable isolation")
     layers = box.describe()
-    assert set(layers) == {"isolation", "interpreter", "user", "cgroup", "network", "filesystem", "kill"}
+    assert set(layers) == {
+        "isolation",
+        "interpreter",
+        "user",
+        "cgroup",
+        "network",
+        "sockets",
+        "filesystem",
+        "time",
+        "result",
+        "kill",
+    }
     assert layers["isolation"] in ("namespaces", "bwrap", "process")

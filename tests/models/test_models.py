@@ -11,7 +11,7 @@ import torch
 
 import fewstep
 from fewstep.models import load_model, save_model
-from fewstep.models.loading import ARCHITECTURES, architecture_of
+from fewstep.models.families import architecture_of, model_class
 from tests.parity.fixtures import BLOCK_DIRS, DEFAULT_DIRS
 
 FIXTURES = {d.name: d for d in DEFAULT_DIRS + BLOCK_DIRS}
@@ -198,7 +198,7 @@ def test_wrong_shape_is_named(fixture_dir, tmp_path):
 def test_missing_required_config_key(fixture_dir, tmp_path):
     d = _copy(fixture_dir, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    required = ARCHITECTURES[architecture_of(cfg)][0].REQUIRED
+    required = model_class(architecture_of(cfg)).config_class.REQUIRED
     key = "mask_token_id" if "mask_token_id" in required else required[-1]  # LLaDA2 has a default mask id
     cfg.pop(key)
     (d / "config.json").write_text(json.dumps(cfg))
@@ -231,7 +231,7 @@ FAMILY = {"llada": "LLaDA", "dream": "Dream", "llada2": "LLaDA2-MoE", "sdar": "S
 def test_unsupported_variants_are_named(fixture_dir):
     cfg = json.loads((fixture_dir / "config.json").read_text())
     arch = architecture_of(cfg)
-    config_cls = ARCHITECTURES[arch][0]
+    config_cls = model_class(arch).config_class
     assert config_cls.from_dict(dict(cfg)).to_dict()["vocab_size"] == cfg["vocab_size"]
     for change, reason in UNSUPPORTED[arch] + [({"hidden_act": "gelu"}, "")] * (arch != "llada"):
         with pytest.raises(ValueError, match=f"^unsupported {FAMILY[arch]} variant: ") as err:

@@ -20,7 +20,8 @@ import torch
 
 import fewstep
 from fewstep.decoding.policies import LLaDA2Policy, SDARPolicy
-from fewstep.distill.dparallel import block_certainty_forcing_loss, block_diffusion_logits, mdm_noise
+from fewstep.distill.blockdiff import block_diffusion_logits, mdm_noise
+from fewstep.distill.dparallel import block_certainty_forcing_loss
 from tests.parity.fixtures import arrays, model, oracles, params
 
 ATOL, RTOL = 1e-4, 1e-4
@@ -166,7 +167,7 @@ def test_official_sampler_engine(fixture_dir, case):
 @pytest.mark.parametrize(("fixture_dir", "item"), params(_loss_items))
 def test_dfactory_objective(fixture_dir, item):
     """The trainer-facing objective on the oracle batch gives the recorded combined losses."""
-    from fewstep.distill.dparallel import BlockDiffusionDParallelObjective
+    from fewstep.distill.dparallel import BlockDiffusionDParallelObjective, BlockDParallelRecipe
     from fewstep.train.objective import SpecialIds
 
     spec, case = item
@@ -177,13 +178,15 @@ def test_dfactory_objective(fixture_dir, item):
         "labels": torch.tensor(case["labels"]),
     }
     for key, want in case["combined_loss"].items():
-        obj = BlockDiffusionDParallelObjective(
-            SpecialIds(mask=s["mask"], eos=s["eos"], pad=s.get("pad", s["eos"])),
-            max_length=spec["max_seq_len"],
+        low, high = spec["noise_range"]
+        recipe = BlockDParallelRecipe(
             block_size=spec["block_size"],
             confidence_beta=float(key.removeprefix("beta_")),
-            noise_range=tuple(spec["noise_range"]),
+            noise_range_low=low,
+            noise_range_high=high,
         )
+        ids = SpecialIds(mask=s["mask"], eos=s["eos"], pad=s.get("pad", s["eos"]))
+        obj = BlockDiffusionDParallelObjective(ids, spec["max_seq_len"], recipe)
         with torch.no_grad():
             total, logs = obj.loss(model(fixture_dir), batch)
         assert float(total) == pytest.approx(want, rel=RTOL)

@@ -21,6 +21,7 @@ from fewstep.decoding.policies import LowConfidencePolicy, Selection, parse_poli
 from fewstep.decoding.policies.base import gumbel_argmax, quota_at, scatter, token_probs, top_k_mask
 from fewstep.distill.d3llm import (
     D3LLMObjective,
+    D3LLMRecipe,
     block_size_at,
     commit_rank,
     draw_mask_ratio,
@@ -33,7 +34,7 @@ from fewstep.train.objective import SpecialIds
 from tests.parity.fixtures import d3llm_oracles, fixture_dirs, model, params
 
 RTOL = 1e-5
-#: sections of oracles_d3llm.json that this module runs, and those another module will (multi-block decoding)
+#: sections of oracles_d3llm.json that this module runs, and those test_d3llm_sampler.py runs (multi-block decoding)
 SECTIONS = ("trajectory_oracles", "noisy_state_oracles", "loss_oracles")
 ELSEWHERE = ("sampler_cases",)
 
@@ -289,14 +290,8 @@ def test_compute_loss(fixture_dir, case):
     assert _positions(views.mask) == case["masked_positions"]
     assert _positions(views.mask_rev) == case["masked_positions_rev"]
     ids = SpecialIds(mask=hp["mask_token_id"], eos=_file(fixture_dir)["special_ids"]["eos"], pad=0)
-    objective = D3LLMObjective(
-        ids,
-        length,
-        temperature=hp["temperature"],
-        entropy_weight=hp["entropy_weight"],
-        entropy_views="first",
-        per_sequence=False,  # the reference's means over its micro-batch
-    )
+    recipe = D3LLMRecipe(temperature=hp["temperature"], entropy_weight=hp["entropy_weight"], entropy_views="first")
+    objective = D3LLMObjective(ids, length, recipe, per_sequence=False)  # the reference's micro-batch means
     with torch.no_grad():
         total, logs = objective.views_loss(model(fixture_dir), input_ids, views)
     _close(logs["ce"], case["ce_loss"], "ce_loss")
@@ -332,7 +327,7 @@ def test_curricula(fixture_dir, item):
     assert block_size_at(None, sizes) == spec["epoch_None"]
     # the objective spreads the list over the run: at max_steps = len(sizes) epochs of one step each, the
     # fractional epoch of step t is t
-    objective = D3LLMObjective(SpecialIds(mask=0, eos=1, pad=1), 8, block_sizes=sizes)
+    objective = D3LLMObjective(SpecialIds(mask=0, eos=1, pad=1), 8, D3LLMRecipe(block_sizes=sizes))
     for step in range(len(sizes)):
         assert objective.curricula(step, len(sizes))[0] == block_size_at(float(step), sizes)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fewstep.distill.dmax import BlockDiffusionDMaxObjective
+from fewstep.distill.dmax import BlockDiffusionDMaxObjective, BlockDMaxRecipe
 from fewstep.train.objective import SpecialIds
 from tests.parity.fixtures import dmax_oracles, fixture_dirs, model, params
 
@@ -36,14 +36,12 @@ def _objective(d, case: dict, same_token: bool = True) -> BlockDiffusionDMaxObje
     # data_transform.py's end token is the tokenizer's pad id (the stand-in's: the fixture's EOS)
     end = oput["tokenizer_stand_in"]["pad_token_id"]
     ids = SpecialIds(mask=special["mask"], eos=end, pad=special["pad"])
-    return BlockDiffusionDMaxObjective(
-        ids,
-        oput["max_seq_len"],
-        block_size=case["block_size"],
-        noise_range=tuple(oput["noise_range"]),
-        same_token_labels=same_token,
-        per_sequence=False,  # one micro-batch of one row: the official mean over its labels
+    low, high = oput["noise_range"]
+    recipe = BlockDMaxRecipe(
+        block_size=case["block_size"], noise_range_low=low, noise_range_high=high, shifted_labels=not same_token
     )
+    # per_sequence False: one micro-batch of one row, the official mean over its labels
+    return BlockDiffusionDMaxObjective(ids, oput["max_seq_len"], recipe, per_sequence=False)
 
 
 def _example(d, case: dict) -> dict:

@@ -14,8 +14,8 @@ import re
 import pytest
 import torch
 
-from fewstep.distill.cd4lm import CD4LMObjective, collate_nested, lambda_cosine_schedule
-from fewstep.distill.dparallel import DParallelObjective, complementary_masks
+from fewstep.distill.cd4lm import PAPER_MAX_LENGTH, CD4LMObjective, CD4LMRecipe, collate_nested, lambda_cosine_schedule
+from fewstep.distill.dparallel import DParallelObjective, DParallelRecipe, complementary_masks
 from fewstep.train.objective import SpecialIds
 from tests.parity.fixtures import model, oracles, params
 
@@ -96,15 +96,13 @@ def test_dparallel_losses(fixture_dir, item):
     spec, case = item
     hp = spec["trainer_hparams"]
     input_ids = torch.tensor(spec["input_ids"])
-    objective = DParallelObjective(
-        _special_ids(fixture_dir),
-        max_length=input_ids.shape[1],
+    recipe = DParallelRecipe(
         block_size=hp.get("block_size_used", spec["block_size"]),
         temperature=hp["temperature"],
         entropy_weight=hp["entropy_weight"],
-        eps=spec["eps"],
         reference_masking=True,
     )
+    objective = DParallelObjective(_special_ids(fixture_dir), input_ids.shape[1], recipe)
     batch = {
         "input_ids": input_ids,
         "prompt_lengths": torch.tensor(spec["prompt_lengths"]),
@@ -209,7 +207,8 @@ def test_cd4lm_loss(fixture_dir, item):
     teacher = model(fixture_dir)
     student = _student_for(case, teacher)
     batch = {k: torch.tensor(v) for k, v in spec["batch"].items()}
-    objective = CD4LMObjective(_special_ids(fixture_dir), temperature=case["temperature"], lam=case["lambda"])
+    recipe = CD4LMRecipe(temperature=case["temperature"], lam=case["lambda"])
+    objective = CD4LMObjective(_special_ids(fixture_dir), PAPER_MAX_LENGTH, recipe)
     with torch.no_grad():
         total, logs = objective.loss(student, batch, step=0, max_steps=1, teacher=teacher)
     _close(float(total), case["total_loss"], "total_loss")

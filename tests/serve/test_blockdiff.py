@@ -16,7 +16,7 @@ from tests.parity.fixtures import BLOCK_DIRS, model
 from tests.serve.conftest import Served, reference
 
 TOKENIZER = fewstep.assets.resolve_model("dparallel")  # its words are inside both fixtures' vocabularies
-PROMPTS = [p.prompt for p in arith.generate("test", 6, seed=3)]
+PROMPTS = [p.prompt for p in arith.generate_problems("test", 6, seed=3)]
 GEN = 24  # not a multiple of the fixtures' block length: the last block is cut, as the official samplers do
 
 

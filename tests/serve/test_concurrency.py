@@ -20,7 +20,7 @@ from fewstep.tasks import arith
 from tests.serve.conftest import reference
 
 N_REQUESTS, N_CLIENTS = 240, 32
-PROMPTS = [p.prompt for p in arith.generate("test", 24, seed=1)]
+PROMPTS = [p.prompt for p in arith.generate_problems("test", 24, seed=1)]
 POLICIES = ["entropy:0.45", "threshold:0.9", "llada:steps=8", "cad:0.9", "threshold:0.7"]
 BAD = [
     b'{"prompt": ',
@@ -156,7 +156,7 @@ def test_disconnected_clients_free_their_rows(server):
     _wait(lambda: engine.cancelled == cancelled + 1 and server.gen.active() == 0)
     body = json.dumps(huge).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as raw:  # a non-streaming client that hangs up
-        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
         _wait(lambda: server.gen.active() == 1)
     _wait(lambda: engine.cancelled == cancelled + 2 and server.gen.active() == 0 and not engine.has_work())

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from fewstep.commands import resolve_model
+from fewstep.assets import resolve_model
 from fewstep.eval.runner import EvalSettings, run_eval
 from fewstep.tasks import arith
 
@@ -31,7 +31,7 @@ def process_results(doc, results):
 def task_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve-lm-eval")
     data = d / "arith.jsonl"
-    data.write_text("".join(json.dumps(p.to_json()) + "\n" for p in arith.generate("test", 512, seed=0)[:N]))
+    data.write_text("".join(json.dumps(p.to_json()) + "\n" for p in arith.generate_problems("test", 512, seed=0)[:N]))
     (d / "utils.py").write_text(UTILS)
     (d / "fewstep_serve_arith.yaml").write_text(
         f"task: fewstep_serve_arith\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
@@ -90,5 +90,5 @@ def test_lm_eval_api_models_match_fewstep_eval(server, task_dir, library, model)
     acc = res["results"]["fewstep_serve_arith"]["acc,none"]
     assert 0 < summary["accuracy"] < 1 and acc == pytest.approx(summary["accuracy"])
     samples = sorted(res["samples"]["fewstep_serve_arith"], key=lambda s: s["doc_id"])
-    by_order = [records[p.id] for p in arith.generate("test", 512, seed=0)[:N]]
+    by_order = [records[p.id] for p in arith.generate_problems("test", 512, seed=0)[:N]]
     assert [s["resps"][0][0] for s in samples] == [r["response"] for r in by_order]

@@ -12,7 +12,7 @@ import fewstep
 from fewstep.tasks import arith
 from tests.serve.conftest import GEN, POLICY, reference
 
-PROBLEMS = [p.prompt for p in arith.generate("test", 3, seed=0)]
+PROBLEMS = [p.prompt for p in arith.generate_problems("test", 3, seed=0)]
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +135,26 @@ def test_denoise_stream(server, loaded):
     assert steps[-1]["pieces"][steps[-1]["tokens"].index(tok("=")["input_ids"][0])] == "="
     assert events[-1]["object"] == "fewstep.denoise.done" and events[-1]["text"] == text
     assert events[-1]["nfe"] == nfe
+
+
+def test_multiblock_with_eos_fill_is_fewstep_generate(client, server, loaded):
+    """d3LLM's decoding through the API: ``policy`` multiblock and the ``eos_fill`` field give the answer and
+    NFE of ``fewstep.generate``; ``usage`` reports tokens per forward (before the EOS) beside positions."""
+    model, tok = loaded
+    eos = set(fewstep.decoding.stop_ids(model, tok))
+    for prompt in PROBLEMS:
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        kw = {"gen_length": GEN, "block_length": 32, "tokenizer": tok, "early_stop": True, "eos_fill": True}
+        ref = fewstep.generate(model, [ids], "multiblock", **kw)
+        answer = ref.answers[0].tolist()
+        cut = next(i for i, t in enumerate(answer) if t in eos)
+        r = client.completions.create(
+            model="dparallel", prompt=prompt, max_tokens=GEN, extra_body={"policy": "multiblock", "eos_fill": True}
+        )
+        assert r.choices[0].text == tok.decode(answer[:cut], skip_special_tokens=True)
+        alone = fewstep.generate(model, [ids], "multiblock", **{**kw, "eos_fill": False})
+        assert r.usage.nfe == int(ref.nfe[0]) <= int(alone.nfe[0])  # never later than the block-level stop
+        assert r.usage.tokens_per_forward == pytest.approx(cut / int(ref.nfe[0]), abs=1e-4)
+        assert r.usage.positions_per_forward == pytest.approx(float(ref.positions_per_forward[0]), abs=1e-4)
+    bad = httpx.post(server.url + "/v1/completions", json={"prompt": PROBLEMS[0], "eos_fill": "yes"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "eos_fill"

@@ -99,3 +99,45 @@ def test_page_in_headless_chromium(server, tmp_path):
 def _no_proxy(monkeypatch):
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
+
+
+def test_page_marks_revisions(server, tmp_path):
+    """A revising policy (DMax's ``spd``) on the page: the revisions counter is the stream's, every position a
+    revision changed stays marked, and the tokens revised at the last forward are outlined."""
+    import json
+
+    from playwright.sync_api import sync_playwright
+
+    policy, body = "spd:0.5", {"prompt": PROMPT, "policy": "spd:0.5", "stream": True, "stream_mode": "denoise"}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    steps = [e for e in events if e["object"] == "fewstep.denoise.step"]
+    revisions = sum(len(e["revised"]) for e in steps)
+    changed = set().union(*(e["revised"] for e in steps))
+    assert revisions > 0
+    shot = tmp_path / "serve-page-spd.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 760}, device_scale_factor=1)
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent === 'dparallel'")
+            page.fill("#prompt", PROMPT)
+            page.fill("#policy", policy)
+            page.click("#go")
+            page.wait_for_function("document.querySelector('.pane') && document.querySelector('.pane').dataset.done")
+            pane = page.locator(".pane").first
+            assert pane.get_attribute("data-done") == "1", pane.inner_text()
+            assert pane.locator(".revs").inner_text() == str(revisions) == pane.get_attribute("data-revisions")
+            assert pane.locator(".tok.was-revised").count() == len(changed)
+            assert pane.locator(".tok.revised").count() == len(steps[-1]["revised"])
+            assert pane.locator(".answer").inner_text() == next(
+                e["text"] for e in events if e["object"] == "fewstep.denoise.done"
+            )
+            assert not errors, errors
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000

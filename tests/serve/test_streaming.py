@@ -13,7 +13,7 @@ from fewstep.decoding.text import Canvas, Completion, Delta, GenerationSettings
 from fewstep.tasks import arith
 from tests.serve.conftest import reference
 
-PROMPT = arith.generate("test", 4, seed=3)[1].prompt
+PROMPT = arith.generate_problems("test", 4, seed=3)[1].prompt
 SLOW = {"policy": "threshold:0.9", "max_tokens": 64, "block_length": 8}  # 7 forwards (early stop)
 
 

@@ -9,8 +9,8 @@ import pytest
 
 import fewstep
 from fewstep.assets import shipped_models
+from fewstep.eval.embedded import evaluate_policy
 from fewstep.tasks import generate
-from fewstep.tasks.evaluate import evaluate_policy
 
 MODELS = Path(fewstep.__file__).parent / "assets" / "models"
 STUDENTS = ("dparallel", "dparallel-control", "cd4lm")

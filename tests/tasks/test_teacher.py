@@ -11,9 +11,9 @@ import pytest
 
 import fewstep
 from fewstep.assets import shipped_models
+from fewstep.eval.embedded import evaluate_policy
 from fewstep.models.tokenizer import special_ids
 from fewstep.tasks import BLOCK_LENGTH, GEN_LENGTH, generate
-from fewstep.tasks.evaluate import evaluate_policy
 
 TEACHER = Path(fewstep.__file__).parent / "assets" / "models" / "teacher"
 REPO = Path(__file__).resolve().parents[2]
@@ -77,7 +77,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert models == {name for name, _ in shipped_models()} and "teacher" in models
     base = [r for r in res["rows"] if r["model"] == "teacher" and r["policy"] == "baseline"]
     assert len(base) == 1 and base[0]["speedup_nfe"] == 1.0 and base[0]["mean_nfe"] == GEN_LENGTH
-    keys = {"model", "policy", "accuracy", "mean_nfe", "tokens_per_step", "seconds", "speedup_nfe", "speedup_wall"}
+    keys = {"model", "policy", "accuracy", "mean_nfe", "tokens_per_forward", "positions_per_forward", "aup"}
+    keys |= {"seconds", "speedup_nfe", "speedup_wall"}
     for r in res["rows"]:
         assert keys <= r.keys() and 0.0 <= r["accuracy"] <= 1.0 and r["mean_nfe"] >= GEN_LENGTH // BLOCK_LENGTH
     assert {r["policy"].split(":")[0] for r in res["rows"]} >= {"baseline", "llada", "threshold", "entropy", "cad"}

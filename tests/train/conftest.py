@@ -14,12 +14,12 @@ from tests.tiny import TINY_LLADA as TINY
 def task_dir(tmp_path_factory):
     """train.jsonl (256 examples), test.jsonl and tokenizer/ written by the task's own functions."""
     from fewstep.models.tokenizer import build_word_tokenizer
-    from fewstep.tasks.arith import ArithConfig, generate
+    from fewstep.tasks.arith import ArithConfig, generate_problems
 
     d = tmp_path_factory.mktemp("arith")
     for split, n in (("train", 256), ("test", 16)):
         with open(d / f"{split}.jsonl", "w") as fh:
-            for p in generate(split, n, seed=0):
+            for p in generate_problems(split, n, seed=0):
                 fh.write(json.dumps(p.to_json()) + "\n")
     build_word_tokenizer(ArithConfig().vocabulary(), d / "tokenizer")
     (d / "tiny.json").write_text(json.dumps({**TINY, "auto_map": AUTO_MAP}))  # kept in the saved config

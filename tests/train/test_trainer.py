@@ -15,12 +15,13 @@ from safetensors.torch import load_file
 
 import fewstep
 from fewstep.models.tokenizer import special_ids
+from fewstep.train.config import TrainConfig
 from fewstep.train.data import read_jsonl, tokenize_pairs
 from fewstep.train.lora import LoraSpec, target_modules
 from fewstep.train.mdm import MaskedDiffusionObjective
 from fewstep.train.objective import SpecialIds
 from fewstep.train.presets import init_model, model_config
-from fewstep.train.trainer import TrainConfig, Trainer, global_batch_indices, lr_factor
+from fewstep.train.trainer import Trainer, global_batch_indices, lr_factor
 from tests.killpoint import killed_at
 from tests.tiny import AUTO_MAP
 

@@ -1,8 +1,8 @@
-"""`fewstep distill --method dparallel|cd4lm|dmax|d3llm`: distil a diffusion LM for few-step decoding.
+"""`fewstep distill --method NAME`: distil a diffusion LM for few-step decoding.
 
-Trains with the chosen objective (``fewstep.distill``) on prompt/response JSONL, usually the folder
-``fewstep rollout`` wrote, with LoRA (``peft``) or full fine-tuning, through ``accelerate``: plain
-``fewstep distill ...`` uses one device; ``accelerate launch --config_file configs/accelerate/...
+Trains with the chosen method's objective (``fewstep.distill.METHODS``) on prompt/response JSONL, usually
+the folder ``fewstep rollout`` wrote, with LoRA (``peft``) or full fine-tuning, through ``accelerate``:
+plain ``fewstep distill ...`` uses one device; ``accelerate launch --config_file configs/accelerate/...
 -m fewstep distill ...`` runs DDP, FSDP or DeepSpeed with the same flags. Writes OUT/ (merged HF
 checkpoint that ``fewstep.load_model`` loads, OUT/adapter/ with LoRA, tokenizer, README.md model
 card, training.json, train_log.jsonl, loss.png) and resumable checkpoints under OUT/checkpoints/.
@@ -12,10 +12,10 @@ RNG state).
 Block-diffusion models (LLaDA2-MoE, SDAR) get the block-diffusion objectives (dFactory's dParallel, CD4LM
 with both views inside the block-causal structure: docs/distillation.md, "Block-diffusion models").
 Defaults follow the papers, per model family: the recipe flags are generated from the recipe dataclasses
-of the paper files (``fewstep.distill.{dparallel,cd4lm,dmax}.RECIPES``) and an unset
-flag takes the recipe's value for the model's family. docs/distillation.md lists the settings used for the
-tiny embedded model. This module is wiring: the library does the work (``fewstep.distill.build_objective``,
-``read_training_data``, ``fewstep.train``).
+of the paper files (their ``RECIPES``), the run's flags from ``fewstep.train.config.TrainConfig``, and an
+unset recipe flag takes the recipe's value for the model's family. docs/distillation.md lists the settings
+used for the tiny embedded model. This module is wiring: the library does the work
+(``fewstep.distill.build_objective``, ``read_training_data``, ``fewstep.train``).
 """
 
 from __future__ import annotations
@@ -24,13 +24,11 @@ import argparse
 import json
 import math
 import shlex
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 from fewstep.assets import SHIPPED_HELP
-from fewstep.distill import frozen_teacher
 
 EPILOG = """\
 examples:
@@ -57,13 +55,23 @@ examples:
 """
 
 
+#: The trainer settings (``TrainConfig`` fields) that are flags of this command; the optimiser's come from
+#: the recipe. An unset ``--max-steps`` / ``--save-every`` / ``--log-every`` follows the run's length.
+OPTIMISATION = ("batch_size", "grad_accum", "max_steps", "decay_steps", "grad_clip", "seed")
+SYSTEM = ("bf16", "gradient_checkpointing", "save_every", "keep_checkpoints", "log_every")
+RUN_LENGTH = {
+    "max_steps": (None, "--epochs of the data"),
+    "save_every": (None, "about 10 checkpoints per run"),
+    "log_every": (None, "about 100 records per run"),
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fewstep.distill import all_recipes
+    from fewstep.distill import METHODS, all_recipes
+    from fewstep.train.config import TrainConfig, add_options
     from fewstep.train.recipe import add_recipe_arguments
 
     parser.epilog = EPILOG
-    from fewstep.distill import METHODS
-
     parser.add_argument(
         "--method",
         required=True,
@@ -87,8 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec = parser.add_argument_group("recipe (the papers' defaults, per model family; unset = the recipe's)")
     add_recipe_arguments(rec, all_recipes())
     _lora_arguments(parser.add_argument_group("LoRA (through peft, with --finetune lora)"))
-    _optimisation_arguments(parser.add_argument_group("optimisation"))
-    _system_arguments(parser.add_argument_group("precision, checkpoints, devices"))
+    opt = parser.add_argument_group("optimisation")
+    add_options(opt, TrainConfig, OPTIMISATION, RUN_LENGTH)
+    _length_arguments(opt)
+    sys_ = parser.add_argument_group("precision, checkpoints, devices")
+    add_options(sys_, TrainConfig, SYSTEM, RUN_LENGTH)
+    _system_arguments(sys_)
 
 
 def _lora_arguments(ft) -> None:
@@ -105,14 +117,7 @@ def _lora_arguments(ft) -> None:
     )
 
 
-def _optimisation_arguments(opt) -> None:
-    opt.add_argument("--min-lr-ratio", type=float, default=0.0, help="final LR / peak for cosine and linear")
-    opt.add_argument("--weight-decay", type=float, default=0.01)
-    opt.add_argument("--adam-beta2", type=float, default=0.999)
-    opt.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
-    opt.add_argument("--batch-size", type=int, default=64, help="global batch: sequences per optimiser step")
-    opt.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimiser step (per process)")
-    opt.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
+def _length_arguments(opt) -> None:
     opt.add_argument(
         "--loss-normalization",
         choices=["sequence", "batch"],
@@ -120,7 +125,6 @@ def _optimisation_arguments(opt) -> None:
         help="sequence: each sequence normalised by its own counts, mean over sequences (dParallel's loss at its "
         "batch 1 per device; independent of processes x micro-batches); batch: means over a micro-batch",
     )
-    opt.add_argument("--seed", type=int, default=0, help="seed of the data order, the masks and LoRA init")
     opt.add_argument(
         "--max-length",
         type=int,
@@ -138,19 +142,14 @@ def _optimisation_arguments(opt) -> None:
 
 
 def _system_arguments(sys_) -> None:
-    sys_.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast) through accelerate")
     sys_.add_argument(
         "--dtype",
         default=None,
         help="weights dtype (default: float32; bfloat16 for the frozen base of LoRA on GPU)",
     )
-    sys_.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     sys_.add_argument(
         "--save-dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: the base checkpoint's"
     )
-    sys_.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: ~10 per run)")
-    sys_.add_argument("--keep-checkpoints", type=int, default=2)
-    sys_.add_argument("--log-every", type=int, default=None, help="log every N steps (default: ~100 records per run)")
     sys_.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     sys_.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sys_.add_argument("--overwrite", action="store_true", help="delete the run folder instead of resuming from it")
@@ -161,18 +160,22 @@ def _system_arguments(sys_) -> None:
 
 
 def _lengths(args: argparse.Namespace, examples: list[dict[str, Any]], manifest: dict | None) -> tuple[int, int]:
-    """``(gen_length, max_length)`` from the flags, the rollout manifest and the data; warns on truncation."""
+    """``(gen_length, max_length)`` from the flags, the rollout manifest and the data."""
     longest_prompt = max(len(e["prompt_ids"]) for e in examples)
     longest_response = max(len(e["response_ids"]) for e in examples)
     gen_length = args.gen_length or (manifest or {}).get("config", {}).get("gen_length") or longest_response + 1
-    max_length = args.max_length or longest_prompt + max(gen_length, longest_response + 1)
-    if args.method in ("dparallel", "dmax", "d3llm") and longest_prompt + longest_response + 1 > max_length:
+    return gen_length, args.max_length or longest_prompt + max(gen_length, longest_response + 1)
+
+
+def _warn_truncation(objective: Any, examples: list[dict[str, Any]]) -> None:
+    """Warn when an objective that pads every sequence to ``max_length`` has to cut some."""
+    longest = max(len(e["prompt_ids"]) + len(e["response_ids"]) + 1 for e in examples)
+    if objective.pads_to_max_length and longest > objective.max_length:
         print(
-            f"fewstep distill: warning: the longest prompt+response+EOS ({longest_prompt + longest_response + 1} "
-            f"tokens) exceeds --max-length {max_length}; such sequences are truncated",
+            f"fewstep distill: warning: the longest prompt+response+EOS ({longest} tokens) exceeds --max-length "
+            f"{objective.max_length}; such sequences are truncated",
             file=sys.stderr,
         )
-    return gen_length, max_length
 
 
 def _lora_spec(args: argparse.Namespace, finetune: str, arch: str):
@@ -186,42 +189,52 @@ def _lora_spec(args: argparse.Namespace, finetune: str, arch: str):
     return LoraSpec(r=args.lora_r, alpha=args.lora_alpha or args.lora_r, dropout=args.lora_dropout, roles=roles)
 
 
-def _train_config(args, recipe, lora, objective, n: int, lengths: tuple[int, int], data_hash: str):
-    from fewstep.distill import objective_hparams
-    from fewstep.train.trainer import TrainConfig
+def _train_config(args, recipe, lora, objective, n: int, data_hash: str):
+    """The trainer's settings: the run's flags, the recipe's optimiser, the run-length defaults."""
+    from fewstep.train.config import TrainConfig
 
     max_steps = args.max_steps or max(1, math.ceil(recipe.epochs * n / args.batch_size))
-    gen_length, max_length = lengths
+    run = {name: getattr(args, name) for name in (*OPTIMISATION, *SYSTEM)}
+    run.update(
+        max_steps=max_steps,
+        save_every=args.save_every or max(1, math.ceil(max_steps / 10)),
+        log_every=args.log_every or max(1, max_steps // 100),
+    )
+    extra = {
+        "objective": args.method,
+        "max_length": objective.max_length,
+        "gen_length": objective.gen_length,
+        "loss_normalization": args.loss_normalization,
+        "objective_hparams": objective.hparams(),
+        "data": str(args.data),
+        "data_sha256_16": data_hash,
+    }
     return TrainConfig(
         out_dir=str(args.out),
-        max_steps=max_steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=recipe.lr,
-        min_lr_ratio=args.min_lr_ratio,
-        weight_decay=args.weight_decay,
-        betas=(0.9, args.adam_beta2),
-        warmup_steps=recipe.warmup_for(max_steps),
-        schedule=recipe.schedule,
-        grad_clip=args.grad_clip,
-        seed=args.seed,
-        bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
-        save_every=args.save_every or max(1, math.ceil(max_steps / 10)),
-        keep_checkpoints=args.keep_checkpoints,
-        log_every=args.log_every or max(1, max_steps // 100),
+        **run,
+        **recipe.optimiser(max_steps),
         lora=lora,
         progress=not args.no_progress,
-        extra={
-            "objective": args.method,
-            "max_length": max_length,
-            "gen_length": gen_length,
-            "loss_normalization": args.loss_normalization,
-            "objective_hparams": objective_hparams(objective),
-            "data": str(args.data),
-            "data_sha256_16": data_hash,
-        },
+        extra=extra,
     )
+
+
+def _objective(args: argparse.Namespace, arch: str, tok: Any, model: Any, examples, manifest):
+    """The method's objective for this model and data (lengths from the flags, the rollout and the data)."""
+    from fewstep.distill import build_objective
+    from fewstep.train.objective import SpecialIds
+
+    gen_length, max_length = _lengths(args, examples, manifest)
+    context = int(getattr(model.config, "max_sequence_length", max_length) or max_length)
+    if max_length > context:
+        raise ValueError(f"--max-length {max_length} exceeds the model's context ({context})")
+    ids = SpecialIds.from_tokenizer(tok, model.config)
+    per_sequence = args.loss_normalization == "sequence"
+    objective = build_objective(
+        args.method, arch, ids, max_length, gen_length=gen_length, per_sequence=per_sequence, overrides=vars(args)
+    )
+    _warn_truncation(objective, examples)
+    return objective
 
 
 def run(args: argparse.Namespace) -> int:
@@ -229,14 +242,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from accelerate import Accelerator
-
     from fewstep.assets import resolve_model
-    from fewstep.distill import build_objective, read_training_data, recipe_for
+    from fewstep.distill import frozen_teacher, read_training_data, recipe_for
     from fewstep.models.loading import architecture_of, load_model, load_tokenizer, read_config
-    from fewstep.train.data import hash_files, tokenize_pairs
-    from fewstep.train.distributed import close_process_group_at_exit
-    from fewstep.train.objective import SpecialIds
+    from fewstep.train.data import hash_files
+    from fewstep.train.launch import open_run, resume
     from fewstep.train.trainer import Trainer
 
     model_dir, out = resolve_model(args.model), Path(args.out)
@@ -244,48 +254,23 @@ def run(args: argparse.Namespace) -> int:
     recipe = recipe_for(args.method, arch, vars(args))
     records, manifest, files = read_training_data(args.data)
     tok = load_tokenizer(args.tokenizer or model_dir)
-    examples = tokenize_pairs(records, tok)
-    _attach_trajectories(args, examples, records)
-    gen_length, max_length = _lengths(args, examples, manifest)
-    # cpu=True on a machine without GPU, so that torchrun processes form a gloo group
-    accelerator = Accelerator(
-        mixed_precision="bf16" if args.bf16 else "no", cpu=args.cpu or not torch.cuda.is_available()
-    )
-    close_process_group_at_exit()
+    examples = _examples(args, recipe, records, tok)
+    accelerator = open_run(out, bf16=args.bf16, cpu=args.cpu, overwrite=args.overwrite)
     main = accelerator.is_main_process
     if main:
         _warn_unused(args, arch, recipe)
-    if args.overwrite and out.exists() and main:
-        shutil.rmtree(out)
-    accelerator.wait_for_everyone()
     dtype = args.dtype or ("bfloat16" if accelerator.device.type != "cpu" and recipe.finetune == "lora" else "float32")
     model = load_model(model_dir, dtype=dtype, device="cpu")
-    context = int(getattr(model.config, "max_sequence_length", max_length) or max_length)
-    if max_length > context:
-        raise ValueError(f"--max-length {max_length} exceeds the model's context ({context})")
-    ids = SpecialIds.from_tokenizer(tok, model.config)
-    objective = build_objective(
-        args.method,
-        arch,
-        ids,
-        max_length,
-        gen_length=gen_length,
-        per_sequence=args.loss_normalization == "sequence",
-        overrides=vars(args),
-    )
+    objective = _objective(args, arch, tok, model, examples, manifest)
     examples = objective.training_examples(examples)  # DMax: each example once per view
     lora = _lora_spec(args, recipe.finetune, arch)
     teacher = None
     if objective.needs_teacher and lora is None:
         teacher = frozen_teacher(model_dir, "bfloat16" if args.bf16 else dtype)
-    train_cfg = _train_config(args, recipe, lora, objective, len(examples), (gen_length, max_length), hash_files(files))
+    train_cfg = _train_config(args, recipe, lora, objective, len(examples), hash_files(files))
     trainer = Trainer(model, objective, examples, train_cfg, tokenizer=tok, teacher=teacher, accelerator=accelerator)
-    changes = trainer.resume_checked()
+    resume(trainer, "distill")
     if main:
-        if changes is not None:
-            print(f"fewstep distill: resuming {out} from step {trainer.step}")
-            if changes:
-                print("fewstep distill: continuing with changed settings: " + "; ".join(changes))
         _announce(args, arch, model, lora, objective, len(examples), train_cfg, accelerator)
     summary = trainer.train()
     trainer.export(out)
@@ -295,28 +280,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attach_trajectories(args: argparse.Namespace, examples: list[dict[str, Any]], records: list[dict]) -> None:
-    """d3llm: give each example the teacher's commit ranks (``fewstep.distill.d3llm.attach_trajectories``)."""
-    if args.method != "d3llm":
-        if args.trajectories:
-            raise ValueError("--trajectories applies to --method d3llm")
-        return
-    from fewstep.distill import read_training_data
-    from fewstep.distill.d3llm import attach_trajectories
+def _examples(args: argparse.Namespace, recipe: Any, records: list[dict], tok: Any) -> list[dict[str, Any]]:
+    """The tokenized examples, prepared by the method's objective (d3LLM joins the teacher's trajectories:
+    the records' own or ``--trajectories``); its notes are printed as warnings."""
+    from fewstep.distill import METHODS, read_training_data, recipes
+    from fewstep.train.data import tokenize_pairs
 
+    objective_class = type(recipe).objective_class
+    if args.trajectories and not objective_class.reads_trajectories:
+        users = [m for m in METHODS if any(type(r).objective_class.reads_trajectories for r in recipes(m).values())]
+        raise ValueError(f"--trajectories applies to --method {' or '.join(users)}")
+    examples = tokenize_pairs(records, tok)
     trajectories = read_training_data(args.trajectories)[0] if args.trajectories else None
-    counts = attach_trajectories(examples, records, trajectories)
-    if not counts["with_trajectory"]:
-        raise ValueError(
-            "no training record has a teacher trajectory (commit_rank): make the data with fewstep rollout "
-            "--trajectory, or pass --trajectories"
-        )
-    if counts["fallback"]:
-        print(
-            f"fewstep distill: warning: {counts['fallback']:,} of {len(examples):,} records have no trajectory "
-            "and get Bernoulli masks",
-            file=sys.stderr,
-        )
+    for note in objective_class.prepare(examples, records, trajectories):
+        print(f"fewstep distill: warning: {note}", file=sys.stderr)
+    return examples
 
 
 def _warn_unused(args: argparse.Namespace, arch: str, recipe: Any) -> None:
@@ -393,31 +371,31 @@ def _finish(args, model_dir: Path, out: Path, finetune: str, train_cfg, summary,
 
 def command_line(args: argparse.Namespace) -> str:
     """The full ``fewstep distill`` command of a run (every option spelled out, defaults included)."""
+    from fewstep.distill import all_recipes
+    from fewstep.train.recipe import recipe_flags
+
+    flags = recipe_flags(all_recipes())
     parts = ["fewstep", "distill"]
     for key, value in vars(args).items():
         if key == "command" or value is None or value is False:
             continue
-        flag = "--" + {"lam": "lambda"}.get(key, key).replace("_", "-")
+        flag = flags.get(key) or "--" + key.replace("_", "-")
         parts += [flag] if value is True else [flag, shlex.quote(str(value))]
     return " ".join(parts)
 
 
 def write_model_card(folder: Path, info: dict[str, Any]) -> None:
     """README.md of the distilled checkpoint (:func:`fewstep.train.card.write_model_card`)."""
+    from fewstep.distill import method
     from fewstep.train.card import write_model_card as write_card
 
-    method = {
-        "dparallel": "dParallel certainty forcing",
-        "cd4lm": "CD4LM consistency distillation (DSCD)",
-        "dmax": "DMax on-policy uniform training (OPUT)",
-        "d3llm": "d3LLM pseudo-trajectory distillation",
-    }
     how = "LoRA, merged; the adapter is in adapter/" if info["finetune"] == "lora" else "full fine-tuning"
+    title = method(info["method"]).title
     write_card(
         folder,
         tags=["diffusion-language-model", "distillation", info["method"]],
         base_model=info["base_model"],
-        description=f"Distilled from `{info['base_model']}` with `fewstep distill` ({method[info['method']]}, {how}).",
+        description=f"Distilled from `{info['base_model']}` with `fewstep distill` ({title}, {how}).",
         commands=[info["command"]],
         table={k: v for k, v in info.items() if k != "command"},
     )

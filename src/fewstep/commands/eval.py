@@ -1,13 +1,15 @@
 """`fewstep eval`: generate a benchmark's answers with the decoding engine, score them, measure speed.
 
 Writes DIR/records.jsonl (one line per record: id, response, extracted, passed, reason, nfe,
-gen_tokens, tokens_per_step, latency_s), DIR/summary.json and DIR/config.json. A killed run resumes
+gen_tokens, tokens_per_forward, positions_per_forward, latency_s), DIR/summary.json and DIR/config.json. A killed run resumes
 where it stopped when started again with the same settings and --out.
 """
 
 from __future__ import annotations
 
 import argparse
+
+from fewstep.commands import EOS_FILL_HELP
 
 EPILOG = """\
 examples:
@@ -51,12 +53,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-early-stop", dest="early_stop", action="store_false", help="keep decoding blocks after EOS"
     )
+    parser.add_argument("--eos-fill", action="store_true", help=EOS_FILL_HELP)
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling policies")
     parser.add_argument(
         "--baseline", metavar="DIR", default=None, help="earlier eval folder: report the speedup over it"
     )
     parser.add_argument("--workers", type=int, default=2, help="code tasks: sandboxed programs run in parallel")
-    parser.add_argument("--timeout", type=float, default=10.0, help="code tasks: wall-clock seconds per program")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="code tasks: CPU seconds per program (a wall-clock backstop stops waiting programs at 4x + 10 s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -64,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     """Run (or resume) the evaluation and print its summary."""
     from pathlib import Path
 
-    from fewstep.commands import resolve_model
+    from fewstep.assets import resolve_model
     from fewstep.eval.benchmarks import get_task
     from fewstep.eval.runner import EvalSettings, run_eval
 
@@ -86,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         early_stop=args.early_stop,
+        eos_fill=args.eos_fill,
         seed=args.seed,
         baseline=args.baseline,
         workers=args.workers,
@@ -96,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     metric = "pass@1" if get_task(args.task).kind == "code" else "accuracy"
     line = (
         f"{s['task']}: {metric} {s['accuracy']:.4f} ({s['correct']}/{s['n']}) · NFE {s['mean_nfe']:.1f} · "
-        f"{s['tokens_per_step']:.2f} tokens/step · {s['latency_per_sample_s']:.3f} s/sample · "
+        f"{_fig(s['tokens_per_forward'])} tokens/forward (TPF) · {_fig(s['positions_per_forward'])} positions/forward · "
+        f"{s['latency_per_sample_s']:.3f} s/sample · "
         f"{s['tokens_per_s']:.1f} tokens/s · {s['device']} {s['dtype']} batch {s['batch_size']}"
     )
     if s.get("speedup"):
@@ -106,3 +116,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {w}")
     print(f"records: {Path(args.out) / 'records.jsonl'} · summary: {Path(args.out) / 'summary.json'}")
     return 0
+
+
+def _fig(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"

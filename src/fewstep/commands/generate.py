@@ -9,7 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from fewstep.commands import SHIPPED_HELP, resolve_model
+from fewstep.assets import SHIPPED_HELP, resolve_model
+from fewstep.commands import EOS_FILL_HELP
+
+#: What an unset decoding flag means when the model folder has no recommended decoding (decoding.json).
+FALLBACK = {"policy": "threshold:0.9", "gen_length": 128, "block_length": None, "cache": "none", "early_stop": True}
 
 EPILOG = """\
 policies (--policy NAME, NAME:VALUE or NAME:key=value,...):
@@ -42,19 +46,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--policy",
-        default="threshold:0.9",
+        default=None,
         metavar="NAME[:ARGS]",
-        help="unmasking policy (default: threshold:0.9; names below)",
+        help="unmasking policy (default: the model's decoding.json, else threshold:0.9; names below)",
     )
     parser.add_argument(
-        "--cache", default="none", choices=["none", "prefix", "dual"], help="KV cache mode (default: none)"
+        "--cache",
+        default=None,
+        choices=["none", "prefix", "dual"],
+        help="KV cache mode (default: the model's decoding.json, else none)",
     )
-    parser.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default: 128)")
+    parser.add_argument(
+        "--gen-length", type=int, default=None, help="tokens to generate (default: the model's decoding.json, else 128)"
+    )
     parser.add_argument(
         "--block-length",
         type=int,
         default=None,
-        help="semi-autoregressive block length (default: 32, or gen-length if smaller)",
+        help="semi-autoregressive block length (default: the model's decoding.json, else 32, or gen-length if smaller)",
     )
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (default: 0, off)")
     parser.add_argument(
@@ -67,8 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-early-stop",
         dest="early_stop",
         action="store_false",
-        help="keep decoding after EOS (the reference samplers' behaviour; default: stop a prompt at EOS)",
+        default=None,
+        help="keep decoding after EOS (the reference samplers' behaviour; default: stop a prompt at EOS, unless "
+        "the model's decoding.json says otherwise)",
     )
+    parser.add_argument("--eos-fill", action="store_true", help=EOS_FILL_HELP)
     parser.add_argument(
         "--no-chat-template", dest="chat", action="store_false", help="tokenize the prompt as plain text"
     )
@@ -102,16 +114,19 @@ def _prompts(args: argparse.Namespace) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model, answer the prompts through the text layer, print answers with NFE, tokens/step and time."""
+    """Load the model, answer the prompts through the text layer, print answers with NFE, tokens per forward
+    and time."""
     import torch
 
     import fewstep
     from fewstep.decoding import parse_policy
     from fewstep.decoding.text import GenerationSettings, TextGenerator
     from fewstep.decoding.trace import StepRecorder, completions_json
+    from fewstep.models.saving import recommended
 
-    policy = parse_policy(args.policy)  # fail fast on a bad spec, before loading a model
     model_dir = resolve_model(args.model)
+    vars(args).update(recommended(model_dir, vars(args), FALLBACK))  # unset flags: the model's decoding.json
+    policy = parse_policy(args.policy)  # fail fast on a bad spec, before loading a model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
     tokenizer = _load_tokenizer(Path(args.tokenizer or model_dir), required=args.prompt is not None)
@@ -126,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         cache=args.cache,
         cfg_scale=args.cfg_scale,
         early_stop=args.early_stop,
+        eos_fill=args.eos_fill,
         chat=args.chat,
         special_tokens=True,  # plain prompts get the tokenizer's BOS (the chat template writes its own)
     )
@@ -140,9 +156,7 @@ def run(args: argparse.Namespace) -> int:
             progress.stop()
     shown = [p if isinstance(p, str) else " ".join(map(str, p)) for p in prompts]
     if args.trace_json:
-        doc = completions_json(comps, recorder, policy.describe(), args.cache, tokenizer, shown)
-        doc.update(model=str(model_dir), gen_length=args.gen_length, block_length=args.block_length or "default")
-        Path(args.trace_json).write_text(json.dumps(doc, indent=1) + "\n")
+        _save_trace(args, completions_json(comps, recorder, policy.describe(), args.cache, tokenizer, shown), model_dir)
     gen_s = comps[0].batch_seconds
     summary = {
         "policy": policy.describe(),
@@ -152,7 +166,15 @@ def run(args: argparse.Namespace) -> int:
         "tokens_per_second": sum(c.committed for c in comps) / max(gen_s, 1e-9),
     }
     results = [
-        {"prompt": p, "answer": c.text, "nfe": c.nfe, "tokens_per_step": c.committed / max(c.nfe, 1)}
+        {
+            "prompt": p,
+            "answer": c.text,
+            "nfe": c.nfe,
+            "tokens_per_forward": c.tokens_per_forward,
+            "positions_per_forward": c.positions_per_forward,
+            "revisions": c.revisions,
+            "revised_fraction": c.stats()["revised_fraction"],
+        }
         for p, c in zip(shown, comps)
     ]
     if args.json:
@@ -160,6 +182,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print(args, results, summary, comps, recorder, tokenizer, int(model.config.mask_token_id))
     return 0
+
+
+def _save_trace(args: argparse.Namespace, doc: dict, model_dir: Path) -> None:
+    """``--trace-json``: the step trace with the model and the canvas geometry."""
+    doc.update(model=str(model_dir), gen_length=args.gen_length, block_length=args.block_length or "default")
+    Path(args.trace_json).write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def _print(args, results, summary, comps, recorder, tokenizer, mask_id: int) -> None:
@@ -176,8 +204,12 @@ def _print(args, results, summary, comps, recorder, tokenizer, mask_id: int) -> 
         if len(results) > 1:
             console.print(f"[bold]prompt {i + 1}:[/bold] {r['prompt']}")
         console.print(r["answer"], markup=False)
+        revised = (
+            f" · {r['revisions']} revisions ({r['revised_fraction']:.0%} of tokens changed)" if r["revisions"] else ""
+        )
         console.print(
-            f"[dim]NFE {r['nfe']} · {r['tokens_per_step']:.2f} tokens/step · policy {summary['policy']} · "
+            f"[dim]NFE {r['nfe']} · {r['tokens_per_forward']:.2f} tokens/forward (before EOS) · "
+            f"{r['positions_per_forward']:.2f} positions/forward{revised} · policy {summary['policy']} · "
             f"cache {args.cache}[/dim]"
         )
     gen_s, load_s = summary["seconds"], summary["load_seconds"]

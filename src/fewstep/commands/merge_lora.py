@@ -60,12 +60,3 @@ def run(args: argparse.Namespace) -> int:
         + (f" (with the base's {', '.join(copied)})" if copied else "")
     )
     return 0
-
-
-def __getattr__(name: str):
-    # Old import path: ``merge_lora`` moved to fewstep.train.lora (imported lazily: --help stays torch-free).
-    if name == "merge_lora":
-        from fewstep.train.lora import merge_lora
-
-        return merge_lora
-    raise AttributeError(name)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,30 @@ EPILOG = """examples:
 """
 
 
+#: The trainer settings (``fewstep.train.config.TrainConfig`` fields, their defaults and help) that are flags.
+OPTIONS = (
+    "max_steps",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "schedule",
+    "warmup_steps",
+    "decay_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "grad_clip",
+    "seed",
+    "bf16",
+    "gradient_checkpointing",
+    "save_every",
+    "keep_checkpoints",
+    "log_every",
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fewstep.train.config import TrainConfig, add_options
+
     parser.epilog = EPILOG
     parser.add_argument("--data", required=True, help="JSONL with 'prompt' and 'response' string fields")
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (tokenizer.json + tokenizer_config.json)")
@@ -39,35 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="pad every response with EOS to this many tokens (default: longest response + 1)",
     )
-    parser.add_argument("--max-steps", type=int, default=1000, help="optimiser steps")
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch (sequences per optimiser step)")
-    parser.add_argument(
-        "--grad-accum", type=int, default=1, help="gradient accumulation micro-steps per optimiser step"
-    )
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
-    parser.add_argument(
-        "--schedule",
-        choices=["constant", "cosine", "linear", "wsd"],
-        default="constant",
-        help="LR schedule after the warm-up",
-    )
-    parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument(
-        "--decay-steps",
-        type=int,
-        default=0,
-        help="with --schedule wsd: cosine decay to min-lr-ratio over the last N steps",
-    )
-    parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR / peak LR for cosine and linear")
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
+    add_options(parser, TrainConfig, OPTIONS)
     parser.add_argument("--eps", type=float, default=1e-3, help="t ~ U(eps, 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and the masks")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision) through accelerate")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
-    parser.add_argument("--keep-checkpoints", type=int, default=2)
-    parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument(
         "--save-dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the final model.safetensors"
     )
@@ -82,62 +77,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace, gen_length: int, data_hash: str, n: int):
-    from fewstep.train.trainer import TrainConfig
+    from fewstep.train.config import TrainConfig
 
-    return TrainConfig(
-        out_dir=str(args.out),
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        min_lr_ratio=args.min_lr_ratio,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        schedule=args.schedule,
-        decay_steps=args.decay_steps,
-        grad_clip=args.grad_clip,
-        seed=args.seed,
-        bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
-        save_every=args.save_every,
-        keep_checkpoints=args.keep_checkpoints,
-        log_every=args.log_every,
-        progress=not args.no_progress,
-        extra={
-            "objective": "mdm",
-            "gen_length": gen_length,
-            "eps": args.eps,
-            "data": str(args.data),
-            "data_sha256_16": data_hash,
-            "n_examples": n,
-        },
-    )
+    extra = {"objective": "mdm", "gen_length": gen_length, "eps": args.eps, "data": str(args.data)}
+    extra.update(data_sha256_16=data_hash, n_examples=n)
+    settings = {name: getattr(args, name) for name in OPTIONS}
+    return TrainConfig(out_dir=str(args.out), **settings, progress=not args.no_progress, extra=extra)
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from accelerate import Accelerator
-
+def _setup(args: argparse.Namespace):
+    """The tokenizer, the tokenized examples, the generation length, the config and the objective."""
     from fewstep.models.loading import load_tokenizer
     from fewstep.models.tokenizer import special_ids
-    from fewstep.train.data import hash_files, read_jsonl, tokenize_pairs
-    from fewstep.train.distributed import close_process_group_at_exit
+    from fewstep.train.data import read_jsonl, tokenize_pairs
     from fewstep.train.mdm import MaskedDiffusionObjective
     from fewstep.train.objective import SpecialIds
-    from fewstep.train.presets import count_parameters, init_model, model_config
-    from fewstep.train.trainer import Trainer
+    from fewstep.train.presets import model_config
 
-    out = Path(args.out)
-    command = "fewstep pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
-    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=args.cpu)
-    close_process_group_at_exit()
-    main = accelerator.is_main_process
-    if args.overwrite and out.exists() and main:
-        shutil.rmtree(out)
-    accelerator.wait_for_everyone()
     tok = load_tokenizer(args.tokenizer)
     examples = tokenize_pairs(read_jsonl(args.data), tok)
     longest = max(len(e["response_ids"]) for e in examples)
@@ -148,16 +104,29 @@ def run(args: argparse.Namespace) -> int:
     max_len = max(len(e["prompt_ids"]) for e in examples) + gen_length
     if max_len > int(cfg.get("max_sequence_length", max_len)):
         raise ValueError(f"prompt + generation is {max_len} tokens, over the model's max_sequence_length")
+    objective = MaskedDiffusionObjective(SpecialIds.from_tokenizer(tok), max_len, gen_length=gen_length, eps=args.eps)
+    return tok, examples, gen_length, cfg, objective
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from fewstep.train.data import hash_files
+    from fewstep.train.launch import open_run, resume
+    from fewstep.train.presets import count_parameters, init_model
+    from fewstep.train.trainer import Trainer
+
+    out = Path(args.out)
+    command = "fewstep pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
+    accelerator = open_run(out, bf16=args.bf16, cpu=args.cpu, overwrite=args.overwrite)
+    main = accelerator.is_main_process
+    tok, examples, gen_length, cfg, objective = _setup(args)
     model = init_model(cfg, args.seed)
-    ids = SpecialIds.from_tokenizer(tok)
-    objective = MaskedDiffusionObjective(ids, max_len, gen_length=gen_length, eps=args.eps)
     train_cfg = _train_config(args, gen_length, hash_files([args.data]), len(examples))
     trainer = Trainer(model, objective, examples, train_cfg, tokenizer=tok, accelerator=accelerator)
-    changes = trainer.resume_checked()
-    if main and changes is not None:
-        print(f"fewstep pretrain: resuming {out} from step {trainer.step}")
-        if changes:
-            print("fewstep pretrain: continuing with changed settings: " + "; ".join(changes))
+    resume(trainer, "pretrain")
     if trainer.step >= args.max_steps and main:
         print(f"fewstep pretrain: the run is already at step {trainer.step} (--max-steps {args.max_steps})")
     trainer.invocations.append({"command": command or "fewstep pretrain (API)", "start_step": trainer.step})

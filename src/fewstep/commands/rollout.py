@@ -1,7 +1,8 @@
 """`fewstep rollout`: the teacher answers a prompt set; verified answers become distillation data.
 
 Writes OUT/shard-RRRRR-of-WWWWW.jsonl (one per process) with records ``{"id", "prompt", "response",
-"correct", "question", "nfe", "tokens_per_step", "response_tokens", "finished", "seconds", ...}`` and
+"correct", "question", "nfe", "tokens_per_forward", "positions_per_forward", "response_tokens", "finished",
+"seconds", ...}`` and
 OUT/rollout.json (settings and summary). ``fewstep distill --data OUT`` reads the shards. Killed? Run
 the same command again: it continues where it stopped, without losing or repeating a record.
 ``--trajectory`` records d3LLM's teacher trajectories (``commit_rank`` etc., docs/distillation.md).
@@ -13,6 +14,8 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+
+from fewstep.commands import EOS_FILL_HELP
 
 EPILOG = """\
 prompt sets (--prompts NAME, or a JSONL file with a "prompt" field per line):
@@ -36,8 +39,9 @@ examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fewstep.decoding.policies import policy_help
     from fewstep.distill import rollout as ro
+    from fewstep.eval.benchmarks import get_task
 
-    sets = "\n".join(f"  {n}: {ro._PROMPT_SETS[n].description}" for n in ro.prompt_set_names())
+    sets = "\n".join(f"  {n}: {get_task(n).train.description}" for n in ro.prompt_set_names())
     parser.epilog = EPILOG.format(sets=sets, verifiers=", ".join([*ro.verifier_names(), "none"]))
     parser.epilog += "\npolicies (--policy):\n" + policy_help()
     parser.add_argument(
@@ -52,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy",
         default=None,
         metavar="NAME[:ARGS]",
-        help="decoding policy of the teacher (default: llada; with --trajectory the family's one-token-per-forward "
-        "teacher: llada:steps=GEN_LENGTH,probs_dtype=float64 on LLaDA, entropy-dream:threshold=0 on Dream)",
+        help="decoding policy of the teacher (default: with --trajectory the family's one-token-per-forward "
+        "teacher: llada:steps=GEN_LENGTH,probs_dtype=float64 on LLaDA, entropy-dream:threshold=0 on Dream; else "
+        "the model's decoding.json, else llada)",
     )
     parser.add_argument(
         "--trajectory",
@@ -72,16 +77,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gen-length",
         type=int,
         default=None,
-        help="answer length in tokens (default: the model's training gen_length if recorded, else 256)",
+        help="answer length in tokens (default: the model's decoding.json, else its training gen_length if "
+        "recorded, else 256)",
     )
     parser.add_argument(
         "--block-length",
         type=int,
         default=None,
-        help="semi-autoregressive block length (default: the model's own block size for block-diffusion models "
-        "(LLaDA2-MoE, SDAR), as fewstep generate; 32 otherwise; at most --gen-length)",
+        help="semi-autoregressive block length (default: the model's decoding.json, else its own block size for "
+        "block-diffusion models (LLaDA2-MoE, SDAR), as fewstep generate; 32 otherwise; at most --gen-length)",
     )
-    parser.add_argument("--cache", choices=["none", "prefix", "dual"], default="none", help="KV cache mode")
+    parser.add_argument(
+        "--cache",
+        choices=["none", "prefix", "dual"],
+        default=None,
+        help="KV cache mode (default: the model's decoding.json, else none)",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (per process)")
     parser.add_argument(
         "--keep",
@@ -107,8 +118,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-early-stop",
         dest="early_stop",
         action="store_false",
-        help="decode every block even after EOS (same answers, more NFE)",
+        default=None,
+        help="decode every block even after EOS (same answers, more NFE; default: stop, unless the model's "
+        "decoding.json says otherwise)",
     )
+    parser.add_argument("--eos-fill", action="store_true", help=EOS_FILL_HELP)
     parser.add_argument(
         "--no-sort", dest="sort", action="store_false", help="keep the prompt order (default: batch by length)"
     )
@@ -142,6 +156,46 @@ def _trajectory_teacher(model_dir: Path, gen_length: int) -> str:
     return teacher_policy(architecture_of(read_config(model_dir)), gen_length)
 
 
+#: What an unset decoding flag means when the model folder has no decoding.json.
+FALLBACK = {"policy": "llada", "gen_length": None, "block_length": None, "cache": "none", "early_stop": True}
+
+
+def rollout_config(args: argparse.Namespace, model_dir: Path, verifier: str | None):
+    """The run's settings: the flags, else the model's recommended decoding (``decoding.json``), else the
+    rollout defaults (llada, the training gen_length or 256, the default block, no cache, early stop). A
+    trajectory rollout takes the family's one-token-per-forward teacher and never stops early."""
+    from fewstep.decoding.engine import default_block_length
+    from fewstep.distill import rollout as ro
+    from fewstep.models import checkpoint_block_length
+    from fewstep.models.saving import recommended
+
+    d = recommended(model_dir, vars(args), FALLBACK)
+    gen_length = d["gen_length"] or default_gen_length(model_dir)
+    policy = args.policy or (_trajectory_teacher(model_dir, gen_length) if args.trajectory else d["policy"])
+    return ro.RolloutConfig(
+        out_dir=args.out,
+        model=str(model_dir.resolve()),
+        prompts=args.prompts if args.prompts in ro.prompt_set_names() else str(Path(args.prompts).resolve()),
+        policy=policy,
+        gen_length=gen_length,
+        block_length=default_block_length(checkpoint_block_length(model_dir), gen_length, d["block_length"]),
+        cache=d["cache"],
+        batch_size=args.batch_size,
+        keep=args.keep or ("correct" if verifier and not args.trajectory else "all"),
+        verifier=verifier,
+        limit=args.limit,
+        seed=args.seed,
+        chat=args.chat,
+        early_stop=d["early_stop"] and not args.trajectory,
+        eos_fill=args.eos_fill,
+        sort_by_length=args.sort,
+        prompt_field=args.prompt_field,
+        protocol=args.protocol,
+        trajectory=args.trajectory,
+        attempts=args.attempts,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -150,45 +204,20 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     import fewstep
-    from fewstep.commands import resolve_model
+    from fewstep.assets import resolve_model
     from fewstep.decoding import parse_policy
-    from fewstep.decoding.engine import default_block_length
     from fewstep.distill import rollout as ro
-    from fewstep.models import checkpoint_block_length
-    from fewstep.train.distributed import close_process_group_at_exit
+    from fewstep.distributed import close_process_group_at_exit
 
     model_dir = resolve_model(args.model)
-    gen_length = args.gen_length or default_gen_length(model_dir)
-    policy = args.policy or (_trajectory_teacher(model_dir, gen_length) if args.trajectory else "llada")
-    parse_policy(policy)
     records, default_verifier = ro.load_prompts(
         args.prompts, limit=args.limit, seed=args.seed, prompt_field=args.prompt_field, protocol=args.protocol
     )
     verifier = default_verifier if args.verifier is None else (None if args.verifier == "none" else args.verifier)
     if verifier is not None:
         ro.get_verifier(verifier)  # unknown name -> one-line error before loading the model
-    keep = args.keep or ("correct" if verifier and not args.trajectory else "all")
-    cfg = ro.RolloutConfig(
-        out_dir=args.out,
-        model=str(model_dir.resolve()),
-        prompts=args.prompts if args.prompts in ro.prompt_set_names() else str(Path(args.prompts).resolve()),
-        policy=policy,
-        gen_length=gen_length,
-        block_length=default_block_length(checkpoint_block_length(model_dir), gen_length, args.block_length),
-        cache=args.cache,
-        batch_size=args.batch_size,
-        keep=keep,
-        verifier=verifier,
-        limit=args.limit,
-        seed=args.seed,
-        chat=args.chat,
-        early_stop=args.early_stop and not args.trajectory,
-        sort_by_length=args.sort,
-        prompt_field=args.prompt_field,
-        protocol=args.protocol,
-        trajectory=args.trajectory,
-        attempts=args.attempts,
-    )
+    cfg = rollout_config(args, model_dir, verifier)
+    parse_policy(cfg.policy)  # fail fast on a bad spec
     # cpu=True on a machine without GPU, so that torchrun processes form a gloo group
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     close_process_group_at_exit()
@@ -203,8 +232,8 @@ def run(args: argparse.Namespace) -> int:
     model = fewstep.load_model(model_dir, dtype=dtype, device=device)
     if main:
         print(
-            f"fewstep rollout: {len(records):,} prompts, policy {policy}, gen {gen_length} / block "
-            f"{cfg.block_length}, keep {keep} (verifier {verifier or 'none'}), {state.num_processes} process(es)"
+            f"fewstep rollout: {len(records):,} prompts, policy {cfg.policy}, gen {cfg.gen_length} / block "
+            f"{cfg.block_length}, keep {cfg.keep} (verifier {verifier or 'none'}), {state.num_processes} process(es)"
             + (f", trajectories ({args.attempts} attempts)" if args.trajectory else "")
         )
     summary = ro.run_rollout(
@@ -218,12 +247,17 @@ def run(args: argparse.Namespace) -> int:
         barrier=state.wait_for_everyone,
     )
     if main:
-        acc = summary["accuracy"]
-        print(
-            f"fewstep rollout: kept {summary['kept']:,} of {summary['prompts']:,} answers "
-            f"({summary['acceptance']:.1%}"
-            + (f"; teacher accuracy {acc:.1%}" if acc is not None else "")
-            + f"), mean NFE {summary['mean_nfe']:.1f}, {summary['tokens_per_step']:.2f} tokens/step, "
-            f"{summary['prompts_per_second']:.1f} prompts/s; data in {out}"
-        )
+        _print_summary(summary, out)
     return 0
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    acc = summary["accuracy"]
+    print(
+        f"fewstep rollout: kept {summary['kept']:,} of {summary['prompts']:,} answers "
+        f"({summary['acceptance']:.1%}"
+        + (f"; teacher accuracy {acc:.1%}" if acc is not None else "")
+        + f"), mean NFE {summary['mean_nfe']:.1f}, {summary['tokens_per_forward']:.2f} tokens/forward (TPF), "
+        f"{summary['positions_per_forward']:.2f} positions/forward, "
+        f"{summary['prompts_per_second']:.1f} prompts/s; data in {out}"
+    )

@@ -26,7 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", metavar="DIR", help="write summary.json and records.jsonl here")
     parser.add_argument("--workers", type=int, default=2, help="code tasks: programs run in parallel")
-    parser.add_argument("--timeout", type=float, default=10.0, help="code tasks: wall-clock seconds per program")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="code tasks: CPU seconds per program (a wall-clock backstop stops waiting programs at 4x + 10 s)",
+    )
     parser.add_argument(
         "--isolation",
         default="auto",

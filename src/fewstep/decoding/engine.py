@@ -1,7 +1,8 @@
 """The step-level, continuous-batching engine that ``fewstep.generate`` and the server share.
 
 Every request becomes a **row** that carries its own progress: prompt and answer length, block length,
-its decode window (the canvas columns of its current block) and phase, policy and policy memory, random
+its decode window (the canvas columns of its current block; for a policy that ``spans_blocks``, from its
+current block to the answer's end, several blocks decoded at once) and phase, policy and policy memory, random
 stream (a seeded row has its own generator), KV cache, NFE, and what the current round produced for it
 (:class:`Outcome`). A round (:meth:`Engine.step`):
 
@@ -12,9 +13,20 @@ stream (a seeded row has its own generator), KV cache, NFE, and what the current
    full-canvas forwards (cache ``none``, and the first forward of a block with a cache), prefix-cached
    forwards and dual-cached forwards. Rows of every length, block and cache mode share these calls;
 4. groups the rows by policy (equal policies: same class and options, :func:`policy_key`) and block
-   geometry and makes one ``select`` call per group; commits, counts NFE, and asks the policy which rows are done;
-5. a row whose block is done moves to its next block at once ("first done, first out"), stops at an EOS
-   with ``early_stop``, finishes after its last block, or stops at ``max_nfe``.
+   geometry and makes one ``select`` call per group; commits, counts NFE, and asks the policy which rows are
+   done;
+5. a row whose block is done moves to its next block at once ("first done, first out"; a spanning row to
+   its next block that holds a mask), stops at an EOS with ``early_stop`` (after the block), ``eos_early_stop``
+   or ``eos_fill`` (after the forward: d3LLM's fill of everything after the first EOS, then a row with no
+   mask left is done), finishes after its last block, or stops at ``max_nfe``.
+
+Policy capabilities (:mod:`fewstep.decoding.policies.base`): a ``revises`` policy's commits may overwrite
+decoded tokens of the open block (counted as revisions: ``RowResult.revisions``/``revised``, ``Update.revised``);
+a ``uses_embeddings`` policy gets the model's input embedding in its ``StepState`` and its ``Selection.embeds``
+become the row's window inputs at its next forward; a ``folds_store`` policy's finished block is stored in the
+exact block cache by the next block's first forward (which runs both blocks) instead of a store forward;
+a ``spans_blocks`` policy's window runs from the row's current block to the answer's end, its memory lives
+from block to block and, with ``cache="prefix"``, it plans the row's prefix cache (``Row.prefix_plan``).
 
 Exactness: a row's forward sees exactly its own canvas at its own RoPE positions (pads are masked keys,
 before its real columns or after its queries); its policy state, memory, step counter and random stream
@@ -60,7 +72,15 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fewstep.decoding.forward import BlockRun, Seqs, block_forward, dual_forward, full_forward, prefix_forward
+from fewstep.decoding.forward import (
+    BlockRun,
+    Seqs,
+    block_forward,
+    dual_forward,
+    full_forward,
+    prefix_forward,
+    prefix_store_forward,
+)
 from fewstep.decoding.policies import Policy, StepState
 from fewstep.decoding.policies.base import RowRNG, shown
 from fewstep.decoding.request import (
@@ -77,6 +97,7 @@ from fewstep.decoding.request import (
     resolve_settings,
     stop_ids,
 )
+from fewstep.models.base import KVCache
 
 __all__ = [
     "CACHE_MODES",
@@ -114,6 +135,14 @@ class RowResult:
     cancelled: bool = False
     stopped_by_max_nfe: bool = False
     error: str | None = None  # why the request failed (its policy made no progress, or a fault)
+    revisions: int = 0  # revision events: a decoded answer token replaced by another one (revising policies)
+    revised: int = 0  # committed answer positions whose final token differs from their first committed one
+
+    @property
+    def revised_fraction(self) -> float:
+        """The share of the committed answer tokens that revision changed (0 when none was committed)."""
+        committed = sum(1 for s in self.decode_step if s)
+        return self.revised / committed if committed else 0.0
 
 
 @dataclass
@@ -123,13 +152,16 @@ class Update:
     id: Any
     nfe: int  # this request's forwards so far
     block: int
-    positions: list[int]  # answer-relative positions committed at this forward
+    positions: list[int]  # answer-relative positions whose token this forward set (first commits and revisions)
     tokens: list[int]
     answer: list[int]  # the whole answer canvas after this forward (mask_id where masked)
     decode_step: list[int]
     mask_id: int
     done: bool = False
     result: RowResult | None = None  # set when done
+    revised: list[int] = field(default_factory=list)  # the positions among them that replaced a decoded token
+    mutable_from: int | None = None  # answer positions from here on may still change (a revising policy's
+    # open block); None: every committed token is final
 
 
 class Phase(enum.Enum):
@@ -154,10 +186,11 @@ class Outcome:
     block: int  # the answer-relative block of this round's forward
     logits: torch.Tensor | None = None  # [L, V] the window's logits until the policy step (None after it)
     denoised: bool = False  # the policy stepped the row (else the forward was a block model's cache forward)
-    positions: list[int] = field(default_factory=list)  # answer-relative positions committed
+    positions: list[int] = field(default_factory=list)  # answer-relative positions set (commits, revisions)
     tokens: list[int] = field(default_factory=list)
+    revised: list[int] = field(default_factory=list)  # the positions among them that replaced a decoded token
     block_done: bool = False  # the policy is done with the block
-    eos_stop: bool = False  # eos_early_stop ended the row at this forward
+    eos_stop: bool = False  # eos_early_stop or eos_fill ended the row at this forward
 
 
 class _Row:
@@ -169,6 +202,7 @@ class _Row:
         self.policy_key = policy_key(settings.policy)
         self.prompt_length, self.gen_length = len(prompt), settings.gen_length
         self.block_length, self.block_diffusion = settings.block_length, settings.block_diffusion
+        self.spans = settings.policy.spans_blocks and not self.block_diffusion  # the window runs to the answer end
         P, G, L = self.prompt_length, self.gen_length, self.block_length
         if self.block_diffusion:  # blocks counted from the row's first token; decoding starts at the prompt tail's
             self.origin, self.first_block, self.num_blocks = 0, P // L, -(-(P + G) // L)
@@ -180,26 +214,67 @@ class _Row:
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
         quirks = request.quirks
         self.suppress_mask = not quirks.mask_prediction
+        self.own_first = quirks.prefix_own_logit
         # dual == prefix when block-causal
         self.cache = "prefix" if self.block_diffusion and settings.cache == "dual" else settings.cache
         self.extra_nfe = quirks.cache_extra_nfe and settings.cache != "none" and not self.block_diffusion
+        # the exact block cache stores a finished block in the next block's first forward (no store forward)
+        self.folds = self.block_diffusion and self.cache != "none" and settings.policy.folds_store
         self.nfe, self.tokens_per_step = 0, []
         self.decode_step = torch.zeros(G, dtype=torch.long, device=device)
+        self.first_token = torch.full((G,), -1, dtype=torch.long, device=device)  # first committed token
+        self.revisions = 0
         self.kv = None
+        self.memory = None
+        self.fold = False  # the next forward also runs the previous block and stores it (folds_store)
         self.enter_block(self.first_block)
-        cached_prompt = self.block_diffusion and self.cache != "none" and self.first_block > 0
+        short = quirks.prefill_short_prompt  # dInfer prefills the first block even when the prompt fills none
+        cached_prompt = self.block_diffusion and self.cache != "none" and (self.first_block > 0 or short)
         self.phase = Phase.PREFILL if cached_prompt else Phase.DENOISE
         self.finished_early = self.stopped_by_max_nfe = False
         self.error: str | None = None
         self.outcome = Outcome(0)
 
     def enter_block(self, block: int) -> None:
-        """Make ``block`` (absolute index) the decode window: no steps, no policy memory yet."""
-        self.block, self.steps, self.memory = block, 0, None
+        """Make ``block`` (absolute index) the decode window: no steps, no policy memory yet.
+
+        A row whose policy spans blocks (``Policy.spans_blocks``) decodes from ``block`` to the answer end and
+        keeps its policy memory and its cache from block to block (the policy manages both)."""
+        self.block, self.steps = block, 0
+        self.embeds = None  # [L, D] the window's input embeddings for the next forward (None: its ids)
         start = self.origin + block * self.block_length
-        self.window = Window(start, start + self.block_length)
-        if not self.block_diffusion:
-            self.kv = None
+        end = self.origin + self.num_blocks * self.block_length if self.spans else start + self.block_length
+        self.window = Window(start, end)
+        if not self.spans:
+            self.memory = None
+            if not self.block_diffusion:
+                self.kv = None
+
+    def next_block(self) -> int:
+        """The block after the current one that the row decodes next: the next one, or for a spanning row the
+        first later block that still holds a mask (``num_blocks`` when there is none)."""
+        b = self.block + 1
+        if self.spans:
+            mask, L = self.settings.mask_id, self.block_length
+            while b < self.num_blocks:
+                s = self.origin + b * L
+                if bool((self.canvas[s : s + L] == mask).any()):
+                    break
+                b += 1
+        return b
+
+    def prefix_plan(self) -> tuple[int, int]:
+        """A spanning row with ``cache="prefix"``: the canvas columns its next forward takes from its cache and
+        the columns its cache holds after it, from the policy's ``prefix_reuse`` / ``prefix_keep`` memory
+        (counted in blocks: 0 none, 1 the prompt, ``k + 1`` the prompt and ``k`` answer blocks)."""
+        mem = self.memory or {}
+
+        def cols(key: str) -> int:
+            n = int(mem[key][0]) if key in mem else 0
+            return 0 if n <= 0 else self.prompt_length + (n - 1) * self.block_length
+
+        reuse = cols("prefix_reuse") if self.kv is not None else 0
+        return reuse, cols("prefix_keep")
 
     @property
     def block_index(self) -> int:
@@ -218,17 +293,24 @@ class _Row:
             un = x.clone()
             un[:, : self.prompt_length] = self.settings.mask_id
             x = torch.cat([x, un])
-        return Seqs(x, self.kv, *self.window)
+        extra = {}
+        if self.spans and self.settings.cache == "prefix":
+            extra = {"cut": self.prefix_plan()[0], "own_first": self.own_first}
+        return Seqs(x, self.kv, *self.window, embeds=self.embeds, **extra)
 
     def block_run(self) -> BlockRun:
         """This row's part of a block-diffusion call: its phase's columns, cache and wanted logits."""
         x, (s, e), L = self.seqs().x, self.window, self.block_length
-        if self.phase is Phase.PREFILL:
-            return BlockRun(x[:, :s], None, 0, L, None, True)
+        if self.phase is Phase.PREFILL:  # the complete prompt blocks (a short prompt: its first block, not kept)
+            return BlockRun(x[:, :s], None, 0, L, None, True) if s else BlockRun(x[:, :e], None, 0, L, None, False)
+        embeds = None if self.embeds is None else (s, self.embeds)
         if self.cache == "none":  # no cache: the canvas up to the block (later blocks are never attended)
-            return BlockRun(x[:, :e], None, 0, L, (s, e), False)
+            return BlockRun(x[:, :e], None, 0, L, (s, e), False, embeds=embeds)
+        if self.fold:  # the previous block (stored: its columns' keys are kept) and this one, in one forward
+            return BlockRun(x[:, s - L : e], self.kv, s - L, L, (L, 2 * L), True, keep=L)
         store = self.phase is Phase.STORE
-        return BlockRun(x[:, s:e], self.kv, s, L, None if store else (0, L), store)
+        embeds = None if embeds is None else (0, self.embeds)
+        return BlockRun(x[:, s:e], self.kv, s, L, None if store else (0, L), store, embeds=embeds)
 
     def combine(self, z: torch.Tensor) -> torch.Tensor:
         """The window's logits ``[L, V]`` from this row's ``[n_seq, L, V]`` slice (CFG combined; a view without)."""
@@ -247,21 +329,44 @@ class _Row:
             cancelled=cancelled,
             stopped_by_max_nfe=self.stopped_by_max_nfe,
             error=self.error,
+            revisions=self.revisions,
+            revised=self.revised_count(),
         )
+
+    def revised_count(self) -> int:
+        """Committed answer positions (not filled by early stop) whose token differs from their first commit."""
+        answer = self.canvas[self.prompt_length : self.prompt_length + self.gen_length]
+        kept = (self.decode_step > 0) & (self.first_token >= 0)
+        return int((kept & (answer != self.first_token)).sum())
 
     def answer(self) -> list[int]:
         return self.canvas[self.prompt_length : self.prompt_length + self.gen_length].tolist()
 
-    def early_stop(self) -> bool:
-        """With early stop: if the answer so far holds an EOS, fill everything after it with EOS."""
+    def early_stop(self, upto: int) -> bool:
+        """With early stop: if the answer before canvas column ``upto`` (the decoded blocks) holds an EOS,
+        fill everything after it with EOS."""
         st, P = self.settings, self.prompt_length
         if st.fill_id is None:
             return False
-        answer = self.canvas[P : min(self.window.end, P + self.gen_length)]
+        if self.request.quirks.early_stop_keeps_block:
+            return self._stop_after_block()
+        answer = self.canvas[P : min(upto, P + self.gen_length)]
         hit = torch.isin(answer, torch.tensor(st.eos, device=self.canvas.device))
         if not bool(hit.any()):
             return False
         self._stop_at(P + int(hit.nonzero()[0]))
+        return True
+
+    def _stop_after_block(self) -> bool:
+        """dInfer's early stop: an EOS anywhere in the finished block (its prompt tail included) stops the
+        row; the block is kept whole and everything after it is EOS."""
+        s, e = self.window
+        eos = torch.tensor(self.settings.eos, device=self.canvas.device)
+        if not bool(torch.isin(self.canvas[s:e], eos).any()):
+            return False
+        self.canvas[e:] = self.settings.eos[0]
+        self.decode_step[max(0, e - self.prompt_length) :] = 0
+        self.finished_early = True
         return True
 
     def _stop_at(self, first: int) -> None:
@@ -270,6 +375,26 @@ class _Row:
         self.canvas[cut:] = self.settings.eos[0]
         self.decode_step[cut - self.prompt_length :] = 0
         self.finished_early = True
+
+    def eos_fill(self) -> bool:
+        """``eos_fill`` (d3LLM's end-of-text stop): once the answer holds an EOS, everything after the first
+        one becomes EOS at once (masks and decoded tokens alike, no forward); True when no mask is left, so
+        the row is done. Decode steps stay those of the forwards (0 for masks the fill turned into EOS)."""
+        if not self.request.eos_fill:
+            return False
+        st, P, G = self.settings, self.prompt_length, self.gen_length
+        answer = self.canvas[P : P + G]
+        hit = torch.isin(answer, torch.tensor(st.eos, device=self.canvas.device))
+        if not bool(hit.any()):
+            return False
+        masked = bool((answer == st.mask_id).any())
+        answer[int(hit.nonzero()[0]) + 1 :] = st.eos[0]
+        if bool((answer == st.mask_id).any()):
+            return False  # masks before the first EOS are still to decode
+        self.finished_early = True
+        if masked and self.request.quirks.eos_fill_nfe:
+            self.nfe += 1  # d3LLM counts the forward before its loop-head fill, which then ends the row
+        return True
 
     def eos_stop(self, committed_eos: bool) -> bool:
         """``eos_early_stop`` (LLaDA2's): after a step that committed an EOS, stop now if every answer
@@ -335,19 +460,34 @@ def _group_key(r: _Row, start: bool = False) -> tuple:
     return key + (scalars if start or st.policy.uses_block_scalars else ())
 
 
-def _state(rows: list[_Row], device: torch.device, memory: dict | None = None) -> StepState:
-    """The policy's view of ``rows`` (one group: same policy and block geometry)."""
+def _kind(r: _Row) -> str:
+    """The kind of forward a row runs this round (:mod:`fewstep.decoding.forward`)."""
+    cache = r.settings.cache
+    if r.block_diffusion:
+        return "block"
+    if r.spans and cache == "prefix":  # the policy plans its cache: a full forward unless it reuses one
+        return "prefix" if r.prefix_plan()[0] > 0 else "full"
+    return "full" if cache == "none" or r.steps == 0 else cache
+
+
+def _state(rows: list[_Row], device: torch.device, memory: dict | None = None, model=None) -> StepState:
+    """The policy's view of ``rows`` (one group: same policy and block geometry); with ``model``, a policy that
+    ``uses_embeddings`` gets the model's input embedding (never the model itself)."""
     r0, mask_id = rows[0], rows[0].settings.mask_id
     if not r0.block_diffusion and len({(r.gen_length, r.block) for r in rows}) == 1:
         answers = torch.stack([r.canvas[r.prompt_length :] for r in rows])
         lo = r0.window.start - r0.prompt_length
-        tokens, gen_masked = answers[:, lo : lo + r0.block_length], (answers == mask_id).sum(-1)
+        tokens, gen_masked = answers[:, lo : lo + r0.window.end - r0.window.start], (answers == mask_id).sum(-1)
     else:  # rows at different blocks / answer lengths, or block models (blocks from absolute positions)
         tokens = torch.stack([r.canvas[r.window.start : r.window.end] for r in rows])
         answers = [r.canvas[r.prompt_length : r.prompt_length + r.gen_length] for r in rows]
         gen_masked = torch.stack([(a == mask_id).sum() for a in answers])
     if memory is None:
         memory = {k: torch.cat([r.memory[k] for r in rows]) for k in (r0.memory or {})}
+    embed = mask_embedding = None
+    if model is not None and r0.settings.policy.uses_embeddings:
+        embed = model.embed
+        mask_embedding = model.embed(torch.tensor([mask_id], device=device))[0]
     return StepState(
         tokens=tokens,
         mask=tokens == mask_id,
@@ -362,6 +502,8 @@ def _state(rows: list[_Row], device: torch.device, memory: dict | None = None) -
         eos_ids=r0.settings.eos,
         rng=_GroupRNG(rows, device),
         memory=memory,
+        embed=embed,
+        mask_embedding=mask_embedding,
     )
 
 
@@ -630,8 +772,7 @@ class Engine:
         model call per kind; a call that raises is run again row by row and only the rows that fail alone fail."""
         kinds: dict[str, list[_Row]] = {"full": [], "prefix": [], "dual": [], "block": []}
         for r in rows:
-            cache = r.settings.cache
-            kinds["block" if r.block_diffusion else "full" if cache == "none" or r.steps == 0 else cache].append(r)
+            kinds[_kind(r)].append(r)
         for kind, group in ((k, g) for k, rs in kinds.items() for g in self._calls(k, rs)):
             self._isolated(
                 group,
@@ -652,14 +793,27 @@ class Engine:
                 want = any(r.settings.cache != "none" for r in rows)
                 zs, caches = full_forward(self.model, seqs, self.pad_id, want)
             elif kind == "prefix":
-                zs = prefix_forward(self.model, seqs, self.pad_id)
+                stores = [r.spans and r.prefix_plan()[1] > r.prefix_plan()[0] for r in rows]
+                if any(stores):
+                    zs, caches = prefix_store_forward(self.model, seqs, self.pad_id)
+                    caches = [kv if store else None for kv, store in zip(caches, stores)]
+                else:
+                    zs = prefix_forward(self.model, seqs, self.pad_id)
             else:
                 zs = dual_forward(self.model, seqs, self.pad_id)
             logits = [r.combine(z) for r, z in zip(rows, zs)]
         for r, z, kv in zip(rows, logits, caches):
             r.outcome.logits = z
-            if kv is not None and (kind == "block" or r.settings.cache != "none"):
+            if kv is None or (kind != "block" and r.settings.cache == "none"):
+                continue
+            if r.spans:  # the policy's plan: the cache keeps its first `keep` columns
+                keep = r.prefix_plan()[1]
+                r.kv = (
+                    KVCache([(k[:, :, :keep].clone(), v[:, :, :keep].clone()) for k, v in kv.layers]) if keep else None
+                )
+            else:
                 r.kv = kv
+            r.fold = False
 
     def _calls(self, kind: str, rows: list[_Row]) -> list[list[_Row]]:
         """Split one kind's rows into calls whose padded columns stay within ``max_padding`` (by length), and
@@ -673,6 +827,8 @@ class Engine:
                 run = r.block_run()
                 return run.x.shape[1] + (0 if run.kv is None else run.kv.length)
             n, (s, e) = len(r.canvas), r.window
+            if kind == "prefix" and r.spans:
+                return n - r.prefix_plan()[0]
             return n if kind == "full" else (n - s + sh if kind == "prefix" else e - s + sh)
 
         calls: list[tuple[list[_Row], int]] = []  # (rows, widest row: its columns x sequences)
@@ -700,47 +856,67 @@ class Engine:
     def _select(self, rows: list[_Row]) -> None:
         """One ``select`` call for ``rows``: commit, count, and record what each row committed."""
         r0, policy = rows[0], rows[0].settings.policy
-        state = _state(rows, self.device)
+        state = _state(rows, self.device, model=self.model)
         try:
             z = torch.stack([r.outcome.logits for r in rows])
             if r0.suppress_mask:
                 z[..., r0.settings.mask_id] = torch.finfo(z.dtype).min
             sel = policy.select(z, state)
             # block models write wherever the policy commits (SDAR's uncapped top-k overwrites decoded and
-            # prompt tokens); full-attention rows only at masks. Counters count the masks committed.
-            write = sel.commit if r0.block_diffusion else sel.commit & state.mask
+            # prompt tokens), and so does a revising policy; full-attention rows only at masks. Counters count
+            # the masks committed; a decoded token replaced by another one is a revision.
+            write = sel.commit if (r0.block_diffusion or policy.revises) else sel.commit & state.mask
             fresh = write & state.mask
             new = torch.where(write, sel.tokens, state.tokens)
+            changed = write & (new != state.tokens)
             committed_eos = [False] * len(rows)
             if r0.settings.eos and any(r.request.eos_early_stop for r in rows):
                 eos = torch.tensor(r0.settings.eos, device=self.device)
                 committed_eos = (torch.isin(new, eos) & write).any(-1).tolist()
-            flags, new_l, fresh_n = write.tolist(), new.tolist(), fresh.sum(-1).tolist()
+            shown_l, new_l, fresh_n = (fresh | changed).tolist(), new.tolist(), fresh.sum(-1).tolist()
+            revised_l = (changed & ~state.mask).tolist()
         except Exception:
             state.rng.restore()  # nothing was written: undo the draws so that a retry draws the same
             raise
         for i, r in enumerate(rows):
-            o, (s, e) = r.outcome, r.window
-            r.canvas[s:e] = new[i]
-            lo = s - r.prompt_length  # answer-relative start of the window (negative: the prompt tail's block)
-            a, b = max(0, -lo), min(e - s, r.gen_length - lo)
-            if a < b:
-                ds = r.decode_step[lo + a : lo + b]
-                r.decode_step[lo + a : lo + b] = torch.where(fresh[i, a:b], r.nfe + 1, ds)
-            r.nfe += 1
-            r.steps += 1
+            r.canvas[r.window.start : r.window.end] = new[i]
+            self._count(r, i, fresh, new)
             for k, v in (sel.memory or {}).items():
                 r.memory[k] = v[i : i + 1]
-            pos = [j for j in range(a, b) if flags[i][j]]
+            r.embeds = None if sel.embeds is None else sel.embeds[i]
+            o, lo = r.outcome, r.window.start - r.prompt_length
+            width = r.window.end - r.window.start  # the block, or a spanning row's blocks to the answer end
+            pos = [j for j in range(max(0, -lo), min(width, r.gen_length - lo)) if shown_l[i][j]]
             r.tokens_per_step.append(fresh_n[i])
             o.positions, o.tokens = [lo + j for j in pos], [new_l[i][j] for j in pos]
-            o.eos_stop = r.eos_stop(committed_eos[i])
+            o.revised = [lo + j for j in pos if revised_l[i][j]]
+            r.revisions += len(o.revised)
+            o.eos_stop = r.eos_stop(committed_eos[i]) or r.eos_fill()
             o.denoised = True
+
+    @staticmethod
+    def _count(r: _Row, i: int, fresh: torch.Tensor, new: torch.Tensor) -> None:
+        """A row's counters after its step: decode steps and first tokens of the answer positions it committed."""
+        s, e = r.window
+        lo = s - r.prompt_length  # answer-relative start of the window (negative: the prompt tail's block)
+        a, b = max(0, -lo), min(e - s, r.gen_length - lo)
+        if a < b:
+            f = fresh[i, a:b]
+            ds = r.decode_step[lo + a : lo + b]
+            r.decode_step[lo + a : lo + b] = torch.where(f, r.nfe + 1, ds)
+            first = r.first_token[lo + a : lo + b]
+            t = new[i, a:b]
+            take = f & (first < 0) & (t != r.settings.mask_id)
+            r.first_token[lo + a : lo + b] = torch.where(take, t, first)
+        r.nfe += 1
+        r.steps += 1
 
     def _block_done(self, rows: list[_Row]) -> None:
         finished = rows[0].settings.policy.block_done(_state(rows, self.device)).tolist()
         for r, f in zip(rows, finished):
             r.outcome.block_done = bool(f) and not (r.extra_nfe and r.steps < 2)
+            if r.outcome.block_done:
+                r.embeds = None  # a finished block's store forward runs its ids
 
     def _conclude(self, r: _Row) -> Update:
         """The row's update for this round: its progress, or its last one when it finished or failed."""
@@ -755,8 +931,18 @@ class Engine:
         if finished:
             return self._finish(r, forwarded=True)
         o = r.outcome
+        mutable = max(0, r.window.start - r.prompt_length) if r.settings.policy.revises else None
         return Update(
-            r.request.id, r.nfe, o.block, o.positions, o.tokens, r.answer(), r.decode_step.tolist(), r.settings.mask_id
+            r.request.id,
+            r.nfe,
+            o.block,
+            o.positions,
+            o.tokens,
+            r.answer(),
+            r.decode_step.tolist(),
+            r.settings.mask_id,
+            revised=o.revised,
+            mutable_from=mutable,
         )
 
     def _advance(self, r: _Row) -> bool:
@@ -767,17 +953,19 @@ class Engine:
             r.nfe += 1
             block_done = r.phase is Phase.STORE  # the completed block is stored: the block ends now
             r.phase = Phase.DENOISE
-        elif block_done and r.block_diffusion and r.cache != "none" and not finished:
+        elif block_done and r.block_diffusion and r.cache != "none" and not finished and not r.folds:
             cap = r.settings.policy.iteration_cap()
             s, e = r.window
             left = bool((r.canvas[s:e] == r.settings.mask_id).any()) or (cap is not None and r.steps >= cap)
             if not (left and r.request.quirks.unstored_blocks):
                 r.phase, block_done = Phase.STORE, False  # one more forward stores the block in the cache
         if block_done and not finished:
-            if r.early_stop() or r.block + 1 == r.num_blocks:
+            nxt = r.next_block()
+            if r.early_stop(r.origin + nxt * r.block_length) or nxt >= r.num_blocks:
                 finished = True
             else:
-                r.enter_block(r.block + 1)
+                r.enter_block(nxt)
+                r.fold = r.folds  # the finished block is stored by the next block's first forward
         if not finished and r.request.max_nfe is not None and r.nfe >= r.request.max_nfe:
             r.stopped_by_max_nfe = finished = True
         return finished
@@ -797,10 +985,10 @@ class Engine:
             r.fail(f"the engine failed: {_reason(exc)}")
             res = RowResult(r.request.id, [], [], r.nfe, [], [], cancelled=cancelled, error=r.error)
         self.failed += res.error is not None
-        block, pos, tok = (
-            (r.outcome.block, r.outcome.positions, r.outcome.tokens) if forwarded else (r.block_index, [], [])
-        )
-        return Update(r.request.id, r.nfe, block, pos, tok, res.answer, res.decode_step, r.settings.mask_id, True, res)
+        o = r.outcome
+        block, pos, tok, rev = (o.block, o.positions, o.tokens, o.revised) if forwarded else (r.block_index, [], [], [])
+        mask = r.settings.mask_id
+        return Update(r.request.id, r.nfe, block, pos, tok, res.answer, res.decode_step, mask, True, res, rev)
 
     def _unstarted(self, p: _Pending, *, cancelled: bool = False, error: str | None = None) -> Update:
         """The last update of a request that never became a row (cancelled while waiting, or failed to start)."""

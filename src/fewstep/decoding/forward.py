@@ -24,6 +24,10 @@ block) against its cache; cached columns left-padded, run columns right-padded, 
 explicit block-causal mask built per row (each row with its own block length), so prefill, denoising and
 store forwards of rows at any block share one call.
 
+A row may run its window on input embeddings instead of its ids (``Seqs.embeds`` / ``BlockRun.embeds``:
+a policy's soft embeddings): the call then runs on ``model.embed(ids)`` with those rows' window columns
+replaced, which gives every other row its ids' logits bit for bit (``docs/models.md``, "Embeddings input").
+
 Every pad is a zero of the attention mask (keys never seen) and sits either before all of a row's real
 columns or after its queries, so the RoPE positions of every query equal the row's own, alone. When no
 row is padded no mask is passed at all: a batch of equal rows runs exactly the call a row runs alone.
@@ -46,6 +50,13 @@ class Seqs:
     kv: KVCache | None  # [n_seq, H, N, D] per layer (cached kinds)
     start: int  # block start column s
     end: int  # block end column e
+    embeds: torch.Tensor | None = None  # [L, D] the window's input embeddings (None: its ids)
+    # prefix kind: the cached columns the row's run starts after (None: s - logit_shift, the block's own cut);
+    # a spanning policy's cache may stop before its window
+    cut: int | None = None
+    # prefix kind, logit_shift 1 (quirk): the run starts at ``cut`` itself and a window starting there takes
+    # that column's own output as its prediction (d3LLM's Dream cached sampler)
+    own_first: bool = False
 
 
 def _place(parts: list[tuple[torch.Tensor, int]], width: int, n: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,8 +97,8 @@ def _padded_cache(seqs: list[Seqs], layout: list[list[tuple[int, int, int]]], wi
 
 
 def _same_geometry(seqs: list[Seqs]) -> bool:
-    """Whether every row has the same canvas length and block (then nothing needs padding)."""
-    return len({(s.x.shape[1], s.start, s.end) for s in seqs}) == 1
+    """Whether every row has the same canvas length, block and cut (then nothing needs padding)."""
+    return len({(s.x.shape[1], s.start, s.end, s.cut, s.own_first) for s in seqs}) == 1
 
 
 def _joined_cache(seqs: list[Seqs], width: int) -> KVCache:
@@ -98,6 +109,27 @@ def _joined_cache(seqs: list[Seqs], width: int) -> KVCache:
     return KVCache(
         [(torch.cat([k[:, :, :width] for k, _ in kv]), torch.cat([v[:, :, :width] for _, v in kv])) for kv in layers]
     )
+
+
+def _inputs(model, ids: torch.Tensor, places: list[tuple[tuple[int, int], int, torch.Tensor | None]]):
+    """The model's input for ``ids``: ``(ids, {})``, or ``(None, {"inputs_embeds": ...})`` when a row has its own
+    embeddings; ``places`` holds per row ``((first, end) batch rows, column of its window, [l, D] or None)``."""
+    if all(e is None for _, _, e in places):
+        return ids, {}
+    x = model.embed(ids)
+    for (a, b), col, e in places:
+        if e is not None:
+            x[a:b, col : col + e.shape[0]] = e.to(x.dtype)
+    return None, {"inputs_embeds": x}
+
+
+def _rows(seqs: list[Seqs] | list[BlockRun]) -> list[tuple[int, int]]:
+    """The batch rows ``[a, b)`` of each row's sequences in a call."""
+    out, j = [], 0
+    for s in seqs:
+        out.append((j, j + s.x.shape[0]))
+        j += s.x.shape[0]
+    return out
 
 
 def _split_logits(logits: torch.Tensor, seqs: list[Seqs], offsets: list[int]) -> list[torch.Tensor]:
@@ -120,7 +152,8 @@ def full_forward(model, seqs: list[Seqs], pad: int, want_cache: bool) -> tuple[l
     offs = [n_max - s.x.shape[1] for s in seqs]
     lo = min(o + s.start for o, s in zip(offs, seqs))
     hi = max(o + s.end for o, s in zip(offs, seqs))
-    out = model.denoise(ids, am, start=lo, end=hi, use_cache=want_cache, logits_start=lo, logits_end=hi)
+    ids, emb = _inputs(model, ids, [(j, o + s.start, s.embeds) for j, o, s in zip(_rows(seqs), offs, seqs)])
+    out = model.denoise(ids, am, start=lo, end=hi, use_cache=want_cache, logits_start=lo, logits_end=hi, **emb)
     logits = _split_logits(out.logits, seqs, [o + s.start - lo for o, s in zip(offs, seqs)])
     caches: list = [None] * len(seqs)
     if want_cache:
@@ -135,9 +168,20 @@ def full_forward(model, seqs: list[Seqs], pad: int, want_cache: bool) -> tuple[l
 
 
 def prefix_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
-    """Prefix-cached forward: cache ``[0, s - shift)`` left-padded, columns from there on right-padded."""
+    """Prefix-cached forward: each row's cached columns ``[0, cut)`` left-padded, its columns from there on
+    right-padded (cut: ``s - shift``, or the row's own ``Seqs.cut``). Returns per-row window logits."""
+    return _prefix(model, seqs, pad, False)[0]
+
+
+def prefix_store_forward(model, seqs: list[Seqs], pad: int) -> tuple[list[torch.Tensor], list[KVCache]]:
+    """:func:`prefix_forward` that also returns each row's cache after it: its cached columns followed by the
+    keys/values of its run (a spanning policy keeps the prefix it plans from them)."""
+    return _prefix(model, seqs, pad, True)
+
+
+def _prefix(model, seqs: list[Seqs], pad: int, want_cache: bool) -> tuple[list[torch.Tensor], list]:
     sh = model.logit_shift
-    cut = [s.start - sh for s in seqs]
+    cut = [s.start - sh if s.cut is None else (s.cut if s.own_first and sh else s.cut - sh) for s in seqs]
     C = max(cut)
     Q = max(s.x.shape[1] - c for s, c in zip(seqs, cut))
     placed = [_place([(s.x[:, :c], C - c), (s.x[:, c:], C)], C + Q, s.x.shape[0], pad) for s, c in zip(seqs, cut)]
@@ -146,11 +190,41 @@ def prefix_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
         cache = _joined_cache(seqs, C)
     else:
         cache = _padded_cache(seqs, [[(0, C - c, c)] for c in cut], C)
-    L = max(s.end - s.start for s in seqs)
+    # a quirk row whose window starts at its cut takes the logits of the next column for that column too
+    dup = [int(s.own_first and sh > 0 and s.start == c) for s, c in zip(seqs, cut)]
+    first = [C + s.start - c + d for s, c, d in zip(seqs, cut, dup)]
+    lo, hi = min(first), max(C + s.end - c for s, c in zip(seqs, cut))
+    ids, emb = _inputs(model, ids, [(j, C + s.start - c, s.embeds) for j, s, c in zip(_rows(seqs), seqs, cut)])
     out = model.denoise(
-        ids, am, start=C + sh, cache=cache, cache_mode="prefix", logits_start=C + sh, logits_end=C + sh + L
+        ids,
+        am,
+        start=C + sh,
+        cache=cache,
+        cache_mode="prefix",
+        use_cache=want_cache,
+        logits_start=lo,
+        logits_end=hi,
+        **emb,
     )
-    return _split_logits(out.logits, seqs, [0] * len(seqs))
+    logits, caches, j = [], [], 0
+    for s, c, d, f in zip(seqs, cut, dup, first):
+        m, L = s.x.shape[0], s.end - s.start
+        z = out.logits[j : j + m, f - lo : f - lo + L - d]
+        logits.append(torch.cat([z[:, :1], z], 1) if d else z)
+        if want_cache:
+            n = s.x.shape[1]
+            caches.append(
+                KVCache(
+                    [
+                        (k[j : j + m, :, C - c : C - c + n], v[j : j + m, :, C - c : C - c + n])
+                        for k, v in out.past_key_values
+                    ]
+                )
+            )
+        else:
+            caches.append(None)
+        j += m
+    return logits, caches
 
 
 def dual_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
@@ -171,8 +245,17 @@ def dual_forward(model, seqs: list[Seqs], pad: int) -> list[torch.Tensor]:
     else:  # the window's columns need no copy: the model overwrites them before attending
         cache = _padded_cache(seqs, [[(0, A - ai, ai), (s.end, A + W, ri)] for s, ai, ri in zip(seqs, a, r)], A + W + R)
     L = max(s.end - s.start for s in seqs)
+    ids, emb = _inputs(model, ids, [(j, A + sh, s.embeds) for j, s in zip(_rows(seqs), seqs)])
     out = model.denoise(
-        ids, am, start=A + sh, end=A + W, cache=cache, cache_mode="dual", logits_start=A + sh, logits_end=A + sh + L
+        ids,
+        am,
+        start=A + sh,
+        end=A + W,
+        cache=cache,
+        cache_mode="dual",
+        logits_start=A + sh,
+        logits_end=A + sh + L,
+        **emb,
     )
     return _split_logits(out.logits, seqs, [0] * len(seqs))
 
@@ -187,6 +270,8 @@ class BlockRun:
     block_length: int
     logits: tuple[int, int] | None  # columns of x whose logits are wanted (None: none)
     store: bool  # return the row's cache after the call (its kv followed by x's keys/values)
+    keep: int | None = None  # with store: keep only x's first ``keep`` columns in the returned cache
+    embeds: tuple[int, torch.Tensor] | None = None  # (column of x, [l, D]): run those columns on embeddings
 
 
 def _block_mask(runs: list[BlockRun], C: int, Q: int) -> torch.Tensor:
@@ -235,8 +320,10 @@ def block_forward(model, runs: list[BlockRun], pad: int) -> tuple[list[torch.Ten
     want = [r.logits for r in runs if r.logits is not None]
     lo, hi = (min(a for a, _ in want), max(b for _, b in want)) if want else (0, 1)
     store = any(r.store for r in runs)
+    ids, emb = _inputs(model, ids, [(j, *(r.embeds or (0, None))) for j, r in zip(_rows(runs), runs)])
     out = model(
         ids,
+        **emb,
         attention_mask=_block_mask(runs, C, Q),
         position_ids=pos,
         past_key_values=cache,
@@ -251,8 +338,9 @@ def block_forward(model, runs: list[BlockRun], pad: int) -> tuple[list[torch.Ten
         c = 0 if r.kv is None else r.kv.length
         logits.append(None if r.logits is None else out.logits[j : j + m, r.logits[0] - lo : r.logits[1] - lo])
         if r.store:
+            t = T if r.keep is None else r.keep
             kv = [
-                (k[j : j + m, :, C - c : C + T].clone(), v[j : j + m, :, C - c : C + T].clone())
+                (k[j : j + m, :, C - c : C + t].clone(), v[j : j + m, :, C - c : C + t].clone())
                 for k, v in out.past_key_values
             ]
             caches.append(KVCache(kv))

@@ -44,11 +44,12 @@ class StepEvent:
 
     block: int
     rows: torch.Tensor  # [R] batch rows in this forward
-    positions: list[list[int]]  # per row: answer-relative positions committed at this step
-    tokens: list[list[int]]  # per row: the committed tokens
+    positions: list[list[int]]  # per row: answer-relative positions set at this step (commits and revisions)
+    tokens: list[list[int]]  # per row: their tokens
     nfe: torch.Tensor  # [B] NFE so far, per row
     canvas: torch.Tensor  # [B, P + G] current canvas (do not modify)
     prompt_length: int
+    revised: list[list[int]] | None = None  # per row: the positions among ``positions`` that were revised
 
 
 @dataclass
@@ -60,8 +61,12 @@ class GenerateOutput:
     * ``tokens_per_step``: per row, the tokens committed at each of its forwards;
     * ``decode_step`` [B, G]: per answer position, the row's NFE count at the forward that committed
       it (1-based; 0 for positions filled by early stop or never committed);
-    * ``trace``: with ``trace=True``, one dict per forward (block, rows, committed positions and tokens);
-    * ``eos_ids``, ``mask_id``: the end-of-sequence set and mask token the rows were decoded with.
+    * ``trace``: with ``trace=True``, one dict per forward (block, rows, the positions each row's forward set
+      and their tokens, and among them the ``revised`` ones: a decoded token replaced by another);
+    * ``eos_ids``, ``mask_id``: the end-of-sequence set and mask token the rows were decoded with;
+    * ``revisions`` [B]: revision events (a decoded answer token replaced by another; revising policies such
+      as ``spd``), ``revised`` [B]: committed answer positions whose final token differs from their first
+      committed one (:attr:`revised_fraction` divides it by the committed positions).
     """
 
     sequences: torch.Tensor
@@ -72,9 +77,17 @@ class GenerateOutput:
     policy: str
     cache: str
     trace: list[dict[str, Any]] | None = None
-    finished_early: torch.Tensor | None = None  # [B], with early_stop: rows that stopped at an EOS
+    finished_early: torch.Tensor | None = None  # [B], with an early stop: rows that stopped at an EOS
     eos_ids: tuple[int, ...] = ()
     mask_id: int | None = None
+    revisions: torch.Tensor | None = None
+    revised: torch.Tensor | None = None
+
+    @property
+    def revised_fraction(self) -> torch.Tensor:
+        """Per row: the share of its committed answer tokens (decoded by a forward) that revision changed."""
+        committed = (self.decode_step > 0).sum(-1).clamp_min(1)
+        return self.revised.double() / committed
 
     @property
     def answers(self) -> torch.Tensor:
@@ -168,6 +181,11 @@ def generate(
     eos_early_stop: bool = False,
     quirk_early_stop_scans_prompt: bool = False,
     quirk_unstored_blocks: bool = False,
+    quirk_prefill_short_prompt: bool = False,
+    quirk_early_stop_keeps_block: bool = False,
+    eos_fill: bool = False,
+    quirk_eos_fill_nfe: bool = False,
+    quirk_prefix_own_logit: bool = False,
 ) -> GenerateOutput:
     """Generate ``gen_length`` tokens after each prompt with a diffusion LM and an unmasking policy.
 
@@ -212,6 +230,22 @@ def generate(
             so an EOS inside the prompt ends the generation (answer all EOS). Off: from the answer start.
         quirk_unstored_blocks: block-diffusion models with ``cache="prefix"``: a block left with masks
             (``SDARPolicy(quirk_iteration_cap=True)``) is never stored in the cache, as SDAR's sampler does.
+        quirk_prefill_short_prompt: block-diffusion models with a cache: a prompt shorter than one block still
+            costs a prefill forward (over the first block, masks included), one NFE, as dInfer counts it.
+        quirk_early_stop_keeps_block: ``early_stop`` as dInfer's ``decode_uniform``: an EOS anywhere in the
+            finished block (its prompt tail included) stops the row, the block is kept whole (tokens after its
+            first EOS stay) and everything after it is EOS.
+        eos_fill: d3LLM's end-of-text stop, for any policy: after a forward, once the answer holds an EOS,
+            everything after the first one becomes EOS at once (masks and decoded tokens, no forward), and a
+            row with no mask left stops. Unlike ``early_stop`` (which waits for the block holding the EOS to
+            finish and fills the later blocks) it also drops the masks after the EOS from the current block;
+            unlike ``eos_early_stop`` (which stops only once everything before the EOS is decoded, decoding
+            the masks after it meanwhile) it never spends a forward on a position after the EOS.
+        quirk_eos_fill_nfe: d3LLM counts a forward before its loop-head fill, so a fill that ends the row
+            costs one forward that never runs; on for parity only.
+        quirk_prefix_own_logit: d3LLM's Dream cached sampler runs a prefix-cached forward from the first
+            uncached column and shifts the logits inside the run, so that column is predicted from its own
+            output instead of its left neighbour's (multi-block policies with ``cache="prefix"``).
 
     Block-diffusion models (LLaDA2-MoE, SDAR; ``model.block_diffusion``): ``block_length`` is the block
     size of the model's block-causal attention (default: the model's); blocks are aligned to positions
@@ -235,11 +269,16 @@ def generate(
         mask_id=mask_id,
         max_steps_per_block=max_steps_per_block,
         eos_early_stop=eos_early_stop,
+        eos_fill=eos_fill,
         quirks=Quirks(
             cache_extra_nfe=quirk_cache_extra_nfe,
             mask_prediction=quirk_mask_prediction,
             early_stop_scans_prompt=quirk_early_stop_scans_prompt,
             unstored_blocks=quirk_unstored_blocks,
+            prefill_short_prompt=quirk_prefill_short_prompt,
+            early_stop_keeps_block=quirk_early_stop_keeps_block,
+            eos_fill_nfe=quirk_eos_fill_nfe,
+            prefix_own_logit=quirk_prefix_own_logit,
         ),
     )
     st = resolve_settings(model, base, tokenizer, policy)  # the settings' errors before the prompts'
@@ -251,7 +290,7 @@ def generate(
     for i in range(B):  # the engine checks every row (its prompt, its seed) before any runs
         row = ids[i] if am is None else ids[i][am[i].bool()]
         engine.submit(replace(base, prompt=row.tolist(), seed=None if seeds is None else seeds[i], id=i))
-    return _drive(engine, ids, st, policy.describe(), callback, trace, early=early_stop or eos_early_stop)
+    return _drive(engine, ids, st, policy.describe(), callback, trace, early=early_stop or eos_early_stop or eos_fill)
 
 
 def _drive(engine: Engine, ids: torch.Tensor, st, policy: str, callback, trace: bool, early: bool) -> GenerateOutput:
@@ -276,10 +315,11 @@ def _drive(engine: Engine, ids: torch.Tensor, st, policy: str, callback, trace: 
         for block in sorted(by_block):
             ups = by_block[block]
             rows, pos, tok = [u.id for u in ups], [u.positions for u in ups], [u.tokens for u in ups]
+            rev = [u.revised for u in ups]
             if steps is not None:
-                steps.append({"block": block, "rows": rows, "positions": pos, "tokens": tok})
+                steps.append({"block": block, "rows": rows, "positions": pos, "tokens": tok, "revised": rev})
             if callback is not None:
-                callback(StepEvent(block, torch.tensor(rows, device=device), pos, tok, nfe, canvas, P))
+                callback(StepEvent(block, torch.tensor(rows, device=device), pos, tok, nfe, canvas, P, rev))
     res = [results[i] for i in range(B)]
     answers = torch.tensor([r.answer for r in res], dtype=torch.long, device=device)
     prompts = ids.clone()  # a block model's policy may overwrite prompt tokens (SDAR's uncapped top-k quirk)
@@ -297,4 +337,6 @@ def _drive(engine: Engine, ids: torch.Tensor, st, policy: str, callback, trace: 
         finished_early=torch.tensor([r.finished_early for r in res], device=device) if early else None,
         eos_ids=st.eos,
         mask_id=st.mask_id,
+        revisions=torch.tensor([r.revisions for r in res], dtype=torch.long, device=device),
+        revised=torch.tensor([r.revised for r in res], dtype=torch.long, device=device),
     )

@@ -26,7 +26,7 @@ field                       accepted
 ``max_nfe``                 None, or an integer in ``[1, MAX_COUNT]``
 ``max_steps_per_block``     None, or an integer in ``[1, MAX_COUNT]``
 ``mask_id``, ``eos_ids``    None, or token ids of the vocabulary (at most ``MAX_EOS_IDS`` EOS ids)
-``early_stop``, ...         booleans (``eos_early_stop`` and every field of :class:`Quirks` too)
+``early_stop``, ...         booleans (``eos_early_stop``, ``eos_fill`` and every field of :class:`Quirks` too)
 ``id``                      None, or any hashable value
 ==========================  ============================================================================
 """
@@ -106,6 +106,12 @@ class Quirks:
     mask_prediction: bool = False  # the mask token itself may win the argmax
     early_stop_scans_prompt: bool = False  # eos_early_stop also finds an EOS inside the prompt (LLaDA2)
     unstored_blocks: bool = False  # block models: a block left with masks is never stored (SDAR)
+    prefill_short_prompt: bool = False  # block models with a cache: a prompt shorter than a block still costs a
+    # prefill forward (over the first block, masks included; nothing of it is kept), as dInfer counts it
+    early_stop_keeps_block: bool = False  # early_stop: an EOS anywhere in the finished block (its prompt tail
+    # included) stops the row; the block is kept whole and the EOS fill starts after it (dInfer)
+    eos_fill_nfe: bool = False  # an eos_fill that ends the row counts one more forward (d3LLM's count)
+    prefix_own_logit: bool = False  # logit_shift models, a spanning policy's prefix cache (d3LLM's Dream)
 
 
 @dataclass
@@ -126,6 +132,7 @@ class Request:
     mask_id: int | None = None  # default: the model's mask token
     max_steps_per_block: int | None = None  # default 4 * block_length + 64
     eos_early_stop: bool = False  # stop mid-block once the answer up to its first EOS is decoded (LLaDA2)
+    eos_fill: bool = False  # d3LLM's: after the first EOS everything is EOS at once; stop when no mask is left
     quirks: Quirks = field(default_factory=Quirks)
 
 
@@ -262,9 +269,17 @@ def resolve_settings(model, req: Request, tokenizer=None, policy: Policy | None 
         integer(req.max_steps_per_block, "max_steps_per_block", 1, MAX_COUNT)
     if req.seed is not None:
         integer(req.seed, "seed", 0, MAX_SEED, " (the largest seed a torch generator takes)")
-    for name in ("early_stop", "eos_early_stop"):
+    for name in ("early_stop", "eos_early_stop", "eos_fill"):
         flag(getattr(req, name), name)
     _check_quirks(req.quirks)
+    if policy.spans_blocks and bd:
+        msg = "{detail} decodes several blocks at once: it needs a full-attention model (LLaDA, Dream), not a block-causal one"
+        raise RequestError(msg, "policy", detail=policy.name)
+    if policy.spans_blocks and req.cache == "dual":
+        msg = (
+            "{detail} keeps later blocks open: {cache} must be none or prefix (its own delayed prefix cache), not dual"
+        )
+        raise RequestError(msg, "cache", detail=policy.name)
     try:
         check_options(policy)
         policy.validate(-(-G // L) * L if bd else G, L)
@@ -275,8 +290,8 @@ def resolve_settings(model, req: Request, tokenizer=None, policy: Policy | None 
     eos = token_ids(req.eos_ids, "eos_ids", vocab, MAX_EOS_IDS) if req.eos_ids is not None else None
     eos = stop_ids(model, tokenizer) if eos is None else eos
     fill_id = eos[0] if eos else None
-    if (req.early_stop or req.eos_early_stop) and fill_id is None:
-        msg = "{early_stop} and {eos_early_stop} need {eos_ids} (the model config has no eos_token_id)"
+    if (req.early_stop or req.eos_early_stop or req.eos_fill) and fill_id is None:
+        msg = "{early_stop}, {eos_early_stop} and {eos_fill} need {eos_ids} (the model config has no eos_token_id)"
         raise RequestError(msg, "eos_ids")
     limit = req.max_steps_per_block or 4 * L + 64
     fill = fill_id if req.early_stop else None

@@ -2,7 +2,7 @@
 
 ``encode prompt -> engine Request -> incremental detokenisation -> answer + stats``, shared by every
 caller that speaks text: ``fewstep serve``, ``fewstep generate``, the eval runner, the rollout
-generator, the lm-eval adapter and ``tasks/evaluate.py`` (its six users)::
+generator, the lm-eval adapter and ``eval/embedded.py`` (its six users)::
 
     gen = TextGenerator(model, tokenizer)
     outs = gen.generate(["3 + 4 - 2 ?"], GenerationSettings(policy="entropy:0.45", max_tokens=64, stop=["."]))
@@ -57,6 +57,7 @@ ENGINE_FIELDS = {
     "cache": "cache",
     "seed": "seed",
     "early_stop": "early_stop",
+    "eos_fill": "eos_fill",
     "stop_ids": "eos_ids",
     "cfg_scale": "cfg_scale",
     "max_nfe": "max_nfe",
@@ -82,6 +83,7 @@ class GenerationSettings:
     stop: Sequence[str] = ()
     stop_ids: Sequence[int] | None = None  # None: the model's EOS + the tokenizer's end-of-turn ids
     early_stop: bool = True
+    eos_fill: bool = False  # d3LLM's end-of-text stop: everything after the first EOS at once, no forward
     max_nfe: int | None = None
     cfg_scale: float = 0.0
     # True: text prompts go through the chat template when the tokenizer has one; False: always raw;
@@ -125,6 +127,8 @@ class Completion:
     decode_step: list[int] = dataclasses.field(default_factory=list)  # per position: the NFE that committed it
     batch_seconds: float = 0.0  # generate(): wall time of the whole call (CUDA synchronised)
     batch_rows: int = 1  # generate(): prompts in that call
+    revisions: int = 0  # revision events: a decoded answer token replaced by another (revising policies)
+    revised: int = 0  # committed answer tokens whose final token differs from their first commit
 
     @property
     def committed(self) -> int:
@@ -143,6 +147,9 @@ class Completion:
             "latency_s": self.batch_seconds / self.batch_rows,
             "batch_seconds": self.batch_seconds,
             "batch_rows": self.batch_rows,
+            "revisions": self.revisions,
+            "revised": self.revised,
+            "revised_fraction": self.revised / self.committed if self.committed else 0.0,
         }
 
 
@@ -163,9 +170,10 @@ class Canvas:
     block: int
     tokens: list[int | None]  # None where masked
     pieces: list[str | None]  # each token's text (None where masked)
-    steps: list[int]  # per position: the NFE at which it was committed (0: still masked)
-    committed: list[int]  # positions committed at this forward
+    steps: list[int]  # per position: the NFE at which it was first committed (0: still masked)
+    committed: list[int]  # positions set at this forward (first commits and revisions)
     text: str  # the final text so far
+    revised: list[int] = dataclasses.field(default_factory=list)  # positions among them that replaced a token
 
 
 Event = Delta | Canvas | Completion
@@ -312,6 +320,7 @@ class _Tracker:
         self.nfe = 0
         self.per_step: list[int] = []
         self.before_stop = 0
+        self.revisions = 0
 
     def feed(self, u: Update, canvas: bool) -> Completion | None:
         """Process one update; returns the Completion when the request is finished."""
@@ -320,14 +329,17 @@ class _Tracker:
         if u.done and u.result is not None and u.result.error is not None:
             return self.fail(u.result.error, u.result)
         if u.positions or not u.done:
-            self.per_step.append(len(u.positions))
+            self.per_step.append(len(u.positions) - len(u.revised))
         for p in u.positions:
             if 0 <= p < len(self.steps) and self.steps[p] == 0:
                 self.steps[p] = u.nfe
+        self.revisions += len(u.revised)
         answer = u.result.answer if (u.done and u.result is not None and u.result.answer) else u.answer
         self.answer = answer
         k = self.committed
-        while k < len(answer) and answer[k] != mask:
+        # a revising policy's open block may still change: its tokens are not final text yet
+        settled = len(answer) if u.done or u.mutable_from is None else min(len(answer), u.mutable_from)
+        while k < settled and answer[k] != mask:
             k += 1
         final = u.done or k == len(answer)
         if k == self.committed and not final and not canvas:
@@ -364,7 +376,9 @@ class _Tracker:
     def _canvas(self, u: Update, answer: list[int], mask: int, text: str) -> Canvas:
         tokens = [None if t == mask else int(t) for t in answer]
         pieces = [None if t is None else self.gen.piece(t) for t in tokens]
-        return Canvas(self.id, u.nfe, u.block, tokens, pieces, list(self.steps), list(u.positions), text)
+        return Canvas(
+            self.id, u.nfe, u.block, tokens, pieces, list(self.steps), list(u.positions), text, list(u.revised)
+        )
 
     def fail(self, error: str, row: RowResult | None = None) -> Completion:
         """The request's Completion when it failed: finish_reason "error", the text final so far."""
@@ -397,6 +411,8 @@ class _Tracker:
             answer_tokens=self.before_stop,
             tokens_per_step=list(per_step),
             decode_step=list(row.decode_step) if row is not None and row.decode_step else list(self.steps),
+            revisions=row.revisions if row is not None else self.revisions,
+            revised=row.revised if row is not None else 0,
         )
 
 

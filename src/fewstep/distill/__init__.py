@@ -1,79 +1,101 @@
-"""Distillation, one module per paper: ``dparallel`` (certainty forcing), ``cd4lm`` (DSCD), ``dmax`` (OPUT),
-``d3llm`` (pseudo-trajectory certainty forcing).
+"""Distillation, one file per paper, and the table of them (:data:`METHODS`): ``dparallel`` (certainty
+forcing), ``cd4lm`` (DSCD), ``dmax`` (on-policy uniform training), ``d3llm`` (pseudo-trajectory distillation).
 
-Each paper's module holds its objective, its losses and its recipe (a typed dataclass per model
-family: ``RECIPES``). This package maps a ``fewstep distill --method`` name to them:
+Each paper's file holds its objective, its losses and its recipes (a typed dataclass, one instance per
+recipe family: ``RECIPES``). :data:`METHODS` is the one table of methods: ``fewstep distill --method``'s
+choices, the model card's title and the objective lookup all come from it. A model family takes the
+recipe rows its model class names (``recipes_from``)::
 
     from fewstep.distill import build_objective
     objective = build_objective("dparallel", "llada", ids, max_length=384)          # the paper's defaults
     objective = build_objective("cd4lm", "llada", ids, 512, temperature=3.0)        # one override
     objective = build_objective("dparallel", "llada2", ids, 384)   # block models: dFactory's objective
 
-Modules are imported lazily, so importing this package stays cheap.
+Adding a method is its paper file plus one row of :data:`METHODS`. Paper files are imported lazily, so
+importing this package stays cheap.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-METHODS = ("dparallel", "cd4lm", "dmax", "d3llm")
+
+@dataclass(frozen=True)
+class Method:
+    """A distillation method: its ``--method`` name, its paper file (a module of this package with a
+    ``RECIPES`` table) and the words the model card of a student uses for it."""
+
+    name: str
+    module: str
+    title: str
+
+    def recipes(self) -> dict[str, Any]:
+        """``{recipe family: recipe}`` of the paper file."""
+        return dict(importlib.import_module(f"fewstep.distill.{self.module}").RECIPES)
 
 
-def _module(method: str):
-    if method == "dparallel":
-        from fewstep.distill import dparallel
-
-        return dparallel
-    if method == "cd4lm":
-        from fewstep.distill import cd4lm
-
-        return cd4lm
-    if method == "dmax":
-        from fewstep.distill import dmax
-
-        return dmax
-    if method == "d3llm":
-        from fewstep.distill import d3llm
-
-        return d3llm
-    raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(METHODS)}")
+#: The distillation methods, one row each.
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("dparallel", "dparallel", "dParallel certainty forcing"),
+        Method("cd4lm", "cd4lm", "CD4LM consistency distillation (DSCD)"),
+        Method("dmax", "dmax", "DMax on-policy uniform training (OPUT)"),
+        Method("d3llm", "d3llm", "d3LLM pseudo-trajectory distillation"),
+    )
+}
 
 
-def objective_class(method: str, architecture: str | None = None) -> type:
-    """The ``Objective`` subclass of a distillation method (``"dparallel"``, ``"cd4lm"``, ``"dmax"``, ``"d3llm"``) for a
-    model family: the block-diffusion variant for the block-causal families (``"llada2"``, ``"sdar"``)."""
-    mod = _module(method)
-    if method == "d3llm":
-        return mod.D3LLMObjective
-    if method == "dmax":
-        block = architecture is not None and is_block_family(architecture)
-        return mod.BlockDiffusionDMaxObjective if block else mod.DMaxObjective
-    if architecture is not None and is_block_family(architecture):
-        return mod.BlockDiffusionDParallelObjective if method == "dparallel" else mod.BlockDiffusionCD4LMObjective
-    return mod.DParallelObjective if method == "dparallel" else mod.CD4LMObjective
+def method(name: str) -> Method:
+    """The row of ``name``; ValueError (one line, listing the methods) otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"unknown distillation method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
 
 
-def is_block_family(architecture: str) -> bool:
-    """True for the block-diffusion model families (block-causal attention: LLaDA2-MoE, SDAR)."""
-    from fewstep.models.loading import ARCHITECTURES
-
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown model family {architecture!r}; families: {', '.join(ARCHITECTURES)}")
-    return bool(getattr(ARCHITECTURES[architecture][1], "block_diffusion", False))
+def recipes(name: str) -> dict[str, Any]:
+    """``{recipe family: recipe}`` of a method (the paper file's ``RECIPES``)."""
+    return method(name).recipes()
 
 
-def recipes(method: str) -> dict[str, Any]:
-    """``{model family: recipe}`` of a method (the paper file's ``RECIPES``)."""
-    return dict(_module(method).RECIPES)
+def _row(table: Mapping[str, Any], architecture: str) -> str | None:
+    """The first row of a paper's ``RECIPES`` that the family's model class names in ``recipes_from``."""
+    from fewstep.models.families import families
+
+    cls = families().get(architecture)
+    return next((key for key in (cls.recipes_from if cls else ()) if key in table), None)
+
+
+def recipe_for(name: str, architecture: str, overrides: Mapping[str, Any] | None = None, **fields: Any) -> Any:
+    """The recipe of method ``name`` for a model family (``"llada"``, ``"dream"``, ``"llada2"``, ``"sdar"``):
+    the first row of the paper's ``RECIPES`` that the family's model class names in ``recipes_from``, with
+    ``overrides`` (a mapping, e.g. ``vars(args)``; keys that are not recipe fields and None values are
+    ignored) and ``fields`` applied."""
+    from fewstep.models.families import families
+    from fewstep.train.recipe import with_overrides
+
+    table = recipes(name)
+    row = _row(table, architecture)
+    if row is None:
+        raise ValueError(f"no {name} recipe for {architecture!r}; families: {', '.join(families())}")
+    return with_overrides(table[row], {**(overrides or {}), **fields})
 
 
 def all_recipes() -> dict[str, Any]:
-    """``{"method/family": recipe}`` of every method: what ``fewstep distill``'s recipe flags and the
-    README's recipe table (:func:`recipe_table`) are built from."""
-    return {f"{m}/{family}": r for m in METHODS for family, r in recipes(m).items()}
+    """``{"method/family": recipe}`` of every method and every model family it has a recipe row for: what
+    ``fewstep distill``'s recipe flags and the README's recipe table (:func:`recipe_table`) are built from."""
+    from fewstep.models.families import families
+
+    out = {}
+    for m in METHODS:
+        table = recipes(m)
+        out.update({f"{m}/{family}": table[row] for family in families() if (row := _row(table, family))})
+    return out
 
 
 def recipe_table() -> str:
@@ -83,20 +105,14 @@ def recipe_table() -> str:
     return table(all_recipes())
 
 
-def recipe_for(method: str, architecture: str, overrides: Mapping[str, Any] | None = None, **fields: Any) -> Any:
-    """The recipe of ``method`` for a model family (``"llada"``, ``"dream"``, ``"llada2"``, ``"sdar"``) with
-    ``overrides`` (a mapping,
-    e.g. ``vars(args)``; keys that are not recipe fields and None values are ignored) and ``fields`` applied."""
-    from fewstep.train.recipe import with_overrides
-
-    table = recipes(method)
-    if architecture not in table:
-        raise ValueError(f"no {method} recipe for {architecture!r}; families: {', '.join(table)}")
-    return with_overrides(table[architecture], {**(overrides or {}), **fields})
+def objective_class(name: str, architecture: str = "llada") -> type:
+    """The ``Objective`` subclass method ``name`` trains ``architecture`` with (its recipe's
+    ``objective_class``: the block-diffusion objective for the block-causal families)."""
+    return type(recipe_for(name, architecture)).objective_class
 
 
 def build_objective(
-    method: str,
+    name: str,
     architecture: str,
     ids: Any,
     max_length: int,
@@ -106,49 +122,12 @@ def build_objective(
     overrides: Mapping[str, Any] | None = None,
     **fields: Any,
 ):
-    """The objective of ``method`` with its recipe's hyper-parameters for ``architecture``
+    """The objective of method ``name`` with its recipe's hyper-parameters for ``architecture``
     (``overrides`` / ``fields`` replace recipe fields, e.g. ``temperature=3.0``). The block-diffusion
     families (``llada2``, ``sdar``) get the block-diffusion objectives, whose views are the noisy half of a
-    ``[noisy | clean]`` forward under the block-diffusion mask (``fewstep.distill.dparallel``)."""
-    recipe = recipe_for(method, architecture, overrides, **fields)
+    ``[noisy | clean]`` forward under the block-diffusion mask (:mod:`fewstep.distill.blockdiff`)."""
+    recipe = recipe_for(name, architecture, overrides, **fields)
     return recipe.objective(ids, max_length, per_sequence=per_sequence, gen_length=gen_length)
-
-
-_HPARAMS = (
-    "block_size",
-    "temperature",
-    "entropy_weight",
-    "mask_ratio",
-    "reference_masking",
-    "lam",
-    "initial_lambda",
-    "final_lambda",
-    "lambda_warmup_ratio",
-    "clamp_max",
-    "mask_padding",
-    "train_on_pad_id",
-    "per_sequence",
-    "eos_pad_to",
-    "teacher_visible",
-    "max_length",
-    "confidence_beta",
-    "noise_range",
-    "same_token_labels",
-    "views",
-    "eos_labels",
-    "block_sizes",
-    "min_mask_ratio",
-    "max_mask_ratio",
-    "entropy_views",
-    "past_canvas",
-    "reference_offsets",
-)
-
-
-def objective_hparams(objective: Any) -> dict[str, Any]:
-    """The hyper-parameters an objective was built with (recorded in training.json and checked on resume)."""
-    values = {k: getattr(objective, k) for k in _HPARAMS if hasattr(objective, k)}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}  # as JSON reads it back
 
 
 def read_training_data(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None, list[Path]]:
@@ -170,8 +149,9 @@ def read_training_data(path: str | Path) -> tuple[list[dict[str, Any]], dict[str
 
 
 def frozen_teacher(model_dir: str | Path, dtype: str):
-    """CD4LM's teacher for full fine-tuning: a separate copy of the original checkpoint, frozen, in eval
-    mode (with LoRA the trainer uses the base model with its adapter disabled instead: no copy)."""
+    """The teacher for full fine-tuning of an objective that needs one (CD4LM): a separate copy of the
+    original checkpoint, frozen, in eval mode (with LoRA the trainer uses the base model with its adapter
+    disabled instead: no copy)."""
     from fewstep.models.loading import load_model
 
     teacher = load_model(model_dir, dtype=dtype, device="cpu")

@@ -8,6 +8,8 @@ true tokens:
     L = λ·clamp(T²·KL(softmax(z_T/T) ‖ softmax(z_S/T)), 0, 5) + (1 − λ)·clamp(CE(z_S, x0), 0, 5)
 
 over the student-masked answer positions, with λ following a cosine schedule with warm-up (0.9 → 0.5).
+The recipes (end of this file) are the one place its hyper-parameters are written; the objectives read
+them from ``self.recipe``.
 
 Pieces, each usable alone: :func:`mask_ratios` and :func:`nested_mask_counts` / :func:`nested_masks`
 (the masker), :func:`collate_nested` (the reference collator on token ids), :func:`consistency_kl`,
@@ -26,15 +28,16 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.distill.dparallel import block_diffusion_logits, block_size_of
-from fewstep.train.objective import Objective, SpecialIds, mean_over_rows, python_rng
-from fewstep.train.recipe import TrainingRecipe, recipe_field
+from fewstep.distill.blockdiff import block_diffusion_logits, block_size_of
+from fewstep.train.config import option, require
+from fewstep.train.objective import RecipeObjective, loss_logs, python_rng
+from fewstep.train.recipe import TrainingRecipe
 
 IGNORE = -100
 
@@ -189,16 +192,8 @@ class ConsistencyLoss:
     skipped: bool = False
 
     def log_dict(self) -> dict[str, float]:
-        """Floats for the trainer's log."""
-        return {
-            "loss": float(self.total.detach()),
-            "consistency": float(self.consistency.detach()),
-            "reconstruction": float(self.reconstruction.detach()),
-            "consistency_unclamped": float(self.consistency_unclamped.detach()),
-            "reconstruction_unclamped": float(self.reconstruction_unclamped.detach()),
-            "lambda": self.lam,
-            "skipped_nan": float(self.skipped),
-        }
+        """Floats for the trainer's log (``lambda``, ``skipped_nan``)."""
+        return loss_logs(self, lam="lambda", skipped="skipped_nan")
 
 
 def _zero_like_graph(logits: torch.Tensor) -> torch.Tensor:
@@ -270,71 +265,39 @@ def visible_token_targets(
     return torch.where(visible[..., None], onehot, teacher_logits)
 
 
-class CD4LMObjective(Objective):
+class CD4LMObjective(RecipeObjective):
     """DSCD for the trainer: nested-mask collate, student and frozen-teacher forwards, clamped loss.
 
     ``collate``: ``x0 = prompt + response`` (as given, no EOS appended: the reference trains on raw
     ``"{question} {answer}"`` text), truncated to ``max_length``, answer start = ``len(prompt)``, padded
-    to the longest row. ``eos_pad_to=G`` instead appends EOS until the answer is ``G`` tokens long, the
-    canvas LLaDA's SFT (and dParallel) trains on and decoding uses: a model that has only seen
-    EOS-padded answers reads a short raw canvas badly (fewstep's tiny teacher: cross-entropy 11.4 on
-    the raw canvas against 0.09 on the padded one), so distil such a model with it.
+    to the longest row. The recipe's ``eos_pad`` instead appends EOS until the answer is ``gen_length``
+    tokens long (:attr:`eos_pad_to`), the canvas LLaDA's SFT (and dParallel) trains on and decoding uses: a
+    model that has only seen EOS-padded answers reads a short raw canvas badly (fewstep's tiny teacher:
+    cross-entropy 11.4 on the raw canvas against 0.09 on the padded one), so distil such a model with it.
     ``teacher_visible="token"``: on the student-only masks the teacher sees the answer token, and the
     target there becomes that token (:func:`visible_token_targets`) instead of the teacher's raw output
-    at a visible position (the reference, ``"logits"``). ``lam`` fixes λ; otherwise :func:`lambda_cosine_schedule` runs over the trainer's
-    optimizer steps. ``mask_padding=False`` runs both models on the padded canvas without an attention
-    mask, which is what the reference computes (its LLaDA ignores the mask); ``True`` masks the padding
-    beyond each row for both student and teacher. ``per_sequence``: clamp and normalise each sequence
-    on its own and average over sequences (independent of how a batch is split over processes /
-    micro-batches); False computes the means over all labelled positions of the micro-batch, as the
-    reference does.
+    at a visible position (the reference, ``"logits"``). ``lam`` fixes λ; otherwise
+    :func:`lambda_cosine_schedule` runs over the trainer's optimizer steps. ``mask_padding=False`` runs
+    both models on the padded canvas without an attention mask, which is what the reference computes (its
+    LLaDA ignores the mask); ``True`` masks the padding beyond each row for both student and teacher.
+    ``per_sequence``: clamp and normalise each sequence on its own and average over sequences; False
+    computes the means over all labelled positions of the micro-batch, as the reference does.
     """
 
     name = "cd4lm"
     needs_teacher = True
 
-    def __init__(
-        self,
-        ids: SpecialIds,
-        max_length: int = 512,
-        *,
-        temperature: float = 2.0,
-        lam: float | None = None,
-        initial_lambda: float = 0.9,
-        final_lambda: float = 0.5,
-        lambda_warmup_ratio: float = 0.1,
-        clamp_max: float | None = 5.0,
-        mask_padding: bool = False,
-        train_on_pad_id: bool = False,
-        per_sequence: bool = False,
-        eos_pad_to: int | None = None,
-        teacher_visible: str = "logits",
-    ):
-        super().__init__(ids, max_length)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-        self.lam = lam
-        self.initial_lambda, self.final_lambda = initial_lambda, final_lambda
-        self.lambda_warmup_ratio = lambda_warmup_ratio
-        self.clamp_max = clamp_max
-        self.mask_padding = mask_padding
-        self.train_on_pad_id = train_on_pad_id
-        self.per_sequence = per_sequence
-        if eos_pad_to is not None and eos_pad_to < 1:
-            raise ValueError(f"eos_pad_to must be >= 1, got {eos_pad_to}")
-        self.eos_pad_to = eos_pad_to
-        if teacher_visible not in ("logits", "token"):
-            raise ValueError(f"teacher_visible must be 'logits' or 'token', got {teacher_visible!r}")
-        self.teacher_visible = teacher_visible
+    @property
+    def eos_pad_to(self) -> int | None:
+        """The answer length EOS pads to (``eos_pad``), else None (the raw text)."""
+        return self.gen_length if self.recipe.eos_pad else None
 
     def current_lambda(self, step: int, max_steps: int) -> float:
         """The fixed λ, or the cosine schedule's value at ``step``."""
-        if self.lam is not None:
-            return self.lam
-        return lambda_cosine_schedule(
-            step, max(max_steps, 1), self.lambda_warmup_ratio, self.initial_lambda, self.final_lambda
-        )
+        r = self.recipe
+        if r.lam is not None:
+            return r.lam
+        return lambda_cosine_schedule(step, max(max_steps, 1), r.lambda_warmup_ratio, r.initial_lambda, r.final_lambda)
 
     def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Nested student/teacher masks with the trainer's generator (see :func:`collate_nested`)."""
@@ -354,12 +317,12 @@ class CD4LMObjective(Objective):
             rng=python_rng(generator),
             generator=generator,
             # the EOS tail is answer (LLaDA SFT trains on it), also where the pad id is the EOS id
-            train_on_pad_id=self.train_on_pad_id or self.eos_pad_to is not None,
+            train_on_pad_id=self.recipe.train_on_pad_id or self.recipe.eos_pad,
         )
 
     def padding_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """``[B, L]`` 1 on each row's real tokens with ``mask_padding``, else None (the reference's unmasked canvas)."""
-        if not self.mask_padding:
+        if not self.recipe.mask_padding:
             return None
         width = batch["input_ids"].shape[1]
         lengths = batch["lengths"].to(batch["input_ids"].device)
@@ -389,22 +352,25 @@ class CD4LMObjective(Objective):
         if teacher is None:
             raise ValueError("CD4LM needs a frozen teacher model")
         student_logits, teacher_logits = self.view_logits(model, teacher, batch)
-        kw = {"lam": self.current_lambda(step, max_steps), "temperature": self.temperature, "clamp_max": self.clamp_max}
-        labels = batch["labels"]
-        if self.teacher_visible == "token":
+        r, labels = self.recipe, batch["labels"]
+        if r.teacher_visible == "token":
             teacher_logits = visible_token_targets(
                 teacher_logits, batch["teacher_consistency_input_ids"], labels, self.ids.mask
             )
-        if not self.per_sequence:
-            out = consistency_loss(student_logits, teacher_logits, labels, **kw)
+        lam = self.current_lambda(step, max_steps)
+
+        def of(rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
+            out = consistency_loss(
+                student_logits[rows],
+                teacher_logits[rows],
+                labels[rows],
+                lam=lam,
+                temperature=r.temperature,
+                clamp_max=r.clamp_max or None,
+            )
             return out.total, out.log_dict()
 
-        def row(i: int) -> tuple[torch.Tensor, dict[str, float]]:
-            r = slice(i, i + 1)
-            out = consistency_loss(student_logits[r], teacher_logits[r], labels[r], **kw)
-            return out.total, out.log_dict()
-
-        return mean_over_rows(labels.shape[0], row)
+        return self.reduce(labels.shape[0], of)
 
 
 class BlockDiffusionCD4LMObjective(CD4LMObjective):
@@ -412,25 +378,19 @@ class BlockDiffusionCD4LMObjective(CD4LMObjective):
 
     The masks are CD4LM's own (:func:`collate_nested`, teacher ⊆ student over the answer), and each view
     is the noisy half of a ``[noisy | x0]`` forward under dFactory's block-diffusion mask
-    (:func:`fewstep.distill.dparallel.block_diffusion_logits`): the student runs ``[x_S | x0]``, the frozen
+    (:func:`fewstep.distill.blockdiff.block_diffusion_logits`): the student runs ``[x_S | x0]``, the frozen
     teacher ``[x_T | x0]``. Noisy block b sees its own masked block and the *clean* blocks before it, the
     state in which block b is decoded (committed blocks in the exact cache), so the student learns, per
     block, to predict from its heavier masking what the teacher predicts from the lighter one, with the
     same clean context. Same loss, λ schedule, clamps and options as :class:`CD4LMObjective`;
-    ``mask_padding`` hides each row's right padding as keys. ``block_size`` None: the model's block length.
+    ``mask_padding`` hides each row's right padding as keys. Block 0 or none: the model's block length.
     """
-
-    def __init__(self, ids: SpecialIds, max_length: int = 512, *, block_size: int | None = None, **kwargs: Any):
-        super().__init__(ids, max_length, **kwargs)
-        if block_size is not None and block_size < 1:
-            raise ValueError(f"block_size must be a positive integer or None, got {block_size}")
-        self.block_size = block_size
 
     def view_logits(
         self, model: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Student ``[x_S | x0]`` and teacher ``[x_T | x0]`` block-diffusion logits (the noisy halves)."""
-        block = block_size_of(model, self.block_size)
+        block = block_size_of(model, self.recipe.block_size)
         clean, valid = batch["clean_input_ids"], self.padding_mask(batch)
         student = block_diffusion_logits(model, batch["input_ids"], clean, block, valid)
         with torch.no_grad():
@@ -440,7 +400,7 @@ class BlockDiffusionCD4LMObjective(CD4LMObjective):
         return student, teacher_logits
 
 
-# -- the recipe ------------------------------------------------------------------------------------------
+# -- the recipes ----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -452,70 +412,61 @@ class CD4LMRecipe(TrainingRecipe):
     steps, patience 15). The README says T = 2.0 (the script's argparse default is 3.0).
     """
 
-    temperature: float = recipe_field(2.0, "cd4lm: KL temperature T")
-    lam: float | None = recipe_field(None, "cd4lm: fixed lambda (none: the cosine schedule)", flag="--lambda")
-    initial_lambda: float = recipe_field(0.9, "cd4lm: lambda at the start")
-    final_lambda: float = recipe_field(0.5, "cd4lm: lambda at the end")
-    lambda_warmup_ratio: float = recipe_field(0.1, "cd4lm: flat share of the run before the cosine")
-    clamp_max: float = recipe_field(5.0, "cd4lm: clamp of each loss term (0 disables)")
-    mask_padding: bool = recipe_field(False, "cd4lm: attention mask over the padding")
-    eos_pad: bool = recipe_field(
+    objective_class: ClassVar[type] = CD4LMObjective
+
+    temperature: float = option(2.0, "cd4lm: KL temperature T")
+    lam: float | None = option(None, "cd4lm: fixed lambda (none: the cosine schedule)", flag="--lambda", type=float)
+    initial_lambda: float = option(0.9, "cd4lm: lambda at the start")
+    final_lambda: float = option(0.5, "cd4lm: lambda at the end")
+    lambda_warmup_ratio: float = option(0.1, "cd4lm: flat share of the run before the cosine")
+    clamp_max: float = option(5.0, "cd4lm: clamp of each loss term (0 disables)")
+    mask_padding: bool = option(False, "cd4lm: attention mask over the padding")
+    eos_pad: bool = option(
         False,
         "cd4lm: pad each answer with EOS to --gen-length (LLaDA's SFT canvas; the reference trains on the raw "
         "text). Use it for models trained on EOS-padded answers, like fewstep's tiny teacher",
     )
-    teacher_visible: str = recipe_field(
+    teacher_visible: str = option(
         "logits",
         "cd4lm: consistency target where only the student is masked: the teacher's output at that visible "
         "position (reference) or the token the teacher sees there",
         choices=("logits", "token"),
     )
-    train_on_pad_id: bool = recipe_field(False, "cd4lm: keep in-answer tokens equal to the pad id")
+    train_on_pad_id: bool = option(False, "cd4lm: keep in-answer tokens equal to the pad id")
 
-    def objective(
-        self, ids: SpecialIds, max_length: int, *, per_sequence: bool = True, gen_length: int | None = None
-    ) -> CD4LMObjective:
-        """The objective with this recipe's hyper-parameters (``gen_length``: the EOS canvas of ``eos_pad``)."""
-        return CD4LMObjective(ids, max_length, **self.objective_kwargs(per_sequence, gen_length))
+    def check_run(self, gen_length: int | None) -> None:
+        """``eos_pad`` needs the run's answer length."""
+        if self.eos_pad and (gen_length is None or gen_length < 1):
+            raise ValueError(f"--eos-pad needs the answer length (--gen-length >= 1); got {gen_length}")
 
-    def objective_kwargs(self, per_sequence: bool, gen_length: int | None) -> dict[str, Any]:
-        """The keyword arguments of :class:`CD4LMObjective` this recipe sets."""
-        if not 0 <= self.lambda_warmup_ratio < 1:
-            raise ValueError("--lambda-warmup-ratio must lie in [0, 1)")
-        return dict(
-            temperature=self.temperature,
-            lam=self.lam,
-            initial_lambda=self.initial_lambda,
-            final_lambda=self.final_lambda,
-            lambda_warmup_ratio=self.lambda_warmup_ratio,
-            clamp_max=self.clamp_max or None,
-            mask_padding=self.mask_padding,
-            train_on_pad_id=self.train_on_pad_id,
-            per_sequence=per_sequence,
-            eos_pad_to=gen_length if self.eos_pad else None,
-            teacher_visible=self.teacher_visible,
-        )
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self, "temperature", self.temperature > 0, "be > 0")
+        require(self, "lam", self.lam is None or 0 <= self.lam <= 1, "lie in [0, 1]")
+        require(self, "initial_lambda", 0 <= self.initial_lambda <= 1, "lie in [0, 1]")
+        require(self, "final_lambda", 0 <= self.final_lambda <= 1, "lie in [0, 1]")
+        require(self, "lambda_warmup_ratio", 0 <= self.lambda_warmup_ratio < 1, "lie in [0, 1)")
+        require(self, "clamp_max", self.clamp_max >= 0, "be >= 0")
 
 
 @dataclass(frozen=True)
 class BlockCD4LMRecipe(CD4LMRecipe):
     """CD4LM on a block-diffusion model (:class:`BlockDiffusionCD4LMObjective`): the paper's settings, plus
-    the block of the ``[noisy | clean]`` mask (0 = the model's block length)."""
+    the block of the ``[noisy | clean]`` mask (0 or none = the model's block length)."""
 
-    block_size: int = recipe_field(0, "cd4lm (block models): block of the [noisy | clean] mask, 0 = the model's")
+    objective_class: ClassVar[type] = BlockDiffusionCD4LMObjective
 
-    def objective(
-        self, ids: SpecialIds, max_length: int, *, per_sequence: bool = True, gen_length: int | None = None
-    ) -> BlockDiffusionCD4LMObjective:
-        """The block-diffusion CD4LM objective with this recipe's hyper-parameters."""
-        kwargs = self.objective_kwargs(per_sequence, gen_length)
-        return BlockDiffusionCD4LMObjective(ids, max_length, block_size=self.block_size or None, **kwargs)
+    block_size: int | None = option(None, "cd4lm (block models): block of the [noisy | clean] mask, 0 = the model's")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self, "block_size", self.block_size is None or self.block_size >= 0, "be >= 0")
 
 
-_CD4LM = CD4LMRecipe(finetune="full", lr=5e-6, epochs=10.0, schedule="constant", warmup_steps=200)
-_BLOCK_CD4LM = BlockCD4LMRecipe(finetune="full", lr=5e-6, epochs=10.0, schedule="constant", warmup_steps=200)
-#: CD4LM per model family (the paper trains LLaDA; the other families use the same settings; the
-#: block-diffusion ones train their views inside the block-causal structure).
-RECIPES: dict[str, CD4LMRecipe] = {"llada": _CD4LM, "dream": _CD4LM, "llada2": _BLOCK_CD4LM, "sdar": _BLOCK_CD4LM}
+_PAPER = {"finetune": "full", "lr": 5e-6, "epochs": 10.0, "schedule": "constant", "warmup_steps": 200}
+#: CD4LM per recipe family (the paper trains LLaDA; the families without a row of their own take the one
+#: their model class's ``recipes_from`` names; the block-diffusion row trains its views inside the
+#: block-causal structure).
+RECIPES: dict[str, CD4LMRecipe] = {"llada": CD4LMRecipe(**_PAPER), "llada2": BlockCD4LMRecipe(**_PAPER)}
 #: The reference's sequence length.
 PAPER_MAX_LENGTH = 512

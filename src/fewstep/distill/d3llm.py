@@ -38,7 +38,7 @@ import random
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -46,12 +46,13 @@ from torch import nn
 from fewstep.distill.dparallel import (
     CertaintyForcingLoss,
     ComplementaryMasks,
-    certainty_forcing_entropy,
-    masked_cross_entropy,
-    pad_fixed,
+    certainty_forcing_loss,
+    eos_padded,
+    two_view_loss,
 )
-from fewstep.train.objective import Objective, SpecialIds, mean_over_rows, unwrap
-from fewstep.train.recipe import TrainingRecipe, recipe_field
+from fewstep.train.config import option, require
+from fewstep.train.objective import RecipeObjective, unwrap
+from fewstep.train.recipe import TrainingRecipe
 
 #: Rank of a position that is never masked (prompt; Dream's positions past the teacher canvas).
 NEVER = -1
@@ -312,14 +313,21 @@ def d3llm_loss(
     """
     if entropy_views not in ENTROPY_VIEWS:
         raise ValueError(f"entropy_views must be one of {', '.join(ENTROPY_VIEWS)}, got {entropy_views!r}")
-    ce, ce_rev = masked_cross_entropy(logits, labels, mask), masked_cross_entropy(logits_rev, labels, mask_rev)
-    ent, n = certainty_forcing_entropy(logits, labels, mask, temperature, eps)
-    if entropy_views == "both":
-        ent_rev, n_rev = certainty_forcing_entropy(logits_rev, labels, mask_rev, temperature, eps)
-    else:
-        ent_rev, n_rev = 0.0 * ent, 0
-    total = (ce + ce_rev + entropy_weight * (ent + ent_rev)) / 4
-    return CertaintyForcingLoss(total, ce, ce_rev, ent, ent_rev, n, n_rev)
+    return certainty_forcing_loss(
+        logits,
+        logits_rev,
+        labels,
+        mask,
+        mask_rev,
+        **_loss_settings(temperature, entropy_weight, entropy_views),
+        eps=eps,
+    )
+
+
+def _loss_settings(temperature: float, entropy_weight: float, entropy_views: str) -> dict[str, Any]:
+    """:func:`~fewstep.distill.dparallel.certainty_forcing_loss`'s settings for d3LLM's loss."""
+    forced = 2 if entropy_views == "both" else 1
+    return {"temperature": temperature, "entropy_weight": entropy_weight, "forced_views": forced, "scale": 0.25}
 
 
 # -- trajectories joined to the training examples --------------------------------------------------------
@@ -386,61 +394,56 @@ def attach_trajectories(
 # -- the objective -------------------------------------------------------------------------------------------
 
 
-class D3LLMObjective(Objective):
+class D3LLMObjective(RecipeObjective):
     """d3LLM's trajectory-masked certainty forcing for the trainer (LLaDA and Dream).
 
+    :meth:`prepare` joins each example with the teacher's commit ranks (:func:`attach_trajectories`).
     ``collate``: ``prompt + response + [EOS]`` right-padded with EOS to ``max_length`` (as dParallel),
     each row's rank table (:func:`rank_table`) and its random draws (mask ratio, block index, fallback
     uniforms) from the trainer's generator. ``loss``: the curricula at ``step`` of ``max_steps`` give the
     window size and the ratio floor; the spans and views are cut (:func:`trajectory_views`), two forwards
-    and :func:`d3llm_loss`. ``per_sequence`` as :class:`~fewstep.distill.dparallel.DParallelObjective`.
+    and :func:`d3llm_loss`, with the recipe's settings. ``per_sequence`` as
+    :class:`~fewstep.distill.dparallel.DParallelObjective`.
     """
 
     name = "d3llm"
     needs_teacher = False
+    pads_to_max_length = True
+    reads_trajectories = True
+    #: ``eps`` of the Bernoulli fallback masks ``(1 − eps)·r + eps`` (the official masker's).
+    eps = 1e-3
 
-    def __init__(
-        self,
-        ids: SpecialIds,
-        max_length: int = 384,
-        *,
-        block_sizes: Sequence[int] | str = (16, 16, 24, 24, 32, 32),
-        min_mask_ratio: float = 0.0,
-        max_mask_ratio: float = 0.8,
-        temperature: float = 0.5,
-        entropy_weight: float = 2.0,
-        entropy_views: str = "first",
-        past_canvas: str = "masked",
-        reference_offsets: bool = False,
-        eps: float = 1e-3,
-        per_sequence: bool = False,
-    ):
-        super().__init__(ids, max_length)
-        if not 0.0 <= min_mask_ratio <= max_mask_ratio <= 1.0:
-            raise ValueError(f"need 0 <= min_mask_ratio <= max_mask_ratio <= 1, got {min_mask_ratio}, {max_mask_ratio}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if entropy_views not in ENTROPY_VIEWS:
-            raise ValueError(f"entropy_views must be one of {', '.join(ENTROPY_VIEWS)}, got {entropy_views!r}")
-        if past_canvas not in PAST_CANVAS:
-            raise ValueError(f"past_canvas must be one of {', '.join(PAST_CANVAS)}, got {past_canvas!r}")
-        self.block_sizes = parse_block_sizes(block_sizes)
-        self.min_mask_ratio, self.max_mask_ratio = min_mask_ratio, max_mask_ratio
-        self.temperature, self.entropy_weight, self.entropy_views = temperature, entropy_weight, entropy_views
-        self.past_canvas, self.reference_offsets = past_canvas, reference_offsets
-        self.eps, self.per_sequence = eps, per_sequence
+    @classmethod
+    def prepare(
+        cls,
+        examples: list[dict[str, Any]],
+        records: Sequence[dict[str, Any]],
+        trajectories: Sequence[dict[str, Any]] | None = None,
+    ) -> list[str]:
+        """Attach the teacher's commit ranks (the records' own, or ``trajectories`` joined on the id);
+        ValueError when no example has one; a note for the examples that fall back to Bernoulli masks."""
+        counts = attach_trajectories(examples, records, trajectories)
+        if not counts["with_trajectory"]:
+            raise ValueError(
+                "no training record has a teacher trajectory (commit_rank): make the data with fewstep rollout "
+                "--trajectory, or pass --trajectories"
+            )
+        if counts["fallback"]:
+            return [f"{counts['fallback']:,} of {len(examples):,} records have no trajectory and get Bernoulli masks"]
+        return []
 
     def curricula(self, step: int, max_steps: int) -> tuple[int, float]:
         """``(block size, mask-ratio floor)`` at optimiser step ``step`` of ``max_steps``."""
-        epoch = curriculum_epoch(step, max_steps, len(self.block_sizes))
-        floor = mask_ratio_floor(step, max_steps, self.min_mask_ratio, self.max_mask_ratio)
-        return block_size_at(epoch, self.block_sizes), floor
+        r = self.recipe
+        epoch = curriculum_epoch(step, max_steps, len(r.block_sizes))
+        floor = mask_ratio_floor(step, max_steps, r.min_mask_ratio, r.max_mask_ratio)
+        return block_size_at(epoch, r.block_sizes), floor
 
     def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Clean ids, lengths, rank tables and the per-row draws (the masks are cut in :meth:`loss`)."""
-        eos, length = self.ids.eos, self.max_length
-        rows = [pad_fixed([*ex["prompt_ids"], *ex["response_ids"], eos], length, eos) for ex in examples]
-        prompts = [len(ex["prompt_ids"]) for ex in examples]
+        length = self.max_length
+        input_ids, prompt_lengths = eos_padded(examples, length, self.ids.eos)
+        prompts = prompt_lengths.tolist()
         tables, steps = [], []
         for ex, p in zip(examples, prompts):
             table = rank_table(
@@ -448,15 +451,15 @@ class D3LLMObjective(Objective):
                 length,
                 p,
                 trajectory_prompt_length=ex.get("rank_prompt_length"),
-                past_canvas=self.past_canvas,
-                reference_offsets=self.reference_offsets,
+                past_canvas=self.recipe.past_canvas,
+                reference_offsets=self.recipe.reference_offsets,
             )
             tables.append(table if table is not None else torch.full((length,), NEVER, dtype=torch.long))
             steps.append(len(ex["rank"]) if table is not None else 0)
         n = len(examples)
         return {
-            "input_ids": torch.tensor(rows, dtype=torch.long),
-            "prompt_lengths": torch.tensor(prompts, dtype=torch.long),
+            "input_ids": input_ids,
+            "prompt_lengths": prompt_lengths,
             "full_lengths": torch.tensor(
                 [min(p + len(ex["response_ids"]) + 1, length) for ex, p in zip(examples, prompts)], dtype=torch.long
             ),
@@ -470,7 +473,7 @@ class D3LLMObjective(Objective):
     def cut_views(self, batch: dict[str, torch.Tensor], step: int, max_steps: int) -> tuple[ComplementaryMasks, dict]:
         """The two views of ``batch`` at ``step`` and what was drawn (block size, mean ratio)."""
         block, floor = self.curricula(step, max_steps)
-        ratios = [draw_mask_ratio(float(u), floor, self.max_mask_ratio) for u in batch["u_ratio"].tolist()]
+        ratios = [draw_mask_ratio(float(u), floor, self.recipe.max_mask_ratio) for u in batch["u_ratio"].tolist()]
         spans: list[Span | None] = []
         length = batch["input_ids"].shape[1]
         rows = zip(batch["prompt_lengths"].tolist(), batch["full_lengths"].tolist(), batch["steps"].tolist())
@@ -513,24 +516,10 @@ class D3LLMObjective(Objective):
         """Two forwards (one per view) and :func:`d3llm_loss`, per sequence or over the batch."""
         if getattr(unwrap(model), "block_diffusion", False):
             raise ValueError("d3LLM trains full-attention models (llada, dream); use dparallel or cd4lm on llada2/sdar")
-        logits = self.logits(model, views.noisy)
-        logits_rev = self.logits(model, views.noisy_rev)
-        kw = {
-            "temperature": self.temperature,
-            "entropy_weight": self.entropy_weight,
-            "entropy_views": self.entropy_views,
-        }
-        mask, mask_rev = views.mask, views.mask_rev
-        if not self.per_sequence:
-            out = d3llm_loss(logits, logits_rev, input_ids, mask, mask_rev, **kw)
-            return out.total, out.log_dict()
-
-        def row(i: int) -> tuple[torch.Tensor, dict[str, float]]:
-            r = slice(i, i + 1)
-            out = d3llm_loss(logits[r], logits_rev[r], input_ids[r], mask[r], mask_rev[r], **kw)
-            return out.total, out.log_dict()
-
-        return mean_over_rows(input_ids.shape[0], row)
+        r = self.recipe
+        return two_view_loss(
+            self, model, input_ids, views, **_loss_settings(r.temperature, r.entropy_weight, r.entropy_views)
+        )
 
 
 # -- recipes -------------------------------------------------------------------------------------------------
@@ -543,48 +532,42 @@ class D3LLMRecipe(TrainingRecipe):
     Both official runs use LoRA r = alpha = 256 on q/k/v/o/gate/up/down (dropout 0), AdamW (weight decay
     0.01, clip 1), bf16, a global batch of 64 (4 per device x accumulation 4 x 4 GPUs), DeepSpeed ZeRO-2;
     sequences of 384 tokens (LLaDA) or 512 (Dream): :data:`PAPER_MAX_LENGTH`, :data:`PAPER_LORA_RANK`.
+    ``block_sizes`` takes ``"16,24,32"`` or a sequence of ints.
     """
 
-    temperature: float = recipe_field(0.5, "d3llm: entropy temperature")
-    entropy_weight: float = recipe_field(2.0, "d3llm: entropy weight w")
-    entropy_views: str = recipe_field(
+    objective_class: ClassVar[type] = D3LLMObjective
+
+    temperature: float = option(0.5, "d3llm: entropy temperature")
+    entropy_weight: float = option(2.0, "d3llm: entropy weight w")
+    entropy_views: str = option(
         "first", "d3llm: views whose entropy is forced (first: LLaDA's, both: Dream's)", choices=ENTROPY_VIEWS
     )
-    min_mask_ratio: float = recipe_field(0.0, "d3llm: start of the mask-ratio floor (noise curriculum)")
-    max_mask_ratio: float = recipe_field(0.8, "d3llm: highest mask ratio r (r ~ U(floor, max))")
-    block_sizes: str = recipe_field(
-        "16,16,24,24,32,32", "d3llm: window curriculum, block sizes spread over the run (one per epoch)"
+    min_mask_ratio: float = option(0.0, "d3llm: start of the mask-ratio floor (noise curriculum)")
+    max_mask_ratio: float = option(0.8, "d3llm: highest mask ratio r (r ~ U(floor, max))")
+    block_sizes: tuple[int, ...] = option(
+        (16, 16, 24, 24, 32, 32),
+        "d3llm: window curriculum, comma-separated block sizes spread over the run (one per epoch)",
+        type=parse_block_sizes,
     )
-    past_canvas: str = recipe_field(
+    past_canvas: str = option(
         "masked",
         "d3llm: positions past the teacher canvas in a trajectory (masked: LLaDA's padding, clean: Dream's)",
         choices=PAST_CANVAS,
     )
-    reference_offsets: bool = recipe_field(
+    reference_offsets: bool = option(
         False, "d3llm: read the trajectory at absolute positions, as the official code does (prompt-offset quirk)"
     )
 
-    def objective(
-        self, ids: SpecialIds, max_length: int, *, per_sequence: bool = True, gen_length: int | None = None
-    ) -> D3LLMObjective:
-        """The objective with this recipe's hyper-parameters (``gen_length`` is unused: rows are padded to
-        ``max_length``)."""
-        return D3LLMObjective(
-            ids,
-            max_length,
-            block_sizes=self.block_sizes,
-            min_mask_ratio=self.min_mask_ratio,
-            max_mask_ratio=self.max_mask_ratio,
-            temperature=self.temperature,
-            entropy_weight=self.entropy_weight,
-            entropy_views=self.entropy_views,
-            past_canvas=self.past_canvas,
-            reference_offsets=self.reference_offsets,
-            per_sequence=per_sequence,
-        )
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_sizes", parse_block_sizes(self.block_sizes))
+        super().__post_init__()
+        require(self, "temperature", self.temperature > 0, "be > 0")
+        require(self, "entropy_weight", self.entropy_weight >= 0, "be >= 0")
+        require(self, "min_mask_ratio", 0 <= self.min_mask_ratio <= self.max_mask_ratio, "lie in [0, max]")
+        require(self, "max_mask_ratio", self.max_mask_ratio <= 1, "be <= 1")
 
 
-#: d3LLM per model family (full-attention only: the window curriculum changes the block size, which a
+#: d3LLM per recipe family (full-attention only: the window curriculum changes the block size, which a
 #: block-diffusion model fixes in its attention).
 RECIPES: dict[str, D3LLMRecipe] = {
     "llada": D3LLMRecipe(finetune="lora", lr=2e-5, epochs=6.0, schedule="constant", warmup_steps=0),
@@ -597,7 +580,7 @@ RECIPES: dict[str, D3LLMRecipe] = {
         warmup_ratio=0.05,
         entropy_weight=1.0,
         entropy_views="both",
-        block_sizes="16,24,32",
+        block_sizes=(16, 24, 32),
         past_canvas="clean",
     ),
 }

@@ -20,7 +20,7 @@ Two layouts of the noisy input, one per kind of model:
 
 * **block diffusion** (LLaDA2-MoE, SDAR: the official one, :class:`BlockDiffusionDMaxObjective`): the
   rollout and the loss forward both run ``[x_t ; x_0]`` under the block-diffusion training mask
-  (:func:`fewstep.distill.dparallel.block_diffusion_logits`: noisy block b sees itself and the clean blocks
+  (:func:`fewstep.distill.blockdiff.block_diffusion_logits`: noisy block b sees itself and the clean blocks
   before it); σ-masking covers the whole answer (not per block); the loss is on the ``x_t`` half, same
   position labels (``--shifted-labels``: next-token, dFactory's ``same_token_labels: false``).
 * **semi-autoregressive** (LLaDA, Dream: an adaptation, not in the official code; :class:`DMaxObjective`,
@@ -40,15 +40,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.distill.dparallel import block_diffusion_logits, block_size_of, pad_fixed
-from fewstep.train.objective import Objective, SpecialIds, mean_over_rows
-from fewstep.train.recipe import TrainingRecipe, recipe_field
+from fewstep.distill.blockdiff import block_diffusion_logits, block_size_of
+from fewstep.distill.dparallel import eos_padded
+from fewstep.train.config import option, require
+from fewstep.train.objective import RecipeObjective
+from fewstep.train.recipe import TrainingRecipe
 
 IGNORE = -100
 #: which views of an example are trained: both (OPUT), only the on-policy one, only plain masked diffusion
@@ -184,71 +186,51 @@ def oput_loss(logits: torch.Tensor, labels: torch.Tensor, same_token: bool = Tru
 # -- the objectives ----------------------------------------------------------------------------------------
 
 
-class DMaxObjective(Objective):
+class DMaxObjective(RecipeObjective):
     """OPUT, semi-autoregressive layout (LLaDA, Dream; an adaptation, see the module docstring).
 
-    ``training_examples`` writes every example once per view (:func:`oput_examples`); ``collate`` pads
-    ``prompt + answer + EOS`` with EOS to ``max_length``, builds the labels and the noisy view, and marks
-    ``fill``: the masks the on-policy rollout replaces (none in an MDM row); ``loss`` runs the rollout on
-    the on-policy rows, then one forward on every row and :func:`oput_loss`. ``per_sequence``: each row's
-    loss over its own labels, mean over rows (the official micro-batch of 1); False: one mean over every
-    label of the micro-batch (the official loss at a larger micro-batch).
+    ``training_examples`` writes every example once per view of the recipe (:func:`oput_examples`);
+    ``collate`` pads ``prompt + answer + EOS`` with EOS to ``max_length``, builds the labels and the noisy
+    view, and marks ``fill``: the masks the on-policy rollout replaces (none in an MDM row); ``loss`` runs
+    the rollout on the on-policy rows, then one forward on every row and :func:`oput_loss`.
+    ``per_sequence``: each row's loss over its own labels, mean over rows (the official micro-batch of 1);
+    False: one mean over every label of the micro-batch (the official loss at a larger micro-batch).
     """
 
     name = "dmax"
     needs_teacher = False
-    same_token_labels = True
+    pads_to_max_length = True
 
-    def __init__(
-        self,
-        ids: SpecialIds,
-        max_length: int = 2048,
-        *,
-        block_size: int | None = 32,
-        noise_range: tuple[float, float] = (0.75, 0.75),
-        eos_labels: int = 32,
-        views: str = "both",
-        per_sequence: bool = True,
-    ):
-        super().__init__(ids, max_length)
-        lo, hi = noise_range
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"noise_range must satisfy 0 <= low <= high <= 1, got {noise_range}")
-        if block_size is not None and block_size < 1:
-            raise ValueError(f"block_size must be a positive integer or None, got {block_size}")
-        if eos_labels < 0:
-            raise ValueError(f"eos_labels must be >= 0, got {eos_labels}")
-        if views not in VIEWS:
-            raise ValueError(f"views must be one of {', '.join(VIEWS)}, got {views!r}")
-        self.block_size, self.noise_range, self.eos_labels = block_size, (lo, hi), eos_labels
-        self.views, self.per_sequence = views, per_sequence
+    @property
+    def same_token_labels(self) -> bool:
+        """Labels at their own position (the semi-AR layout always)."""
+        return True
 
     def training_examples(self, examples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Every example once per trained view, with its ``flag`` (:func:`oput_examples`)."""
-        return oput_examples(examples, self.views)
+        return oput_examples(examples, self.recipe.views)
 
     def flags(self, examples: Sequence[dict[str, Any]]) -> torch.Tensor:
         """The examples' flags (True = on-policy); unflagged examples take the single view of ``views``."""
-        if self.views == "both" and any("flag" not in ex for ex in examples):
+        views = self.recipe.views
+        if views == "both" and any("flag" not in ex for ex in examples):
             raise ValueError("DMax examples carry a flag: train on objective.training_examples(examples)")
-        default = self.views == "on-policy"
+        default = views == "on-policy"
         return torch.tensor([bool(ex.get("flag", default)) for ex in examples])
 
     def clean_rows(self, examples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, list[int], torch.Tensor]:
         """``prompt + answer + EOS`` EOS-padded to ``max_length``, the prompt lengths, the labels."""
-        eos = self.ids.eos
-        rows = [pad_fixed([*ex["prompt_ids"], *ex["response_ids"], eos], self.max_length, eos) for ex in examples]
-        input_ids = torch.tensor(rows, dtype=torch.long)
-        prompts = [len(ex["prompt_ids"]) for ex in examples]
-        return input_ids, prompts, oput_labels(input_ids, prompts, eos, self.eos_labels)
+        input_ids, prompt_lengths = eos_padded(list(examples), self.max_length, self.ids.eos)
+        prompts = prompt_lengths.tolist()
+        return input_ids, prompts, oput_labels(input_ids, prompts, self.ids.eos, self.recipe.eos_labels)
 
     def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Clean ids, the semi-AR noisy view, its block labels, the flags and the positions to fill."""
         flag = self.flags(examples)
         input_ids, prompts, labels = self.clean_rows(examples)
-        mask = self.ids.mask
+        mask, r = self.ids.mask, self.recipe
         noisy, labels, span = semi_ar_view(
-            input_ids, labels, prompts, mask, self.block_size, generator, self.noise_range
+            input_ids, labels, prompts, mask, r.block_size or None, generator, r.noise_range
         )
         fill = (noisy == mask) & span & flag[:, None]
         return {"input_ids": input_ids, "noisy_input_ids": noisy, "labels": labels, "fill": fill, "flag": flag}
@@ -284,14 +266,11 @@ class DMaxObjective(Objective):
             "filled_wrong": float(((x_t != clean) & fill).sum()) / filled if filled else 0.0,
         }
 
-        def row(i: int) -> tuple[torch.Tensor, dict[str, float]]:
-            return oput_loss(logits[i : i + 1], labels[i : i + 1], same), {}
+        def of(rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
+            total = oput_loss(logits[rows], labels[rows], same)
+            return total, {"loss": float(total.detach())}
 
-        if self.per_sequence:
-            total, logs = mean_over_rows(labels.shape[0], row)
-        else:
-            total = oput_loss(logits, labels, same)
-            logs = {"loss": float(total.detach())}
+        total, logs = self.reduce(labels.shape[0], of)
         return total, {**logs, **stats}
 
 
@@ -304,27 +283,27 @@ class BlockDiffusionDMaxObjective(DMaxObjective):
 
     ``collate``: σ-masking over the whole answer (:func:`sigma_noise`), labels on every answer position;
     the on-policy rows fill **every** mask. Rollout and loss forward are ``[x_t ; x_0]`` under the
-    block-diffusion mask (:func:`~fewstep.distill.dparallel.block_diffusion_logits`); the loss is on the
-    ``x_t`` half. ``block_size`` None: the model's block length; ``same_token_labels`` False: next-token
-    labels.
+    block-diffusion mask (:func:`~fewstep.distill.blockdiff.block_diffusion_logits`); the loss is on the
+    ``x_t`` half. Block 0 or none: the model's block length; ``shifted_labels``: next-token labels.
     """
 
-    def __init__(self, ids: SpecialIds, max_length: int = 2048, *, same_token_labels: bool = True, **kwargs: Any):
-        kwargs.setdefault("block_size", None)
-        super().__init__(ids, max_length, **kwargs)
-        self.same_token_labels = same_token_labels
+    @property
+    def same_token_labels(self) -> bool:
+        """Same-position labels unless the recipe shifts them (dFactory's ``same_token_labels: false``)."""
+        return not self.recipe.shifted_labels
 
     def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Clean ids, ``x_t`` (σ-masked answer), labels, flags and the masks to fill (every mask of a flag row)."""
         flag = self.flags(examples)
         input_ids, prompts, labels = self.clean_rows(examples)
-        noisy = sigma_noise(input_ids, prompts, self.ids.mask, generator, self.noise_range)
+        noisy = sigma_noise(input_ids, prompts, self.ids.mask, generator, self.recipe.noise_range)
         fill = (noisy == self.ids.mask) & flag[:, None]
         return {"input_ids": input_ids, "noisy_input_ids": noisy, "labels": labels, "fill": fill, "flag": flag}
 
     def view_logits(self, model: nn.Module, noisy: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The ``x_t`` half's logits of one ``[x_t ; x_0]`` block-diffusion forward."""
-        return block_diffusion_logits(model, noisy, batch["input_ids"], block_size_of(model, self.block_size))
+        block = block_size_of(model, self.recipe.block_size)
+        return block_diffusion_logits(model, noisy, batch["input_ids"], block)
 
 
 # -- the recipes -------------------------------------------------------------------------------------------
@@ -335,32 +314,30 @@ class DMaxRecipe(TrainingRecipe):
     """OPUT on a full-attention model (LLaDA, Dream): the semi-AR adaptation with the official settings
     (full fine-tuning, LR 2e-6 cosine after a 3 % warm-up, 2 epochs, σ 0.75) and the decoding block 32."""
 
-    block_size: int = recipe_field(32, "dmax (LLaDA, Dream): block of the semi-AR view, 0 = the whole answer")
-    noise_range_low: float = recipe_field(0.75, "dmax: lowest masking ratio sigma of a sequence")
-    noise_range_high: float = recipe_field(0.75, "dmax: highest masking ratio sigma of a sequence")
-    views: str = recipe_field(
+    objective_class: ClassVar[type] = DMaxObjective
+
+    block_size: int | None = option(32, "dmax (LLaDA, Dream): block of the semi-AR view, 0 = the whole answer")
+    noise_range_low: float = option(0.75, "dmax: lowest masking ratio sigma of a sequence")
+    noise_range_high: float = option(0.75, "dmax: highest masking ratio sigma of a sequence")
+    views: str = option(
         "both",
         "dmax: the views each example is trained in: both (OPUT: once masked, once with its masks filled by the "
         "model's own one-shot argmax), on-policy only, or mdm only (plain masked diffusion, the ablation)",
         choices=VIEWS,
     )
-    eos_labels: int = recipe_field(32, "dmax: EOS of the trailing EOS run that keep a label")
+    eos_labels: int = option(32, "dmax: EOS of the trailing EOS run that keep a label")
 
-    def objective_kwargs(self, per_sequence: bool) -> dict[str, Any]:
-        """The keyword arguments of the objective this recipe sets."""
-        return dict(
-            block_size=self.block_size or None,
-            noise_range=(self.noise_range_low, self.noise_range_high),
-            eos_labels=self.eos_labels,
-            views=self.views,
-            per_sequence=per_sequence,
-        )
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self, "block_size", self.block_size is None or self.block_size >= 0, "be >= 0")
+        require(self, "noise_range_low", 0 <= self.noise_range_low <= self.noise_range_high, "lie in [0, high]")
+        require(self, "noise_range_high", self.noise_range_high <= 1, "be <= 1")
+        require(self, "eos_labels", self.eos_labels >= 0, "be >= 0")
 
-    def objective(
-        self, ids: SpecialIds, max_length: int, *, per_sequence: bool = True, gen_length: int | None = None
-    ) -> DMaxObjective:
-        """The semi-AR OPUT objective (``gen_length`` is unused: rows are EOS-padded to ``max_length``)."""
-        return DMaxObjective(ids, max_length, **self.objective_kwargs(per_sequence))
+    @property
+    def noise_range(self) -> tuple[float, float]:
+        """``(low, high)`` of σ."""
+        return self.noise_range_low, self.noise_range_high
 
 
 @dataclass(frozen=True)
@@ -368,26 +345,21 @@ class BlockDMaxRecipe(DMaxRecipe):
     """OPUT on a block-diffusion model (LLaDA2-MoE, SDAR): ``configs/sft/llada2_mini_bd_oput.yaml``: full
     fine-tuning (FSDP2, bf16 mixed precision), AdamW (0.9, 0.999, weight decay 0.01, clip 1), LR 2e-6,
     cosine after a 3 % warm-up, 2 epochs, global batch 8 (micro 1), block 32, σ = 0.75, same-token labels,
-    sequences of 2048 tokens."""
+    sequences of 2048 tokens. Block 0 or none: the model's block length."""
 
-    shifted_labels: bool = recipe_field(False, "dmax (block models): next-token labels (same_token_labels false)")
+    objective_class: ClassVar[type] = BlockDiffusionDMaxObjective
 
-    def objective(
-        self, ids: SpecialIds, max_length: int, *, per_sequence: bool = True, gen_length: int | None = None
-    ) -> BlockDiffusionDMaxObjective:
-        """The block-diffusion OPUT objective (``block_size`` 0: the model's block length)."""
-        kwargs = self.objective_kwargs(per_sequence)
-        return BlockDiffusionDMaxObjective(ids, max_length, same_token_labels=not self.shifted_labels, **kwargs)
+    shifted_labels: bool = option(False, "dmax (block models): next-token labels (same_token_labels false)")
 
 
 _OFFICIAL = dict(finetune="full", lr=2e-6, epochs=2.0, schedule="cosine", warmup_steps=None, warmup_ratio=0.03)
-#: DMax per model family: LLaDA2 = the official OPUT config (block 32 as in its yaml); SDAR the same with
-#: its own block length (0); LLaDA and Dream the same settings in the semi-AR layout (block 32).
+#: DMax per recipe family: LLaDA2 = the official OPUT config (block 32 as in its yaml); SDAR the same with
+#: its own block length (none); LLaDA (and Dream, which takes LLaDA's row) the same settings in the semi-AR
+#: layout (block 32).
 RECIPES: dict[str, DMaxRecipe] = {
     "llada": DMaxRecipe(**_OFFICIAL),
-    "dream": DMaxRecipe(**_OFFICIAL),
     "llada2": BlockDMaxRecipe(**_OFFICIAL, block_size=32),
-    "sdar": BlockDMaxRecipe(**_OFFICIAL, block_size=0),
+    "sdar": BlockDMaxRecipe(**_OFFICIAL, block_size=None),
 }
 #: The official sequence length (prompt + answer, EOS-padded).
 PAPER_MAX_LENGTH = 2048

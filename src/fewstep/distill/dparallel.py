@@ -20,141 +20,35 @@ batch bugs that are harmless at its batch size of 1 (see :func:`complementary_ma
 suite checks it against the recorded oracles. The default is the intended per-row semantics; at batch
 size 1 both give identical masks from the same random streams.
 
-Block-diffusion models (LLaDA2-MoE, SDAR; ``RECIPES["llada2"]``, ``RECIPES["sdar"]``) are trained the way
-dFactory's LLaDA2 dParallel trainer does (:class:`BlockDiffusionDParallelObjective`, end of this file): one
-noised view per sequence, fed as ``[noisy | clean]`` under the block-diffusion mask
-(:func:`block_diffusion_logits`, also CD4LM's builder on these models), so that every noisy block sees
-exactly what it sees when it is decoded: itself and the clean blocks before it.
+Block-diffusion models (LLaDA2-MoE, SDAR; ``RECIPES["llada2"]``) are trained the way dFactory's LLaDA2
+dParallel trainer does (:class:`BlockDiffusionDParallelObjective`): one noised view per sequence, fed as
+``[noisy | clean]`` under the block-diffusion mask (:mod:`fewstep.distill.blockdiff`, the builder every
+paper uses on these models), so that every noisy block sees exactly what it sees when it is decoded:
+itself and the clean blocks before it.
+
+The recipes (end of this file) are the one place the hyper-parameters are written; the objectives read
+them from ``self.recipe``.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.train.objective import (  # noqa: F401  (logit_shift_of, python_rng, unwrap: old import paths)
-    Objective,
-    SpecialIds,
-    logit_shift_of,
-    mean_over_rows,
-    python_rng,
-    unwrap,
-)
-from fewstep.train.recipe import TrainingRecipe, recipe_field
+from fewstep.distill.blockdiff import block_diffusion_logits, block_size_of, mdm_noise
+from fewstep.train.config import option, require
+from fewstep.train.objective import RecipeObjective, loss_logs, python_rng
+from fewstep.train.recipe import TrainingRecipe
 
-
-@dataclass(frozen=True)
-class DParallelRecipe(TrainingRecipe):
-    """dParallel's recipe for one model family (``config_lora_{llada,dream}.yaml`` and ``DLMTrainer``).
-
-    The references train on 8 GPUs with an effective batch of 64 sequences, in bfloat16, with AdamW
-    (weight decay 0.01, clip 1) and LoRA r = alpha = 128 on LLaDA (whose config lists seven targets, but
-    LLaDA names its attention output / MLP gate / MLP down ``attn_out`` / ``ff_proj`` / ``ff_out``, so only
-    q, k, v, up are adapted: ``--lora-targets dparallel``) and r = alpha = 32 on all seven projections of
-    Dream; sequences are padded to 384 tokens (:data:`PAPER_MAX_LENGTH`).
-    """
-
-    block_size: int = recipe_field(32, "dparallel: masking block, 0 = the whole response (Dream's)")
-    temperature: float = recipe_field(0.5, "dparallel: entropy temperature")
-    entropy_weight: float = recipe_field(2.0, "dparallel: entropy weight w")
-    mask_ratio: float = recipe_field(0.5, "dparallel: Bernoulli ratio inside the block")
-    reference_masking: bool = recipe_field(False, "dparallel: the official masker bit for bit (batch quirks)")
-
-    def objective(
-        self, ids: SpecialIds, max_length: int, *, per_sequence: bool = True, gen_length: int | None = None
-    ) -> DParallelObjective:
-        """The objective with this recipe's hyper-parameters (``gen_length`` is unused: dParallel pads to
-        ``max_length``)."""
-        return DParallelObjective(
-            ids,
-            max_length,
-            block_size=self.block_size or None,
-            temperature=self.temperature,
-            entropy_weight=self.entropy_weight,
-            mask_ratio=self.mask_ratio,
-            reference_masking=self.reference_masking,
-            per_sequence=per_sequence,
-        )
-
-
-@dataclass(frozen=True)
-class BlockDParallelRecipe(TrainingRecipe):
-    """dParallel on a block-diffusion model (LLaDA2-MoE, SDAR), as dFactory's LLaDA2 dParallel trainer.
-
-    ``train_llada2_bd_with_dparallel.py`` with ``configs/sft/llada2_mini_bd_sft.yaml``: full fine-tuning
-    (FSDP2, bf16), AdamW (0.9, 0.999, weight decay 0.1, clip 1), LR 1e-5, one epoch, cosine after a 3 %
-    warm-up, global batch 8, noise range (0.3, 0.8), block 32 (LLaDA2's block length), same-position
-    labels. ``confidence_beta`` is the certainty-forcing weight; the trainer's own default 0 switches the
-    term off and no released config sets it, so fewstep uses 1 (the fixtures' oracles hold 0.5 and 1).
-    SDAR has no dParallel recipe of its own: the same settings, with SDAR's block length (4).
-    """
-
-    block_size: int = recipe_field(0, "dparallel (block models): block of the [noisy | clean] mask, 0 = the model's")
-    confidence_beta: float = recipe_field(1.0, "dparallel (block models): weight of the entropy on correct tokens")
-    noise_range_low: float = recipe_field(0.3, "dparallel (block models): lowest masking ratio of a sequence")
-    noise_range_high: float = recipe_field(0.8, "dparallel (block models): highest masking ratio of a sequence")
-    shifted_labels: bool = recipe_field(
-        False, "dparallel (block models): next-token labels (dFactory's same_token_labels false)"
-    )
-
-    def objective(
-        self, ids: SpecialIds, max_length: int, *, per_sequence: bool = True, gen_length: int | None = None
-    ) -> BlockDiffusionDParallelObjective:
-        """The block-diffusion objective with this recipe's hyper-parameters (``gen_length`` is unused)."""
-        return BlockDiffusionDParallelObjective(
-            ids,
-            max_length,
-            block_size=self.block_size or None,
-            confidence_beta=self.confidence_beta,
-            noise_range=(self.noise_range_low, self.noise_range_high),
-            same_token_labels=not self.shifted_labels,
-            per_sequence=per_sequence,
-        )
-
-
-_BLOCK_DPARALLEL = BlockDParallelRecipe(
-    finetune="full", lr=1e-5, epochs=1.0, schedule="cosine", warmup_steps=None, warmup_ratio=0.03
-)
-#: dParallel per model family: the single source of ``fewstep distill --method dparallel``'s defaults,
-#: of :func:`fewstep.distill.build_objective` and of the README's recipe table. The block-diffusion
-#: families get dFactory's objective (:class:`BlockDiffusionDParallelObjective`).
-RECIPES: dict[str, DParallelRecipe | BlockDParallelRecipe] = {
-    "llada": DParallelRecipe(finetune="lora", lr=2e-5, epochs=6.0, schedule="constant", warmup_steps=0),
-    "dream": DParallelRecipe(
-        finetune="lora",
-        lr=2e-5,
-        epochs=3.0,
-        schedule="cosine",
-        warmup_steps=None,
-        warmup_ratio=0.05,
-        block_size=0,
-        entropy_weight=1.0,
-    ),
-    "llada2": _BLOCK_DPARALLEL,
-    "sdar": _BLOCK_DPARALLEL,
-}
+#: The reference masker's ``eps`` of the Bernoulli threshold ``(1 - eps)·ratio + eps``.
+MASK_EPS = 1e-3
 #: The references' sequence length (prompt + response + EOS padding).
 PAPER_MAX_LENGTH = 384
-
-
-def _objective_defaults(family: str) -> dict[str, Any]:
-    r = RECIPES[family]
-    return {
-        "block_size": r.block_size or None,
-        "entropy_weight": r.entropy_weight,
-        "temperature": r.temperature,
-        "max_length": PAPER_MAX_LENGTH,
-    }
-
-
-#: The objective's part of the recipes, as dicts (older names, derived from :data:`RECIPES`).
-LLADA_DEFAULTS: dict[str, Any] = _objective_defaults("llada")
-DREAM_DEFAULTS: dict[str, Any] = _objective_defaults("dream")
 
 
 @dataclass
@@ -167,7 +61,7 @@ class ComplementaryMasks:
     mask_rev: torch.Tensor
 
 
-def bernoulli_threshold(mask_ratio: float = 0.5, eps: float = 1e-3) -> torch.Tensor:
+def bernoulli_threshold(mask_ratio: float = 0.5, eps: float = MASK_EPS) -> torch.Tensor:
     """``(1 - eps)·ratio + eps`` in float32, computed as the reference does (0.5005 by default)."""
     return (1 - eps) * torch.tensor(mask_ratio, dtype=torch.float32) + eps
 
@@ -199,7 +93,7 @@ def complementary_masks(
     generator: torch.Generator | None = None,
     block_size: int | None = 32,
     mask_ratio: float = 0.5,
-    eps: float = 1e-3,
+    eps: float = MASK_EPS,
     reference: bool = False,
     view_mask_id: int | None = None,
 ) -> ComplementaryMasks:
@@ -328,15 +222,7 @@ class CertaintyForcingLoss:
 
     def log_dict(self) -> dict[str, float]:
         """Floats for the trainer's log."""
-        return {
-            "loss": float(self.total.detach()),
-            "ce": float(self.ce.detach()),
-            "ce_rev": float(self.ce_rev.detach()),
-            "entropy": float(self.entropy.detach()),
-            "entropy_rev": float(self.entropy_rev.detach()),
-            "num_correct": float(self.num_correct),
-            "num_correct_rev": float(self.num_correct_rev),
-        }
+        return loss_logs(self)
 
 
 def certainty_forcing_loss(
@@ -349,17 +235,40 @@ def certainty_forcing_loss(
     temperature: float = 0.5,
     entropy_weight: float = 2.0,
     eps: float = 1e-12,
+    forced_views: int = 2,
+    scale: float = 1.0,
 ) -> CertaintyForcingLoss:
     """``CE_1 + CE_2 + w·(H_1 + H_2)`` from the aligned logits of both views (row i predicts token i:
     :func:`fewstep.train.objective.align_logits`), the clean labels and the masks.
 
-    Each view is normalised by its own counts.
+    Each view is normalised by its own counts. ``forced_views=1`` leaves ``H_2`` out (zero, no gradient:
+    d3LLM on LLaDA); ``scale`` multiplies the total (d3LLM: 1/4).
     """
     ce, ce_rev = masked_cross_entropy(logits, labels, mask), masked_cross_entropy(logits_rev, labels, mask_rev)
     ent, n = certainty_forcing_entropy(logits, labels, mask, temperature, eps)
-    ent_rev, n_rev = certainty_forcing_entropy(logits_rev, labels, mask_rev, temperature, eps)
+    if forced_views == 2:
+        ent_rev, n_rev = certainty_forcing_entropy(logits_rev, labels, mask_rev, temperature, eps)
+    else:
+        ent_rev, n_rev = 0.0 * ent, 0
     total = ce + ce_rev + entropy_weight * (ent + ent_rev)
+    if scale != 1.0:
+        total = total * scale
     return CertaintyForcingLoss(total, ce, ce_rev, ent, ent_rev, n, n_rev)
+
+
+def two_view_loss(
+    objective: RecipeObjective, model: nn.Module, labels: torch.Tensor, views: ComplementaryMasks, **loss: Any
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One forward per view (``objective.logits``) and :func:`certainty_forcing_loss` with ``loss``'s
+    settings, per sequence or over the micro-batch (``objective.reduce``)."""
+    logits = objective.logits(model, views.noisy)
+    logits_rev = objective.logits(model, views.noisy_rev)
+
+    def of(r: slice) -> tuple[torch.Tensor, dict[str, float]]:
+        out = certainty_forcing_loss(logits[r], logits_rev[r], labels[r], views.mask[r], views.mask_rev[r], **loss)
+        return out.total, out.log_dict()
+
+    return objective.reduce(labels.shape[0], of)
 
 
 # -- the objective ---------------------------------------------------------------------------------------
@@ -370,66 +279,44 @@ def pad_fixed(ids: list[int], length: int, pad_id: int) -> list[int]:
     return (list(ids) + [pad_id] * max(length - len(ids), 0))[:length]
 
 
-class DParallelObjective(Objective):
+def eos_padded(examples: list[dict[str, Any]], max_length: int, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompt + response + [EOS]`` of each example right-padded with EOS to exactly ``max_length`` (or
+    truncated), as ``[B, max_length]`` ids, and the prompt lengths ``[B]``."""
+    rows = [pad_fixed([*ex["prompt_ids"], *ex["response_ids"], eos], max_length, eos) for ex in examples]
+    prompts = [len(ex["prompt_ids"]) for ex in examples]
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(prompts, dtype=torch.long)
+
+
+class DParallelObjective(RecipeObjective):
     """dParallel certainty forcing for the trainer: collate masks both views, loss runs two forwards.
 
     ``collate``: ``prompt + response + [EOS]``, right-padded with EOS to exactly ``max_length`` (or
     truncated), as the reference does (the EOS padding is part of the response and is trained on);
-    then both views are masked with the trainer's generator. ``block_size=None`` is Dream's whole-
-    response masking (``DREAM_DEFAULTS``). ``reference_masking`` switches to the official batch loop
-    (``view_mask_id`` as in :func:`complementary_masks`). ``per_sequence``: normalise each sequence by
-    its own counts and average over sequences (the reference's loss at its batch size of 1 per device,
-    and independent of how a batch is split over processes / micro-batches); False computes each view's
-    means over all masked positions of the micro-batch.
+    then both views are masked with the trainer's generator, with the recipe's block (0 or none: the
+    whole response, Dream's masking), ratio and masker (``reference_masking``: the official batch loop;
+    :attr:`view_mask_id` as in :func:`complementary_masks`). ``per_sequence`` normalises each sequence on its
+    own (the reference's loss at its batch size of 1 per device).
     """
 
     name = "dparallel"
-    needs_teacher = False
-
-    def __init__(
-        self,
-        ids: SpecialIds,
-        max_length: int = 384,
-        *,
-        block_size: int | None = 32,
-        temperature: float = 0.5,
-        entropy_weight: float = 2.0,
-        mask_ratio: float = 0.5,
-        eps: float = 1e-3,
-        reference_masking: bool = False,
-        view_mask_id: int | None = None,
-        per_sequence: bool = False,
-    ):
-        super().__init__(ids, max_length)
-        if block_size is not None and block_size < 1:
-            raise ValueError(f"block_size must be a positive integer or None, got {block_size}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.block_size = block_size
-        self.temperature = temperature
-        self.entropy_weight = entropy_weight
-        self.mask_ratio = mask_ratio
-        self.eps = eps
-        self.reference_masking = reference_masking
-        self.view_mask_id = view_mask_id
-        self.per_sequence = per_sequence
+    pads_to_max_length = True
+    #: The id written at the span masks (None: the mask id). The official code writes a literal (LLaDA-8B's
+    #: mask id) whatever the model's is; set it to that literal to reproduce its raw inputs.
+    view_mask_id: int | None = None
 
     def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Fixed-length EOS-padded clean ids, prompt lengths and both masked views."""
-        eos = self.ids.eos
-        rows = [pad_fixed([*ex["prompt_ids"], *ex["response_ids"], eos], self.max_length, eos) for ex in examples]
-        input_ids = torch.tensor(rows, dtype=torch.long)
-        prompt_lengths = torch.tensor([len(ex["prompt_ids"]) for ex in examples], dtype=torch.long)
+        input_ids, prompt_lengths = eos_padded(examples, self.max_length, self.ids.eos)
+        r = self.recipe
         views = complementary_masks(
             input_ids,
             prompt_lengths,
             mask_id=self.ids.mask,
             rng=python_rng(generator),
             generator=generator,
-            block_size=self.block_size,
-            mask_ratio=self.mask_ratio,
-            eps=self.eps,
-            reference=self.reference_masking,
+            block_size=r.block_size or None,
+            mask_ratio=r.mask_ratio,
+            reference=r.reference_masking,
             view_mask_id=self.view_mask_id,
         )
         return {
@@ -450,21 +337,12 @@ class DParallelObjective(Objective):
         max_steps: int = 1,
         teacher: nn.Module | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Two forwards (one per view) and :func:`certainty_forcing_loss`."""
-        logits = self.logits(model, batch["noisy"])
-        logits_rev = self.logits(model, batch["noisy_rev"])
-        kw = {"temperature": self.temperature, "entropy_weight": self.entropy_weight}
-        ids, mask, mask_rev = batch["input_ids"], batch["mask"], batch["mask_rev"]
-        if not self.per_sequence:
-            out = certainty_forcing_loss(logits, logits_rev, ids, mask, mask_rev, **kw)
-            return out.total, out.log_dict()
-
-        def row(i: int) -> tuple[torch.Tensor, dict[str, float]]:
-            r = slice(i, i + 1)
-            out = certainty_forcing_loss(logits[r], logits_rev[r], ids[r], mask[r], mask_rev[r], **kw)
-            return out.total, out.log_dict()
-
-        return mean_over_rows(ids.shape[0], row)
+        """Two forwards (one per view) and :func:`certainty_forcing_loss` (:func:`two_view_loss`)."""
+        views = ComplementaryMasks(batch["noisy"], batch["noisy_rev"], batch["mask"], batch["mask_rev"])
+        r = self.recipe
+        return two_view_loss(
+            self, model, batch["input_ids"], views, temperature=r.temperature, entropy_weight=r.entropy_weight
+        )
 
 
 # -- block-diffusion models (LLaDA2-MoE, SDAR): dFactory's LLaDA2 dParallel trainer ----------------------
@@ -474,76 +352,6 @@ class DParallelObjective(Objective):
 # sees the ``[noisy | clean]`` concatenation under the block-diffusion training mask (positions
 # ``cat(arange(n), arange(n))``), and the loss on the noisy half's logits is the masked CE ("consistency")
 # plus ``confidence_beta`` times the mean *untempered* entropy over the correctly predicted labels.
-
-
-def mdm_noise(
-    input_ids: torch.Tensor,
-    prompt_lengths: list[int] | torch.Tensor,
-    mask_id: int,
-    generator: torch.Generator,
-    noise_range: tuple[float, float] = (0.3, 0.8),
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(noisy_input_ids, labels)`` as ``process_mdm_tokenized_example`` draws them, row by row.
-
-    Per row: ``t = U·(hi − lo) + lo`` from one ``torch.rand(1)``, then ``torch.rand(L) < t`` masks the
-    positions ``≥ prompt_length``; labels are the clean ids at masked positions and -100 elsewhere.
-    """
-    lo, hi = noise_range
-    noisy, labels = input_ids.clone(), torch.full_like(input_ids, -100)
-    for i in range(input_ids.shape[0]):
-        t = torch.rand(1, generator=generator) * (hi - lo) + lo
-        draw = torch.rand(input_ids.shape[1], generator=generator) < t
-        draw[: int(prompt_lengths[i])] = False
-        noisy[i, draw] = mask_id
-        labels[i, draw] = input_ids[i, draw]
-    return noisy, labels
-
-
-def block_diffusion_mask(length: int, block_size: int, device: torch.device | None = None) -> torch.Tensor:
-    """The ``[2n, 2n]`` boolean training mask over ``[noisy | clean]`` (True = attend), dFactory's layout.
-
-    Noisy block b sees its own noisy block and the clean blocks before b; clean block b sees the clean
-    blocks up to b (block-causal); clean never sees noisy.
-    """
-    blk = torch.arange(length, device=device) // block_size
-    same = blk[:, None] == blk[None, :]
-    earlier = blk[None, :] < blk[:, None]
-    causal = blk[None, :] <= blk[:, None]
-    top = torch.cat((same, earlier), dim=1)
-    bottom = torch.cat((torch.zeros_like(same), causal), dim=1)
-    return torch.cat((top, bottom), dim=0)
-
-
-def block_size_of(model: nn.Module, block_size: int | None = None) -> int:
-    """``block_size``, else the block length of the block-diffusion ``model`` (through peft/DDP wrappers);
-    ValueError for a model without block-causal attention (LLaDA, Dream)."""
-    inner = unwrap(model)
-    if not getattr(inner, "block_diffusion", False):
-        name = getattr(inner, "architecture", type(inner).__name__)
-        raise ValueError(f"the block-diffusion objectives need a block-causal model (llada2, sdar), not {name}")
-    return int(block_size or inner.block_length)
-
-
-def block_diffusion_logits(
-    model: nn.Module,
-    noisy: torch.Tensor,
-    clean: torch.Tensor,
-    block_size: int,
-    key_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The noisy half's logits of one ``[noisy | clean]`` forward under :func:`block_diffusion_mask`.
-
-    Both halves take positions ``0..n-1``, so noisy block b is computed exactly as when block b is decoded
-    against the exact cache of the clean blocks before it. ``key_valid`` ``[B, n]`` (True = a real token)
-    also hides the right padding of each row, in both halves, as keys.
-    """
-    b, n = noisy.shape
-    mask = block_diffusion_mask(n, block_size, noisy.device)[None, None].expand(b, 1, 2 * n, 2 * n)
-    if key_valid is not None:
-        mask = mask & torch.cat((key_valid, key_valid), dim=1).bool()[:, None, None, :]
-    pos = torch.arange(n, device=noisy.device).repeat(2)[None].expand(b, -1)
-    out = model(input_ids=torch.cat((noisy, clean), dim=1), attention_mask=mask, position_ids=pos)
-    return out.logits[:, :n]
 
 
 def block_certainty_forcing_loss(
@@ -559,51 +367,27 @@ def block_certainty_forcing_loss(
     return {"consistency": ce, "confidence": conf, "total": ce + confidence_beta * conf, "num_correct": n}
 
 
-class BlockDiffusionDParallelObjective(Objective):
+class BlockDiffusionDParallelObjective(RecipeObjective):
     """dFactory's dParallel certainty forcing for block-diffusion models (LLaDA2-MoE, SDAR).
 
     ``collate``: ``prompt + response + [EOS]`` right-padded with EOS to ``max_length`` (as
-    :class:`DParallelObjective`), then :func:`mdm_noise` with the trainer's generator: one noised view
-    ``x_t`` per sequence. ``loss``: one ``[x_t | x_0]`` forward under :func:`block_diffusion_mask` (noisy
-    block b sees itself and the clean blocks before it: the state of block b when it is decoded) and
-    :func:`block_certainty_forcing_loss` on the noisy half (dFactory's defaults: same-token labels,
-    ``confidence_beta`` 0 = CE only; dParallel's certainty forcing is ``confidence_beta > 0``).
-    ``block_size`` None takes the model's block length. ``per_sequence``: each sequence normalised by its
-    own counts, mean over sequences (dFactory's loss at its micro-batch of 1); False: means over the
-    micro-batch (what the parity oracles record for their batch of 2).
+    :class:`DParallelObjective`), then :func:`~fewstep.distill.blockdiff.mdm_noise` with the trainer's
+    generator over the recipe's noise range: one noised view ``x_t`` per sequence. ``loss``: one
+    ``[x_t | x_0]`` forward under the block-diffusion mask (noisy block b sees itself and the clean blocks
+    before it: the state of block b when it is decoded) and :func:`block_certainty_forcing_loss` on the
+    noisy half (same-token labels unless ``shifted_labels``; ``confidence_beta`` 0 = CE only, dParallel's
+    certainty forcing is ``confidence_beta > 0``). Block 0 or none: the model's block length.
+    ``per_sequence``: dFactory's loss at its micro-batch of 1; False: means over the micro-batch (what the
+    parity oracles record for their batch of 2).
     """
 
     name = "dparallel"
-    needs_teacher = False
-
-    def __init__(
-        self,
-        ids: SpecialIds,
-        max_length: int = 384,
-        *,
-        block_size: int | None = None,
-        confidence_beta: float = 1.0,
-        noise_range: tuple[float, float] = (0.3, 0.8),
-        same_token_labels: bool = True,
-        per_sequence: bool = False,
-    ):
-        super().__init__(ids, max_length)
-        if block_size is not None and block_size < 1:
-            raise ValueError(f"block_size must be a positive integer or None, got {block_size}")
-        lo, hi = noise_range
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"noise_range must satisfy 0 <= low <= high <= 1, got {noise_range}")
-        self.block_size, self.confidence_beta = block_size, confidence_beta
-        self.noise_range, self.same_token_labels = (lo, hi), same_token_labels
-        self.per_sequence = per_sequence
+    pads_to_max_length = True
 
     def collate(self, examples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Fixed-length EOS-padded clean ids, the noised ids and the labels (-100 off the masked positions)."""
-        eos = self.ids.eos
-        rows = [pad_fixed([*ex["prompt_ids"], *ex["response_ids"], eos], self.max_length, eos) for ex in examples]
-        input_ids = torch.tensor(rows, dtype=torch.long)
-        prompts = [len(ex["prompt_ids"]) for ex in examples]
-        noisy, labels = mdm_noise(input_ids, prompts, self.ids.mask, generator, self.noise_range)
+        input_ids, prompt_lengths = eos_padded(examples, self.max_length, self.ids.eos)
+        noisy, labels = mdm_noise(input_ids, prompt_lengths, self.ids.mask, generator, self.recipe.noise_range)
         return {"input_ids": input_ids, "noisy_input_ids": noisy, "labels": labels}
 
     def loss(
@@ -616,16 +400,102 @@ class BlockDiffusionDParallelObjective(Objective):
         teacher: nn.Module | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """One block-diffusion forward and the consistency + ``confidence_beta`` x confidence loss."""
-        block = block_size_of(model, self.block_size)
+        r = self.recipe
+        block = block_size_of(model, r.block_size)
         logits = block_diffusion_logits(model, batch["noisy_input_ids"], batch["input_ids"], block)
         labels = batch["labels"]
 
-        def of(lg: torch.Tensor, lb: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            out = block_certainty_forcing_loss(lg, lb, self.confidence_beta, self.same_token_labels)
-            logs = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
-            logs["loss"] = logs.pop("total")
-            return out["total"], logs
+        def of(rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
+            out = block_certainty_forcing_loss(logits[rows], labels[rows], r.confidence_beta, not r.shifted_labels)
+            return out["total"], loss_logs(out)
 
-        if not self.per_sequence:
-            return of(logits, labels)
-        return mean_over_rows(labels.shape[0], lambda i: of(logits[i : i + 1], labels[i : i + 1]))
+        return self.reduce(labels.shape[0], of)
+
+
+# -- the recipes ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DParallelRecipe(TrainingRecipe):
+    """dParallel's recipe for one model family (``config_lora_{llada,dream}.yaml`` and ``DLMTrainer``).
+
+    The references train on 8 GPUs with an effective batch of 64 sequences, in bfloat16, with AdamW
+    (weight decay 0.01, clip 1) and LoRA r = alpha = 128 on LLaDA (whose config lists seven targets, but
+    LLaDA names its attention output / MLP gate / MLP down ``attn_out`` / ``ff_proj`` / ``ff_out``, so only
+    q, k, v, up are adapted: ``--lora-targets dparallel``) and r = alpha = 32 on all seven projections of
+    Dream; sequences are padded to 384 tokens (:data:`PAPER_MAX_LENGTH`).
+    """
+
+    objective_class: ClassVar[type] = DParallelObjective
+
+    block_size: int | None = option(32, "dparallel: masking block, 0 = the whole response (Dream's)")
+    temperature: float = option(0.5, "dparallel: entropy temperature")
+    entropy_weight: float = option(2.0, "dparallel: entropy weight w")
+    mask_ratio: float = option(0.5, "dparallel: Bernoulli ratio inside the block")
+    reference_masking: bool = option(False, "dparallel: the official masker bit for bit (batch quirks)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self, "block_size", self.block_size is None or self.block_size >= 0, "be >= 0")
+        require(self, "temperature", self.temperature > 0, "be > 0")
+        require(self, "entropy_weight", self.entropy_weight >= 0, "be >= 0")
+        require(self, "mask_ratio", 0 <= self.mask_ratio <= 1, "lie in [0, 1]")
+
+
+@dataclass(frozen=True)
+class BlockDParallelRecipe(TrainingRecipe):
+    """dParallel on a block-diffusion model (LLaDA2-MoE, SDAR), as dFactory's LLaDA2 dParallel trainer.
+
+    ``train_llada2_bd_with_dparallel.py`` with ``configs/sft/llada2_mini_bd_sft.yaml``: full fine-tuning
+    (FSDP2, bf16), AdamW (0.9, 0.999, weight decay 0.1, clip 1), LR 1e-5, one epoch, cosine after a 3 %
+    warm-up, global batch 8, noise range (0.3, 0.8), block 32 (LLaDA2's block length), same-position
+    labels. fewstep keeps weight decay 0.01 here, as for the other recipes. ``confidence_beta`` is the
+    certainty-forcing weight; the trainer's own default 0 switches the term off and no released config
+    sets it, so fewstep uses 1 (the fixtures' oracles hold 0.5 and 1). SDAR has no dParallel recipe of its
+    own: it takes this one (``SDARModel.recipes_from``), with its own block length (4).
+    """
+
+    objective_class: ClassVar[type] = BlockDiffusionDParallelObjective
+
+    block_size: int | None = option(
+        None, "dparallel (block models): block of the [noisy | clean] mask, 0 = the model's"
+    )
+    confidence_beta: float = option(1.0, "dparallel (block models): weight of the entropy on correct tokens")
+    noise_range_low: float = option(0.3, "dparallel (block models): lowest masking ratio of a sequence")
+    noise_range_high: float = option(0.8, "dparallel (block models): highest masking ratio of a sequence")
+    shifted_labels: bool = option(
+        False, "dparallel (block models): next-token labels (dFactory's same_token_labels false)"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self, "block_size", self.block_size is None or self.block_size >= 0, "be >= 0")
+        require(self, "confidence_beta", self.confidence_beta >= 0, "be >= 0")
+        require(self, "noise_range_low", 0 <= self.noise_range_low <= self.noise_range_high, "lie in [0, high]")
+        require(self, "noise_range_high", self.noise_range_high <= 1, "be <= 1")
+
+    @property
+    def noise_range(self) -> tuple[float, float]:
+        """``(low, high)`` of the per-sequence masking ratio."""
+        return self.noise_range_low, self.noise_range_high
+
+
+#: dParallel per recipe family (a model class's ``recipes_from`` names the rows it takes): the single
+#: source of ``fewstep distill --method dparallel``'s defaults, of :func:`fewstep.distill.build_objective`
+#: and of the README's recipe table. The block-diffusion row is dFactory's objective.
+RECIPES: dict[str, DParallelRecipe | BlockDParallelRecipe] = {
+    "llada": DParallelRecipe(finetune="lora", lr=2e-5, epochs=6.0, schedule="constant", warmup_steps=0),
+    "dream": DParallelRecipe(
+        finetune="lora",
+        lr=2e-5,
+        epochs=3.0,
+        schedule="cosine",
+        warmup_steps=None,
+        warmup_ratio=0.05,
+        block_size=None,
+        entropy_weight=1.0,
+    ),
+    "llada2": BlockDParallelRecipe(
+        finetune="full", lr=1e-5, epochs=1.0, schedule="cosine", warmup_steps=None, warmup_ratio=0.03
+    ),
+}

@@ -6,12 +6,10 @@ the answers are kept or dropped as configured (``correct``, ``all``, ``incorrect
 folder of JSONL shards whose records carry ``prompt`` and ``response`` (what ``fewstep distill``
 reads), the verdict and generation statistics.
 
-Prompt sets and verifiers are small registries, so a benchmark becomes a rollout source with one
-line: :func:`register_verifier` maps a name to ``verify(record, response) -> bool``;
-:func:`register_prompt_set` maps a name to a loader of prompt records and its default verifier. The
-embedded task (``arith``) is registered here; ``gsm8k`` and ``math`` verifiers delegate to the
-evaluation harness's answer extraction (:func:`task_verifier`), and the ``gsm8k`` prompt set is the
-GSM8K train split under an evaluation prompt protocol (:func:`eval_prompt_records`).
+Prompt sets and verifiers come from the one benchmark registry (:mod:`fewstep.eval.benchmarks`): a task
+with training prompts (``Task.train``: the embedded task ``arith``, GSM8K's train split under an
+evaluation prompt protocol) is a prompt set, and a task that checks answers in-process (``judge`` or
+``extract`` + ``check``) is a verifier (:func:`task_verifier`), so a benchmark is registered once.
 
 Resumability. Each process writes its own shard ``shard-RRRRR-of-WWWWW.jsonl`` and a progress index
 ``shard-RRRRR-of-WWWWW.progress.json``. After each batch the kept records are appended to the shard
@@ -38,169 +36,59 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fewstep.decoding.text import cut_at_stop as cut_at  # noqa: F401  (the rollout's name for it)
 from fewstep.decoding.text import encode, has_chat_template, render
+from fewstep.eval.benchmarks import TASKS, Record, get_task
 
-Record = dict[str, Any]
 Verifier = Callable[[Record, str], bool]
 KEEP_MODES = ("correct", "all", "incorrect")
 CHAT_MODES = ("auto", "on", "off")
 MANIFEST = "rollout.json"
 
-# -- registries ------------------------------------------------------------------------------------------
-
-_VERIFIERS: dict[str, Callable[[], Verifier]] = {}
-
-
-def register_verifier(name: str, factory: Callable[[], Verifier]) -> None:
-    """Register a verifier by name. ``factory()`` builds ``verify(record, response) -> bool`` lazily (it
-    may import heavy modules); ``record`` is the prompt record (its ``prompt`` and gold fields)."""
-    _VERIFIERS[name] = factory
-
-
-def verifier_names() -> list[str]:
-    return sorted(_VERIFIERS)
-
-
-def get_verifier(name: str) -> Verifier:
-    """The verifier registered as ``name`` (ValueError listing the known names otherwise)."""
-    if name not in _VERIFIERS:
-        raise ValueError(f"unknown verifier {name!r} (known: {', '.join(verifier_names())}, none)")
-    return _VERIFIERS[name]()
-
-
-@dataclass
-class PromptSet:
-    """A named prompt source: ``load(limit, seed, protocol)`` returns prompt records, ``verifier`` names
-    their checker (``protocol`` picks a prompt format where the set has several; None is its default).
-
-    A record holds ``id``, ``prompt`` (the question text) and whatever its verifier reads (``gold``,
-    ``target``, ...). Optional: ``messages`` (chat turns, rendered with the tokenizer's chat template
-    instead of ``prompt``), ``raw`` (True: never apply a chat template), ``gen_prefix`` (text the answer
-    starts with, appended to the rendered prompt), ``stop`` (strings the response is cut at).
-    """
-
-    name: str
-    description: str
-    load: Callable[[int | None, int, str | None], list[Record]] = field(repr=False)
-    verifier: str | None = None
-
-
-_PROMPT_SETS: dict[str, PromptSet] = {}
-
-
-def register_prompt_set(prompt_set: PromptSet) -> PromptSet:
-    _PROMPT_SETS[prompt_set.name] = prompt_set
-    return prompt_set
+# -- prompt sets and verifiers: the benchmark registry ----------------------------------------------------
 
 
 def prompt_set_names() -> list[str]:
-    return sorted(_PROMPT_SETS)
+    """The registered tasks that lend training prompts (``--prompts NAME``)."""
+    return sorted(name for name, task in TASKS.items() if task.train is not None)
 
 
-# -- the embedded task -------------------------------------------------------------------------------------
-
-#: Prompts drawn from the embedded task's train split when no ``--limit`` is given.
-ARITH_DEFAULT_PROMPTS = 8192
-
-
-def _arith_load(limit: int | None, seed: int, protocol: str | None = None) -> list[Record]:
-    from fewstep.tasks.arith import generate_problems
-
-    if protocol is not None:
-        raise ValueError("the arith prompt set has a single prompt format (no --protocol)")
-
-    problems = generate_problems("train", ARITH_DEFAULT_PROMPTS if limit is None else limit, seed=seed)
-    return [{"id": p.id, "prompt": p.prompt, "gold": p.gold} for p in problems]
-
-
-def _arith_verifier() -> Verifier:
-    from fewstep.tasks.arith import verify
-
-    return lambda record, response: bool(verify(record["prompt"], response))
-
-
-register_verifier("arith", _arith_verifier)
-register_prompt_set(
-    PromptSet(
-        "arith",
-        f"the embedded task's train split (distinct prompts, generated with --seed; {ARITH_DEFAULT_PROMPTS} "
-        "unless --limit)",
-        _arith_load,
-        "arith",
-    )
-)
-
-# -- benchmarks through the evaluation harness ---------------------------------------------------------------
-
-
-def _eval_tasks():
-    try:
-        from fewstep.eval import benchmarks as tasks
-    except ImportError:
-        raise ValueError(
-            "this prompt set / verifier needs fewstep's evaluation harness (fewstep.eval.benchmarks), which this "
-            "installation lacks"
-        ) from None
-    return tasks
+def verifier_names() -> list[str]:
+    """The registered tasks that check answers in-process (``--verifier NAME``), with their aliases."""
+    return sorted(n for name, task in TASKS.items() if task.verifies for n in (name, *task.aliases))
 
 
 def task_verifier(task: Any) -> Verifier:
-    """A verifier from an evaluation task (a name in ``fewstep.eval.benchmarks`` or a task object): the task's
-    ``extract(record, response)`` then ``check(record, extracted)``. A record's ``gold`` is copied to the
-    fields the benchmarks' checkers read (``target`` for GSM8K, ``answer`` for MATH) when they are absent."""
+    """``verify(record, response) -> bool`` of an evaluation task (a registered name or a task object): its
+    ``judge``, else its ``extract(record, response)`` then ``check(record, extracted)``. A record's ``gold``
+    is copied to the fields the benchmarks' checkers read (``target`` for GSM8K, ``answer`` for MATH) when
+    they are absent."""
     if isinstance(task, str):
-        task = _eval_tasks().get_task(task)
-    if getattr(task, "check", None) is None:
+        task = get_task(task)
+    judge = getattr(task, "judge", None)
+    if judge is None and getattr(task, "check", None) is None:
         raise ValueError(f"task {getattr(task, 'name', task)!r} has no answer checker (code tasks need a sandbox)")
 
     def verify(record: Record, response: str) -> bool:
         if "gold" in record:
             record = {"target": record["gold"], "answer": record["gold"], **record}
+        if judge is not None:
+            return bool(judge(record, response)[1])
         extracted = task.extract(record, response)
         return extracted is not None and bool(task.check(record, extracted))
 
     return verify
 
 
-def eval_prompt_records(rows: Sequence[Record], task: Any, protocol: str | None = None) -> list[Record]:
-    """Prompt records from benchmark rows through an evaluation task's prompt protocol (chat messages or
-    raw text, generation prefix and stop strings, as :meth:`Task.prompt` builds them)."""
-    out = []
-    for row in rows:
-        p = task.prompt(row, protocol)
-        rec = {**row, "id": str(row.get("id", len(out)))}
-        if p.messages is not None:
-            rec["messages"] = [dict(m) for m in p.messages]
-            rec["prompt"] = p.messages[-1]["content"]
-        else:
-            rec["prompt"], rec["raw"] = p.text, True
-        if p.gen_prefix:
-            rec["gen_prefix"] = p.gen_prefix
-        if p.stop:
-            rec["stop"] = list(p.stop)
-        out.append(rec)
-    return out
+def get_verifier(name: str) -> Verifier:
+    """The verifier of the task registered as ``name`` (ValueError listing the known names otherwise)."""
+    if name not in verifier_names():
+        raise ValueError(f"unknown verifier {name!r} (known: {', '.join(verifier_names())}, none)")
+    return task_verifier(name)
 
-
-def _gsm8k_train(limit: int | None, seed: int, protocol: str | None = None) -> list[Record]:
-    tasks = _eval_tasks()
-    from fewstep.eval import datasets
-
-    rows = datasets.load_gsm8k("train")
-    rows = rows if limit is None else rows[:limit]
-    return eval_prompt_records(rows, tasks.get_task("gsm8k"), protocol)
-
-
-register_verifier("gsm8k", lambda: task_verifier("gsm8k"))
-register_verifier("math", lambda: task_verifier("math500"))
-register_prompt_set(
-    PromptSet("gsm8k", "GSM8K train split (7,473), prompted as --protocol (evaluation harness)", _gsm8k_train, "gsm8k")
-)
 
 # -- prompts -----------------------------------------------------------------------------------------------
 
@@ -213,9 +101,9 @@ def load_prompts(
     A JSONL line is an object with a string ``prompt_field``; its other fields are kept (a verifier may
     read them). Records without an ``id`` get their 1-based position among the records.
     """
-    if source in _PROMPT_SETS:
-        ps = _PROMPT_SETS[source]
-        return ps.load(limit, seed, protocol), ps.verifier
+    if source in prompt_set_names():
+        task = get_task(source)
+        return task.train.load(limit, seed, protocol), task.name if task.verifies else None
     if protocol is not None:
         raise ValueError("--protocol applies to a named prompt set, not to a JSONL file")
     path = Path(source)
@@ -268,6 +156,7 @@ class RolloutConfig:
     seed: int = 0
     chat: str = "auto"
     early_stop: bool = True
+    eos_fill: bool = False  # d3LLM's end-of-text stop (everything after the first EOS at once)
     sort_by_length: bool = True
     prompt_field: str = "prompt"
     protocol: str | None = None
@@ -285,7 +174,7 @@ class RolloutConfig:
             raise ValueError("limit must be >= 1")
         if self.chat not in CHAT_MODES:
             raise ValueError(f"chat must be one of {', '.join(CHAT_MODES)}; got {self.chat!r}")
-        if self.trajectory and self.early_stop:
+        if self.trajectory and (self.early_stop or self.eos_fill):
             raise ValueError("a trajectory rollout commits every answer position by a forward: no early stop")
         if self.attempts < 1:
             raise ValueError("attempts must be >= 1")
@@ -293,6 +182,8 @@ class RolloutConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that must not change between a run and its resumption."""
         skip = {"out_dir"} if self.trajectory else {"out_dir", "trajectory", "attempts"}
+        if not self.eos_fill:
+            skip.add("eos_fill")  # a manifest written before the option existed matches a run without it
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -328,7 +219,16 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def _new_stats() -> dict[str, float]:
-    return {"prompts": 0, "kept": 0, "correct": 0, "verified": 0, "nfe": 0, "tokens": 0, "seconds": 0.0}
+    return {
+        "prompts": 0,
+        "kept": 0,
+        "correct": 0,
+        "verified": 0,
+        "nfe": 0,
+        "tokens": 0,  # committed positions
+        "answer_tokens": 0,  # answer tokens before the first EOS
+        "seconds": 0.0,
+    }
 
 
 class ShardWriter:
@@ -342,7 +242,8 @@ class ShardWriter:
         size = 0
         if self.index.is_file():
             state = json.loads(self.index.read_text())
-            self.batches_done, size, self.stats = int(state["batches_done"]), int(state["bytes"]), state["stats"]
+            self.batches_done, size = int(state["batches_done"]), int(state["bytes"])
+            self.stats = {**_new_stats(), **state["stats"]}  # an index written before a statistic existed
         on_disk = self.path.stat().st_size if self.path.exists() else 0
         if on_disk < size:
             raise ValueError(f"{self.path} is shorter than its progress index records: the run folder is damaged")
@@ -367,7 +268,8 @@ class ShardWriter:
 
 
 def summarize(stats: dict[str, float], seconds: float | None = None) -> dict[str, float]:
-    """Rates from summed statistics: acceptance, accuracy, mean NFE, tokens per step, and throughput over
+    """Rates from summed statistics: acceptance, accuracy, mean NFE, tokens per forward (TPF: answer tokens
+    before the first EOS / NFE), positions per forward (committed positions / NFE), and throughput over
     ``seconds`` (default: the summed generation time)."""
     n = max(stats["prompts"], 1)
     seconds = stats["seconds"] if seconds is None else seconds
@@ -377,7 +279,8 @@ def summarize(stats: dict[str, float], seconds: float | None = None) -> dict[str
         "acceptance": stats["kept"] / n,
         "accuracy": stats["correct"] / stats["verified"] if stats["verified"] else None,
         "mean_nfe": stats["nfe"] / n,
-        "tokens_per_step": stats["tokens"] / max(stats["nfe"], 1),
+        "tokens_per_forward": stats.get("answer_tokens", 0) / max(stats["nfe"], 1),
+        "positions_per_forward": stats["tokens"] / max(stats["nfe"], 1),
         "prompts_per_second": stats["prompts"] / max(seconds, 1e-9),
         "tokens_per_second": stats["tokens"] / max(seconds, 1e-9),
         "seconds": round(seconds, 3),
@@ -446,6 +349,7 @@ def answer_batch(
         stats["prompts"] += 1
         stats["nfe"] += o.nfe
         stats["tokens"] += o.committed
+        stats["answer_tokens"] += round(o.tokens_per_forward * o.nfe)
         stats["verified"] += correct is not None
         stats["correct"] += bool(correct)
         stats["seconds"] = o.batch_seconds
@@ -468,6 +372,7 @@ def _settings(gen: Any, cfg: RolloutConfig):
         block_length=block,
         cache=cfg.cache,
         early_stop=cfg.early_stop,
+        eos_fill=cfg.eos_fill,
         cancel_at_stop=False,
     )
 
@@ -480,7 +385,8 @@ def _record(cfg: RolloutConfig, record: Record, text: str, o: Any, correct: bool
         "correct": correct,
         "question": record["prompt"],
         "nfe": o.nfe,
-        "tokens_per_step": round(o.committed / max(o.nfe, 1), 4),
+        "tokens_per_forward": round(o.tokens_per_forward, 4),  # answer tokens before the first EOS / NFE
+        "positions_per_forward": round(o.committed / max(o.nfe, 1), 4),  # committed positions / NFE
         "response_tokens": o.answer_tokens,
         "finished": o.answer_tokens < cfg.gen_length,  # a stop id ended the answer
         "seconds": round(o.batch_seconds / o.batch_rows, 6),
@@ -516,6 +422,7 @@ def answer_trajectories(
             correct = bool(verify(records[i], records[i].get("gen_prefix", "") + o.text)) if verify else None
             stats["nfe"] += o.nfe
             stats["tokens"] += o.committed
+            stats["answer_tokens"] += round(o.tokens_per_forward * o.nfe)
             final[i] = (o, correct, attempt)
             if correct is False:
                 retry.append(i)

@@ -1,7 +1,9 @@
 """fewstep.eval: benchmarks, prompt protocols, answer extraction, the code sandbox, eval and sweeps.
 
 * :mod:`fewstep.eval.datasets`: loaders of the shipped GSM8K, MATH-500, HumanEval and MBPP files.
-* :mod:`fewstep.eval.benchmarks` (old name ``fewstep.eval.tasks``): the benchmark registry (:func:`get_task`), ids, extraction and checking.
+* :mod:`fewstep.eval.benchmarks`: the benchmark registry (:func:`get_task`), ids, extraction, checking and the
+  prompts it lends to distillation's rollouts.
+* :mod:`fewstep.eval.embedded`: accuracy and speed of a decoding policy on the embedded task (:func:`evaluate_policy`).
 * :mod:`fewstep.eval.protocols`: the papers' prompt protocols (:func:`get_protocol`).
 * :mod:`fewstep.eval.sandbox`: :class:`Sandbox`, isolated execution of generated code.
 * :mod:`fewstep.eval.scoring`: :func:`score` responses (``fewstep score``).

@@ -1,8 +1,11 @@
-"""The task registry: each benchmark with its records, stable ids, answer extraction and checking.
+"""The task registry: each benchmark with its records, stable ids, answer extraction and checking, and the
+prompts it lends to distillation.
 
 A task is either a *math* task (the answer is extracted and compared in-process) or a *code* task
 (the extracted code becomes a test program that runs in the sandbox). ``fewstep score``, ``fewstep
-eval``, ``fewstep sweep`` and the lm-eval adapter all go through :func:`get_task`.
+eval``, ``fewstep sweep``, the lm-eval adapter and the rollouts of distillation (``fewstep rollout
+--prompts`` / ``--verifier``: :mod:`fewstep.distill.rollout`) all go through :func:`get_task`, so a
+benchmark is registered once (:func:`register_task`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,23 @@ from typing import Any
 
 from fewstep.eval import answers, code, datasets
 from fewstep.eval.protocols import PROTOCOLS, Protocol, get_protocol
+
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TrainPrompts:
+    """The prompts a task lends to distillation (``fewstep rollout --prompts NAME``).
+
+    ``load(limit, seed, protocol)`` returns prompt records: ``id``, ``prompt`` (the question text) and
+    whatever the task's verifier reads (``gold``, ``target``, ...); optionally ``messages`` (chat turns,
+    rendered with the tokenizer's chat template instead of ``prompt``), ``raw`` (True: never apply a chat
+    template), ``gen_prefix`` (text the answer starts with) and ``stop`` (strings the response is cut at).
+    ``protocol`` picks a prompt format where the task has several (None: its default).
+    """
+
+    description: str
+    load: Callable[[int | None, int, str | None], list[Record]] = field(repr=False)
 
 
 @dataclass
@@ -38,6 +58,8 @@ class Task:
     # judge(record, response) -> (extracted, passed, reason): replaces extract + check for tasks whose
     # verdict needs the whole response (the embedded task verifies every step of the derivation)
     judge: Callable[[dict[str, Any], str], tuple[str | None, bool, str]] | None = field(default=None, repr=False)
+    train: TrainPrompts | None = field(default=None, repr=False)  # prompts for rollouts (distillation)
+    aliases: tuple[str, ...] = ()  # other names get_task accepts (``math`` for ``math500``)
 
     @cached_property
     def records(self) -> list[dict[str, Any]]:
@@ -65,6 +87,31 @@ class Task:
         """The :class:`~fewstep.eval.protocols.Prompt` for ``record`` under ``protocol`` (default: the task's default)."""
         return get_protocol(self.name, protocol)(record)
 
+    @property
+    def verifies(self) -> bool:
+        """True when answers are checked in-process (a ``judge`` or a ``check``): a rollout verifier."""
+        return self.judge is not None or self.check is not None
+
+
+def prompt_records(rows: list[Record], task: Any, protocol: str | None = None) -> list[Record]:
+    """Prompt records (:class:`TrainPrompts`) from benchmark rows through a task's prompt protocol (chat
+    messages or raw text, generation prefix and stop strings, as :meth:`Task.prompt` builds them)."""
+    out = []
+    for row in rows:
+        p = task.prompt(row, protocol)
+        rec = {**row, "id": str(row.get("id", len(out)))}
+        if p.messages is not None:
+            rec["messages"] = [dict(m) for m in p.messages]
+            rec["prompt"] = p.messages[-1]["content"]
+        else:
+            rec["prompt"], rec["raw"] = p.text, True
+        if p.gen_prefix:
+            rec["gen_prefix"] = p.gen_prefix
+        if p.stop:
+            rec["stop"] = list(p.stop)
+        out.append(rec)
+    return out
+
 
 def _gsm8k_check(record: dict[str, Any], extracted: str) -> bool:
     return answers.gsm8k_equal(extracted, record["target"])
@@ -74,8 +121,9 @@ def _math_check(record: dict[str, Any], extracted: str) -> bool:
     return answers.math_equal(extracted, record["answer"])
 
 
-def _or_none(text: str) -> str | None:
-    return text if text.strip() else None
+def _mbpp_extract(record: dict[str, Any], response: str) -> str | None:
+    solution = code.mbpp_solution(record, response)
+    return solution if solution.strip() else None
 
 
 def _humaneval_extract(record: dict[str, Any], response: str) -> str | None:
@@ -92,6 +140,11 @@ def register_task(task: Task) -> Task:
     return task
 
 
+def _gsm8k_train(limit: int | None, seed: int, protocol: str | None = None) -> list[Record]:
+    rows = datasets.load_gsm8k("train")
+    return prompt_records(rows if limit is None else rows[:limit], get_task("gsm8k"), protocol)
+
+
 register_task(
     Task(
         "gsm8k",
@@ -101,6 +154,7 @@ register_task(
         extract=lambda r, resp: answers.extract_gsm8k(resp),
         check=_gsm8k_check,
         gold=lambda r: r["target"],
+        train=TrainPrompts("GSM8K train split (7,473), prompted as --protocol (evaluation harness)", _gsm8k_train),
     )
 )
 register_task(
@@ -112,6 +166,7 @@ register_task(
         extract=lambda r, resp: answers.extract_math(resp),
         check=_math_check,
         gold=lambda r: r["answer"],
+        aliases=("math",),
     )
 )
 register_task(
@@ -130,7 +185,7 @@ register_task(
         "code",
         "MBPP full set (974 problems; fewstep eval uses the test split, task_ids 11-510); ids are task_id",
         load=lambda: datasets.load_mbpp("all"),
-        extract=lambda r, resp: _or_none(code.mbpp_solution(r, resp)),
+        extract=_mbpp_extract,
         program=code.mbpp_test_program,
         eval_split=lambda r: r["task_id"] in datasets.MBPP_SPLITS["test"],
     )
@@ -141,13 +196,15 @@ register_task(
         "code",
         "MBPP sanitized (427 hand-verified problems); ids are task_id",
         load=lambda: datasets.load_mbpp_sanitized("all"),
-        extract=lambda r, resp: _or_none(code.mbpp_solution(r, resp)),
+        extract=_mbpp_extract,
         program=code.mbpp_test_program,
     )
 )
 
 
 EMBEDDED_TEST_SIZE = 512  # the test set `fewstep task` writes by default (seed 0)
+#: Prompts drawn from the embedded task's train split for a rollout without ``--limit``.
+EMBEDDED_TRAIN_PROMPTS = 8192
 
 
 def _register_embedded() -> None:
@@ -156,7 +213,13 @@ def _register_embedded() -> None:
     from fewstep.tasks import arith
 
     def load() -> list[dict[str, Any]]:
-        return [p.to_json() for p in arith.generate("test", EMBEDDED_TEST_SIZE, seed=0)]
+        return [p.to_json() for p in arith.generate_problems("test", EMBEDDED_TEST_SIZE, seed=0)]
+
+    def train(limit: int | None, seed: int, protocol: str | None = None) -> list[Record]:
+        if protocol is not None:
+            raise ValueError("the arith prompt set has a single prompt format (no --protocol)")
+        problems = arith.generate_problems("train", EMBEDDED_TRAIN_PROMPTS if limit is None else limit, seed=seed)
+        return [{"id": p.id, "prompt": p.prompt, "gold": p.gold} for p in problems]
 
     def judge(record: dict[str, Any], response: str) -> tuple[str | None, bool, str]:
         verdict = arith.verify(record["prompt"], response)
@@ -173,6 +236,11 @@ def _register_embedded() -> None:
             check=lambda r, extracted: extracted == r["gold"],
             gold=lambda r: r["gold"],
             judge=judge,
+            train=TrainPrompts(
+                f"the embedded task's train split (distinct prompts, generated with --seed; {EMBEDDED_TRAIN_PROMPTS} "
+                "unless --limit)",
+                train,
+            ),
         )
     )
     register_protocol(
@@ -190,7 +258,9 @@ _register_embedded()
 
 
 def get_task(name: str) -> Task:
-    """The registered task ``name``; ValueError (one line, listing the known names) otherwise."""
-    if name not in TASKS:
+    """The registered task ``name`` (or one of its ``aliases``); ValueError (one line, listing the known
+    names) otherwise."""
+    task = TASKS.get(name) or next((t for t in TASKS.values() if name in t.aliases), None)
+    if task is None:
         raise ValueError(f"unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
-    return TASKS[name]
+    return task

@@ -160,8 +160,14 @@ def humaneval_solution(record: dict[str, Any], response: str) -> str:
 
 
 def humaneval_test_program(record: dict[str, Any], code: str) -> str:
-    """Append HumanEval's tests and the ``check`` call to a solution."""
-    return f"{code}\n\n{record['test']}\n\ncheck({record['entry_point']})\n"
+    """The solution, HumanEval's tests, the answer guard, and ``check(entry_point)``.
+
+    ``check`` receives the entry point wrapped by :data:`GUARD` (every value it returns is checked);
+    the solution's own calls, recursion included, use the plain function.
+    """
+    entry = record["entry_point"]
+    wrap = "_fewstep_check = check\n\n\ndef check(candidate):\n    return _fewstep_check(_fewstep_guarded(candidate))\n"
+    return f"{code}\n\n{record['test']}\n\n{GUARD}\n{wrap}\n\ncheck({entry})\n"
 
 
 def mbpp_solution(record: dict[str, Any], response: str, *, require_return: bool = False) -> str:
@@ -170,12 +176,73 @@ def mbpp_solution(record: dict[str, Any], response: str, *, require_return: bool
 
 
 def mbpp_test_program(record: dict[str, Any], code: str) -> str:
-    """Imports (sanitized set), the solution, the setup code (full set), then the record's assert statements.
+    """Imports (sanitized set), the solution, the setup code (full set), the answer guard, then the asserts.
 
     The setup code comes after the solution because it may use the solution's classes (tasks 367 and
-    927 build trees from the solution's ``Node``).
+    927 build trees from the solution's ``Node``). In each assert, every call's value passes through
+    :data:`GUARD` (``assert f(x) == y`` runs as ``assert _fewstep_answer(f(x)) == y``).
     """
     imports = "\n".join(record.get("test_imports") or [])
     setup = record.get("test_setup_code") or ""
-    tests = "\n".join(record["test_list"])
-    return f"{imports}\n{code}\n{setup}\n\n{tests}\n"
+    tests = "\n".join(guard_asserts(t) for t in record["test_list"])
+    return f"{imports}\n{code}\n{setup}\n\n{GUARD}\n{tests}\n"
+
+
+# Checks on the values a solution returns to its tests, defined after the solution (which cannot
+# replace them by defining the same names first). They catch the cheap forgery of human-eval-style
+# harnesses: an object that claims to equal anything (``__eq__`` always true, or ``__ne__`` always
+# false), alone or inside a list, tuple, set or dict. A value that equals a fresh ``object()`` is no
+# honest answer. What they cannot catch (an object that compares honestly with ``object()`` but lies
+# to the test's values, arithmetic-only tricks, patching the tests) is listed in docs/evaluation.md.
+GUARD = """
+def _fewstep_claims_equality(value):
+    import itertools
+    sentinel = object()
+    todo, seen = [value], 0
+    while todo and seen < 10000:
+        item = todo.pop()
+        seen += 1
+        if type(item) in (int, float, complex, str, bytes, bool, type(None)):
+            continue
+        try:
+            if item == sentinel or not (item != sentinel):
+                return True
+        except Exception:
+            pass
+        if isinstance(item, (list, tuple, set, frozenset)):
+            todo.extend(itertools.islice(item, 10000))
+        elif isinstance(item, dict):
+            todo.extend(itertools.islice(item.items(), 10000))
+    return False
+
+
+def _fewstep_answer(value):
+    if _fewstep_claims_equality(value):
+        raise AssertionError("fewstep: the answer claims to equal any object (an always-true __eq__): not a real answer")
+    return value
+
+
+def _fewstep_guarded(function):
+    def candidate(*args, **kwargs):
+        return _fewstep_answer(function(*args, **kwargs))
+
+    return candidate
+"""
+
+
+class _CallGuard(ast.NodeTransformer):
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        return ast.copy_location(ast.Call(ast.Name("_fewstep_answer", ast.Load()), [node], []), node)
+
+
+def guard_asserts(test: str) -> str:
+    """An MBPP assert with every call's value checked by :data:`GUARD`; the line unchanged if it does not parse."""
+    try:
+        tree = _parse(test)
+    except (SyntaxError, ValueError):
+        return test
+    for node in tree.body:
+        if isinstance(node, ast.Assert):
+            node.test = _CallGuard().visit(node.test)
+    return ast.unparse(ast.fix_missing_locations(tree))

@@ -71,12 +71,15 @@ def run_demo(
     families: Sequence[PolicyFamily] | None = None,
     progress: Callable[[str, int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (model, policy setting): accuracy, mean NFE, tokens per step, seconds, speedups.
+    """One row per (model, policy setting): accuracy, mean NFE, tokens per forward (TPF: answer tokens before
+    the first EOS / NFE), positions per forward (committed positions / NFE), AUP, seconds, speedups.
 
-    Speedups are over the teacher's baseline row (the first model's), in NFE and in wall time.
+    Speedups are over the teacher's baseline row (the first model's), in NFE and in wall time. ``aup`` is
+    d3LLM's AUP of the row's model and policy family (every setting of the family, over TPF), with
+    ``y_max`` the best accuracy of all rows; the baseline family (one point) gets TPF x accuracy.
     """
+    from fewstep.eval.embedded import evaluate_policy
     from fewstep.models import load_model, load_tokenizer
-    from fewstep.tasks.evaluate import evaluate_policy
 
     block_length = block_length or BLOCK_LENGTH
     families = list(families or policy_families(gen_length))
@@ -108,7 +111,8 @@ def run_demo(
                         "family": fam.key,
                         "accuracy": res.accuracy,
                         "mean_nfe": res.mean_nfe,
-                        "tokens_per_step": res.tokens_per_step,
+                        "tokens_per_forward": res.tokens_per_forward,
+                        "positions_per_forward": res.positions_per_forward,
                         "seconds": res.seconds,
                     }
                 )
@@ -116,7 +120,28 @@ def run_demo(
     for r in rows:
         r["speedup_nfe"] = base["mean_nfe"] / r["mean_nfe"] if r["mean_nfe"] else math.inf
         r["speedup_wall"] = base["seconds"] / r["seconds"] if r["seconds"] else math.inf
+    add_aup(rows)
     return rows
+
+
+def add_aup(rows: Sequence[dict[str, Any]], y_max: float | None = None) -> dict[tuple[str, str], float | None]:
+    """Set each row's ``aup``: d3LLM's AUP (:func:`fewstep.eval.sweep.aup`) over tokens per forward of every
+    row of its model and policy family, ``y_max`` (in %) the best accuracy of all rows by default. Returns
+    the AUP per ``(model, family)`` (None where no row ran a forward)."""
+    from fewstep.eval.sweep import aup
+
+    top = max(100 * r["accuracy"] for r in rows) if y_max is None and rows else y_max
+    scores: dict[tuple[str, str], float | None] = {}
+    for key in dict.fromkeys((r["model"], r.get("family", r["policy"])) for r in rows):
+        pts = [
+            (r["tokens_per_forward"], 100 * r["accuracy"])
+            for r in rows
+            if (r["model"], r.get("family", r["policy"])) == key and r["tokens_per_forward"] > 0
+        ]
+        scores[key] = aup(pts, y_max=top) if pts else None
+    for r in rows:
+        r["aup"] = scores[(r["model"], r.get("family", r["policy"]))]
+    return scores
 
 
 def table_rows(rows: Sequence[dict[str, Any]], families: Sequence[PolicyFamily] | None = None) -> list[dict]:
@@ -161,16 +186,30 @@ def format_summary(rows: Sequence[dict[str, Any]], tolerance: float = 0.01) -> s
             lines.append(f"{entry['model']}: no setting within {100 * tolerance:.0f} point of the baseline")
             continue
         extra = "" if entry is summary[0] else f", {entry['vs_teacher']:.2f}x fewer than the teacher's best"
+        best = max(
+            (r for r in rows if r["model"] == entry["model"] and r.get("aup") is not None),
+            default=None,
+            key=lambda r: r["aup"],
+        )
+        score = "" if best is None else f"; best AUP {best['aup']:.1f} ({best.get('family', best['policy'])})"
+        tpf = "" if row.get("tokens_per_forward") is None else f", {row['tokens_per_forward']:.2f} tokens/forward"
         lines.append(
-            f"{entry['model']}: {row['policy']} {100 * row['accuracy']:.1f}% at {row['mean_nfe']:.2f} NFE "
-            f"({row['speedup_nfe']:.1f}x fewer than the baseline{extra})"
+            f"{entry['model']}: {row['policy']} {100 * row['accuracy']:.1f}% at {row['mean_nfe']:.2f} NFE{tpf} "
+            f"({row['speedup_nfe']:.1f}x fewer NFE than the baseline{extra}){score}"
         )
     return "\n".join(lines)
 
 
+#: what the two parallelism columns of the table mean (printed under it)
+FIGURES_LEGEND = (
+    "TPF: tokens per forward = answer tokens before the first EOS / NFE (d3LLM's figure, what AUP uses); "
+    "pos/fwd: committed positions / NFE (EOS padding included)"
+)
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table (also used in the README)."""
-    head = ["model", "policy", "accuracy", "mean NFE", "tokens/step", "seconds", "speedup NFE", "speedup wall"]
+    """A plain-text table (also used in the README), with :data:`FIGURES_LEGEND` under it."""
+    head = ["model", "policy", "accuracy", "mean NFE", "TPF", "pos/fwd", "seconds", "speedup NFE", "speedup wall"]
     lines = [head]
     for r in rows:
         lines.append(
@@ -179,7 +218,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                 r["policy"],
                 f"{100 * r['accuracy']:.1f}%",
                 f"{r['mean_nfe']:.2f}",
-                f"{r['tokens_per_step']:.2f}",
+                f"{r['tokens_per_forward']:.2f}",
+                f"{r['positions_per_forward']:.2f}",
                 f"{r['seconds']:.1f}",
                 f"{r['speedup_nfe']:.1f}x",
                 f"{r['speedup_wall']:.1f}x",
@@ -193,6 +233,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         )
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
+    out.append(FIGURES_LEGEND)
     return "\n".join(out)
 
 

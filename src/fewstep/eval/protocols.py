@@ -27,14 +27,6 @@ from fewstep.eval import datasets
 # ``fewstep.eval`` (the sandbox and scoring above all) must import without it.
 
 
-def __getattr__(name: str):
-    if name == "cut_at_stop":  # its old home; the text layer cuts stop strings
-        from fewstep.decoding.text import cut_at_stop
-
-        return cut_at_stop
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass(frozen=True)
 class Prompt:
     """The model input for one record.

@@ -37,8 +37,11 @@ IDENTITY_KEYS = (
     "batch_size",
     "dtype",
     "early_stop",
+    "eos_fill",
     "seed",
 )
+# the value an identity key had before it existed (a config.json written then lacks it)
+IDENTITY_DEFAULTS = {"eos_fill": False}
 
 
 @dataclass
@@ -58,6 +61,7 @@ class EvalSettings:
     device: str | None = None
     dtype: str | None = None
     early_stop: bool = True
+    eos_fill: bool = False  # d3LLM's end-of-text stop: everything after the first EOS at once (no forward)
     seed: int | None = None
     baseline: str | None = None  # an earlier eval folder (or its summary.json) to compute the speedup against
     workers: int = 2
@@ -93,7 +97,7 @@ def _check_identity(out: Path, settings: EvalSettings) -> None:
     mine = settings.identity()
     if cfg_path.exists():
         theirs = json.loads(cfg_path.read_text())
-        diff = [k for k in IDENTITY_KEYS if theirs.get(k) != mine[k]]
+        diff = [k for k in IDENTITY_KEYS if theirs.get(k, IDENTITY_DEFAULTS.get(k)) != mine[k]]
         if diff:
             k = diff[0]
             raise ValueError(
@@ -165,7 +169,7 @@ def _run_batch(task: Task, protocol, batch, gen, settings: EvalSettings, sandbox
     from fewstep.decoding.text import GenerationSettings
 
     prompts = [protocol(r) for r in batch]
-    same = {k: getattr(settings, k) for k in ("policy", "block_length", "cache", "early_stop")}
+    same = {k: getattr(settings, k) for k in ("policy", "block_length", "cache", "early_stop", "eos_fill")}
     base = GenerationSettings(max_tokens=settings.gen_length, chat=False, cancel_at_stop=False, **same)
     seed = settings.seed  # row i of a batch uses seed + i, as fewstep.generate(seed=int) does
     per = [base.replace(stop=p.stop, seed=None if seed is None else seed + i) for i, p in enumerate(prompts)]
@@ -193,6 +197,25 @@ def _load_baseline(path: str) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
+def parallelism(recs: list[dict[str, Any]], path: Path | str = "records.jsonl") -> dict[str, float | None]:
+    """The two parallelism figures of a set of records, pooled as d3LLM's harness pools TPF (sums over the
+    records, then one ratio): ``tokens_per_forward`` = answer tokens before the first EOS / NFE and
+    ``positions_per_forward`` = committed positions / NFE. Records of a fewstep older than these figures
+    (``tokens_per_step`` only) are refused with a one-line error: TPF cannot be recovered from them."""
+    old = next((r for r in recs if "tokens_per_forward" not in r), None)
+    if old is not None:
+        raise ValueError(
+            f"{path}: record {old.get('id')!r} has no tokens_per_forward (written by an older fewstep); "
+            "re-run it into a new --out"
+        )
+    nfe = sum(r["nfe"] for r in recs)
+    if not nfe:
+        return {"tokens_per_forward": None, "positions_per_forward": None}
+    tokens = sum(round(r["tokens_per_forward"] * r["nfe"]) for r in recs)
+    positions = sum(r["positions_per_forward"] * r["nfe"] for r in recs)
+    return {"tokens_per_forward": tokens / nfe, "positions_per_forward": positions / nfe}
+
+
 def summarize_run(task: Task, out: Path, settings: EvalSettings) -> dict[str, Any]:
     """Accuracy and speed over the records of this run's target set, from records.jsonl."""
     wanted = {str(r["id"]) for r in task.eval_records(settings.limit)}
@@ -207,7 +230,7 @@ def summarize_run(task: Task, out: Path, settings: EvalSettings) -> dict[str, An
         "correct": correct,
         "accuracy": correct / n if n else 0.0,
         "mean_nfe": statistics.fmean(r["nfe"] for r in recs) if recs else None,
-        "tokens_per_step": statistics.fmean(r["positions_per_forward"] for r in recs) if recs else None,
+        **parallelism(recs, out / "records.jsonl"),
         "latency_per_sample_s": gen_seconds / n if n else None,
         "tokens_per_s": tokens / gen_seconds if gen_seconds > 0 else None,
         "mean_gen_tokens": tokens / n if n else None,

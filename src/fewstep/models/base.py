@@ -33,7 +33,7 @@ every call), per layer as ``[B, n_kv_heads, L, head_dim]``.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -328,7 +328,26 @@ def attention_inputs(
 
 
 class DiffusionLM(nn.Module):
-    """Base class of fewstep's native models: shared logit alignment and device/dtype helpers."""
+    """Base class of fewstep's native models: shared logit alignment and device/dtype helpers.
+
+    A family's model class declares, at class level, everything the rest of fewstep needs to know about
+    it (``fewstep.models.families`` finds the classes; loading, LoRA and the recipe tables read them):
+    ``architecture`` (the family's name), ``config_class``, ``model_types`` (the config.json
+    ``model_type`` / ``architectures`` names that select it), ``family_order`` (its place in listings),
+    ``lora_roles`` (role -> regex of the module names it adapts), ``reference_lora_roles`` (the roles a
+    reference recipe's Llama-named LoRA targets reach here; None: all), ``recipes_from`` (the recipe rows
+    of a paper's ``RECIPES`` it takes, most specific first) and ``pretrainable`` (``fewstep pretrain``
+    builds it from scratch).
+    """
+
+    architecture: str = ""
+    config_class: type | None = None
+    model_types: tuple[str, ...] = ()
+    family_order: int = 100
+    lora_roles: ClassVar[dict[str, str]] = {}
+    reference_lora_roles: tuple[str, ...] | None = None
+    recipes_from: tuple[str, ...] = ()
+    pretrainable: bool = False
 
     logit_shift: int = 0
 

@@ -25,7 +25,7 @@ Checkpoint key map (Qwen2 names)::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from fewstep.models.base import HFConfigFields
 from fewstep.models.layers import DecoderLM, PreNormLayer, QKVAttention, RotaryEmbedding, SwiGLU
@@ -99,6 +99,20 @@ class DreamModel(DecoderLM):
     logit_shift = 1
     stack_names = ("embed_tokens", "layers", "norm", "lm_head")
     architecture = "dream"
+    config_class = DreamConfig
+    model_types = ("Dream", "DreamModel")
+    family_order = 1
+    lora_roles: ClassVar[dict[str, str]] = {
+        "q": r"layers\.\d+\.self_attn\.q_proj",
+        "k": r"layers\.\d+\.self_attn\.k_proj",
+        "v": r"layers\.\d+\.self_attn\.v_proj",
+        "o": r"layers\.\d+\.self_attn\.o_proj",
+        "gate": r"layers\.\d+\.mlp\.gate_proj",
+        "up": r"layers\.\d+\.mlp\.up_proj",
+        "down": r"layers\.\d+\.mlp\.down_proj",
+    }
+    recipes_from = ("dream", "llada")  # a paper without a Dream recipe: its LLaDA one
+    pretrainable = True
 
     def __init__(self, config: DreamConfig):
         rope = RotaryEmbedding(config.head_dim, config.rope_theta, max_len=None, fp32=False)  # per call, in dtype

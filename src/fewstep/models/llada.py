@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -191,6 +191,23 @@ class LLaDAModel(DecoderLM):
     logit_shift = 0
     stack_names = ("wte", "blocks", "ln_f", "ff_out")
     architecture = "llada"
+    config_class = LLaDAConfig
+    model_types = ("llada", "LLaDAModelLM")
+    family_order = 0
+    lora_roles: ClassVar[dict[str, str]] = {
+        "q": r"blocks\.\d+\.q_proj",
+        "k": r"blocks\.\d+\.k_proj",
+        "v": r"blocks\.\d+\.v_proj",
+        "o": r"blocks\.\d+\.attn_out",
+        "gate": r"blocks\.\d+\.ff_proj",
+        "up": r"blocks\.\d+\.up_proj",
+        "down": r"blocks\.\d+\.ff_out",
+    }  # anchored to the blocks: a bare ``ff_out`` is also LLaDA's LM head
+    # LLaDA names its attention output / MLP gate / MLP down attn_out / ff_proj / ff_out, so a Llama-named
+    # target list (q_proj ... down_proj, dParallel's config) adapts q, k, v and up only
+    reference_lora_roles = ("q", "k", "v", "up")
+    recipes_from = ("llada",)
+    pretrainable = True
 
     def __init__(self, config: LLaDAConfig):
         rope = RotaryEmbedding(

@@ -39,7 +39,7 @@ keys are the released per-expert ones and equal ``"model." + module name`` (``lm
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -295,6 +295,21 @@ class LLaDA2Model(BlockDecoderLM):
 
     stack_names = ("model.word_embeddings", "model.layers", "model.norm", "lm_head")
     architecture = "llada2"
+    config_class = LLaDA2Config
+    model_types = ("llada2_moe", "LLaDA2MoeModelLM")
+    family_order = 2
+    # q, k and v share one fused ``query_key_value`` (any of them adapts it); the MLP roles cover the dense
+    # layers' MLP, every routed expert and the shared experts; the router (``mlp.gate``, not a linear) never
+    lora_roles: ClassVar[dict[str, str]] = {
+        "q": r"model\.layers\.\d+\.attention\.query_key_value",
+        "k": r"model\.layers\.\d+\.attention\.query_key_value",
+        "v": r"model\.layers\.\d+\.attention\.query_key_value",
+        "o": r"model\.layers\.\d+\.attention\.dense",
+        "gate": r"model\.layers\.\d+\.mlp\.(experts\.\d+\.|shared_experts\.)?gate_proj",
+        "up": r"model\.layers\.\d+\.mlp\.(experts\.\d+\.|shared_experts\.)?up_proj",
+        "down": r"model\.layers\.\d+\.mlp\.(experts\.\d+\.|shared_experts\.)?down_proj",
+    }
+    recipes_from = ("llada2",)
     fp32_logits = True
 
     def __init__(self, config: LLaDA2Config):

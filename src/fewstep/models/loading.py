@@ -1,7 +1,7 @@
 """Load and save Hugging Face checkpoint folders with fewstep's native models.
 
-``load_model(path)`` reads ``config.json``, picks the architecture from ``model_type`` (``llada`` or
-``Dream``), builds the module on the ``meta`` device (no memory), allocates it once on the target device
+``load_model(path)`` reads ``config.json``, picks the family from ``model_type`` (the model classes
+declare theirs: :mod:`fewstep.models.families`), builds the module on the ``meta`` device (no memory), allocates it once on the target device
 and dtype, and streams the weights in tensor by tensor from the safetensors shards (single
 ``model.safetensors`` or sharded with ``model.safetensors.index.json``), reading each tensor's bytes
 straight into its parameter. The weights are therefore never held twice (no mmap, no staging copy).
@@ -22,26 +22,10 @@ from typing import Any
 import torch
 
 from fewstep.assets import resolve_model
-from fewstep.models.base import DiffusionLM
+from fewstep.models.base import ConfigFields, DiffusionLM
 from fewstep.models.block import attention_block
-from fewstep.models.dream import DreamConfig, DreamModel
-from fewstep.models.llada import LLaDAConfig, LLaDAModel
-from fewstep.models.llada2 import LLaDA2Config, LLaDA2Model
-from fewstep.models.sdar import SDARConfig, SDARModel
+from fewstep.models.families import architecture_of, families, model_class
 
-ARCHITECTURES: dict[str, tuple[type, type]] = {
-    "llada": (LLaDAConfig, LLaDAModel),
-    "dream": (DreamConfig, DreamModel),
-    "llada2": (LLaDA2Config, LLaDA2Model),
-    "sdar": (SDARConfig, SDARModel),
-}
-#: Block-diffusion families: ``model_type`` / ``architectures`` names -> fewstep architecture.
-BLOCK_DIFFUSION_TYPES: dict[str, str] = {
-    "llada2_moe": "llada2",
-    "LLaDA2MoeModelLM": "llada2",
-    "sdar": "sdar",
-    "SDARForCausalLM": "sdar",
-}
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -79,23 +63,6 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         return json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{cfg_file} is not valid JSON: {exc}") from None
-
-
-def architecture_of(cfg: dict[str, Any]) -> str:
-    """``"llada"`` or ``"dream"`` from ``model_type`` / ``architectures``; ValueError for anything else."""
-    mt = str(cfg.get("model_type", "")).lower()
-    archs = [str(a) for a in cfg.get("architectures") or []]
-    if mt == "llada" or "LLaDAModelLM" in archs:
-        return "llada"
-    if mt == "dream" or "DreamModel" in archs:
-        return "dream"
-    for name in (str(cfg.get("model_type", "")), *archs):
-        if name in BLOCK_DIFFUSION_TYPES:
-            return BLOCK_DIFFUSION_TYPES[name]
-    raise ValueError(
-        f"unknown model_type {cfg.get('model_type')!r} (architectures {archs}); fewstep supports "
-        "LLaDA (model_type 'llada'), Dream (model_type 'Dream'), LLaDA2-MoE ('llada2_moe') and SDAR ('sdar')"
-    )
 
 
 def weight_files(folder: Path) -> dict[str, list[str]]:
@@ -192,11 +159,13 @@ def check_device_dtype(device: torch.device, dtype: torch.dtype) -> None:
         ) from None
 
 
-def build_model(cfg: dict[str, Any] | LLaDAConfig | DreamConfig) -> DiffusionLM:
+def build_model(cfg: dict[str, Any] | ConfigFields) -> DiffusionLM:
     """An uninitialised (meta-device) model for a config dict or config object."""
     if isinstance(cfg, dict):
-        cfg = ARCHITECTURES[architecture_of(cfg)][0].from_dict(cfg)
-    model_cls = next(m for c, m in ARCHITECTURES.values() if isinstance(cfg, c))
+        model_cls = model_class(architecture_of(cfg))
+        cfg = model_cls.config_class.from_dict(cfg)
+    else:
+        model_cls = next(m for m in families().values() if isinstance(cfg, m.config_class))
     with torch.device("meta"):
         return model_cls(cfg)
 
@@ -212,7 +181,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> DiffusionLM:
-    """Load a LLaDA or Dream checkpoint folder (or a shipped model's name) into a native model, in eval mode.
+    """Load a checkpoint folder of any family (or a shipped model's name) into a native model, in eval mode.
 
     ``dtype`` None keeps the checkpoint's own dtype. Weights are read tensor by tensor from the shards
     straight into a model allocated once, so peak memory stays close to the weight bytes.

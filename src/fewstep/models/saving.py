@@ -5,9 +5,10 @@ training is saved *as its base folder is*: ``config.json`` keeps every key of th
 included; only what training changed differs), every non-weight file of the base folder is copied
 unchanged (remote-code ``configuration_*.py`` / ``modeling_*.py``, ``generation_config.json``, tokenizer
 files, chat template), and the weights are sharded with the base's own file names and key grouping
-when the base is sharded. Only the weights and the model card (``README.md``) are fewstep's own. So a
-student of LLaDA-8B-Instruct loads with ``trust_remote_code=True`` and is served by engines that read the
-original layout, exactly like its base.
+when the base is sharded. Only the weights, the model card (``README.md``) and the recommended decoding
+(``decoding.json``: :func:`write_decoding`, :func:`read_decoding`) are fewstep's own. So a student of
+LLaDA-8B-Instruct loads with ``trust_remote_code=True`` and is served by engines that read the original
+layout, exactly like its base.
 """
 
 from __future__ import annotations
@@ -20,10 +21,29 @@ from typing import Any
 
 import torch
 
-#: Files of a base folder that are not copied: the weights (written anew), the model card (fewstep's own)
-#: and fewstep's run artefacts, which describe the base's training, not the student's.
+#: A checkpoint's recommended decoding, beside its config.json: what ``fewstep generate``, ``fewstep serve``
+#: and ``fewstep rollout`` use for the settings their command line leaves unset.
+DECODING = "decoding.json"
+#: The settings ``decoding.json`` may hold, with their JSON types.
+DECODING_KEYS: dict[str, type] = {
+    "policy": str,
+    "gen_length": int,
+    "block_length": int,
+    "cache": str,
+    "early_stop": bool,
+}
+#: Files of a base folder that are not copied: the weights (written anew), the model card and the
+#: recommended decoding (fewstep's own) and fewstep's run artefacts, which describe the base, not the student.
 NOT_COPIED = frozenset(
-    {"config.json", "model.safetensors.index.json", "README.md", "training.json", "train_log.jsonl", "loss.png"}
+    {
+        "config.json",
+        "model.safetensors.index.json",
+        "README.md",
+        DECODING,
+        "training.json",
+        "train_log.jsonl",
+        "loss.png",
+    }
 )
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 INDEX = "model.safetensors.index.json"
@@ -167,3 +187,43 @@ def cast_weights(folder: str | os.PathLike, dtype: torch.dtype) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _checked_decoding(settings: dict[str, Any], where: str) -> dict[str, Any]:
+    """``settings`` if every key is one of :data:`DECODING_KEYS` with its type; ValueError (one line) otherwise."""
+    for key, value in settings.items():
+        kind = DECODING_KEYS.get(key)
+        if kind is None:
+            raise ValueError(f"{where}: unknown decoding setting {key!r} (known: {', '.join(DECODING_KEYS)})")
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{where}: {key} must be a JSON {kind.__name__}, got {value!r}")
+    return settings
+
+
+def write_decoding(folder: str | os.PathLike, **settings: Any) -> Path:
+    """Write a checkpoint's recommended decoding (``policy``, ``gen_length``, ``block_length``, ``cache``,
+    ``early_stop``; the ones given) to ``folder/decoding.json``; returns its path."""
+    path = Path(folder) / DECODING
+    path.write_text(json.dumps(_checked_decoding(dict(settings), str(path)), indent=2) + "\n")
+    return path
+
+
+def read_decoding(folder: str | os.PathLike) -> dict[str, Any]:
+    """The recommended decoding of a checkpoint folder (``decoding.json``), or ``{}`` without one."""
+    path = Path(folder) / DECODING
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} must hold a JSON object of decoding settings")
+    return _checked_decoding(settings, str(path))
+
+
+def recommended(folder: str | os.PathLike, given: dict[str, Any], fallback: dict[str, Any]) -> dict[str, Any]:
+    """For each setting of ``fallback``: the ``given`` value when it is set (not None), else the checkpoint's
+    recommendation (:func:`read_decoding`), else the ``fallback`` (the command's own default)."""
+    rec = read_decoding(folder)
+    return {k: given[k] if given.get(k) is not None else rec.get(k, default) for k, default in fallback.items()}

@@ -23,7 +23,7 @@ Checkpoint keys (standard Qwen3 names, equal to the module names)::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from fewstep.models.base import HFConfigFields
 from fewstep.models.layers import BlockDecoderLM, PreNormLayer, QKVAttention, RotaryEmbedding, SwiGLU
@@ -101,6 +101,19 @@ class SDARModel(BlockDecoderLM):
 
     stack_names = ("model.embed_tokens", "model.layers", "model.norm", "lm_head")
     architecture = "sdar"
+    config_class = SDARConfig
+    model_types = ("sdar", "SDARForCausalLM")
+    family_order = 3
+    lora_roles: ClassVar[dict[str, str]] = {
+        "q": r"model\.layers\.\d+\.self_attn\.q_proj",
+        "k": r"model\.layers\.\d+\.self_attn\.k_proj",
+        "v": r"model\.layers\.\d+\.self_attn\.v_proj",
+        "o": r"model\.layers\.\d+\.self_attn\.o_proj",
+        "gate": r"model\.layers\.\d+\.mlp\.gate_proj",
+        "up": r"model\.layers\.\d+\.mlp\.up_proj",
+        "down": r"model\.layers\.\d+\.mlp\.down_proj",
+    }
+    recipes_from = ("sdar", "llada2")  # the papers' block-diffusion recipes, with SDAR's own block length
 
     def __init__(self, config: SDARConfig):
         rope = RotaryEmbedding(config.head_size, config.rope_theta, min(config.max_position_embeddings, 4096))

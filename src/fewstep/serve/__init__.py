@@ -2,70 +2,13 @@
 
 ``create_app(generator, config)`` builds the FastAPI app (:mod:`fewstep.serve.app`);
 :func:`start_in_thread` runs it under uvicorn on a free port (tests, benchmarks); :func:`run` serves
-in the foreground (the CLI). See ``docs/serving.md``.
+in the foreground until SIGTERM / SIGINT drain it (the CLI; :mod:`fewstep.serve.server`). See
+``docs/serving.md``.
 """
 
 from __future__ import annotations
 
-import re
-import socket
-import threading
-import time
-from pathlib import Path
-from typing import Any
-
 from fewstep.serve.app import ServeConfig, create_app
+from fewstep.serve.server import ServerLimits, run, start_in_thread
 
-__all__ = ["ServeConfig", "card_defaults", "create_app", "run", "start_in_thread"]
-
-
-def card_defaults(model_dir: str | Path) -> dict[str, Any]:
-    """The decoding a model card recommends: ``policy`` and ``gen_length`` from its ``fewstep generate`` line.
-
-    Empty when the folder has no README.md or the card names no such command.
-    """
-    card = Path(model_dir) / "README.md"
-    if not card.is_file():
-        return {}
-    line = next((ln for ln in card.read_text("utf-8").splitlines() if "fewstep generate" in ln), "")
-    out: dict[str, Any] = {}
-    if m := re.search(r"--policy\s+(\S+?)`?(\s|$)", line):
-        out["policy"] = m.group(1).strip("`")
-    if m := re.search(r"--gen-length\s+(\d+)", line):
-        out["gen_length"] = int(m.group(1))
-    if m := re.search(r"--block-length\s+(\d+)", line):
-        out["block_length"] = int(m.group(1))
-    return out
-
-
-def _server(app, host: str, log_level: str):
-    import uvicorn
-
-    config = uvicorn.Config(app, host=host, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
-    return uvicorn.Server(config)
-
-
-def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-    """Run ``app`` under uvicorn in a daemon thread; returns ``(server, thread, port)`` once it answers.
-
-    ``port=0`` binds a free port. Stop it with ``server.should_exit = True; thread.join()``.
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    server = _server(app, host, log_level)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn")
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.02)
-    return server, thread, sock.getsockname()[1]
-
-
-def run(app, host: str, port: int, log_level: str = "info") -> None:
-    """Serve in the foreground until interrupted."""
-    import uvicorn
-
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+__all__ = ["ServeConfig", "ServerLimits", "create_app", "run", "start_in_thread"]

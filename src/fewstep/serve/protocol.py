@@ -182,6 +182,7 @@ _SETTINGS_FIELDS: dict[str, tuple[tuple[type, ...], str | None]] = {
     "temperature": ((int, float), "a number"),
     "top_p": ((int, float), "a number"),
     "threshold": ((int, float), "a number"),
+    "eos_fill": ((bool,), "a boolean"),
 }
 
 
@@ -190,7 +191,7 @@ def _settings(body: dict, defaults: GenerationSettings, chat: bool) -> Generatio
     values = {name: _get(body, name, kinds, what=what) for name, (kinds, what) in _SETTINGS_FIELDS.items()}
     if chat and values["max_tokens"] is None:  # OpenAI's newer name for it
         values["max_tokens"] = _get(body, "max_completion_tokens", (int,))
-    for name in ("policy", "cache", "max_tokens"):
+    for name in ("policy", "cache", "max_tokens", "eos_fill"):
         if values[name] is None:
             values[name] = getattr(defaults, name)
     if values["block_length"] is None and defaults.block_length is not None:

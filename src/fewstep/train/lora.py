@@ -1,12 +1,10 @@
-"""LoRA through ``peft``, with target modules named by *role* and mapped per architecture.
+"""LoRA through ``peft``, with target modules named by *role* and mapped per model family.
 
-Reference recipes list Llama/Qwen projection names (``q_proj ... down_proj``). On Dream (Qwen2
-naming) all seven exist; on LLaDA only ``q_proj, k_proj, v_proj, up_proj`` do, because LLaDA calls the
-attention output ``attn_out``, the MLP gate ``ff_proj`` and the MLP down projection ``ff_out``
-(checkpoints.md section 5). So dParallel's LLaDA recipe effectively adapts {q, k, v, up} only. fewstep
-names roles and maps them, so "all seven" really means all seven on both architectures, and the
-dParallel-LLaDA set is reproduced by asking for the roles ``q k v up``. A bare ``ff_out`` would also
-match LLaDA's LM head (``ff_out`` at the top level); the regexes below are anchored to the blocks.
+Reference recipes list Llama/Qwen projection names (``q_proj ... down_proj``). fewstep names roles
+(:data:`ROLES`) and each model class maps them to its own module names (``lora_roles``: LLaDA calls the
+attention output ``attn_out``, the MLP gate ``ff_proj`` and the MLP down projection ``ff_out``), so "all
+seven" means all seven on every family. A reference's Llama-named list reaches only some roles on some
+families (``reference_lora_roles``: q, k, v, up on LLaDA), which ``--lora-targets dparallel`` reproduces.
 """
 
 from __future__ import annotations
@@ -18,54 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+from fewstep.models.families import model_class
 
-# role -> regex for the module's qualified name (peft full-matches a string target against names).
-_ROLE_PATTERNS: dict[str, dict[str, str]] = {
-    "llada": {
-        "q": r"blocks\.\d+\.q_proj",
-        "k": r"blocks\.\d+\.k_proj",
-        "v": r"blocks\.\d+\.v_proj",
-        "o": r"blocks\.\d+\.attn_out",
-        "gate": r"blocks\.\d+\.ff_proj",
-        "up": r"blocks\.\d+\.up_proj",
-        "down": r"blocks\.\d+\.ff_out",
-    },
-    "dream": {
-        "q": r"layers\.\d+\.self_attn\.q_proj",
-        "k": r"layers\.\d+\.self_attn\.k_proj",
-        "v": r"layers\.\d+\.self_attn\.v_proj",
-        "o": r"layers\.\d+\.self_attn\.o_proj",
-        "gate": r"layers\.\d+\.mlp\.gate_proj",
-        "up": r"layers\.\d+\.mlp\.up_proj",
-        "down": r"layers\.\d+\.mlp\.down_proj",
-    },
-    # LLaDA2-MoE: q, k and v share one fused ``query_key_value`` (any of them adapts it); the MLP roles
-    # cover the dense layers' MLP, every routed expert and the shared experts; the router (``mlp.gate``,
-    # not a linear) is never adapted.
-    "llada2": {
-        "q": r"model\.layers\.\d+\.attention\.query_key_value",
-        "k": r"model\.layers\.\d+\.attention\.query_key_value",
-        "v": r"model\.layers\.\d+\.attention\.query_key_value",
-        "o": r"model\.layers\.\d+\.attention\.dense",
-        "gate": r"model\.layers\.\d+\.mlp\.(experts\.\d+\.|shared_experts\.)?gate_proj",
-        "up": r"model\.layers\.\d+\.mlp\.(experts\.\d+\.|shared_experts\.)?up_proj",
-        "down": r"model\.layers\.\d+\.mlp\.(experts\.\d+\.|shared_experts\.)?down_proj",
-    },
-    "sdar": {
-        "q": r"model\.layers\.\d+\.self_attn\.q_proj",
-        "k": r"model\.layers\.\d+\.self_attn\.k_proj",
-        "v": r"model\.layers\.\d+\.self_attn\.v_proj",
-        "o": r"model\.layers\.\d+\.self_attn\.o_proj",
-        "gate": r"model\.layers\.\d+\.mlp\.gate_proj",
-        "up": r"model\.layers\.\d+\.mlp\.up_proj",
-        "down": r"model\.layers\.\d+\.mlp\.down_proj",
-    },
-}
-#: The reference recipes' target lists, as roles (what they *meant*: all seven projections).
-ALL_ROLES = ROLES
-#: What dParallel's LLaDA config *actually* adapts (four of its seven names exist in LLaDA).
-DPARALLEL_LLADA_ROLES = ("q", "k", "v", "up")
+#: The projection roles LoRA targets name; each model class maps them to its module names (``lora_roles``).
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclass
@@ -75,7 +29,7 @@ class LoraSpec:
     r: int = 16
     alpha: int = 16
     dropout: float = 0.0
-    roles: tuple[str, ...] = field(default=ALL_ROLES)
+    roles: tuple[str, ...] = field(default=ROLES)
 
     def __post_init__(self) -> None:
         bad = [r for r in self.roles if r not in ROLES]
@@ -86,10 +40,11 @@ class LoraSpec:
 
 
 def target_regex(architecture: str, roles: tuple[str, ...] | list[str]) -> str:
-    """One regex matching the modules of ``roles`` in ``architecture`` (``"llada"`` or ``"dream"``)."""
-    if architecture not in _ROLE_PATTERNS:
+    """One regex (peft full-matches it against module names) for the modules of ``roles`` in the family
+    ``architecture``, from its model class's ``lora_roles``."""
+    pats = model_class(architecture).lora_roles
+    if not pats:
         raise ValueError(f"no LoRA role map for architecture {architecture!r}")
-    pats = _ROLE_PATTERNS[architecture]
     return "(" + "|".join(dict.fromkeys(pats[r] for r in roles)) + ")"
 
 
@@ -151,12 +106,13 @@ class AdapterDisabledTeacher(nn.Module):
 
 
 def lora_roles(spec: str, architecture: str) -> tuple[str, ...]:
-    """The roles of a ``--lora-targets`` value: ``all``, ``dparallel`` (the set dParallel's config
-    effectively adapts: q,k,v,up on LLaDA, all on Dream) or comma-separated roles from :data:`ROLES`."""
+    """The roles of a ``--lora-targets`` value: ``all``, ``dparallel`` (the set dParallel's Llama-named
+    config effectively adapts: the family's ``reference_lora_roles``, q,k,v,up on LLaDA, all elsewhere) or
+    comma-separated roles from :data:`ROLES`."""
     if spec == "all":
-        return ALL_ROLES
+        return ROLES
     if spec == "dparallel":
-        return DPARALLEL_LLADA_ROLES if architecture == "llada" else ALL_ROLES
+        return model_class(architecture).reference_lora_roles or ROLES
     roles = tuple(r.strip() for r in spec.split(",") if r.strip())
     bad = [r for r in roles if r not in ROLES]
     if bad or not roles:

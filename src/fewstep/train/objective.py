@@ -1,7 +1,7 @@
 """The interface between the one trainer (``fewstep.train``) and a training objective.
 
-Pretraining (LLaDA's masked-diffusion loss) and each distillation method (``fewstep.distill.dparallel``,
-``fewstep.distill.cd4lm``) are objectives. The trainer owns everything else: data loading, devices
+Pretraining (LLaDA's masked-diffusion loss) and each distillation method (one paper file under
+``fewstep.distill``, a :class:`RecipeObjective` configured by the paper's recipe) are objectives. The trainer owns everything else: data loading, devices
 (``accelerate``), LoRA (``peft``), optimiser and schedule, gradient accumulation, checkpoints and
 resume, logging and the loss curve. An objective owns how a batch is built from tokenized examples
 (padding, masking) and how the loss is computed from model outputs. The losses themselves are pure
@@ -15,8 +15,9 @@ the trainer passes, so that a resumed run continues the same random stream.
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,73 @@ class Objective:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The scalar loss to minimise and a dict of floats to log (loss components, schedule values)."""
         raise NotImplementedError
+
+
+class RecipeObjective(Objective):
+    """An objective configured by its paper's recipe (a :class:`fewstep.train.recipe.TrainingRecipe`).
+
+    It reads its hyper-parameters from ``self.recipe`` (never a copy of them), so the recipe is the one
+    place they are written. ``per_sequence``: normalise each sequence by its own counts and average over
+    sequences (independent of how a batch is split over processes and micro-batches; :meth:`reduce`);
+    False computes the means over the micro-batch. ``gen_length``: the run's answer canvas, for objectives
+    that pad answers to it.
+    """
+
+    #: True if ``collate`` pads (or truncates) every sequence to exactly ``max_length`` (``fewstep distill``
+    #: warns when the data is longer).
+    pads_to_max_length: bool = False
+    #: True if :meth:`prepare` reads teacher trajectories (``fewstep distill --trajectories``).
+    reads_trajectories: bool = False
+
+    @classmethod
+    def prepare(
+        cls,
+        examples: list[dict[str, Any]],
+        records: Sequence[dict[str, Any]],
+        trajectories: Sequence[dict[str, Any]] | None = None,
+    ) -> list[str]:
+        """Complete the tokenized ``examples`` (in place) from their ``records`` (and the teacher
+        ``trajectories``) before the run measures their lengths; returns notes worth a warning."""
+        return []
+
+    def __init__(
+        self,
+        ids: SpecialIds,
+        max_length: int,
+        recipe: Any,
+        *,
+        per_sequence: bool = False,
+        gen_length: int | None = None,
+    ):
+        super().__init__(ids, max_length)
+        recipe.check_run(gen_length)
+        self.recipe = recipe
+        self.per_sequence = per_sequence
+        self.gen_length = gen_length
+
+    def hparams(self) -> dict[str, Any]:
+        """What ``training.json`` records (and a resumed run must match): the recipe's objective fields, the
+        loss normalisation and the sequence length."""
+        return {**self.recipe.hparams(), "per_sequence": self.per_sequence, "max_length": self.max_length}
+
+    def reduce(
+        self, rows: int, loss_of: Callable[[slice], tuple[torch.Tensor, dict[str, float]]]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``loss_of(rows)`` over the micro-batch, or its mean over single rows with ``per_sequence``."""
+        if not self.per_sequence:
+            return loss_of(slice(None))
+        return mean_over_rows(rows, lambda i: loss_of(slice(i, i + 1)))
+
+
+def loss_logs(values: Any, **rename: str) -> dict[str, float]:
+    """The trainer's log of a loss result (a dataclass or a dict of tensors and numbers): every value as a
+    float (tensors detached), ``total`` named ``loss`` and the other ``rename`` (field -> key) applied."""
+    if isinstance(values, Mapping):
+        items = list(values.items())
+    else:
+        items = [(f.name, getattr(values, f.name)) for f in dataclasses.fields(values)]
+    names = {"total": "loss", **rename}
+    return {names.get(k, k): float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in items}
 
 
 def align_logits(logits: torch.Tensor, shift: int) -> torch.Tensor:

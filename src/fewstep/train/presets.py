@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewstep.models.families import architecture_of, families, model_class
+
 # Architecture-defining fields only; vocabulary size and special ids come from the tokenizer.
 PRESETS: dict[str, dict[str, Any]] = {
     # The shipped teacher: 0.8 M parameters, 3.2 MB in float32 (feasibility.md).
@@ -52,21 +54,16 @@ def model_config(spec: str, special: dict[str, int | None], vocab_size: int) -> 
             cfg = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    arch = str(cfg.get("model_type", "llada")).lower()
-    if arch == "llada":
-        cfg.setdefault("vocab_size", vocab_size)
-        cfg.setdefault("mask_token_id", special["mask"])
-        cfg.setdefault("eos_token_id", special["eos"])
-        cfg.setdefault("pad_token_id", special["pad"])
-        if cfg["vocab_size"] < vocab_size:
-            raise ValueError(f"vocab_size {cfg['vocab_size']} is smaller than the tokenizer's {vocab_size}")
-    elif arch == "dream":
-        cfg.setdefault("vocab_size", vocab_size)
-        cfg.setdefault("mask_token_id", special["mask"])
-        cfg.setdefault("eos_token_id", special["eos"])
-        cfg.setdefault("pad_token_id", special["pad"])
-    else:
-        raise ValueError(f"model_type {cfg.get('model_type')!r}: fewstep trains 'llada' or 'Dream' models")
+    cls = model_class(architecture_of({"model_type": "llada", **cfg}))
+    if not cls.pretrainable:
+        trainable = " or ".join(repr(c.model_types[0]) for c in families().values() if c.pretrainable)
+        raise ValueError(f"model_type {cfg.get('model_type')!r}: fewstep trains {trainable} models")
+    cfg.setdefault("vocab_size", vocab_size)
+    cfg.setdefault("mask_token_id", special["mask"])
+    cfg.setdefault("eos_token_id", special["eos"])
+    cfg.setdefault("pad_token_id", special["pad"])
+    if cfg["vocab_size"] < vocab_size:
+        raise ValueError(f"vocab_size {cfg['vocab_size']} is smaller than the tokenizer's {vocab_size}")
     if special["mask"] is None:
         raise ValueError("the tokenizer has no mask token (set mask_token in tokenizer_config.json)")
     return cfg

@@ -1,10 +1,13 @@
-"""Typed training recipes: one dataclass per paper, one instance per model family.
+"""Typed training recipes: one frozen dataclass per paper's objective, one instance per model family.
 
-A recipe's fields carry their default (the paper's, per model family) and their help text in
-``field(metadata=...)``, the way TRL's config dataclasses do. They are the single source of three
-things: the CLI flags (:func:`add_recipe_arguments`; a flag left unset takes the recipe's value for
-the model's family), the Python API's defaults (``fewstep.distill.build_objective``) and the README's
-recipe table (:func:`recipe_table`, checked against the README by a test).
+A recipe is the one place a paper's hyper-parameters are written: each field is an
+:func:`~fewstep.train.config.option` carrying its default (the paper's) and its help text, the way
+TRL's config dataclasses do. The objective takes its recipe and reads the fields (nothing is copied
+into keyword arguments or attributes), ``__post_init__`` checks their ranges with one-line errors, and
+the hyper-parameters recorded with a run (``training.json``) are the recipe's own fields. The recipes are
+also the single source of the CLI flags (:func:`add_recipe_arguments`; a flag left unset takes the
+recipe's value for the model's family) and of the README's recipe table (:func:`recipe_table`, checked
+against the README by a test).
 """
 
 from __future__ import annotations
@@ -12,17 +15,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
+
+from fewstep.train.config import (
+    TrainConfig,
+    argument_kwargs,
+    check_choices,
+    fields_of,
+    flag_of,
+    option,
+    require,
+)
+
+_TRAIN = fields_of(TrainConfig)
 
 
-def recipe_field(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
-    """A recipe field: its default, the help text of its CLI flag, and optionally the flag's name / choices."""
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
-
-
-def flag_of(f: dataclasses.Field) -> str:
-    """The CLI flag of a recipe field (``--warmup-steps`` for ``warmup_steps``, unless it names its own)."""
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+def trainer_option(name: str, default: Any) -> Any:
+    """A recipe field that sets the trainer's :class:`TrainConfig` field ``name``: its help and choices are
+    the trainer's, its default the paper's."""
+    meta = _TRAIN[name].metadata
+    return option(default, meta["help"], choices=meta["choices"])
 
 
 def _show(value: Any) -> str:
@@ -54,26 +66,21 @@ def add_recipe_arguments(group: Any, recipes: Mapping[str, Any]) -> None:
     for label, recipe in recipes.items():
         for f in dataclasses.fields(recipe):
             fields.setdefault(f.name, []).append((label, f, getattr(recipe, f.name)))
-    for name, uses in fields.items():
+    for uses in fields.values():
         first = uses[0][1]
         helps = list(dict.fromkeys(f.metadata["help"] for _, f, _ in uses))
         text = helps[0] if len(helps) == 1 else "; ".join(helps)
         defaults = _defaults_text([(label, value) for label, _, value in uses])
-        kw: dict[str, Any] = {"dest": name, "default": None, "help": f"{text} (default: {defaults})".replace("%", "%%")}
         sample = next((v for _, _, v in uses if v is not None), None)
-        if isinstance(sample, bool):
-            kw["action"] = "store_true"
-        else:
-            kw["type"] = type(sample) if sample is not None else float
-            if first.metadata.get("choices"):
-                kw["choices"] = first.metadata["choices"]
+        kw = argument_kwargs(first, None, sample)
+        kw["help"] = f"{text} (default: {defaults})".replace("%", "%%")
         group.add_argument(flag_of(first), **kw)
 
 
 def with_overrides(recipe: Any, args: argparse.Namespace | Mapping[str, Any]) -> Any:
     """``recipe`` with every field that ``args`` sets (not None) replaced; other keys are ignored."""
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    names = {f.name for f in dataclasses.fields(recipe)}
+    names = fields_of(recipe)
     return dataclasses.replace(recipe, **{k: v for k, v in values.items() if k in names and v is not None})
 
 
@@ -82,9 +89,14 @@ def unused_flags(recipe: Any, recipes: Mapping[str, Any], args: argparse.Namespa
     values the run ignores, e.g. ``--entropy-weight`` for dParallel on a block-diffusion model, whose
     objective has no such term. Each flag once, in the recipes' field order."""
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    mine = {f.name for f in dataclasses.fields(recipe)}
+    mine = fields_of(recipe)
     flags = {f.name: flag_of(f) for r in recipes.values() for f in dataclasses.fields(r) if f.name not in mine}
     return [flag for name, flag in flags.items() if values.get(name) is not None and values.get(name) is not False]
+
+
+def recipe_flags(recipes: Mapping[str, Any]) -> dict[str, str]:
+    """``{field name: CLI flag}`` of every field of the ``recipes`` (``lam`` -> ``--lambda``)."""
+    return {f.name: flag_of(f) for r in recipes.values() for f in dataclasses.fields(r)}
 
 
 def recipe_table(recipes: Mapping[str, Any]) -> str:
@@ -101,20 +113,58 @@ def recipe_table(recipes: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-SCHEDULES = ("constant", "cosine", "linear")
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainingRecipe:
-    """The optimisation part every paper's recipe has (the paper classes add their objective's fields)."""
+    """The optimisation part every paper's recipe has; a paper's recipe adds its objective's fields and
+    names the objective it configures (``objective_class``)."""
 
-    finetune: str = recipe_field("lora", "LoRA through peft, or full fine-tuning", choices=("lora", "full"))
-    lr: float = recipe_field(2e-5, "peak learning rate (AdamW)")
-    epochs: float = recipe_field(1.0, "passes over the data (--max-steps overrides)")
-    schedule: str = recipe_field("constant", "LR schedule after the warm-up", choices=SCHEDULES)
-    warmup_steps: int | None = recipe_field(0, "linear warm-up steps (none: --warmup-ratio of the run)")
-    warmup_ratio: float = recipe_field(0.0, "warm-up as a share of the run when --warmup-steps is none")
+    #: The :class:`~fewstep.train.objective.RecipeObjective` subclass this recipe configures.
+    objective_class: ClassVar[type]
+
+    finetune: str = option("lora", "LoRA through peft, or full fine-tuning", choices=("lora", "full"))
+    lr: float = trainer_option("lr", 2e-5)
+    epochs: float = option(1.0, "passes over the data (--max-steps overrides)")
+    schedule: str = trainer_option("schedule", "constant")
+    warmup_steps: int | None = option(0, "linear warm-up steps (none: --warmup-ratio of the run)")
+    warmup_ratio: float = option(0.0, "warm-up as a share of the run when --warmup-steps is none")
+    min_lr_ratio: float = trainer_option("min_lr_ratio", 0.0)
+    weight_decay: float = trainer_option("weight_decay", 0.01)
+    adam_beta2: float = option(0.999, "AdamW beta2 (beta1 is 0.9)")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        require(self, "lr", self.lr > 0, "be > 0")
+        require(self, "epochs", self.epochs > 0, "be > 0")
+        require(self, "warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, "be >= 0 or none")
+        require(self, "warmup_ratio", 0 <= self.warmup_ratio < 1, "lie in [0, 1)")
+        require(self, "min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "lie in [0, 1]")
+        require(self, "weight_decay", self.weight_decay >= 0, "be >= 0")
+        require(self, "adam_beta2", 0 <= self.adam_beta2 < 1, "lie in [0, 1)")
+
+    def check_run(self, gen_length: int | None) -> None:
+        """ValueError (one line) when the recipe cannot run with the run's answer length ``gen_length``."""
 
     def warmup_for(self, max_steps: int) -> int:
         """Warm-up steps of a run of ``max_steps``: ``warmup_steps``, else ``warmup_ratio`` of the run."""
         return self.warmup_steps if self.warmup_steps is not None else round(self.warmup_ratio * max_steps)
+
+    def optimiser(self, max_steps: int) -> dict[str, Any]:
+        """The :class:`TrainConfig` fields this recipe sets for a run of ``max_steps``."""
+        return {
+            "lr": self.lr,
+            "schedule": self.schedule,
+            "warmup_steps": self.warmup_for(max_steps),
+            "min_lr_ratio": self.min_lr_ratio,
+            "weight_decay": self.weight_decay,
+            "betas": (0.9, self.adam_beta2),
+        }
+
+    def hparams(self) -> dict[str, Any]:
+        """The objective's hyper-parameters: every field this recipe adds to :class:`TrainingRecipe` (recorded
+        in ``training.json`` and checked when a run resumes)."""
+        base = fields_of(TrainingRecipe)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in base}
+
+    def objective(self, ids: Any, max_length: int, *, per_sequence: bool = True, gen_length: int | None = None) -> Any:
+        """The objective this recipe configures (``gen_length``: the run's answer canvas)."""
+        return self.objective_class(ids, max_length, self, per_sequence=per_sequence, gen_length=gen_length)

@@ -22,69 +22,17 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from fewstep.distributed import close_process_group_at_exit
 from fewstep.train import checkpoint as ckpt
-from fewstep.train.distributed import close_process_group_at_exit
-from fewstep.train.lora import AdapterDisabledTeacher, LoraSpec, apply_lora, is_peft
+from fewstep.train.config import TrainConfig
+from fewstep.train.lora import AdapterDisabledTeacher, apply_lora, is_peft
 from fewstep.train.objective import Objective
-
-SCHEDULES = ("constant", "cosine", "linear", "wsd")
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation and bookkeeping settings (the command-line flags of ``fewstep pretrain`` / ``distill``).
-
-    ``batch_size`` is the global batch per optimiser step: ``micro_batch_size * grad_accum * processes``.
-    """
-
-    out_dir: str
-    max_steps: int
-    batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 100
-    schedule: str = "constant"
-    decay_steps: int = 0  # "wsd": cosine decay over the last decay_steps (warmup-stable-decay)
-    grad_clip: float = 1.0
-    seed: int = 0
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    lora: LoraSpec | None = None
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.max_steps < 1:
-            raise ValueError("max_steps must be >= 1")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("batch_size and grad_accum must be >= 1")
-        if self.lr <= 0:
-            raise ValueError("lr must be > 0")
-        if self.decay_steps < 0 or self.decay_steps > self.max_steps:
-            raise ValueError("decay_steps must lie in 0..max_steps")
-        if self.save_every < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
-            raise ValueError("save_every, log_every and keep_checkpoints must be >= 1")
-        self.betas = tuple(self.betas)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["lora"] = asdict(self.lora) if self.lora else None
-        return d
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -12,6 +12,10 @@ name               rule                                                       cl
 ``dream``          Dream diffusion_generate (entropy, maskgit_plus, ...)      :class:`DreamPolicy`
 ``llada2``         LLaDA2 generate: threshold 0.95 with top-k fallback         :class:`LLaDA2Policy`
 ``sdar``           SDAR block_diffusion_generate (4 remasking strategies)      :class:`SDARPolicy`
+``spd``            DMax soft parallel decoding (revision, soft embeddings)     :class:`SoftParallelPolicy`
+``multiblock``     d3LLM multi-block decoding (LLaDA: argmin + H <= τ)         :class:`MultiBlockPolicy`
+``multiblock-      d3LLM multi-block decoding (Dream: H < τ)                   :class:`DreamMultiBlockPolicy`
+dream``
 =================  =========================================================  ==============================
 
 A spec is ``NAME``, ``NAME:VALUE`` (sets the policy's main option, e.g. ``threshold:0.9``,
@@ -27,6 +31,8 @@ import re
 
 from fewstep.decoding.policies.base import OptionError, Policy, Selection, StepState, shown
 from fewstep.decoding.policies.cd4lm import CADPolicy
+from fewstep.decoding.policies.d3llm import DreamMultiBlockPolicy, MultiBlockPolicy
+from fewstep.decoding.policies.dmax import SoftParallelPolicy
 from fewstep.decoding.policies.dparallel import DreamEntropyThresholdPolicy, EntropyThresholdPolicy
 from fewstep.decoding.policies.dream import DreamPolicy
 from fewstep.decoding.policies.fastdllm import ConfidenceThresholdPolicy, FactorPolicy
@@ -46,6 +52,9 @@ POLICIES: dict[str, type[Policy]] = {
         DreamPolicy,
         LLaDA2Policy,
         SDARPolicy,
+        MultiBlockPolicy,
+        DreamMultiBlockPolicy,
+        SoftParallelPolicy,
     )
 }
 
@@ -54,15 +63,18 @@ __all__ = [
     "CADPolicy",
     "ConfidenceThresholdPolicy",
     "DreamEntropyThresholdPolicy",
+    "DreamMultiBlockPolicy",
     "DreamPolicy",
     "EntropyThresholdPolicy",
     "FactorPolicy",
     "LLaDA2Policy",
     "LowConfidencePolicy",
+    "MultiBlockPolicy",
     "OptionError",
     "Policy",
     "SDARPolicy",
     "Selection",
+    "SoftParallelPolicy",
     "StepState",
     "parse_policy",
     "policy_help",

@@ -14,6 +14,25 @@ Hooks, all with defaults:
 * :meth:`Policy.select` is the rule itself (pure; new memory values are returned, not written);
 * :meth:`Policy.block_done` says which rows are done with the block (default: no mask left).
 
+Capabilities (class flags the engine reads; all off by default, so a rule that sets none of them gets
+the plain loop):
+
+* ``revises``: the window stays mutable until the block closes: ``commit`` may overwrite decoded tokens
+  of the block (the engine writes them, counts each replacement as a revision and marks it in the trace);
+* ``uses_embeddings``: the engine fills :attr:`StepState.embed` and :attr:`StepState.mask_embedding`,
+  and runs a row's next forward on ``Selection.embeds`` (its window's input embeddings) when given;
+* ``folds_store``: with the exact block cache of a block-diffusion model, a finished block is not
+  stored by a forward of its own: the next block's first forward also runs it (hard ids) and stores it;
+* ``spans_blocks`` (multi-block decoding, :mod:`fewstep.decoding.policies.d3llm`): several blocks at once.
+  The window runs from the row's current block (the first one that still holds a mask) to the answer's end
+  (``L`` in the shapes below is then the window's width, ``block_length`` still the block size),
+  ``start_block`` is called once per row and its memory lives from block to block, and ``block_done`` says
+  whether the window's *first* block is done (the engine then moves to the next block that holds a mask).
+  With ``cache="prefix"`` it plans its own prefix cache through two memory entries read before every
+  forward, ``prefix_reuse`` (the blocks the forward takes from the cache) and ``prefix_keep`` (the blocks
+  the cache holds after it), counted as 0 (nothing), 1 (the prompt), ``k + 1`` (the prompt and the first
+  ``k`` answer blocks); reuse 0 is a full forward.
+
 The helpers below compute scores only for the candidate positions (``logits[mask]``, ``[K, V]``),
 in bounded chunks (:data:`CHUNK_BYTES`), so no float64 softmax is ever taken over the whole canvas of a 126k-152k
 vocabulary.
@@ -22,6 +41,7 @@ vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -96,6 +116,10 @@ class StepState:
     eos_ids: tuple[int, ...]  # end-of-sequence / end-of-turn ids of this model and tokenizer
     rng: RowRNG
     memory: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row memory from start_block
+    # the model's input embedding (``uses_embeddings`` policies only): ``embed(ids) -> [..., D]`` is exactly
+    # what the model's forward feeds its first layer; ``mask_embedding`` ``[D]`` is ``embed(mask_id)``
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None
+    mask_embedding: torch.Tensor | None = None
 
     @property
     def counts(self) -> torch.Tensor:
@@ -106,12 +130,15 @@ class StepState:
 class Selection(NamedTuple):
     """A policy's decision: ``tokens`` [R, L] to write where ``commit`` [R, L] is True.
 
-    ``memory`` optionally gives new values (for these R rows) of the policy's per-row memory.
+    ``memory`` optionally gives new values (for these R rows) of the policy's per-row memory. ``embeds``
+    ``[R, L, D]`` (``uses_embeddings`` policies) are the window's input embeddings for each row's next
+    forward in the block (None: the token ids).
     """
 
     tokens: torch.Tensor
     commit: torch.Tensor
     memory: dict[str, torch.Tensor] | None = None
+    embeds: torch.Tensor | None = None
 
 
 class Policy:
@@ -127,6 +154,13 @@ class Policy:
     #: logits, the mask and per-row tensors) lets the engine decide rows at different blocks and of
     #: different answer lengths in one ``select`` call.
     uses_block_scalars: ClassVar[bool] = True
+    #: capabilities (see the module docstring): a mutable window, embeddings input, a folded cache store
+    revises: ClassVar[bool] = False
+    uses_embeddings: ClassVar[bool] = False
+    folds_store: ClassVar[bool] = False
+    #: the decode window spans the blocks from the current one to the answer's end, and the policy's memory
+    #: (and, with ``cache="prefix"``, the cache it plans) lives from block to block (see the module docstring)
+    spans_blocks: ClassVar[bool] = False
 
     def validate(self, gen_length: int, block_length: int) -> None:
         """Raise ``ValueError`` if the policy cannot run with these lengths."""

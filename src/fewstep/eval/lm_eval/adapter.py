@@ -72,7 +72,8 @@ class FewstepLM(TemplateLM):
       the process's GPU under accelerate);
     * ``policy`` (default ``threshold:0.9``), ``gen_length`` (default: the request's ``max_gen_toks``),
       ``block_length`` (32; a block-diffusion model's own block size), ``cache`` (none / prefix / dual), ``batch_size`` (lm-eval's
-      ``--batch_size``), ``early_stop`` (True: a row stops after the block holding its EOS),
+      ``--batch_size``), ``early_stop`` (True: a row stops after the block holding its EOS), ``eos_fill``
+      (False; True: d3LLM's end-of-text stop, everything after the first EOS at once, no forward spent on it),
       ``cfg_scale`` (0), ``seed`` (1234: per-request seeds for sampling policies and the Monte Carlo draws);
     * ``mc_num`` (128), ``mc_batch_size`` (16), ``check_greedy`` (True; alias ``is_check_greedy``) for
       loglikelihood;
@@ -99,6 +100,7 @@ class FewstepLM(TemplateLM):
         batch_size: int | str | None = 1,
         max_batch_size: int | None = None,
         early_stop: bool = True,
+        eos_fill: bool = False,
         cfg_scale: float = 0.0,
         seed: int = 1234,
         mc_num: int = 128,
@@ -115,7 +117,7 @@ class FewstepLM(TemplateLM):
         if unknown:
             raise ValueError(
                 f"fewstep model_args: unknown argument(s) {', '.join(sorted(unknown))}; valid: pretrained, "
-                "tokenizer, dtype, device, policy, gen_length, block_length, cache, early_stop, cfg_scale, seed, "
+                "tokenizer, dtype, device, policy, gen_length, block_length, cache, early_stop, eos_fill, cfg_scale, seed, "
                 "mc_num, mc_batch_size, check_greedy, add_bos_token, max_length, max_gen_toks, stats_path "
                 "(batch_size comes from lm-eval's --batch_size)"
             )
@@ -127,6 +129,7 @@ class FewstepLM(TemplateLM):
                 f"fewstep model_args: mc_num ({mc_num}) must be a multiple of mc_batch_size ({mc_batch_size})"
             )
         self.cfg_scale, self.seed, self.early_stop = float(cfg_scale), int(seed), bool(early_stop)
+        self.eos_fill = bool(eos_fill)
         self.check_greedy = bool(check_greedy if is_check_greedy is None else is_check_greedy)
         self.add_bos_token = bool(add_bos_token)
         self.stats_path = stats_path
@@ -134,7 +137,7 @@ class FewstepLM(TemplateLM):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import Accelerator
 
-            from fewstep.train.distributed import close_process_group_at_exit
+            from fewstep.distributed import close_process_group_at_exit
 
             acc = Accelerator()
             if acc.num_processes > 1:
@@ -338,6 +341,7 @@ class FewstepLM(TemplateLM):
             cache=self.cache,
             cfg_scale=self.cfg_scale,
             early_stop=self.early_stop,
+            eos_fill=self.eos_fill,
             cancel_at_stop=False,
             stop_in_raw=True,
         )
@@ -373,17 +377,21 @@ class FewstepLM(TemplateLM):
                 f.write("".join(json.dumps(s) + "\n" for s in lines))
 
     def speed_summary(self) -> dict[str, Any] | None:
-        """Speed of the ``generate_until`` requests so far (this rank): mean NFE, tokens per forward,
-        latency per sample, tokens/s (answer tokens before the first EOS over generation time)."""
+        """Speed of the ``generate_until`` requests so far (this rank): mean NFE, tokens per forward (TPF:
+        answer tokens before the first EOS / NFE) and positions per forward (committed positions / NFE), both
+        pooled over the requests, latency per sample, tokens/s (answer tokens before the first stop over
+        generation time)."""
         st = self.generation_stats
         if not st:
             return None
         seconds = sum(s["latency_s"] for s in st)
         tokens = sum(s["gen_tokens"] for s in st)
+        nfe = sum(s["nfe"] for s in st)
         return {
             "requests": len(st),
             "mean_nfe": statistics.fmean(s["nfe"] for s in st),
-            "tokens_per_step": statistics.fmean(s["positions_per_forward"] for s in st),
+            "tokens_per_forward": sum(round(s["tokens_per_forward"] * s["nfe"]) for s in st) / nfe if nfe else 0.0,
+            "positions_per_forward": sum(s["positions_per_forward"] * s["nfe"] for s in st) / nfe if nfe else 0.0,
             "latency_per_sample_s": seconds / len(st),
             "tokens_per_s": tokens / seconds if seconds > 0 else None,
             "mean_gen_tokens": tokens / len(st),
@@ -395,11 +403,13 @@ class FewstepLM(TemplateLM):
         s = self.speed_summary()
         if s:
             log.info(
-                "fewstep [rank %d] %d requests · mean NFE %.1f · %.2f tokens/step · %.3f s/sample · %s tokens/s",
+                "fewstep [rank %d] %d requests · mean NFE %.1f · %.2f tokens/forward (TPF) · %.2f positions/forward · "
+                "%.3f s/sample · %s tokens/s",
                 self._rank,
                 s["requests"],
                 s["mean_nfe"],
-                s["tokens_per_step"],
+                s["tokens_per_forward"],
+                s["positions_per_forward"],
                 s["latency_per_sample_s"],
                 "-" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:.1f}",
             )
@@ -416,6 +426,7 @@ class FewstepLM(TemplateLM):
                 "block_length": self.block_length,
                 "batch_size": self.batch_size,
                 "early_stop": self.early_stop,
+                "eos_fill": self.eos_fill,
                 "cfg_scale": self.cfg_scale,
                 "device": str(self._device),
                 "dtype": str(self.model.dtype).removeprefix("torch."),

@@ -11,6 +11,9 @@ The verdict reads the groups' event counters (:meth:`ProgramCgroup.events`): an 
 (``pids.events`` ``max``) means the tree hit its cap, whichever process the kernel chose to kill or
 refuse. With v2, ``memory.oom.group = 1`` makes the kernel kill the whole tree at once; v1 has no such
 switch, so the harness kills the tree itself as soon as it sees the counter move.
+
+Where it can, the group also accounts the tree's CPU time (v1 ``cpuacct.usage``, v2 ``cpu.stat``
+``usage_usec``, which every v2 group has): the harness's tree-wide CPU limit.
 """
 
 from __future__ import annotations
@@ -52,9 +55,11 @@ class CgroupLayout:
     version: int
     memory_parent: Path
     pids_parent: Path
+    cpu_parent: Path | None = None  # v1 cpuacct hierarchy (None: no tree-wide CPU accounting); v2: memory_parent
 
     def describe(self) -> str:
-        return f"cgroup v{self.version} (memory: {self.memory_parent}, pids: {self.pids_parent})"
+        cpu = "" if self.version == 1 and self.cpu_parent is None else ", cpu time"
+        return f"cgroup v{self.version} (memory: {self.memory_parent}, pids: {self.pids_parent}{cpu})"
 
 
 def _writable_dir(path: Path) -> bool:
@@ -78,11 +83,12 @@ def probe() -> CgroupLayout | None:
     v1 = {}
     for point, fstype, opts in mounts:
         if fstype == "cgroup":
-            for c in ("memory", "pids"):
+            for c in ("memory", "pids", "cpuacct"):
                 if c in opts and c in own:
                     v1[c] = Path(point) / own[c].lstrip("/")
-    if set(v1) == {"memory", "pids"} and all(_writable_dir(p) for p in v1.values()):
-        return CgroupLayout(1, v1["memory"], v1["pids"])
+    if {"memory", "pids"} <= set(v1) and _writable_dir(v1["memory"]) and _writable_dir(v1["pids"]):
+        cpu = v1.get("cpuacct")
+        return CgroupLayout(1, v1["memory"], v1["pids"], cpu if cpu is not None and _writable_dir(cpu) else None)
     for point, fstype, _ in mounts:
         if fstype == "cgroup2" and "" in own:
             parent = Path(point) / own[""].lstrip("/")
@@ -113,6 +119,9 @@ class ProgramCgroup:
                 group.dirs.append(mem)
                 pids.mkdir()
                 group.dirs.append(pids)
+                if layout.cpu_parent is not None:
+                    (layout.cpu_parent / name).mkdir()
+                    group.dirs.append(layout.cpu_parent / name)
                 (mem / "memory.limit_in_bytes").write_text(str(memory))
                 swap = mem / "memory.memsw.limit_in_bytes"
                 if swap.exists():
@@ -153,6 +162,18 @@ class ProgramCgroup:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.002)
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time used so far by every task of the group (None where it is not accounted)."""
+        for d in self.dirs:
+            with contextlib.suppress(OSError, ValueError):
+                if self.layout.version == 1 and (d / "cpuacct.usage").exists():
+                    return int((d / "cpuacct.usage").read_text()) / 1e9
+                if self.layout.version == 2:
+                    for line in (d / "cpu.stat").read_text().splitlines():
+                        if line.startswith("usage_usec "):
+                            return int(line.split()[1]) / 1e6
+        return None
 
     def events(self) -> dict[str, int]:
         """Limit events so far: ``oom`` (times the tree hit its memory cap with nothing to reclaim),
@@ -195,7 +216,7 @@ class ProgramCgroup:
 
 def prune_stale(layout: CgroupLayout) -> None:
     """Remove empty groups left by harness processes that no longer exist (e.g. after SIGKILL)."""
-    for parent in {layout.memory_parent, layout.pids_parent}:
+    for parent in {layout.memory_parent, layout.pids_parent, layout.cpu_parent} - {None}:
         try:
             entries = list(parent.iterdir())
         except OSError:

@@ -1,4 +1,7 @@
-"""Process-group hygiene for runs under ``torchrun`` / ``accelerate launch``."""
+"""Process-group hygiene for runs under ``torchrun`` / ``accelerate launch``: training, rollouts and lm-eval.
+
+A low-layer utility (it imports nothing of fewstep), so that evaluation need not import the trainer.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Accuracy and speed of one decoding policy on the embedded task (used by tests, the model card and the demo)."""
+"""Accuracy and speed of one decoding policy on the embedded task (``fewstep demo``, the model cards, tests).
+
+Evaluation, not the task: the task (:mod:`fewstep.tasks`) is data and a verifier and imports nothing of fewstep.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ class PolicyResult:
     policy: str
     accuracy: float
     mean_nfe: float
-    tokens_per_step: float  # gen_length / mean NFE (committed tokens per forward)
+    tokens_per_forward: float  # TPF: answer tokens before the first EOS / NFE, summed over the problems
+    positions_per_forward: float  # committed positions / NFE (EOS padding included), summed the same way
     seconds: float
     n: int
 
@@ -38,14 +42,16 @@ def evaluate_policy(
     block_length: int = BLOCK_LENGTH,
     batch_size: int = 64,
     cache: str = "none",
+    eos_fill: bool = False,
     progress=None,
 ) -> tuple[PolicyResult, list[str]]:
     """Decode every problem with ``policy`` through the text layer (``batch_size`` rows at a time) and
     verify each answer.
 
     Returns the summary and the decoded answers. NFE follows the reference samplers (no early stop:
-    every block of the generation length is decoded, EOS blocks included); the answer text is the whole
-    canvas with special tokens dropped (no stop ids: EOS padding is skipped, not cut at).
+    every block of the generation length is decoded, EOS blocks included; ``eos_fill`` turns d3LLM's
+    end-of-text stop on); the answer text is the whole canvas with special tokens dropped (no stop ids: EOS
+    padding is skipped, not cut at).
     """
     from fewstep.decoding.text import Completion, GenerationSettings, TextGenerator
 
@@ -56,6 +62,7 @@ def evaluate_policy(
         cache=cache,
         stop_ids=(),
         early_stop=False,
+        eos_fill=eos_fill,
         chat=False,
     )
 
@@ -68,12 +75,15 @@ def evaluate_policy(
     texts = [o.text for o in outs]
     seconds = outs[0].batch_seconds if outs else 0.0
     correct = sum(verify(p.prompt, t).correct for p, t in zip(problems, texts))
-    mean_nfe = sum(o.nfe for o in outs) / max(len(outs), 1)
+    nfe = sum(o.nfe for o in outs)
+    tokens = sum(round(o.tokens_per_forward * o.nfe) for o in outs)
+    positions = sum(o.committed for o in outs)
     result = PolicyResult(
         policy=policy,
         accuracy=correct / max(len(problems), 1),
-        mean_nfe=mean_nfe,
-        tokens_per_step=gen_length / mean_nfe if mean_nfe else 0.0,
+        mean_nfe=nfe / max(len(outs), 1),
+        tokens_per_forward=tokens / nfe if nfe else 0.0,
+        positions_per_forward=positions / nfe if nfe else 0.0,
         seconds=seconds,
         n=len(problems),
     )
