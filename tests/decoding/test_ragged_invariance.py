@@ -10,6 +10,7 @@ first-forward logits of every cache mode and family, and on decoded tokens and N
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 
@@ -29,6 +30,11 @@ DTYPES = [torch.bfloat16, torch.float32]
 
 def student(dtype: torch.dtype):
     return load_model(SHIPPED, dtype=dtype)
+
+
+def own(shared, dtype: torch.dtype):
+    """A copy of a cached fixture model in ``dtype`` (``Module.to`` would convert the shared one in place)."""
+    return copy.deepcopy(shared).to(dtype)
 
 
 def ragged_prompts(vocab: int, n: int, seed: int, lo: int = 3, hi: int = 30) -> list[list[int]]:
@@ -52,7 +58,7 @@ def assert_rows_equal(alone: list[torch.Tensor], together: list[torch.Tensor], w
 def test_full_prefix_dual_logits_equal_alone(which, dtype):
     """Every row of a ragged batch: the same logits, bit for bit, as alone (full forward, then prefix and dual
     cached forwards against its own cache)."""
-    m = student(dtype) if which == "student" else model(DEFAULT_DIRS[which == "dream"]).to(dtype)
+    m = student(dtype) if which == "student" else own(model(DEFAULT_DIRS[which == "dream"]), dtype)
     mask, vocab = int(m.config.mask_token_id), min(int(m.config.vocab_size), 30)
     for seed, (gen, block) in enumerate([(32, 16), (16, 8), (8, 4)]):
         seqs = first_blocks(ragged_prompts(vocab, 12, seed), gen, block, mask)
@@ -71,7 +77,7 @@ def test_full_prefix_dual_logits_equal_alone(which, dtype):
 @torch.no_grad()
 def test_block_models_logits_equal_alone(fixture, dtype):
     """Block-causal rows of different lengths and block sizes, uncached and against their own caches."""
-    m = model(next(d for d in BLOCK_DIRS if d.name == fixture)).to(dtype)
+    m = own(model(next(d for d in BLOCK_DIRS if d.name == fixture)), dtype)
     mask, vocab = int(m.config.mask_token_id), int(m.config.vocab_size) - 10
     rng = random.Random(3)
     runs = []
