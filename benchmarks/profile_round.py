@@ -114,7 +114,7 @@ def patch(clock: PhaseClock, model) -> None:
 
 
 def load(device: str = "cpu"):
-    from fewstep.commands import resolve_model
+    from fewstep.assets import resolve_model
     from fewstep.tasks import arith
 
     d = resolve_model("dparallel")

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     lo, hi = (int(x) for x in args.lengths.split(","))
-    from fewstep.commands import resolve_model
+    from fewstep.assets import resolve_model
 
     load0 = os.getloadavg()[0]
     result = {"host": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1,
