@@ -553,7 +553,7 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
 
 
 def markdown(result: dict) -> str:
-    """The README tables of a results JSON (``--report``)."""
+    """The tables of docs/results.md from a results JSON (``--report``)."""
     out = []
     if "policies" in result:
         rows = result["policies"]["rows"]

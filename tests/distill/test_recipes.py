@@ -1,5 +1,5 @@
 """Each paper's recipe is one typed dataclass per model family: the single source of the CLI flags, the
-Python API's defaults and the README's table."""
+Python API's defaults and the recipe table of docs/distillation.md."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from fewstep.distill.dparallel import RECIPES as DPARALLEL_RECIPES
 from fewstep.distill.dparallel import DParallelObjective, DParallelRecipe
 from fewstep.train.objective import SpecialIds
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "distillation.md"
 IDS = SpecialIds(mask=4, eos=2, pad=0)
 
 
@@ -25,8 +25,8 @@ def _args(*argv: str):
     return build_parser("distill").parse_args([*base, *argv])
 
 
-def test_readme_table_is_built_from_the_recipes():
-    text = README.read_text()
+def test_docs_recipe_table_is_built_from_the_recipes():
+    text = GUIDE.read_text()
     start, end = text.index("<!-- recipes:start -->\n"), text.index("<!-- recipes:end -->")
     assert text[start + len("<!-- recipes:start -->\n") : end] == recipe_table()
 

@@ -2,7 +2,7 @@
 
 Opens ``/``, submits a prompt, waits for the canvas to finish, checks the rendered answer and NFE
 against the API, runs the side-by-side mode, and saves a screenshot under pytest's ``tmp_path``; with
-``FEWSTEP_UPDATE_SCREENSHOTS=1`` it is also copied to ``docs/img/serve-page.png`` (the one the README shows).
+``FEWSTEP_UPDATE_SCREENSHOTS=1`` it is also copied to ``docs/img/serve-page.png`` (the one docs/serving.md shows).
 """
 
 from __future__ import annotations

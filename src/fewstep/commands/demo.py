@@ -15,7 +15,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--n", type=int, default=128, help="held-out problems to evaluate (at most 512; the README table uses 512)"
+        "--n", type=int, default=128, help="held-out problems to evaluate (at most 512; docs/results.md uses 512)"
     )
     parser.add_argument("--batch-size", type=int, default=128, help="problems decoded together")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")

@@ -1,4 +1,4 @@
-"""The text layer: prompts in, answers out, on top of the step-level engine (issue 12, item 2).
+"""The text layer: prompts in, answers out, on top of the step-level engine.
 
 ``encode prompt -> engine Request -> incremental detokenisation -> answer + stats``, shared by every
 caller that speaks text: ``fewstep serve``, ``fewstep generate``, the eval runner, the rollout

@@ -88,7 +88,8 @@ def recipe_for(name: str, architecture: str, overrides: Mapping[str, Any] | None
 
 def all_recipes() -> dict[str, Any]:
     """``{"method/family": recipe}`` of every method and every model family it has a recipe row for: what
-    ``fewstep distill``'s recipe flags and the README's recipe table (:func:`recipe_table`) are built from."""
+    ``fewstep distill``'s recipe flags and the recipe table of docs/distillation.md (:func:`recipe_table`) are
+    built from."""
     from fewstep.models.families import families
 
     out = {}
@@ -99,10 +100,23 @@ def all_recipes() -> dict[str, Any]:
 
 
 def recipe_table() -> str:
-    """The README's table of the papers' defaults per method and model family (a test keeps them equal)."""
+    """The table of the papers' defaults per method and model family in docs/distillation.md (a test keeps
+    them equal)."""
     from fewstep.train.recipe import recipe_table as table
 
     return table(all_recipes())
+
+
+def method_table() -> str:
+    """The README's table of the methods: ``--method``, what it trains (the model card's title) and the model
+    families it has a recipe row for (a test keeps the README equal to it)."""
+    from fewstep.models.families import families
+
+    rows = ["| `--method` | method | model families |", "| --- | --- | --- |"]
+    for m in METHODS.values():
+        table = m.recipes()
+        rows.append(f"| `{m.name}` | {m.title} | {', '.join(f for f in families() if _row(table, f))} |")
+    return "\n".join(rows) + "\n"
 
 
 def objective_class(name: str, architecture: str = "llada") -> type:

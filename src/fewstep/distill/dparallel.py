@@ -482,7 +482,7 @@ class BlockDParallelRecipe(TrainingRecipe):
 
 #: dParallel per recipe family (a model class's ``recipes_from`` names the rows it takes): the single
 #: source of ``fewstep distill --method dparallel``'s defaults, of :func:`fewstep.distill.build_objective`
-#: and of the README's recipe table. The block-diffusion row is dFactory's objective.
+#: and of the recipe table in docs/distillation.md. The block-diffusion row is dFactory's objective.
 RECIPES: dict[str, DParallelRecipe | BlockDParallelRecipe] = {
     "llada": DParallelRecipe(finetune="lora", lr=2e-5, epochs=6.0, schedule="constant", warmup_steps=0),
     "dream": DParallelRecipe(

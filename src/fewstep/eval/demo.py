@@ -208,7 +208,7 @@ FIGURES_LEGEND = (
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table (also used in the README), with :data:`FIGURES_LEGEND` under it."""
+    """A plain-text table (also used in docs/results.md), with :data:`FIGURES_LEGEND` under it."""
     head = ["model", "policy", "accuracy", "mean NFE", "TPF", "pos/fwd", "seconds", "speedup NFE", "speedup wall"]
     lines = [head]
     for r in rows:

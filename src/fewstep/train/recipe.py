@@ -6,8 +6,8 @@ TRL's config dataclasses do. The objective takes its recipe and reads the fields
 into keyword arguments or attributes), ``__post_init__`` checks their ranges with one-line errors, and
 the hyper-parameters recorded with a run (``training.json``) are the recipe's own fields. The recipes are
 also the single source of the CLI flags (:func:`add_recipe_arguments`; a flag left unset takes the
-recipe's value for the model's family) and of the README's recipe table (:func:`recipe_table`, checked
-against the README by a test).
+recipe's value for the model's family) and of the recipe table in docs/distillation.md
+(:func:`recipe_table`, checked against the docs by a test).
 """
 
 from __future__ import annotations

@@ -1,22 +1,8 @@
-"""Unmasking policies (one file per paper family) and the ``"name:args"`` policy parser.
+"""Unmasking policies (one file per paper family), their registry and the ``"name:args"`` policy parser.
 
-=================  =========================================================  ==============================
-name               rule                                                       class
-=================  =========================================================  ==============================
-``llada``          LLaDA fixed steps, low-confidence / random remasking        :class:`LowConfidencePolicy`
-``threshold``      Fast-dLLM confidence threshold (top-1 always)              :class:`ConfidenceThresholdPolicy`
-``factor``         Fast-dLLM factor rule                                      :class:`FactorPolicy`
-``entropy``        dParallel entropy threshold (LLaDA numerics)               :class:`EntropyThresholdPolicy`
-``entropy-dream``  dParallel entropy threshold (Dream semi-AR numerics)       :class:`DreamEntropyThresholdPolicy`
-``cad``            CD4LM Confidence-Adaptive Decoding                         :class:`CADPolicy`
-``dream``          Dream diffusion_generate (entropy, maskgit_plus, ...)      :class:`DreamPolicy`
-``llada2``         LLaDA2 generate: threshold 0.95 with top-k fallback         :class:`LLaDA2Policy`
-``sdar``           SDAR block_diffusion_generate (4 remasking strategies)      :class:`SDARPolicy`
-``spd``            DMax soft parallel decoding (revision, soft embeddings)     :class:`SoftParallelPolicy`
-``multiblock``     d3LLM multi-block decoding (LLaDA: argmin + H <= τ)         :class:`MultiBlockPolicy`
-``multiblock-      d3LLM multi-block decoding (Dream: H < τ)                   :class:`DreamMultiBlockPolicy`
-dream``
-=================  =========================================================  ==============================
+:data:`POLICIES` maps each name to its class (a policy declares its ``name``, ``summary``, ``paper`` and
+``positional`` option); :func:`policy_table` renders it as the README's table and :func:`policy_help` as
+the ``--help`` text, so neither is written by hand.
 
 A spec is ``NAME``, ``NAME:VALUE`` (sets the policy's main option, e.g. ``threshold:0.9``,
 ``llada:64``, ``dream:maskgit_plus``) or ``NAME:key=value,key=value`` (e.g.
@@ -78,6 +64,7 @@ __all__ = [
     "StepState",
     "parse_policy",
     "policy_help",
+    "policy_table",
 ]
 
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
@@ -143,3 +130,21 @@ def policy_help() -> str:
         opts = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
         lines.append(f"  {name}: {doc}\n      options: {opts}")
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def policy_table() -> str:
+    """The README's policy table, one row per registered policy: its name, paper, rule, the option a bare
+    value sets (with its default) and its other options (the ``quirk_*`` options, which reproduce
+    reference-code behaviours, are left to docs/decoding.md). A test keeps the README equal to it."""
+    rows = ["| policy | paper | rule | main option | other options |", "| --- | --- | --- | --- | --- |"]
+    for name, cls in POLICIES.items():
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        value = defaults.get(cls.positional)
+        main = f"`{cls.positional}={'none' if value is None else value}`" if cls.positional else ""
+        others = ", ".join(f"`{k}`" for k in defaults if k != cls.positional and not k.startswith("quirk_"))
+        rows.append(f"| `{name}` | {_cell(cls.paper)} | {_cell(cls.summary)} | {main} | {others} |")
+    return "\n".join(rows) + "\n"

@@ -147,6 +147,8 @@ class Policy:
     name: ClassVar[str] = ""
     #: one line for ``--help`` and docs
     summary: ClassVar[str] = ""
+    #: the paper (or official code) the rule comes from, for the README's policy table
+    paper: ClassVar[str] = ""
     #: the option a bare value sets in the ``"name:value"`` form (e.g. ``threshold:0.9``)
     positional: ClassVar[str | None] = None
     #: whether the rule reads the batch-wide block scalars of :class:`StepState` (``block``,

@@ -73,6 +73,7 @@ class CADPolicy(Policy):
     """
 
     summary = "CD4LM Confidence-Adaptive Decoding: min..max tokens above the threshold, EOS gating"
+    paper = "CD4LM, arXiv 2601.02236"
     name = "cad"
     positional = "threshold"
 

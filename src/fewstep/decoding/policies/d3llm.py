@@ -80,6 +80,7 @@ class MultiBlockPolicy(Policy):
     """
 
     summary = "d3LLM multi-block decoding (LLaDA): several open blocks, lowest entropy + every H <= threshold"
+    paper = "d3LLM, arXiv 2601.07568"
     name = "multiblock"
     positional = "threshold"
     spans_blocks = True

@@ -52,6 +52,7 @@ class SoftParallelPolicy(Policy):
     """DMax soft parallel decoding: confident-prefix commits, revision of the open block, soft embeddings."""
 
     summary = "DMax soft parallel decoding: confident left-to-right prefix, revision until the block converges"
+    paper = "DMax, arXiv 2604.08302"
     name = "spd"
     positional = "threshold"
     uses_block_scalars = False  # reads block_length only, which every row of a group shares

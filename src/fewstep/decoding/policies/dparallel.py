@@ -39,6 +39,7 @@ class EntropyThresholdPolicy(Policy):
     """
 
     summary = "dParallel entropy threshold (LLaDA numerics): lowest entropy + every H <= threshold"
+    paper = "dParallel, arXiv 2509.26488"
     name = "entropy"
     uses_block_scalars = False
     positional = "threshold"

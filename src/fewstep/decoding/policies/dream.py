@@ -69,6 +69,7 @@ class DreamPolicy(FixedSteps, Policy):
     """
 
     summary = "Dream diffusion_generate: entropy, maskgit_plus, topk_margin or confidence_threshold"
+    paper = "Dream 7B, arXiv 2508.15487"
     name = "dream"
     positional = "alg"
 

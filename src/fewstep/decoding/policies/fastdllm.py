@@ -47,6 +47,7 @@ class ConfidenceThresholdPolicy(Policy):
     """
 
     summary = "Fast-dLLM confidence threshold: every mask with c >= threshold, always the top-1"
+    paper = "Fast-dLLM, arXiv 2505.22618"
     name = "threshold"
     uses_block_scalars = False
     positional = "threshold"
@@ -77,6 +78,7 @@ class FactorPolicy(Policy):
     """
 
     summary = "Fast-dLLM factor rule: the largest n with (n + 1)(1 - c_(n)) <= factor"
+    paper = "Fast-dLLM, arXiv 2505.22618"
     name = "factor"
     uses_block_scalars = False
     positional = "factor"

@@ -67,6 +67,7 @@ class LowConfidencePolicy(FixedSteps, Policy):
     """
 
     summary = "LLaDA fixed steps: an even per-step quota of the most confident (or random) masks"
+    paper = "LLaDA, arXiv 2502.09992"
     name = "llada"
     positional = "steps"
 

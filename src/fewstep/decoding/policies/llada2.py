@@ -43,6 +43,7 @@ class LLaDA2Policy(Policy):
     """LLaDA2 ``generate``: threshold 0.95 with the even-schedule top-k fallback, per block."""
 
     summary = "LLaDA2 generate: commit all masks with p > threshold if at least the schedule's count, else top-k"
+    paper = "LLaDA2.0, the checkpoints' `generate`"
     name = "llada2"
     positional = "threshold"
 

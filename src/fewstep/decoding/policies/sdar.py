@@ -60,6 +60,7 @@ class SDARPolicy(Policy):
     """SDAR ``block_diffusion_generate``: sequential, low_confidence_static/dynamic or entropy_bounded."""
 
     summary = "SDAR block_diffusion_generate: sequential, low_confidence_static/dynamic, entropy_bounded"
+    paper = "SDAR, `JetAstra/SDAR`"
     name = "sdar"
     positional = "remasking_strategy"
 
