@@ -18,6 +18,20 @@ LLaDA-8B's widths, vocabulary 126,464, ``--layers`` layers; a fixed 4 steps per 
     python benchmarks/serve.py                    # both models (a few minutes on 2 CPU cores)
     python benchmarks/serve.py --models embedded  # one model
     python benchmarks/serve.py --quick            # seconds; a smoke run
+
+``--matched`` runs issue 27's matched-compute setting instead (results: ``serve_matched.json``): the
+``dparallel`` student, the 64 embedded-task prompts, ``llada:steps=64`` (64 fixed forwards, blocks of
+32, greedy), no EOS early stop, every server pinned to one core (``--pin``, default 0) with one torch
+thread, the clients pinned to another; non-streaming chat completions (the peer's API). At 1, 8 and 32
+clients: requests/s, and the server process's CPU seconds per request (from ``/proc``, robust to the
+load of a shared machine); the same batch sizes in-process without HTTP, through the engine and through
+the text layer, so HTTP and engine costs are separate; and every answer at 8 and 32 clients checked
+against the 1-client one. ``--peer PYTHON`` also serves the same model with ``dlmserve`` (PyPI 0.1.1,
+installed in the environment of that Python; never vendored) side by side, its loader given fewstep's
+model and tokenizer; without it (or when dlmserve does not import there) the peer row is skipped with
+the reason recorded.
+
+    taskset -c 0,1 python benchmarks/serve.py --matched --peer /tmp/peer-venv/bin/python
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -39,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 VOCAB_8B = 126464
+DEFAULT_OUT = str(ROOT / "benchmarks" / "results" / "serve.json")
 
 
 def build_model(
@@ -89,7 +105,10 @@ def serve_main(args) -> int:
     from fewstep.serve import ServeConfig, create_app, run
 
     torch.set_num_threads(args.threads)
+    pin(args.pin)
     model, tok, settings, _ = build_model(args._serve, args.layers, args.quick, args.cache, args.device, args.dtype)
+    if args.matched:
+        settings = matched_settings()
     gen = TextGenerator(model, tok, max_batch=32)
     app = create_app(gen, ServeConfig(model_name=args._serve, defaults=settings, max_queue=1024))
     run(app, "127.0.0.1", args.port, log_level="warning")
@@ -359,6 +378,354 @@ def text_layer_batching_gain(model, tok, settings, prompts: list[str], batch: in
             "requests_per_s_batched": round(len(prompts) / batched, 2), "gain": round(alone / batched, 3)}  # fmt: skip
 
 
+# ---- the matched-compute setting (issue 27) ---------------------------------------------------------
+
+MATCHED_POLICY, MATCHED_TOKENS, MATCHED_BLOCK, MATCHED_STEPS = "llada:steps=64", 64, 32, 64
+PEER_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% if not loop.last %}\n{% endif %}{% endfor %}"
+
+
+def matched_settings():
+    from fewstep.decoding.text import GenerationSettings
+
+    return GenerationSettings(
+        policy=MATCHED_POLICY, max_tokens=MATCHED_TOKENS, block_length=MATCHED_BLOCK, early_stop=False
+    )
+
+
+def pin(cpu: int | None) -> None:
+    """Run this process (every thread it starts later too) on one core."""
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu})
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peer_main(args) -> int:
+    """The peer's server process (run with the peer's Python): dlmserve's app, its model loader given
+    fewstep's model and tokenizer (the same weights, the same network code)."""
+    os.environ.setdefault("DLMSERVE_MODEL", "dparallel")
+    os.environ.setdefault("DLMSERVE_MAX_BATCH", "32")  # fewstep serves 32 rows at once too
+    os.environ.setdefault("DLMSERVE_DEVICE", "cpu")
+    os.environ.setdefault("DLMSERVE_LOG_LEVEL", "warning")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    pin(args.pin)
+    model, tok, _, _ = build_model("embedded", 1, False)
+    tok.chat_template = PEER_TEMPLATE  # the embedded tokenizer has none: the user's text, as fewstep renders it
+    import uvicorn
+    from dlmserve import engine as peer_engine
+    from dlmserve.models.llada import LoadedLLaDA
+
+    def load_model(model_id: str, dtype: str = "bf16", device: str = "cpu"):
+        return LoadedLLaDA(model=model, tokenizer=tok, device=model.device, dtype="bf16",
+                           mask_id=int(model.config.mask_token_id))  # fmt: skip
+
+    peer_engine.load_model = load_model
+    from dlmserve.api.server import app
+
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    return 0
+
+
+def peer_available(python: str | None) -> tuple[bool, str]:
+    """(whether dlmserve imports with ``python``, why not)."""
+    if not python:
+        return False, "no --peer given (pip install dlmserve==0.1.1 in a scratch venv; --peer its python)"
+    try:
+        out = subprocess.run([python, "-c", "import dlmserve, dlmserve.api.server; print(dlmserve.__version__)"],
+                             capture_output=True, text=True, timeout=300, env=_env())  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"{python} does not run: {exc}"
+    if out.returncode != 0:
+        return False, f"dlmserve does not import with {python}: {out.stderr.strip().splitlines()[-1:]}"
+    return True, f"dlmserve {out.stdout.strip()}"
+
+
+def _env(src: str | None = None) -> dict:
+    path = [str(Path(src) / "src") if src else str(ROOT / "src"), os.environ.get("PYTHONPATH")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+
+
+def _start(cmd: list[str], url: str, src: str | None = None) -> subprocess.Popen:
+    import httpx
+
+    proc = subprocess.Popen(cmd, env=_env(src))
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the server did not start: {' '.join(cmd)}")
+        time.sleep(0.5)
+
+
+async def _chat_clients(url: str, bodies: list[dict], clients: int) -> tuple[float, list[float], list[str]]:
+    """``clients`` concurrent non-streaming chat clients over ``bodies``: (seconds, latencies, texts)."""
+    import aiohttp
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for i, b in enumerate(bodies):
+        queue.put_nowait((i, b))
+    texts: list[str] = [""] * len(bodies)
+    lat: list[float] = []
+
+    async def one(session) -> None:
+        while not queue.empty():
+            i, body = queue.get_nowait()
+            t = time.perf_counter()
+            async with session.post(url + "/v1/chat/completions", json=body) as r:
+                data = await r.json(content_type=None)
+                if r.status != 200:
+                    raise RuntimeError(f"HTTP {r.status}: {data}")
+            lat.append(time.perf_counter() - t)
+            texts[i] = data["choices"][0]["message"]["content"]
+
+    connector = aiohttp.TCPConnector(limit=clients + 4)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=1800)) as session:
+        async with session.get(url + "/health") as r:  # a connection open before the clock starts
+            await r.read()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(session) for _ in range(clients)))
+        return time.perf_counter() - t0, lat, texts
+
+
+def _bodies(server: str, prompts: list[str]) -> list[dict]:
+    if server == "fewstep":
+        extra = {"model": "embedded", "policy": MATCHED_POLICY, "block_length": MATCHED_BLOCK}
+    else:
+        extra = {"model": "dparallel", "num_denoising_steps": MATCHED_STEPS, "block_length": MATCHED_BLOCK,
+                 "temperature": 0.0, "seed": 0}  # fmt: skip
+    return [{"messages": [{"role": "user", "content": p}], "max_tokens": MATCHED_TOKENS, **extra} for p in prompts]
+
+
+class _Server:
+    """A server process (fewstep or the peer) pinned to the servers' core, paused (SIGSTOP) between its
+    bursts so that an idle server takes nothing from the one measured."""
+
+    def __init__(self, kind: str, args, src: str | None = None):
+        """``kind``: ``fewstep`` or ``peer``; ``src``: serve fewstep from this source tree (a baseline)."""
+        self.kind = kind
+        self.name = {"fewstep": "fewstep serve", "peer": "dlmserve 0.1.1"}[kind] + (" (baseline)" if src else "")
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        common = ["--port", str(port), "--threads", str(args.threads), "--pin", str(args.pin)]
+        if kind == "fewstep":
+            cmd = [sys.executable, __file__, "--_serve", "embedded", "--matched", *common]
+        else:
+            cmd = [args.peer, __file__, "--_peer_serve", *common]
+        self.proc = _start(cmd, self.url, src)
+
+    def signal(self, sig) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def close(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def burst(self, prompts: list[str], clients: int) -> dict:
+        self.signal(signal.SIGCONT)
+        try:
+            cpu = process_cpu(self.proc.pid)
+            wall, lat, texts = asyncio.run(_chat_clients(self.url, _bodies(self.kind, prompts), clients))
+            cpu = process_cpu(self.proc.pid) - cpu
+        finally:
+            self.signal(signal.SIGSTOP)
+        return {"seconds": wall, "cpu": cpu, "latencies": lat, "texts": texts}
+
+
+def _in_process_burst(layer: str, model, tok, prompts: list[str], batch: int) -> dict:
+    """The same requests without HTTP, in this process: the engine alone (``Engine.run``, token ids in and out)
+    or the text layer (``TextGenerator.generate``, text in and out), with ``max_batch`` = the concurrency."""
+    from fewstep.decoding.engine import Engine, Request
+    from fewstep.decoding.text import TextGenerator
+
+    t, c = time.perf_counter(), time.process_time()
+    if layer == "engine":
+        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        reqs = [Request(p, policy=MATCHED_POLICY, gen_length=MATCHED_TOKENS, block_length=MATCHED_BLOCK,
+                        early_stop=False) for p in ids]  # fmt: skip
+        Engine(model, max_batch=batch).run(reqs)
+    else:
+        TextGenerator(model, tok, max_batch=batch).generate(prompts, matched_settings())
+    return {"seconds": time.perf_counter() - t, "cpu": time.process_time() - c, "latencies": [], "texts": None}
+
+
+def _burst_size(clients: int, base: int) -> int:
+    """Requests per burst: at least ``base`` and two waves of the clients."""
+    return max(base, 2 * clients)
+
+
+def matched_runs(model, tok, prompts: list[str], levels: list[int], servers: list[_Server], args) -> dict:
+    """Every runner (each server, the in-process engine and text layer) at every level, in short bursts
+    interleaved over ``args.repeats`` rounds (the order reversed every other round): a shared machine's
+    changing load hits every runner and level alike. Returns ``{(runner, clients): [burst, ...]}``."""
+    client_cpu = args.client_pin if args.client_pin is not None else (1 if (os.cpu_count() or 1) > 1 else None)
+    runners = [(s.name, s) for s in servers] + [("in-process engine (no HTTP)", "engine"),
+                                                ("in-process text layer (no HTTP)", "text layer")]  # fmt: skip
+    out: dict[tuple[str, int], list[dict]] = {}
+    cursor = 0
+    for rep in range(args.repeats):
+        order = [(c, r) for c in levels for r in runners]
+        for c, (name, runner) in order if rep % 2 == 0 else order[::-1]:
+            n = _burst_size(c, args.burst)
+            batch = [prompts[(cursor + i) % len(prompts)] for i in range(n)]
+            cursor += n
+            if isinstance(runner, _Server):
+                pin(client_cpu)
+                res = runner.burst(batch, c)
+            else:
+                pin(args.pin)
+                res = _in_process_burst(runner, model, tok, batch, c)
+            res["prompts"] = batch
+            out.setdefault((name, c), []).append(res)
+            print(json.dumps({"runner": name, "clients": c, "requests": n, "seconds": round(res["seconds"], 3),
+                              "cpu_s_per_request": round(res["cpu"] / n, 4)}), flush=True)  # fmt: skip
+    return out
+
+
+def _summary(name: str, clients: int, bursts: list[dict], reference: dict[str, str] | None) -> dict:
+    n = sum(len(b["prompts"]) for b in bursts)
+    wall, cpu = sum(b["seconds"] for b in bursts), sum(b["cpu"] for b in bursts)
+    lat = [x for b in bursts for x in b["latencies"]]
+    row = {"server": name, "clients": clients, "requests": n, "seconds": round(wall, 3),
+           "requests_per_s": round(n / wall, 3), "cpu_s_per_request": round(cpu / n, 4),
+           "requests_per_s_bursts": [round(len(b["prompts"]) / b["seconds"], 3) for b in bursts],
+           "cpu_s_per_request_bursts": [round(b["cpu"] / len(b["prompts"]), 4) for b in bursts]}  # fmt: skip
+    if lat:
+        row["latency_p50_s"], row["latency_p99_s"] = round(_pct(lat, 0.5), 4), round(_pct(lat, 0.99), 4)
+    if reference is not None:
+        pairs = [(t, reference[p]) for b in bursts for t, p in zip(b["texts"], b["prompts"])]
+        row["answers_equal_alone"] = round(sum(t.strip() == x.strip() for t, x in pairs) / len(pairs), 4)
+    return row
+
+
+def _reference_texts(model, tok, prompts: list[str]) -> tuple[list[str], list[str]]:
+    """Each prompt's answer decoded alone with fewstep.generate: the whole answer with special tokens skipped
+    (what the peer returns) and the answer cut at the first EOS (what fewstep returns)."""
+    import fewstep
+
+    full, cut = [], []
+    stops = {int(model.config.eos_token_id)}
+    for p in prompts:
+        ids = tok(p, add_special_tokens=False)["input_ids"]
+        ans = fewstep.generate(model, [ids], MATCHED_POLICY, gen_length=MATCHED_TOKENS, block_length=MATCHED_BLOCK,
+                               tokenizer=tok).answers[0].tolist()  # fmt: skip
+        full.append(tok.decode(ans, skip_special_tokens=True))
+        end = next((i for i, t in enumerate(ans) if t in stops), len(ans))
+        cut.append(tok.decode(ans[:end], skip_special_tokens=True))
+    return full, cut
+
+
+def matched_main(args) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    levels = [int(c) for c in (args.clients or "1,8,32").split(",")]
+    model, tok, _, _ = build_model("embedded", 1, False)
+    from fewstep.tasks import arith
+
+    prompts = [p.prompt for p in arith.generate("test", args.requests, seed=0)]
+    ok, why = peer_available(args.peer)
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    pin(args.pin)
+    full, cut = _reference_texts(model, tok, prompts)  # each prompt alone (and a warm-up)
+    servers = []
+    try:
+        kinds = [("fewstep", None)] + ([("fewstep", args.baseline_src)] if args.baseline_src else [])
+        for kind, src in kinds + ([("peer", None)] if ok else []):
+            servers.append(_Server(kind, args, src))
+            servers[-1].burst(prompts[:2], 1)  # warm-up, then paused
+        bursts = matched_runs(model, tok, prompts, levels, servers, args)
+    finally:
+        for s in servers:
+            s.close()
+    names = ["fewstep serve", "fewstep serve (baseline)", "dlmserve 0.1.1"]
+    refs = dict(zip(names, [dict(zip(prompts, cut))] * 2 + [dict(zip(prompts, full))]))
+    rows = [_summary(name, c, b, refs.get(name)) for (name, c), b in bursts.items()]
+    rows.sort(key=lambda r: (names.index(r["server"]) if r["server"] in names else 3, r["server"], r["clients"]))
+    for r in rows:
+        base = next(b for b in rows if b["server"] == r["server"] and b["clients"] == levels[0])
+        r["speedup_vs_1"] = round(r["requests_per_s"] / base["requests_per_s"], 3)
+        r["cpu_gain_vs_1"] = round(base["cpu_s_per_request"] / r["cpu_s_per_request"], 3)
+    result = {
+        "setting": {"model": "dparallel (shipped student, LLaDA format, float32)", "prompts": len(prompts),
+                    "policy": MATCHED_POLICY, "max_tokens": MATCHED_TOKENS, "block_length": MATCHED_BLOCK,
+                    "early_stop": False, "requests": "non-streaming chat completions", "server_core": args.pin,
+                    "threads": args.threads, "max_batch": 32, "repeats": args.repeats,
+                    "burst": f"max({args.burst}, 2 x clients) requests per runner and level, interleaved"},
+        "host": {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count()},
+        "peer": {"ran": ok, "reason" if not ok else "version": why},
+        "baseline": args.baseline_label if args.baseline_src else None,
+        "load_average_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
+        "rows": rows,
+        "total_seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    result["target"] = matched_target(rows, levels)
+    out = Path(args.out if args.out != DEFAULT_OUT else ROOT / "benchmarks" / "results" / "serve_matched.json")
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(matched_markdown(result))
+    print(f"\nwritten to {out}")
+    return 0
+
+
+def matched_target(rows: list[dict], levels: list[int]) -> dict:
+    """Issue 27's target: at the most clients at least 2.6x the one-client requests/s, and at every level at
+    least the peer's requests/s where both ran."""
+    few = {r["clients"]: r for r in rows if r["server"] == "fewstep serve"}
+    peer = {r["clients"]: r for r in rows if r["server"].startswith("dlmserve")}
+    top = levels[-1]
+    out = {"speedup_at_max_clients": few[top]["speedup_vs_1"], "cpu_gain_at_max_clients": few[top]["cpu_gain_vs_1"],
+           "speedup_met": few[top]["speedup_vs_1"] >= 2.6}  # fmt: skip
+    if peer:
+        out["vs_peer_requests_per_s"] = {c: round(few[c]["requests_per_s"] / peer[c]["requests_per_s"], 3) for c in few}
+        out["vs_peer_cpu_per_request"] = {
+            c: round(peer[c]["cpu_s_per_request"] / few[c]["cpu_s_per_request"], 3) for c in few
+        }
+        out["at_least_peer"] = all(v >= 1 for v in out["vs_peer_requests_per_s"].values())
+    base = {r["clients"]: r for r in rows if r["server"] == "fewstep serve (baseline)"}
+    if base:
+        out["vs_baseline_requests_per_s"] = {
+            c: round(few[c]["requests_per_s"] / base[c]["requests_per_s"], 3) for c in few
+        }
+        out["vs_baseline_cpu_per_request"] = {
+            c: round(base[c]["cpu_s_per_request"] / few[c]["cpu_s_per_request"], 3) for c in few
+        }
+    return out
+
+
+def matched_markdown(result: dict) -> str:
+    st = result["setting"]
+    lines = [f"\n**matched compute** ({st['policy']}, {st['max_tokens']} tokens in blocks of {st['block_length']}, no early "
+             f"stop, {st['prompts']} prompts, server on core {st['server_core']}, {st['threads']} thread; 1-min load "
+             f"{result['load_average_1min'][0]} -> {result['load_average_1min'][1]}; {st['repeats']} interleaved rounds of bursts; "
+             f"peer: {result['peer'].get('version') or 'skipped: ' + result['peer']['reason']}; "
+             f"baseline: {result.get('baseline') or 'none'})\n",
+             "| server | clients | req/s | vs 1 client | CPU s/request | CPU gain vs 1 | latency p50 | same answers |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result["rows"]:
+        same = f"{r['answers_equal_alone'] * 100:.0f} %" if "answers_equal_alone" in r else "–"
+        p50 = f"{r['latency_p50_s'] * 1000:.0f} ms" if "latency_p50_s" in r else "–"
+        lines.append(f"| {r['server']} | {r['clients']} | {r['requests_per_s']:.2f} | {r['speedup_vs_1']:.2f}x | "
+                     f"{r['cpu_s_per_request']:.3f} | {r['cpu_gain_vs_1']:.2f}x | {p50} | {same} |")  # fmt: skip
+    lines.append(f"\ntarget: {json.dumps(result['target'])}")
+    return "\n".join(lines)
+
+
 def markdown(result: dict) -> str:
     lines = []
     for m in result["models"]:
@@ -402,16 +769,39 @@ def main(argv=None) -> int:
                    help="comma-separated concurrency levels, 1 first (default: 1,8,32 embedded, 1,8 8b-shaped)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     p.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="the clients' HTTP library")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
+    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--matched", action="store_true",
+                   help="issue 27's matched-compute setting against the peer (serve_matched.json; see above)")  # fmt: skip
+    p.add_argument("--peer", default=None, metavar="PYTHON",
+                   help="--matched: a Python with dlmserve 0.1.1 installed, to serve the same model side by side")  # fmt: skip
+    p.add_argument(
+        "--pin", type=int, default=0, help="--matched: the core every server (and the in-process rows) runs on"
+    )
+    p.add_argument("--client-pin", type=int, default=None, help="--matched: the clients' core (default 1)")
+    p.add_argument("--baseline-src", default=None, metavar="DIR",
+                   help="--matched: also serve fewstep from this source tree (e.g. `git archive` of an older commit)")  # fmt: skip
+    p.add_argument("--baseline-label", default="baseline", help="--matched: what --baseline-src is (recorded)")
+    p.add_argument(
+        "--repeats", type=int, default=4, help="--matched: interleaved rounds of bursts (order reversed every other)"
+    )
+    p.add_argument(
+        "--burst", type=int, default=16, help="--matched: requests per burst (at least two waves of clients)"
+    )
     p.add_argument("--report", metavar="JSON", help="print the markdown table of a results file and exit")
     p.add_argument("--_serve", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_peer_serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.report:
-        print(markdown(json.loads(Path(args.report).read_text())))
+        result = json.loads(Path(args.report).read_text())
+        print(matched_markdown(result) if "setting" in result else markdown(result))
         return 0
     if args._serve:
         return serve_main(args)
+    if args._peer_serve:
+        return peer_main(args)
+    if args.matched:
+        return matched_main(args)
     import torch
 
     torch.set_num_threads(args.threads)

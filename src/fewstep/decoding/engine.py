@@ -12,8 +12,9 @@ stream (a seeded row has its own generator), KV cache, NFE, and what the current
 3. runs at most three batched model calls, one per kind of forward (:mod:`fewstep.decoding.forward`):
    full-canvas forwards (cache ``none``, and the first forward of a block with a cache), prefix-cached
    forwards and dual-cached forwards. Rows of every length, block and cache mode share these calls;
-4. groups the rows by policy (same instance, or same spec string) and block geometry and makes one
-   ``select`` call per group; commits, counts NFE, and asks the policy which rows are done;
+4. groups the rows by policy (equal policies: same class and options, :func:`policy_key`) and block
+   geometry and makes one ``select`` call per group; commits, counts NFE, and asks the policy which rows are
+   done;
 5. a row whose block is done moves to its next block at once ("first done, first out"; a spanning row to
    its next block that holds a mask), stops at an EOS with ``early_stop`` (after the block), ``eos_early_stop``
    or ``eos_fill`` (after the forward: d3LLM's fill of everything after the first EOS, then a row with no
@@ -62,10 +63,11 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -197,6 +199,7 @@ class _Row:
 
     def __init__(self, request: Request, settings: ResolvedSettings, prompt: list[int], device, order: int):
         self.request, self.settings, self.order = request, settings, order
+        self.policy_key = policy_key(settings.policy)
         self.prompt_length, self.gen_length = len(prompt), settings.gen_length
         self.block_length, self.block_diffusion = settings.block_length, settings.block_diffusion
         self.spans = settings.policy.spans_blocks and not self.block_diffusion  # the window runs to the answer end
@@ -438,13 +441,23 @@ class _GroupRNG(RowRNG):
         self._saved.clear()
 
 
-def _group_key(r: _Row) -> tuple:
-    """Rows that can share one ``select`` call: same policy, block length, mask/EOS ids, and (for rules
-    that read the batch-wide block scalars of ``StepState``) the same block and answer length."""
+def policy_key(policy: Policy) -> tuple:
+    """Equal policies share ``select`` calls: a dataclass policy is keyed by its class and options (a rule
+    is a pure function of them), so requests that each carry their own instance of one spec (the server's)
+    are decided together; any other policy by its identity."""
+    if is_dataclass(policy):
+        return (type(policy), *((f.name, repr(getattr(policy, f.name))) for f in fields(policy)))
+    return (id(policy),)
+
+
+def _group_key(r: _Row, start: bool = False) -> tuple:
+    """Rows that can share one policy call: equal policies, block length, mask/EOS ids, and the same block
+    and answer length for ``start_block`` (``start=True``) and for rules that read the batch-wide block
+    scalars of ``StepState`` in ``select``/``block_done``."""
     st = r.settings
-    key = (id(st.policy), r.block_length, st.mask_id, st.eos, r.suppress_mask)
+    key = (r.policy_key, r.block_length, st.mask_id, st.eos, r.suppress_mask)
     scalars = (r.block_index, r.num_blocks - r.first_block, r.gen_length)
-    return key + (scalars if st.policy.uses_block_scalars else ())
+    return key + (scalars if start or st.policy.uses_block_scalars else ())
 
 
 def _kind(r: _Row) -> str:
@@ -494,11 +507,51 @@ def _state(rows: list[_Row], device: torch.device, memory: dict | None = None, m
     )
 
 
-def _groups(rows: list[_Row]) -> list[list[_Row]]:
+def _groups(rows: list[_Row], start: bool = False) -> list[list[_Row]]:
     out: dict[tuple, list[_Row]] = {}
     for r in rows:
-        out.setdefault(_group_key(r), []).append(r)
+        out.setdefault(_group_key(r, start), []).append(r)
     return list(out.values())
+
+
+#: the fewest columns :func:`default_call_columns` allows one call on a CPU
+MIN_CALL_COLUMNS = 1024
+
+
+def default_call_columns(model) -> float:
+    """The widest model call worth running at once on ``model``'s device (see ``Engine(max_call_columns)``).
+
+    On a CPU a batched call costs less per row than a single one until its activations (columns x the
+    widest projection) outgrow the caches, then more again (the shipped student: 2.4-2.7 ms per row at
+    8-12 rows of 74 columns, 3.5-3.9 ms at 32-48 rows). Weights are read once per call, so splitting pays
+    while a call's activations exceed its weights: the bound is twice a layer's parameters over its widest
+    projection (the same product for the activations; 1,158 columns for the student, 35,500 for an
+    LLaDA-8B layer, where no batch of ours splits), at least :data:`MIN_CALL_COLUMNS`. Elsewhere (GPU):
+    unbounded."""
+    if model.device.type != "cpu" or not hasattr(model, "stack"):
+        return float("inf")
+    layers = model.stack()[1]
+    if len(layers) == 0:
+        return float("inf")
+    weights = [p for p in layers[0].parameters() if p.dim() == 2]
+    if not weights:
+        return float("inf")
+    params = sum(p.numel() for p in weights)
+    return float(max(MIN_CALL_COLUMNS, 2 * params // max(p.shape[0] for p in weights)))
+
+
+def _even_split(rows: list, width: int, limit: float) -> list[list]:
+    """``rows`` (one call ``width`` columns wide) as the fewest near-equal consecutive calls under ``limit``."""
+    k = min(len(rows), math.ceil(width / limit))
+    if k <= 1:
+        return [rows]
+    size, extra = divmod(len(rows), k)
+    out, i = [], 0
+    for j in range(k):
+        n = size + (j < extra)
+        out.append(rows[i : i + n])
+        i += n
+    return out
 
 
 def _reason(exc: BaseException) -> str:
@@ -526,17 +579,33 @@ class _Inbox:
 class Engine:
     """Decodes requests that arrive at any time, in continuously batched rounds (see the module docstring)."""
 
-    def __init__(self, model, *, max_batch: int = 32, tokenizer=None, max_padding: float = 0.25):
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch: int = 32,
+        tokenizer=None,
+        max_padding: float = 0.25,
+        max_call_columns: float | None = None,
+    ):
         """``max_padding``: the share of padded columns one batched call may run before the engine splits
         a kind of forward into calls of similar lengths (rows sorted by the columns they run). Padding
-        costs compute in proportion on a CPU and little on a GPU; ``float("inf")``: always one call per
-        kind of forward per round."""
+        costs compute in proportion on a CPU and little on a GPU; ``float("inf")``: one call per kind of
+        forward per round (up to ``max_call_columns``).
+
+        ``max_call_columns``: the most columns (rows x sequences x columns run) one model call runs; a wider
+        call is split into near-equal calls. None: :func:`default_call_columns` (on a CPU, where a call whose
+        activations outgrow the caches costs more per row; unbounded elsewhere); ``float("inf")``: never.
+        Every call is exact, so this changes speed only."""
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1; got {max_batch!r}")
         if not max_padding >= 0:
             raise ValueError(f"max_padding must be >= 0; got {max_padding!r}")
+        if max_call_columns is not None and not max_call_columns >= 1:
+            raise ValueError(f"max_call_columns must be >= 1 or None; got {max_call_columns!r}")
         self.model, self.max_batch, self.tokenizer, self.max_padding = model, max_batch, tokenizer, max_padding
         self.device = model.device
+        self.max_call_columns = default_call_columns(model) if max_call_columns is None else float(max_call_columns)
         cfg = model.config
         eos = stop_ids(model, tokenizer)
         self.pad_id = int(
@@ -690,7 +759,7 @@ class Engine:
 
     def _start_blocks(self, rows: list[_Row]) -> None:
         """Policy memory for rows entering a block (one ``start_block`` call per group)."""
-        for group in _groups(rows):
+        for group in _groups(rows, start=True):
             self._isolated(group, self._start_block, _policy_failed(group))
 
     def _start_block(self, rows: list[_Row]) -> None:
@@ -747,7 +816,8 @@ class Engine:
             r.fold = False
 
     def _calls(self, kind: str, rows: list[_Row]) -> list[list[_Row]]:
-        """Split one kind's rows into calls whose padded columns stay within ``max_padding`` (by length)."""
+        """Split one kind's rows into calls whose padded columns stay within ``max_padding`` (by length), and
+        a call wider than ``max_call_columns`` into near-equal calls under it."""
         if not rows:
             return []
         sh = self.model.logit_shift
@@ -761,17 +831,19 @@ class Engine:
                 return n - r.prefix_plan()[0]
             return n if kind == "full" else (n - s + sh if kind == "prefix" else e - s + sh)
 
-        calls: list[list[_Row]] = []
+        calls: list[tuple[list[_Row], int]] = []  # (rows, widest row: its columns x sequences)
         real = 0
         for r in sorted(rows, key=lambda r: (cols(r), len(r.canvas), r.order)):
             c = cols(r)
-            if calls and (len(calls[-1]) + 1) * c <= (1 + self.max_padding) * (real + c):
-                calls[-1].append(r)
+            w = c * (2 if r.settings.cfg_scale > 0 else 1)
+            if calls and (len(calls[-1][0]) + 1) * c <= (1 + self.max_padding) * (real + c):
+                calls[-1][0].append(r)
+                calls[-1] = (calls[-1][0], max(calls[-1][1], w))
                 real += c
             else:
-                calls.append([r])
+                calls.append(([r], w))
                 real = c
-        return calls
+        return [part for call, w in calls for part in _even_split(call, len(call) * w, self.max_call_columns)]
 
     def _decide(self, group: list[_Row]) -> None:
         """The policy step of one group: ``select`` and commit, then ``block_done``, each isolated per row."""

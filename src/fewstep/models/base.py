@@ -33,7 +33,7 @@ every call), per layer as ``[B, n_kv_heads, L, head_dim]``.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -217,6 +217,30 @@ class HFConfigFields(ConfigFields):
         }
 
 
+class RowGroup(NamedTuple):
+    """Consecutive batch rows ``[a, b)`` with one layout: their real queries ``[q0, q1)`` and key runs."""
+
+    rows: tuple[int, int]
+    queries: tuple[int, int]
+    keys: tuple[tuple[int, int], ...]  # [start, end) key columns, in order
+
+
+@dataclass
+class RaggedMask:
+    """A padded batch whose rows attend apart (:func:`~fewstep.models.layers.attend`).
+
+    Each group of rows runs its own attention call over exactly its real queries and its real keys (the
+    key runs concatenated: the columns the row has alone, in order), with no padding mask: so a row's
+    attention is the call it makes alone, bit for bit, whatever pads the batch adds. (A masked call over
+    the padded keys is not: the kernels sum a row's keys in blocks aligned to the padded layout, so its
+    rounding depends on its padding; in bfloat16 enough to change tokens.) ``dense``: an explicit
+    ``[B, 1, Tq, Lk]`` boolean mask (block-causal models), sliced per group like the keys. Pad queries
+    get zeros."""
+
+    groups: list[RowGroup]
+    dense: torch.Tensor | None = None
+
+
 @dataclass
 class AttentionInputs:
     """What every layer of one forward needs besides its activations."""
@@ -225,6 +249,58 @@ class AttentionInputs:
     mask: torch.Tensor | None  # SDPA key-padding mask [B, 1, 1, Lk] or None
     past: KVCache | None  # cache to extend (prefix) or to write into (dual)
     columns: torch.Tensor | None  # dual mode: the cache columns the queries replace
+    ragged: RaggedMask | None = None  # the padded rows' own attention (used instead of ``mask``)
+
+    @property
+    def attention_mask(self) -> torch.Tensor | RaggedMask | None:
+        """What the layers attend with: the ragged rows when the batch is padded, else the dense mask."""
+        return self.mask if self.ragged is None else self.ragged
+
+
+def _runs(flags: list) -> tuple[tuple[int, int], ...]:
+    """The ``[start, end)`` runs of true values in ``flags``."""
+    out, start = [], None
+    for i, f in enumerate(flags):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            out.append((start, i))
+            start = None
+    if start is not None:
+        out.append((start, len(flags)))
+    return tuple(out)
+
+
+def ragged_rows(keys: list[list], queries: list[list] | None, dense: torch.Tensor | None = None) -> RaggedMask | None:
+    """A :class:`RaggedMask` from each row's real keys and real queries (per-row lists of flags; ``queries``
+    None: every query is real); None when a row's real queries are not one run (the dense mask then)."""
+    groups: list[RowGroup] = []
+    for i, row in enumerate(keys):
+        if queries is None:
+            q = (0, dense.shape[2])
+        else:
+            runs = _runs(queries[i])
+            if len(runs) > 1:
+                return None
+            q = runs[0] if runs else (0, 0)
+        k = _runs(row)
+        last = groups[-1] if groups else None
+        if last is not None and last.queries == q and last.keys == k and last.rows[1] == i:
+            groups[-1] = RowGroup((last.rows[0], i + 1), q, k)
+        else:
+            groups.append(RowGroup((i, i + 1), q, k))
+    return RaggedMask(groups, dense)
+
+
+def padding_rows(
+    attention_mask: torch.Tensor | None, query_columns: torch.Tensor, dense: torch.Tensor | None = None
+) -> RaggedMask | None:
+    """The :class:`RaggedMask` of a padded batch from its 2-D mask ``[B, Lk]`` (1 = real) and the key columns
+    of its queries; None when nothing is padded."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    flags = attention_mask.bool()
+    return ragged_rows(flags.tolist(), flags[:, query_columns].tolist(), dense)
 
 
 def attention_inputs(
@@ -243,7 +319,12 @@ def attention_inputs(
     past_len = 0 if past_key_values is None or columns is not None else past_key_values.length
     key_len = past_key_values.length if columns is not None else past_len + T
     positions = resolve_positions(B, T, past_len, attention_mask, position_ids, columns, inputs.device)
-    return AttentionInputs(positions, key_padding_mask(attention_mask, key_len), past_key_values, columns)
+    mask = key_padding_mask(attention_mask, key_len)
+    ragged = None
+    if mask is not None:
+        cols = columns if columns is not None else torch.arange(past_len, past_len + T, device=inputs.device)
+        ragged = padding_rows(attention_mask, cols.to(attention_mask.device))
+    return AttentionInputs(positions, mask, past_key_values, columns, ragged)
 
 
 class DiffusionLM(nn.Module):
@@ -280,7 +361,7 @@ class DiffusionLM(nn.Module):
         presents = []
         for i, layer in enumerate(layers):
             past = None if ctx.past is None else ctx.past[i]
-            call_args = (x, *args, ctx.mask, past, ctx.columns)
+            call_args = (x, *args, ctx.attention_mask, past, ctx.columns)
             if self.gradient_checkpointing and self.training:
                 x, present = torch.utils.checkpoint.checkpoint(layer, *call_args, use_reentrant=False)
             else:

@@ -21,7 +21,14 @@ from typing import Any
 
 import torch
 
-from fewstep.models.base import AttentionInputs, DiffusionLM, attention_inputs, resolve_positions
+from fewstep.models.base import (
+    AttentionInputs,
+    DiffusionLM,
+    RaggedMask,
+    attention_inputs,
+    ragged_rows,
+    resolve_positions,
+)
 
 
 def block_causal_mask(
@@ -64,9 +71,19 @@ def block_inputs(
         if attention_mask.dtype != torch.bool or position_ids is None:
             raise ValueError("a 4-D attention_mask must be boolean (True = attend) and come with position_ids")
         ctx = attention_inputs(inputs, None, position_ids, past_key_values, replace_position)
-        return AttentionInputs(ctx.positions, attention_mask, ctx.past, ctx.columns)
+        return AttentionInputs(ctx.positions, attention_mask, ctx.past, ctx.columns, explicit_rows(attention_mask))
     ctx = attention_inputs(inputs, attention_mask, position_ids, past_key_values, replace_position)
     return block_attention_inputs(ctx, attention_mask, block_length, inputs.shape[0])
+
+
+def explicit_rows(mask: torch.Tensor) -> RaggedMask | None:
+    """The rows of an explicit mask ``[B, 1, Tq, Lk]`` that attend apart: each over the keys any of its
+    queries sees (padding keys, seen by none, left out), with its slice of the mask; None when every row
+    sees every key (nothing padded)."""
+    keys = mask[:, 0].any(1)
+    if bool(keys.all()):
+        return None
+    return ragged_rows(keys.tolist(), None, mask)
 
 
 def block_attention_inputs(
@@ -81,7 +98,8 @@ def block_attention_inputs(
     key_pos = resolve_positions(batch, key_len, 0, attention_mask, None, None, device)
     valid = None if ctx.mask is None else ctx.mask[:, 0, 0, :]
     mask = block_causal_mask(ctx.positions, key_pos, valid, block_length)
-    return AttentionInputs(ctx.positions, mask, ctx.past, ctx.columns)
+    ragged = None if ctx.ragged is None else RaggedMask(ctx.ragged.groups, mask)
+    return AttentionInputs(ctx.positions, mask, ctx.past, ctx.columns, ragged)
 
 
 class BlockDiffusionLM(DiffusionLM):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.models.base import AttentionInputs, DiffusionLM, KVCache, ModelOutput, attention_inputs
+from fewstep.models.base import AttentionInputs, DiffusionLM, KVCache, ModelOutput, RaggedMask, attention_inputs
 from fewstep.models.block import BlockDiffusionLM, block_inputs
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -110,9 +110,31 @@ def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     return out if d == x.shape[-1] else torch.cat((out, x[..., d:]), dim=-1)
 
 
+#: elements a CPU's vectorised element-wise kernels take per step at most (AVX-512: 2 x 32 bfloat16)
+VECTOR_STEP = 64
+
+
+def silu(g: torch.Tensor) -> torch.Tensor:
+    """SiLU that gives every token the result it gets alone, whatever the batch.
+
+    On a CPU torch computes an element-wise function in vector steps and the last ``numel % step`` elements
+    in a scalar loop whose ``exp`` rounds differently (one ulp): a row's last values then change with the
+    tokens batched after it. The last ``numel % VECTOR_STEP`` values are computed again from a zero-padded
+    vector of :data:`VECTOR_STEP` elements, so every value comes from the vector path (one thread per
+    process: with more, torch splits the work at other places)."""
+    tail = g.numel() % VECTOR_STEP
+    if g.device.type != "cpu" or tail == 0:
+        return F.silu(g)
+    g = g.contiguous()
+    out = F.silu(g)
+    last = g.reshape(-1)[-tail:]
+    out.view(-1)[-tail:] = F.silu(torch.cat([last, last.new_zeros(VECTOR_STEP - tail)]))[:tail]
+    return out
+
+
 def swiglu(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> torch.Tensor:
     """``down(silu(gate(x)) * up(x))``, the MLP of every family (whatever its projections are named)."""
-    return down(F.silu(gate(x)) * up(x))
+    return down(silu(gate(x)) * up(x))
 
 
 class SwiGLU(nn.Module):
@@ -140,9 +162,10 @@ def attend(
     v: torch.Tensor,
     past: KV | None,
     columns: torch.Tensor | None,
-    mask: torch.Tensor | None,
+    mask: torch.Tensor | RaggedMask | None,
 ) -> tuple[torch.Tensor, KV]:
-    """Attention of rotated ``q`` [B, H, T, D] over ``k``/``v`` [B, Hkv, T, D] and the cache (``mask`` as given).
+    """Attention of rotated ``q`` [B, H, T, D] over ``k``/``v`` [B, Hkv, T, D] and the cache (``mask`` as given;
+    a :class:`~fewstep.models.base.RaggedMask`: each group of padded rows attends alone, :func:`ragged_attention`).
 
     Prefix mode appends to ``past``; dual mode writes ``k``/``v`` into ``past`` in place at ``columns``.
     Returns the attention output ``[B, H, T, D]`` and this layer's full keys/values (the new cache).
@@ -160,8 +183,30 @@ def attend(
         r = heads // k.shape[1]
         k = k.repeat_interleave(r, dim=1, output_size=heads)
         v = v.repeat_interleave(r, dim=1, output_size=heads)
+    if isinstance(mask, RaggedMask):
+        return ragged_attention(q, k, v, mask), present
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
     return out, present
+
+
+def _columns(t: torch.Tensor, runs: tuple[tuple[int, int], ...], dim: int) -> torch.Tensor:
+    """The ``runs`` of ``t`` along ``dim``, in order (a view for one run)."""
+    parts = [t.narrow(dim, a, b - a) for a, b in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: RaggedMask) -> torch.Tensor:
+    """SDPA per group of rows over exactly their real queries and keys: each row's output is the one it gets
+    alone (same shapes, same key order, no padding mask); pad queries get zeros."""
+    out = q.new_zeros(q.shape)
+    for (a, b), (q0, q1), keys in mask.groups:
+        if q1 <= q0 or not keys:
+            continue
+        m = None if mask.dense is None else _columns(mask.dense[a:b, :, q0:q1], keys, -1)
+        out[a:b, :, q0:q1] = torch.nn.functional.scaled_dot_product_attention(
+            q[a:b, :, q0:q1], _columns(k[a:b], keys, 2), _columns(v[a:b], keys, 2), attn_mask=m, dropout_p=0.0
+        )
+    return out
 
 
 def attention(

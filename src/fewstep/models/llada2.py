@@ -55,6 +55,7 @@ from fewstep.models.layers import (
     RotaryEmbedding,
     SwiGLU,
     attention,
+    silu,
 )
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -232,14 +233,14 @@ class SparseMoE(nn.Module):
             slot = torch.arange(n, device=tokens.device) - start[expert]
             padded = tokens.new_zeros(E, cap, tokens.shape[1])
             padded[expert, slot] = tokens
-            h = F.silu(torch.bmm(padded, st["gate_proj"].transpose(1, 2))) * torch.bmm(
+            h = silu(torch.bmm(padded, st["gate_proj"].transpose(1, 2))) * torch.bmm(
                 padded, st["up_proj"].transpose(1, 2)
             )
             return torch.bmm(h, st["down_proj"].transpose(1, 2))[expert, slot]
         offs = counts.cumsum(0).to(torch.int32)
         g = _grouped_mm(tokens, st["gate_proj"].transpose(1, 2), offs=offs)
         u = _grouped_mm(tokens, st["up_proj"].transpose(1, 2), offs=offs)
-        return _grouped_mm(F.silu(g) * u, st["down_proj"].transpose(1, 2), offs=offs)
+        return _grouped_mm(silu(g) * u, st["down_proj"].transpose(1, 2), offs=offs)
 
     def per_expert(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The same sorted slices, one expert module call each (training, LoRA, and the benchmark's baseline)."""
