@@ -190,7 +190,7 @@ def test_eos_fill_stops_at_the_first_eos_without_a_forward_for_padding(spec):
     eos = {int(m.config.eos_token_id)}
     fill = generate(m, prompts, spec, gen_length=64, block_length=16, eos_fill=True)
     block = generate(m, prompts, spec, gen_length=64, block_length=16, early_stop=True)
-    free = generate(m, prompts, spec, gen_length=64, block_length=16)
+    free = generate(m, prompts, spec, gen_length=64, block_length=16, early_stop=False)
     for i in range(len(prompts)):
         answer, steps = fill.answers[i].tolist(), fill.decode_step[i].tolist()
         first = _first_eos(answer, eos)
@@ -245,7 +245,9 @@ def test_updates_stream_commits_in_several_blocks_and_the_current_block():
     """Streaming updates carry every committed position (in any open block) and the row's current block."""
     m, tok = load_model(SHIPPED), load_tokenizer(SHIPPED)
     engine = Engine(m)
-    rid = engine.submit(Request(tok.encode(ARITH[0]), policy="multiblock", gen_length=64, block_length=16))
+    rid = engine.submit(
+        Request(tok.encode(ARITH[0]), policy="multiblock", gen_length=64, block_length=16, early_stop=False)
+    )
     seen: list = []
     while engine.has_work():
         seen += [u for u in engine.step() if u.id == rid]

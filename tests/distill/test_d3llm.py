@@ -188,8 +188,10 @@ def test_rollout_cli_trajectory(arith_teacher, tmp_path, capsys):
     cfg = json.loads((out / "rollout.json").read_text())["config"]
     assert cfg["policy"] == teacher_policy("llada", 32) and cfg["keep"] == "all" and not cfg["early_stop"]
     assert all(r["attempt"] == 1 and len(r["commit_rank"]) == 32 for r in _records(out).values())
-    assert main([*base, "--limit", "2", "--trajectory", "--attempts", "0"]) == 2
-    assert "attempts must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse rejects it: --attempts takes an integer >= 1
+        main([*base, "--limit", "2", "--trajectory", "--attempts", "0"])
+    assert exc.value.code == 2
+    assert "--attempts" in capsys.readouterr().err
 
 
 # -- masker ----------------------------------------------------------------------------------------------

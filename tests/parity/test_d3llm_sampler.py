@@ -88,6 +88,7 @@ def mapping(d: Path, case: dict) -> tuple[Policy, dict]:
         "gen_length": G,
         "block_length": L,
         "cache": "prefix" if cached else "none",
+        "early_stop": False,  # the reference has no block-level early stop: eos_fill is its only stop
         "eos_fill": bool(a["early_stop"]) and stop is not None,
         "quirk_eos_fill_nfe": True,
         "quirk_prefix_own_logit": family == "dream" and cached,
