@@ -75,12 +75,30 @@ def test_demo_runs_end_to_end(tmp_path):
     assert res["task"] == "arith" and res["n_problems"] == 6
     models = {r["model"] for r in res["rows"]}
     assert models == {name for name, _ in shipped_models()} and "teacher" in models
-    base = [r for r in res["rows"] if r["model"] == "teacher" and r["policy"] == "baseline"]
-    assert len(base) == 1 and base[0]["speedup_nfe"] == 1.0 and base[0]["mean_nfe"] == GEN_LENGTH
+    base = [r for r in res["rows"] if r["policy"] == "baseline"]
+    assert [(r["model"], r["stop"]) for r in base] == [("teacher", "none"), ("teacher", "eos")]  # quick sweep
+    assert base[0]["speedup_nfe"] == 1.0 and base[0]["mean_nfe"] == GEN_LENGTH
     keys = {"model", "policy", "accuracy", "mean_nfe", "tokens_per_forward", "positions_per_forward", "aup"}
-    keys |= {"seconds", "speedup_nfe", "speedup_wall"}
+    keys |= {
+        "stop",
+        "family",
+        "multi_block",
+        "revised_fraction",
+        "seconds",
+        "cpu_seconds",
+        "speedup_nfe",
+        "speedup_cpu",
+    }
     for r in res["rows"]:
-        assert keys <= r.keys() and 0.0 <= r["accuracy"] <= 1.0 and r["mean_nfe"] >= GEN_LENGTH // BLOCK_LENGTH
-    assert {r["policy"].split(":")[0] for r in res["rows"]} >= {"baseline", "llada", "threshold", "entropy", "cad"}
+        assert keys <= r.keys() and 0.0 <= r["accuracy"] <= 1.0 and r["mean_nfe"] >= 1
+        if r["stop"] == "none":  # every block of the canvas is decoded: at least one forward per block
+            assert r["mean_nfe"] >= GEN_LENGTH // BLOCK_LENGTH
+    for model in models:  # every model: each policy family once, with and without the end-of-text stop
+        mine = [(r["family"], r["stop"]) for r in res["rows"] if r["model"] == model and r["family"] != "baseline"]
+        families = {"llada", "threshold", "entropy", "cad", "multiblock", "spd-hard", "spd"}
+        assert sorted(mine) == sorted((f, s) for f in families for s in ("none", "eos")), (model, mine)
+    spd = [r for r in res["rows"] if r["family"].startswith("spd")]
+    assert all(0.0 <= r["revised_fraction"] <= 1.0 for r in spd)
+    assert all(r["revised_fraction"] == 0.0 for r in res["rows"] if not r["family"].startswith("spd"))
     assert (out / "pareto.png").stat().st_size > 20_000
-    assert "Where this task sits" in proc.stdout
+    assert "Where this task sits" in proc.stdout and "with the end-of-text stop" in proc.stdout

@@ -75,7 +75,14 @@ def certainty_trace(
     parts = []
     for lo in range(0, len(prompts), batch_size):
         chunk = [list(map(int, p)) for p in prompts[lo : lo + batch_size]]
-        out = generate(model, chunk, f"llada:steps={gen_length}", gen_length=gen_length, block_length=block_length)
+        out = generate(
+            model,
+            chunk,
+            f"llada:steps={gen_length}",
+            gen_length=gen_length,
+            block_length=block_length,
+            early_stop=False,
+        )
         if not bool((out.nfe == gen_length).all()):
             raise RuntimeError("the replay needs exactly one committed token per forward")
         parts.append(_replay(model, chunk, out.answers, out.decode_step, mask_id))
