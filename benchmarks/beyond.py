@@ -134,9 +134,7 @@ def summarize(per_seed: list[dict], methods: tuple[str, ...]) -> dict:
     return {
         "a_best_student_vs_teacher": {**a, "target": 2.5, "met": met(a, 2.5)},
         "b_d3llm_tpf_vs_dparallel": {**b, "target": 1.3, "met": met(b, 1.3)},
-        "c_multi_vs_single_block": {
-            m: {**s, "target": "> 1", "met": met(s, 1.0, strict=True)} for m, s in c.items()
-        },
+        "c_multi_vs_single_block": {m: {**s, "target": "> 1", "met": met(s, 1.0, strict=True)} for m, s in c.items()},
         "d_dmax_vs_best_other_student": {**d_other, "target": "> 1", "met": met(d_other, 1.0, strict=True)},
         "d_dmax_vs_teacher": {**d_teacher, "target": 2.5, "met": met(d_teacher, 2.5)},
     }

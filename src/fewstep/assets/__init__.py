@@ -16,7 +16,7 @@ from pathlib import Path
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
 SHIPPED_HELP = (
-    "checkpoint folder, or the name of a model shipped with fewstep (teacher, dparallel, dparallel-control, cd4lm)"
+    "checkpoint folder, or the name of a model shipped with fewstep (teacher, cd4lm, d3llm, dmax, dparallel, dparallel-control)"
 )
 
 
