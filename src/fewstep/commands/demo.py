@@ -26,14 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
-        "--n", type=int, default=128, help="held-out problems to evaluate (at most 512; docs/results.md uses 512)"
+        "--n", type=int, default=64, help="held-out problems to evaluate (at most 512; docs/results.md uses 512)"
     )
     parser.add_argument(
         "--sweep",
         choices=("quick", "full"),
         default="quick",
-        help="quick: each policy's default setting, the baseline on the teacher only; full: every setting of "
-        "every policy on every model (the Pareto plot's curves, benchmarks/beyond.py)",
+        help="quick: each policy's default setting, the baseline on the teacher only, DMax's soft parallel "
+        "decoding on the DMax student only; full: every setting of every policy on every model (the Pareto "
+        "plot's curves, benchmarks/beyond.py)",
     )
     parser.add_argument(
         "--models",
@@ -77,7 +78,15 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fewstep.eval.demo import STOPS, format_table, plot_pareto, policy_families, run_demo, table_rows
+    from fewstep.eval.demo import (
+        STOPS,
+        format_table,
+        planned_families,
+        plot_pareto,
+        policy_families,
+        run_demo,
+        table_rows,
+    )
     from fewstep.tasks import BLOCK_LENGTH, GEN_LENGTH, NAME, generate_problems
 
     console = Console()
@@ -85,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     families = policy_families(GEN_LENGTH, BLOCK_LENGTH, sweep=args.sweep)
     full = args.sweep == "full"
     settings = sum(len(f.specs) for f in families)
-    runs = len(models) * settings - (0 if full else len(models) - 1)
+    runs = sum(len(f.specs) for name, _ in models for f in planned_families(models, name, families, full, not full))
     out = Path(prepare_out(args, "demo", on_existing="refresh"))
     console.print(
         f"fewstep demo: {len(models)} model(s) ({', '.join(n for n, _ in models)}) x {settings} policy settings x "
@@ -107,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             families=families,
             student_baselines=full,
+            native_only=not full,
             progress=progress,
         )
     result = {"task": NAME, "n_problems": len(problems), "sweep": args.sweep, "rows": rows}

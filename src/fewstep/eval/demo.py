@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -33,6 +35,7 @@ class PolicyFamily:
     specs: tuple[str, ...]
     default: str
     multi_block: bool = False  # several blocks open at once (d3LLM) rather than one semi-AR block
+    trained_for: str | None = None  # the distillation method the rule needs (``run_demo(native_only=True)``)
 
 
 def policy_families(
@@ -69,13 +72,18 @@ def policy_families(
             "DMax revision, hard embeddings",
             _specs("spd:threshold={},soft=false", (0.3, 0.5, 0.7, 0.9)),
             "spd:threshold=0.5,soft=false",
+            trained_for="dmax",
         ),
         PolicyFamily(
-            "spd", "DMax soft parallel decoding", _specs("spd:threshold={}", (0.3, 0.5, 0.7, 0.9)), "spd:threshold=0.5"
+            "spd",
+            "DMax soft parallel decoding",
+            _specs("spd:threshold={}", (0.3, 0.5, 0.7, 0.9)),
+            "spd:threshold=0.5",
+            trained_for="dmax",
         ),
     ]
     if sweep == "quick":
-        families = [PolicyFamily(f.key, f.label, (f.default,), f.default, f.multi_block) for f in families]
+        families = [dataclasses.replace(f, specs=(f.default,)) for f in families]
     return families
 
 
@@ -99,6 +107,7 @@ def run_demo(
     families: Sequence[PolicyFamily] | None = None,
     stops: Sequence[str] = STOPS,
     student_baselines: bool = True,
+    native_only: bool = False,
     progress: Callable[[str, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (model, policy setting, stop rule): accuracy, mean NFE, tokens per forward (TPF: answer
@@ -109,7 +118,8 @@ def run_demo(
     this process's CPU time (``speedup_cpu``), which a busy machine barely moves, unlike wall time. ``aup``
     is d3LLM's AUP of the row's model, policy family and stop rule over TPF, with ``y_max`` the best
     accuracy of all rows. ``student_baselines=False`` runs the one-token-per-step baseline on the first
-    model only.
+    model only; ``native_only=True`` runs a family that needs a training method (``trained_for``: DMax's
+    soft parallel decoding) only on the models distilled with it.
     """
     from fewstep.eval.embedded import evaluate_policy
     from fewstep.models import load_model, load_tokenizer
@@ -117,12 +127,10 @@ def run_demo(
     block_length = block_length or BLOCK_LENGTH
     families = list(families or policy_families(gen_length, block_length))
     rows: list[dict[str, Any]] = []
-    for i, (name, folder) in enumerate(models):
+    for name, folder in models:
         model = load_model(folder, device=device)
         tok = load_tokenizer(folder)
-        for fam in families:
-            if fam.key == BASELINE and i and not student_baselines:
-                continue
+        for fam in planned_families(models, name, families, student_baselines, native_only):
             for spec in fam.specs:
                 for stop in stops:
 
@@ -145,6 +153,33 @@ def run_demo(
     _add_speedups(rows)
     add_aup(rows)
     return rows
+
+
+def planned_families(
+    models: Sequence[tuple[str, Path]],
+    name: str,
+    families: Sequence[PolicyFamily],
+    student_baselines: bool = True,
+    native_only: bool = False,
+) -> list[PolicyFamily]:
+    """The families :func:`run_demo` decodes model ``name`` with (the progress bar counts the same)."""
+    folder = dict(models)[name]
+    first = models[0][0] == name
+    return [
+        f
+        for f in families
+        if (f.key != BASELINE or first or student_baselines)
+        and not (native_only and f.trained_for is not None and training_method(folder) != f.trained_for)
+    ]
+
+
+def training_method(folder: str | os.PathLike) -> str | None:
+    """The distillation method a checkpoint was made with (its ``training.json``), None for a pretrained one."""
+    path = Path(folder) / "training.json"
+    try:
+        return json.loads(path.read_text()).get("method") if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _row(name: str, spec: str, fam: PolicyFamily, stop: str, res: Any) -> dict[str, Any]:
