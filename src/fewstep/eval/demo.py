@@ -435,7 +435,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: 
     fig, axes = plt.subplots(
         math.ceil(n / cols), cols, figsize=(5.6 * cols, 4.4 * math.ceil(n / cols)), dpi=110, squeeze=False
     )
-    nfes = [r["mean_nfe"] for r in rows if r["mean_nfe"] > 0]
+    nfes = [r["mean_nfe"] for r in rows if r["mean_nfe"] > 0] + ([base["mean_nfe"]] if base else [])
     lo, hi = min(nfes) / 1.2, max(nfes) * 1.25
     panels = list(axes.flat)
     _frontier_panel(panels[0], rows, models, base)
