@@ -54,7 +54,7 @@ def test_replay_matches_the_decoded_answer(trace, teacher):
     problems = generate_problems("test", 6, seed=0)
     prompts = [tok(p.prompt, add_special_tokens=False).input_ids for p in problems]
     out = fewstep.generate(
-        model, prompts, f"llada:steps={GEN_LENGTH}", gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH
+        model, prompts, f"llada:steps={GEN_LENGTH}", gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH, early_stop=False
     )
     assert torch.equal(out.answers, trace.answers) and torch.equal(out.decode_step, trace.decode_step)
     assert torch.equal(trace.eos, trace.answers == model.config.eos_token_id)

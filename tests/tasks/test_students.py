@@ -4,6 +4,7 @@ and fewer forwards than the teacher at its accuracy."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,7 @@ def test_student_folder_and_card(name):
     assert json.loads((folder / "config.json").read_text()) == teacher_cfg  # same architecture and ids
     card = (folder / "README.md").read_text()
     assert f"fewstep distill --method {METHOD[name]}" in card and "--seed 0" in card and "## Measured" in card
-    assert ("--entropy-weight 0 " in card) == (name == "dparallel-control")
+    assert bool(re.search(r"--entropy-weight 0(\.0)? ", card)) == (name == "dparallel-control")
     recorded = _training(name)
     assert recorded["seed"] == 0 and recorded["method"] == METHOD[name]
 
@@ -73,3 +74,23 @@ def _evaluate(name, problems, policy, eos_fill=True):
         fewstep.load_model(folder), fewstep.load_tokenizer(folder), problems, policy, batch_size=96, eos_fill=eos_fill
     )
     return result
+
+
+def test_students_reach_the_teacher_accuracy_with_far_fewer_forwards(problems):
+    """All 512 held-out problems (cards, docs/results.md), with the end-of-text stop on both sides: the
+    teacher's baseline 75.4 % at 38.42 NFE; ``dmax`` multi-block 86.1 % at 7.13, ``d3llm`` CAD 0.95 98.8 % at
+    11.28. On this sample: at least the teacher's accuracy with at least 4x (dmax) and 2.5x (d3llm) fewer."""
+    teacher = _evaluate("teacher", problems, "llada:steps=64")
+    dmax = _evaluate("dmax", problems, "multiblock:0.5")
+    d3llm = _evaluate("d3llm", problems, "cad:0.95")
+    assert dmax.accuracy >= teacher.accuracy and teacher.mean_nfe >= 4 * dmax.mean_nfe, (dmax, teacher)
+    assert d3llm.accuracy >= 0.9 and teacher.mean_nfe >= 2.5 * d3llm.mean_nfe, (d3llm, teacher)
+
+
+def test_dmax_student_revises_tokens_with_soft_parallel_decoding(problems):
+    """DMax's own decoding changes some committed tokens (3.4 % on all 512) and answers correctly where the
+    students trained without their own guesses as inputs fail (0-3 %)."""
+    soft = _evaluate("dmax", problems, "spd:threshold=0.5")
+    assert 0.0 < soft.revised_fraction < 0.2 and soft.accuracy >= 0.2, soft
+    plain = _evaluate("dparallel-control", problems, "spd:threshold=0.5")
+    assert plain.accuracy < soft.accuracy, (plain, soft)

@@ -40,16 +40,16 @@ def test_teacher_folder_is_a_small_llada_checkpoint(teacher):
 
 
 def test_teacher_accuracy_and_the_few_step_gap(teacher):
-    """One token per step: >= 80 % on the test split (97.1 % measured on all 512: see the model card;
-    on this sample of 96 we ask for 90 %); one step per block: at least 20 points lower (17.8 % measured)."""
+    """One token per step: 75.4 % on all 512 held-out problems (model card; >= 60 % asked on this sample of
+    96); one step per block (8 tokens per forward): at least 40 points lower (6.8 % measured)."""
     model, tok = teacher
     problems = generate("test", 96, seed=0)
     base, texts = evaluate_policy(model, tok, problems, f"llada:steps={GEN_LENGTH}", batch_size=96)
     assert base.mean_nfe == GEN_LENGTH
-    assert base.accuracy >= 0.9, (base, texts[:4])
+    assert base.accuracy >= 0.6, (base, texts[:4])
     one, _ = evaluate_policy(model, tok, problems, f"llada:steps={GEN_LENGTH // BLOCK_LENGTH}", batch_size=96)
     assert one.mean_nfe == GEN_LENGTH // BLOCK_LENGTH
-    assert one.accuracy <= base.accuracy - 0.2, (base.accuracy, one.accuracy)
+    assert one.accuracy <= base.accuracy - 0.4, (base.accuracy, one.accuracy)
 
 
 def test_demo_runs_end_to_end(tmp_path):

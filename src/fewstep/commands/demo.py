@@ -141,11 +141,13 @@ def _print_findings(console, rows: list[dict]) -> None:
             f"Where this task sits: the teacher at one step per block scores {100 * one['accuracy']:.1f}% against "
             f"{100 * base['accuracy']:.1f}% at one token per step; at Fast-dLLM threshold 0.9 it needs "
             f"{thr['mean_nfe']:.2f} NFE for {100 * (thr['accuracy'] - base['accuracy']):+.1f} points "
-            f"(real LLaDA on GSM8K: about -1 point at 3-8x fewer NFE than the baseline)."
+            f"(real LLaDA on GSM8K: about -1 point at 3-8x fewer NFE than the baseline).",
+            soft_wrap=True,
         )
     for stop, rule in (("eos", "with the end-of-text stop"), ("none", "without early stop")):
         console.print(
             f"Fewest NFE within 1 point of the teacher baseline's {100 * base['accuracy']:.1f}% ({rule}, any setting):",
             highlight=False,
+            soft_wrap=True,
         )
         console.print(format_summary(rows, stop=stop), highlight=False, soft_wrap=True)
