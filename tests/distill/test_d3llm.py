@@ -497,3 +497,15 @@ def test_distill_d3llm_on_dream(arith_teacher, trajectory_rollouts, tmp_path):
         "clean",
     )
     assert info["schedule"] == "cosine"
+
+
+def test_recorded_command_spells_block_sizes_as_the_flag_takes_them():
+    """A model card's command must run again: the window curriculum is written ``4,4,6``, not a tuple repr."""
+    import argparse
+
+    from fewstep.commands.distill import command_line
+    from fewstep.distill.d3llm import parse_block_sizes
+
+    line = command_line(argparse.Namespace(method="d3llm", block_sizes=(4, 4, 6, 6, 8, 8), seed=0))
+    assert "--block-sizes 4,4,6,6,8,8" in line
+    assert parse_block_sizes(line.split("--block-sizes ")[1].split()[0]) == (4, 4, 6, 6, 8, 8)

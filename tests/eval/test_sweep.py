@@ -134,8 +134,9 @@ def test_frontier_plot_on_either_axis(tmp_path, x_axis):
 
 
 def test_demo_rows_get_tokens_per_forward_and_aup_per_family():
-    """The demo's data: each row's ``aup`` is AUP over TPF of its model and policy family (y_max: the best
-    row); the summary line names tokens per forward and the best family's AUP."""
+    """The demo's data: each row's ``aup`` is AUP over TPF of its model, policy family and stop rule (y_max:
+    the best row; a row without ``stop`` decoded every block); the summary line names tokens per forward
+    and the best family's AUP."""
     from fewstep.eval.demo import add_aup, format_summary
 
     def row(policy, family, acc, nfe, tpf):
@@ -145,7 +146,10 @@ def test_demo_rows_get_tokens_per_forward_and_aup_per_family():
     rows = [row("baseline", "baseline", 0.90, 64.0, 0.4), row("entropy:0.5", "entropy", 0.88, 10.0, 2.5)]
     rows.append(row("entropy:0.8", "entropy", 0.80, 8.0, 3.1))  # 8 points below y_1 = 88: dropped
     scores = add_aup(rows)
-    assert scores == {("t", "baseline"): pytest.approx(0.4 * 90), ("t", "entropy"): pytest.approx(2.5 * 88)}
-    assert [r["aup"] for r in rows] == [scores[("t", "baseline")]] + [scores[("t", "entropy")]] * 2
+    assert scores == {
+        ("t", "baseline", "none"): pytest.approx(0.4 * 90),
+        ("t", "entropy", "none"): pytest.approx(2.5 * 88),
+    }
+    assert [r["aup"] for r in rows] == [scores[("t", "baseline", "none")]] + [scores[("t", "entropy", "none")]] * 2
     line = format_summary(rows)
     assert "0.40 tokens/forward" in line and "best AUP 220.0 (entropy)" in line

@@ -31,12 +31,12 @@ def _logits(model):
 
 def test_resolver_names_paths_and_errors(tmp_path, monkeypatch):
     shipped = dict(shipped_models())
-    assert list(shipped) == ["teacher", "cd4lm", "dparallel", "dparallel-control"]
+    assert list(shipped) == ["teacher", "cd4lm", "d3llm", "dmax", "dparallel", "dparallel-control"]
     assert all(resolve_model(name) == MODELS_DIR / name for name in shipped)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "teacher").mkdir()  # an existing path wins over a shipped name
     assert resolve_model("teacher") == Path("teacher")
-    with pytest.raises(FileNotFoundError, match="shipped models: teacher, cd4lm, dparallel, dparallel-control"):
+    with pytest.raises(FileNotFoundError, match="shipped models: teacher, cd4lm, d3llm, dmax, dparallel, dparallel-control"):
         resolve_model("no-such-model")
 
 
@@ -145,4 +145,4 @@ def test_every_command_resolves_its_model_argument(argv, tmp_path, capsys):
 
     args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main([*args, "no-such-model"]) == 2
-    assert "shipped models: teacher, cd4lm, dparallel, dparallel-control" in capsys.readouterr().err
+    assert "shipped models: teacher, cd4lm, d3llm, dmax, dparallel, dparallel-control" in capsys.readouterr().err

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
-from fewstep.tasks import arith
+from fewstep.tasks import BLOCK_LENGTH, GEN_LENGTH, arith
 from fewstep.tasks.arith import (
     ArithConfig,
     derivation,
@@ -50,8 +51,29 @@ def test_every_generated_example_is_valid_and_in_range():
         assert str(evaluate(tree)) == p.gold
         words = set(p.prompt.split()) | set(p.response.split())
         assert words <= set(cfg.vocabulary())
-        assert len(p.response.split()) <= 31  # 5 steps at most: fits one block of 32
         assert "(" not in p.prompt  # the default shape is a left-to-right chain
+
+
+def test_answers_vary_in_length_and_span_several_blocks():
+    """The shipped geometry (GEN_LENGTH, BLOCK_LENGTH): every answer and its first EOS fit the canvas with
+    at least one EOS block after it, answers take 3 to 7 blocks, and every length in between occurs."""
+    problems = generate("test", 512, seed=0)
+    lengths = [len(p.response.split()) for p in problems]
+    assert sorted(set(lengths)) == [19, 25, 31, 37, 43, 49, 55]  # 4..10 numbers: 3..9 steps of 6 tokens
+    assert max(lengths) + 1 <= GEN_LENGTH - BLOCK_LENGTH  # the last block is always all EOS
+    blocks = {(n + 1 + BLOCK_LENGTH - 1) // BLOCK_LENGTH for n in lengths}  # blocks up to the first EOS
+    assert blocks == {3, 4, 5, 6, 7}
+    counts = Counter(lengths)
+    assert min(counts.values()) >= 40  # roughly uniform over the seven lengths
+    prompts = Counter(len(p.prompt.split()) for p in problems)
+    assert sorted(prompts) == [8, 10, 12, 14, 16, 18, 20]
+
+
+def test_several_valid_answers_per_prompt():
+    """Median 8 valid derivations per held-out prompt (about 3 independent operand-order choices)."""
+    problems = generate("test", 512, seed=0)
+    counts = sorted(n_derivations(parse(p.prompt)) for p in problems)
+    assert counts[len(counts) // 2] >= 8 and sum(c > 1 for c in counts) >= 0.95 * len(counts)
 
 
 def test_tree_shape_generates_valid_bracketed_problems():

@@ -46,3 +46,21 @@ def test_pareto_front_keeps_only_undominated_points():
     pts = [(6.0, 97.0), (4.0, 90.0), (5.0, 89.0), (4.0, 92.0), (8.0, 96.0), (2.0, 20.0), (9.0, 99.0)]
     assert [pts[i] for i in pareto_frontier(pts)] == [(2.0, 20.0), (4.0, 92.0), (6.0, 97.0), (9.0, 99.0)]
     assert pareto_frontier([]) == []
+
+
+def test_the_comparison_stays_within_one_stop_rule():
+    """With ``stop`` the teacher's best and the student's best come from rows of the same stopping rule,
+    while the accuracy bar stays the teacher baseline without early stop."""
+    rows = [
+        {**_row("teacher", "baseline", 0.9, 64.0), "stop": "none"},
+        {**_row("teacher", "baseline", 0.9, 40.0), "stop": "eos"},
+        {**_row("teacher", "threshold:0.9", 0.9, 12.0), "stop": "none"},
+        {**_row("teacher", "threshold:0.9", 0.9, 6.0), "stop": "eos"},
+        {**_row("student", "entropy:0.5", 0.95, 8.0), "stop": "none"},
+        {**_row("student", "entropy:0.5", 0.95, 3.0), "stop": "eos"},
+    ]
+    eos = {e["model"]: e for e in fewest_nfe_at_baseline_accuracy(rows, stop="eos")}
+    assert eos["teacher"]["row"]["mean_nfe"] == 6.0 and eos["student"]["vs_teacher"] == 2.0
+    none = {e["model"]: e for e in fewest_nfe_at_baseline_accuracy(rows, stop="none")}
+    assert none["teacher"]["row"]["mean_nfe"] == 12.0 and none["student"]["vs_teacher"] == 1.5
+    assert all(e["baseline_accuracy"] == 0.9 for e in [*eos.values(), *none.values()])

@@ -40,16 +40,16 @@ def test_teacher_folder_is_a_small_llada_checkpoint(teacher):
 
 
 def test_teacher_accuracy_and_the_few_step_gap(teacher):
-    """One token per step: >= 80 % on the test split (97.1 % measured on all 512: see the model card;
-    on this sample of 96 we ask for 90 %); one step per block: at least 20 points lower (17.8 % measured)."""
+    """One token per step: 75.4 % on all 512 held-out problems (model card; >= 60 % asked on this sample of
+    96); one step per block (8 tokens per forward): at least 40 points lower (6.8 % measured)."""
     model, tok = teacher
     problems = generate("test", 96, seed=0)
     base, texts = evaluate_policy(model, tok, problems, f"llada:steps={GEN_LENGTH}", batch_size=96)
     assert base.mean_nfe == GEN_LENGTH
-    assert base.accuracy >= 0.9, (base, texts[:4])
+    assert base.accuracy >= 0.6, (base, texts[:4])
     one, _ = evaluate_policy(model, tok, problems, f"llada:steps={GEN_LENGTH // BLOCK_LENGTH}", batch_size=96)
     assert one.mean_nfe == GEN_LENGTH // BLOCK_LENGTH
-    assert one.accuracy <= base.accuracy - 0.2, (base.accuracy, one.accuracy)
+    assert one.accuracy <= base.accuracy - 0.4, (base.accuracy, one.accuracy)
 
 
 def test_demo_runs_end_to_end(tmp_path):
@@ -75,12 +75,33 @@ def test_demo_runs_end_to_end(tmp_path):
     assert res["task"] == "arith" and res["n_problems"] == 6
     models = {r["model"] for r in res["rows"]}
     assert models == {name for name, _ in shipped_models()} and "teacher" in models
-    base = [r for r in res["rows"] if r["model"] == "teacher" and r["policy"] == "baseline"]
-    assert len(base) == 1 and base[0]["speedup_nfe"] == 1.0 and base[0]["mean_nfe"] == GEN_LENGTH
+    base = [r for r in res["rows"] if r["policy"] == "baseline"]
+    assert [(r["model"], r["stop"]) for r in base] == [("teacher", "none"), ("teacher", "eos")]  # quick sweep
+    assert base[0]["speedup_nfe"] == 1.0 and base[0]["mean_nfe"] == GEN_LENGTH
     keys = {"model", "policy", "accuracy", "mean_nfe", "tokens_per_forward", "positions_per_forward", "aup"}
-    keys |= {"seconds", "speedup_nfe", "speedup_wall"}
+    keys |= {
+        "stop",
+        "family",
+        "multi_block",
+        "revised_fraction",
+        "seconds",
+        "cpu_seconds",
+        "speedup_nfe",
+        "speedup_cpu",
+    }
     for r in res["rows"]:
-        assert keys <= r.keys() and 0.0 <= r["accuracy"] <= 1.0 and r["mean_nfe"] >= GEN_LENGTH // BLOCK_LENGTH
-    assert {r["policy"].split(":")[0] for r in res["rows"]} >= {"baseline", "llada", "threshold", "entropy", "cad"}
+        assert keys <= r.keys() and 0.0 <= r["accuracy"] <= 1.0 and r["mean_nfe"] >= 1
+        if r["stop"] == "none":  # every block of the canvas is decoded: at least one forward per block
+            assert r["mean_nfe"] >= GEN_LENGTH // BLOCK_LENGTH
+    for model in models:  # each policy family once, with and without the end-of-text stop; DMax's soft
+        # parallel decoding (hard and soft embeddings) on the DMax student only
+        mine = [(r["family"], r["stop"]) for r in res["rows"] if r["model"] == model and r["family"] != "baseline"]
+        families = {"llada", "threshold", "entropy", "cad", "multiblock"} | (
+            {"spd-hard", "spd"} if model == "dmax" else set()
+        )
+        assert sorted(mine) == sorted((f, s) for f in families for s in ("none", "eos")), (model, mine)
+    spd = [r for r in res["rows"] if r["family"].startswith("spd")]
+    assert all(0.0 <= r["revised_fraction"] <= 1.0 for r in spd)
+    assert all(r["revised_fraction"] == 0.0 for r in res["rows"] if not r["family"].startswith("spd"))
     assert (out / "pareto.png").stat().st_size > 20_000
-    assert "Where this task sits" in proc.stdout
+    assert "Where this task sits" in proc.stdout and "with the end-of-text stop" in proc.stdout

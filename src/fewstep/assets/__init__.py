@@ -15,9 +15,7 @@ from pathlib import Path
 #: Where the shipped checkpoints live: ``fewstep/assets/models/<name>/``.
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
-SHIPPED_HELP = (
-    "checkpoint folder, or the name of a model shipped with fewstep (teacher, dparallel, dparallel-control, cd4lm)"
-)
+SHIPPED_HELP = "checkpoint folder, or the name of a model shipped with fewstep (teacher, cd4lm, d3llm, dmax, dparallel, dparallel-control)"
 
 
 def shipped_models(root: str | os.PathLike | None = None) -> list[tuple[str, Path]]:

@@ -425,7 +425,8 @@ def command_line(args: argparse.Namespace) -> str:
         if key == "command" or value is None or value is False:
             continue
         flag = flags.get(key) or "--" + key.replace("_", "-")
-        parts += [flag] if value is True else [flag, shlex.quote(str(value))]
+        text = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)  # as the flag takes it
+        parts += [flag] if value is True else [flag, shlex.quote(text)]
     return " ".join(parts)
 
 

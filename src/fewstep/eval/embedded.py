@@ -5,6 +5,7 @@ Evaluation, not the task: the task (:mod:`fewstep.tasks`) is data and a verifier
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,6 +27,8 @@ class PolicyResult:
     positions_per_forward: float  # committed positions / NFE (EOS padding included), summed the same way
     seconds: float
     n: int
+    cpu_seconds: float = 0.0  # this process's CPU time (all threads): unlike wall time, other processes barely move it
+    revised_fraction: float = 0.0  # committed answer tokens whose final token differs from their first commit
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,13 +74,16 @@ def evaluate_policy(
             progress(1)
 
     gen = TextGenerator(model, tokenizer, max_batch=batch_size)
+    cpu = time.process_time()
     outs = gen.generate([p.prompt for p in problems], settings, on_event=on_event)
+    cpu = time.process_time() - cpu
     texts = [o.text for o in outs]
     seconds = outs[0].batch_seconds if outs else 0.0
     correct = sum(verify(p.prompt, t).correct for p, t in zip(problems, texts))
     nfe = sum(o.nfe for o in outs)
     tokens = sum(round(o.tokens_per_forward * o.nfe) for o in outs)
     positions = sum(o.committed for o in outs)
+    revised = sum(o.revised for o in outs)
     result = PolicyResult(
         policy=policy,
         accuracy=correct / max(len(problems), 1),
@@ -86,5 +92,7 @@ def evaluate_policy(
         positions_per_forward=positions / nfe if nfe else 0.0,
         seconds=seconds,
         n=len(problems),
+        cpu_seconds=cpu,
+        revised_fraction=revised / positions if positions else 0.0,
     )
     return result, texts
