@@ -186,5 +186,7 @@ def test_shipped_model_names_resolve_in_every_command(tmp_path):
     assert resolve_model("teacher") == shipped["teacher"] and resolve_model("dparallel") == shipped["dparallel"]
     (tmp_path / "teacher").mkdir()
     assert resolve_model(str(tmp_path / "teacher")) == tmp_path / "teacher"
-    with pytest.raises(FileNotFoundError, match="shipped models: teacher, cd4lm, d3llm, dmax, dparallel, dparallel-control"):
+    with pytest.raises(
+        FileNotFoundError, match="shipped models: teacher, cd4lm, d3llm, dmax, dparallel, dparallel-control"
+    ):
         resolve_model("no-such")

@@ -36,7 +36,9 @@ def test_resolver_names_paths_and_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "teacher").mkdir()  # an existing path wins over a shipped name
     assert resolve_model("teacher") == Path("teacher")
-    with pytest.raises(FileNotFoundError, match="shipped models: teacher, cd4lm, d3llm, dmax, dparallel, dparallel-control"):
+    with pytest.raises(
+        FileNotFoundError, match="shipped models: teacher, cd4lm, d3llm, dmax, dparallel, dparallel-control"
+    ):
         resolve_model("no-such-model")
 
 
