@@ -29,17 +29,20 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cache_accuracy.json"
 CACHES = ("none", "prefix", "dual")
+OWN_CACHE = ("multiblock", "multiblock-dream", "spd")  # policies whose cache is their own (no dual mode)
 
 
 def policies_for(folder: Path, gen_length: int, baseline: bool) -> list[str]:
     """Fast-dLLM's threshold rule and the model's recommended policy (its decoding.json; without one,
-    dParallel's entropy rule at the demo's 0.5), and with ``baseline`` the one-token-per-step baseline."""
+    dParallel's entropy rule at the demo's 0.5) when it decodes one block at a time (multi-block and soft
+    decoding keep their own caches: no Fast-dLLM dual cache), and with ``baseline`` the one-token-per-step
+    baseline."""
     from fewstep.models.saving import read_decoding
 
     chosen = [f"llada:steps={gen_length}"] if baseline else []
     chosen.append("threshold:0.9")
     recommended = read_decoding(folder).get("policy", "entropy:0.5")
-    if recommended not in chosen:
+    if recommended not in chosen and recommended.split(":")[0] not in OWN_CACHE:
         chosen.append(recommended)
     return chosen
 

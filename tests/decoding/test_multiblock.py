@@ -19,6 +19,7 @@ from fewstep.decoding import RequestError, generate
 from fewstep.decoding.engine import Engine, Quirks, Request
 from fewstep.decoding.policies import MultiBlockPolicy
 from fewstep.models.loading import load_model, load_tokenizer
+from fewstep.tasks import generate_problems
 from tests.decoding.test_engine import alone, assert_same, base_prompts, run_with_arrivals
 from tests.parity.fixtures import BLOCK_DIRS, DEFAULT_DIRS, model
 
@@ -205,9 +206,9 @@ def test_eos_fill_stops_at_the_first_eos_without_a_forward_for_padding(spec):
 
 def test_eos_fill_nfe_quirk_counts_one_forward_that_never_runs():
     m, tok = load_model(SHIPPED), load_tokenizer(SHIPPED)
-    prompts = [tok.encode(t) for t in ARITH]
-    plain = generate(m, prompts, "multiblock", gen_length=64, block_length=16, eos_fill=True)
-    quirk = generate(m, prompts, "multiblock", gen_length=64, block_length=16, eos_fill=True, quirk_eos_fill_nfe=True)
+    prompts = [tok.encode(p.prompt) for p in generate_problems("test", 16, seed=0)]
+    plain = generate(m, prompts, "multiblock", gen_length=64, block_length=8, eos_fill=True)
+    quirk = generate(m, prompts, "multiblock", gen_length=64, block_length=8, eos_fill=True, quirk_eos_fill_nfe=True)
     assert quirk.sequences.tolist() == plain.sequences.tolist()
     extra = (quirk.nfe - plain.nfe).tolist()
     assert set(extra) <= {0, 1} and 1 in extra  # the fill ended these rows while masks were left

@@ -112,7 +112,7 @@ def test_bf16_ragged_batch_decodes_as_alone(cache):
     together = engine.run(requests())
     for a, t in zip(alone, together):
         assert (t.answer, t.nfe, t.decode_step) == (a.answer, a.nfe, a.decode_step), f"request {a.id} ({cache})"
-    assert engine.forward_calls < sum(r.nfe for r in alone) / 3  # the rows really shared calls
+    assert engine.forward_calls < sum(r.nfe for r in alone) / 2  # the rows really shared calls
 
 
 def test_ragged_attention_groups_rows_and_leaves_pads_zero():

@@ -263,7 +263,7 @@ def test_cli_serve_with_api_key():
         r = client.completions.create(model="dparallel", prompt=body["prompt"])
         assert r.choices[0].text.endswith("#### 12") and r.usage.nfe < 16  # the card's policy, 64 tokens
         card = client.models.list().data[0]
-        assert card.id == "dparallel" and card.fewstep["policy"] == "entropy:0.45"
+        assert card.id == "dparallel" and card.fewstep["policy"] == "cad:0.95"
         assert card.fewstep["max_tokens"] == 64
         assert httpx.get(url + "/").status_code == 200  # the page itself needs no key
     finally:

@@ -294,7 +294,8 @@ def measure_task(model, tokenizer, problems, *, gen_length: int, block_length: i
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fewstep.eval.certainty``: the figure and JSON for a checkpoint on the embedded task."""
-    import fewstep
+    from fewstep.assets import resolve_model
+    from fewstep.models import load_model, load_tokenizer
     from fewstep.tasks import BLOCK_LENGTH, GEN_LENGTH, generate_problems
 
     ap = argparse.ArgumentParser(prog="python -m fewstep.eval.certainty", description=main.__doc__)
@@ -306,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = fewstep.load_model(args.model), fewstep.load_tokenizer(args.model)
+    folder = resolve_model(args.model)
+    model, tok = load_model(folder), load_tokenizer(folder)
     problems = generate_problems("test", args.n, seed=0)
     result = measure_task(
         model, tok, problems, gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH, batch_size=args.batch_size
