@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
-        "--n", type=int, default=64, help="held-out problems to evaluate (at most 512; docs/results.md uses 512)"
+        "--n", type=int, default=48, help="held-out problems to evaluate (at most 512; docs/results.md uses 512)"
     )
     parser.add_argument(
         "--sweep",
