@@ -163,13 +163,13 @@ def planned_families(
     native_only: bool = False,
 ) -> list[PolicyFamily]:
     """The families :func:`run_demo` decodes model ``name`` with (the progress bar counts the same)."""
-    folder = dict(models)[name]
     first = models[0][0] == name
+    method = training_method(dict(models)[name]) if native_only else None  # read once per model
     return [
         f
         for f in families
         if (f.key != BASELINE or first or student_baselines)
-        and not (native_only and f.trained_for is not None and training_method(folder) != f.trained_for)
+        and not (native_only and f.trained_for is not None and method != f.trained_for)
     ]
 
 
